@@ -1,0 +1,1 @@
+"""Fused Triton kernels for mmtrain's losses. Standalone: imports nothing from mmtrain."""

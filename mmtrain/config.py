@@ -1,0 +1,270 @@
+"""Run configuration: a typed schema, YAML files with base inheritance, `key=value` overrides.
+
+Every run is described by one `Config`. YAML files may name base files (`base: ../base.yaml`,
+or a list), merged in order with the file itself last; command-line overrides come after that.
+Validation happens here, before any process group starts, so a misspelt key costs seconds,
+not a queue wait: unknown keys name the closest valid one, wrong types name the expected
+type, missing paths name the path.
+
+The `recipe` section is typed by the recipe it names: each recipe declares a dataclass that
+subclasses `RecipeConfig`, so `recipe.lr_scale=...` is checked against that recipe's fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key or file at fault."""
+
+
+def choices(*allowed: str, default: str):
+    """A string field restricted to `allowed` (checked in `validate`)."""
+    return field(default=default, metadata={"choices": allowed})
+
+
+def path_field(default: Optional[str] = None, must_exist: bool = True):
+    """A filesystem path; when set and `must_exist`, it must exist before the run starts."""
+    return field(default=default, metadata={"path": must_exist})
+
+
+@dataclass
+class RecipeConfig:
+    """Base of every recipe's own config; `name` selects the recipe."""
+    name: str = "toy_lm"
+    # Weight of each named loss in the total; a name missing here has weight 1.
+    loss_weights: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"           # the run directory is out_dir/name
+    seed: int = 1234
+    resume: str = "auto"            # auto: latest checkpoint if any | never | a checkpoint dir
+    stop_after_steps: Optional[int] = None  # end this invocation early (checkpointed), e.g. to split a job
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000               # optimizer steps for the whole run (sets the lr schedule)
+    micro_batch_size: int = 8       # samples per rank per forward
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.0       # cosine decays to lr * min_lr_ratio
+    warmup_ratio: float = 0.1       # fraction of `steps` spent in linear warm-up
+    weight_decay: float = 0.05      # not applied to biases and norm weights
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0          # 0 disables clipping
+    max_bad_steps: int = 10         # consecutive non-finite losses before the run stops
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 3
+    precision: str = choices("bf16", "fp16", "fp32", default="bf16")
+    optimizer: str = choices("auto", "fused", "torch", default="auto")  # auto: fused on CUDA
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    overlap_comm: bool = True
+    reduce_bucket_size: int = 500_000_000
+    prefetch_bucket_size: int = 50_000_000
+    param_persistence_threshold: int = 100_000
+    # Raw DeepSpeed config keys, deep-merged over what mmtrain generates (last word).
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DistConfig:
+    backend: str = choices("auto", "nccl", "gloo", default="auto")  # auto: nccl on CUDA, else gloo
+    timeout_s: int = 1800           # collective timeout; a dead peer on gloo fails much sooner
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000               # steps between checkpoints (0: only at the end)
+    keep: int = 3                   # complete checkpoints kept, newest first
+
+
+@dataclass
+class LogConfig:
+    every: int = 10                 # steps between scalar logs
+    tensorboard: bool = True
+    progress: bool = True           # progress bar with ETA on rank 0
+    peak_tflops: Optional[float] = None  # per-device peak for MFU; None: looked up by GPU name
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0                  # steps between evaluations (0: only at the end)
+    at_end: bool = True
+
+
+@dataclass
+class Config:
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.out_dir) / self.run.name
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _read_yaml(path: Path, chain: Sequence[Path] = ()) -> DictConfig:
+    """Read one YAML file and its bases (paths relative to the file), bases first."""
+    path = path.resolve()
+    if not path.is_file():
+        where = f" (named as a base by {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file not found: {path}{where}")
+    if path in chain:
+        raise ConfigError(f"config bases form a cycle: {' -> '.join(map(str, [*chain, path]))}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml's own errors carry line/column
+        raise ConfigError(f"cannot parse {path}: {e}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(node).__name__}")
+    bases = node.pop("base", None)
+    if bases is None:
+        return node
+    if isinstance(bases, str):
+        bases = [bases]
+    merged = OmegaConf.create()
+    for b in bases:
+        merged = OmegaConf.merge(merged, _read_yaml(path.parent / str(b), [*chain, path]))
+    return OmegaConf.merge(merged, node)
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for o in overrides:
+        if "=" not in o or o.startswith("="):
+            raise ConfigError(f"override {o!r} is not of the form key=value (e.g. train.lr=3e-4)")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {e}") from None
+
+
+def _schema_for(recipe_name: str) -> DictConfig:
+    from mmtrain.recipes import recipe_class  # late: recipes import this module
+
+    cls = recipe_class(recipe_name)
+    return OmegaConf.structured(Config(recipe=cls.Config()))
+
+
+def _nearest(node: Any, key: str, parent_path: str = "") -> str:
+    if isinstance(node, DictConfig):
+        match = difflib.get_close_matches(key, [str(k) for k in node.keys()], n=1, cutoff=0.5)
+        if match:
+            return f"; did you mean '{parent_path + '.' if parent_path else ''}{match[0]}'?"
+        return f"; valid keys here: {', '.join(str(k) for k in node.keys())}"
+    return ""
+
+
+def _merge_checked(schema: DictConfig, update: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(schema, update)
+    except ConfigKeyError as e:
+        full = str(e.full_key or e.key)
+        parent_path, _, leaf = full.rpartition(".")
+        parent = OmegaConf.select(schema, parent_path) if parent_path else schema
+        raise ConfigError(f"{source}: unknown key '{full}'{_nearest(parent, leaf, parent_path)}") from None
+    except ValidationError as e:
+        full = str(e.full_key or e.key)
+        node = schema
+        for part in full.split("."):
+            node = node._get_node(part) if isinstance(node, DictConfig) else None
+        expected = getattr(node, "_metadata", None)
+        expected = getattr(getattr(expected, "ref_type", None), "__name__", None) or "the schema's type"
+        raise ConfigError(f"{source}: key '{full}' expects {expected}: {e.msg.splitlines()[0]}") from None
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> Config:
+    """Load, merge and validate a run configuration; raises `ConfigError` naming the problem."""
+    file_node = _read_yaml(Path(path)) if path else OmegaConf.create()
+    over_node = _parse_overrides(overrides)
+    raw = OmegaConf.merge(file_node, over_node)
+    recipe_name = OmegaConf.select(raw, "recipe.name", default=RecipeConfig.name)
+    schema = _schema_for(str(recipe_name))
+    merged = _merge_checked(schema, file_node, f"config {path}" if path else "config")
+    merged = _merge_checked(merged, over_node, "command-line override")
+    cfg: Config = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _walk(obj: Any, prefix: str = ""):
+    """Yield (dotted key, dataclass field, value) for every field, depth first."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        yield key, f, value
+        if dataclasses.is_dataclass(value):
+            yield from _walk(value, key + ".")
+
+
+def validate(cfg: Config) -> None:
+    for key, f, value in _walk(cfg):
+        allowed = f.metadata.get("choices")
+        if allowed and value not in allowed:
+            raise ConfigError(f"key '{key}' must be one of {list(allowed)}, got {value!r}")
+        if f.metadata.get("path") and value not in (None, "") and not Path(str(value)).exists():
+            raise ConfigError(f"key '{key}': path does not exist: {value}")
+    positive = {"train.steps": cfg.train.steps, "train.micro_batch_size": cfg.train.micro_batch_size,
+                "train.grad_accum": cfg.train.grad_accum, "checkpoint.keep": cfg.checkpoint.keep,
+                "log.every": cfg.log.every}
+    for key, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"key '{key}' must be >= 1, got {v}")
+    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"key 'deepspeed.zero_stage' must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
+    if not 0.0 <= cfg.train.warmup_ratio < 1.0:
+        raise ConfigError(f"key 'train.warmup_ratio' must be in [0, 1), got {cfg.train.warmup_ratio}")
+    if len(cfg.train.betas) != 2:
+        raise ConfigError(f"key 'train.betas' must hold two numbers, got {cfg.train.betas}")
+    if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).is_dir():
+        raise ConfigError(f"key 'run.resume': expected 'auto', 'never' or a checkpoint directory; "
+                          f"path does not exist: {cfg.run.resume}")
+    if cfg.run.stop_after_steps is not None and cfg.run.stop_after_steps < 1:
+        raise ConfigError(f"key 'run.stop_after_steps' must be >= 1, got {cfg.run.stop_after_steps}")
+
+
+def load_run_config(run_dir: str | os.PathLike) -> Config:
+    """The resolved config a run saved in its directory (no overrides, validated again)."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not an mmtrain run directory: {path} is missing")
+    return load_config(path)
+
+
+__all__ = ["Config", "ConfigError", "RecipeConfig", "load_config", "load_run_config", "save_config",
+           "to_yaml", "choices", "path_field"]

@@ -1,0 +1,1 @@
+"""The training engine: process group, DeepSpeed, the loop, checkpoints, monitoring, export."""

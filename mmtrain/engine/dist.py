@@ -1,0 +1,117 @@
+"""Process-group start-up for every launcher mmtrain supports.
+
+- `deepspeed` and `torchrun` set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT.
+- Slurm's `srun` (one task per GPU) sets SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID; we map them.
+- A plain `python` run is a world of one.
+NCCL on GPUs, gloo on CPUs.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as tdist
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def first_host(nodelist: str) -> str:
+    """First host of a Slurm nodelist: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, _, ranges = m.groups()
+    if not ranges:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve_env(environ=os.environ) -> None:
+    """Fill the torch.distributed variables from Slurm, or for a single process."""
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        environ.setdefault("LOCAL_RANK", environ["RANK"])
+    elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        environ["RANK"] = environ["SLURM_PROCID"]
+        environ["WORLD_SIZE"] = environ["SLURM_NTASKS"]
+        environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
+        if "MASTER_ADDR" not in environ:
+            environ["MASTER_ADDR"] = first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        # a port derived from the job id, so that two jobs sharing a node do not collide
+        environ.setdefault("MASTER_PORT", str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000))
+    else:
+        environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        environ.setdefault("MASTER_PORT", str(_free_port()))
+    environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    environ.setdefault("MASTER_PORT", "29500")
+
+
+def init(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
+    resolve_env()
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if torch.cuda.is_available():
+        # srun --gpus-per-task=1 shows each task one GPU whatever its local rank
+        device = torch.device("cuda", local % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU ranks at every start
+        # (~35 s); gloo is enough for CPU runs, so skip the build.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    import deepspeed
+
+    if not tdist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=timedelta(seconds=timeout_s), rank=rank, world_size=world)
+    return DistEnv(rank, world, local, device)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum across ranks (a no-op in a world of one); returns a tensor on t's device."""
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else t.device
+        buf = t.to(dev).clone()
+        tdist.all_reduce(buf)
+        return buf.to(t.device)
+    return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is true on any rank."""
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
+
+
+def barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def shutdown() -> None:
+    """Orderly exit: without it gloo's threads can abort the process at interpreter exit."""
+    if tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()

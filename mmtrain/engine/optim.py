@@ -1,0 +1,87 @@
+"""AdamW parameter groups, the warm-up + cosine schedule, and the DeepSpeed config we generate."""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Dict, List
+
+import torch
+from torch import nn
+
+from mmtrain.config import Config
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """Trainable parameters only; no weight decay on biases, norms and other 1-d tensors."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    if not decay and not no_decay:
+        raise RuntimeError("the recipe's model has no trainable parameters (all requires_grad=False)")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """LR multiplier: linear warm-up from ~0 to 1 over `warmup` steps, then cosine to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def scheduler_factory(cfg: Config):
+    total, warmup = cfg.train.steps, int(cfg.train.warmup_ratio * cfg.train.steps)
+
+    def build(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: warmup_cosine(s, total, warmup, cfg.train.min_lr_ratio))
+
+    return build
+
+
+def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(cfg: Config, world_size: int, on_cuda: bool) -> Dict[str, Any]:
+    ds, tr = cfg.deepspeed, cfg.train
+    use_fused = ds.optimizer == "fused" or (ds.optimizer == "auto" and on_cuda)
+    zero: Dict[str, Any] = {
+        "stage": ds.zero_stage,
+        "overlap_comm": ds.overlap_comm and on_cuda,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": ds.reduce_bucket_size,
+    }
+    if ds.zero_stage == 3:
+        zero.update({
+            "stage3_prefetch_bucket_size": ds.prefetch_bucket_size,
+            "stage3_param_persistence_threshold": ds.param_persistence_threshold,
+            # lets `save_16bit_model` and LoRA export gather full weights
+            "stage3_gather_16bit_weights_on_model_save": True,
+        })
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
+    if ds.offload_params and ds.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_cuda}
+    conf: Dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
+        "gradient_accumulation_steps": tr.grad_accum,
+        "train_batch_size": tr.micro_batch_size * tr.grad_accum * world_size,
+        "gradient_clipping": tr.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": tr.lr, "betas": list(tr.betas), "eps": tr.eps, "weight_decay": tr.weight_decay,
+            "torch_adam": not use_fused}},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,           # mmtrain logs; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(conf, ds.extra)

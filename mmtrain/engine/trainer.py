@@ -1,0 +1,212 @@
+"""The one training loop. It knows DeepSpeed, checkpoints and logging; it never knows the method.
+
+recipe.step(model, batch) -> named losses; the engine weights and sums them, skips non-finite
+steps, backpropagates, steps, logs, evaluates and checkpoints on schedule, and answers Slurm's
+SIGTERM/SIGUSR1 by checkpointing and exiting with REQUEUE_EXIT_CODE.
+"""
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+import warnings
+from typing import Dict
+
+import numpy as np
+import torch
+
+from mmtrain.config import Config, save_config, to_yaml
+from mmtrain.engine import checkpoint, dist
+from mmtrain.engine.monitor import Monitor, peak_memory_gib, peak_tflops, setup_logging
+from mmtrain.engine.optim import deepspeed_config, param_groups, scheduler_factory
+from mmtrain.recipes import recipe_class
+from mmtrain.recipes.base import RunContext
+
+REQUEUE_EXIT_CODE = 85          # slurm/train.sbatch turns this into `scontrol requeue`
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class TooManyBadSteps(RuntimeError):
+    pass
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGUSR1; the loop finishes its step, checkpoints and exits."""
+
+    def __init__(self):
+        self.signum = None
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+
+def train(cfg: Config) -> int:
+    import deepspeed
+
+    # torch warns on every ZeRO-3 collective that DeepSpeed still calls by its old name
+    warnings.filterwarnings("ignore", message=r".*is deprecated. Please use `torch.distributed", category=FutureWarning)
+
+    run_dir = cfg.run_dir
+    ckpt_root = run_dir / "checkpoints"
+    if cfg.run.resume == "never" and checkpoint.complete_tags(ckpt_root):
+        raise FileExistsError(f"{run_dir} already holds checkpoints and run.resume=never would write over them: "
+                              f"choose a new run.name, or run.resume=auto to continue")
+    env = dist.init(cfg.dist.backend, cfg.dist.timeout_s)
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        checkpoint.clean_partials(ckpt_root)
+    dist.barrier()
+    log = setup_logging(run_dir, env.rank)
+    log.info("run directory: %s (world size %d, device %s)\nresolved config:\n%s",
+             run_dir.resolve(), env.world_size, env.device, to_yaml(cfg))
+
+    ctx = RunContext(rank=env.rank, world_size=env.world_size, device=env.device,
+                     dtype=DTYPES[cfg.deepspeed.precision], micro_batch_size=cfg.train.micro_batch_size,
+                     seed=cfg.run.seed, run_dir=run_dir, all_reduce_sum=dist.all_reduce_sum)
+    recipe = recipe_class(cfg.recipe.name)(cfg.recipe, ctx)
+    seed_all(cfg.run.seed)                       # identical initial weights on every rank
+    model = recipe.build_model()
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    log.info("model: %.2fM parameters, %.2fM trainable, %.2fM frozen", n_all / 1e6, n_train / 1e6,
+             (n_all - n_train) / 1e6)
+    ds_conf = deepspeed_config(cfg, env.world_size, env.device.type == "cuda")
+    engine, _, _, _ = deepspeed.initialize(model=model, config=ds_conf,
+                                           model_parameters=param_groups(model, cfg.train.weight_decay),
+                                           lr_scheduler=scheduler_factory(cfg))
+    data = recipe.build_data()
+    seed_all(cfg.run.seed + 1 + env.rank)        # per-rank streams for dropout, masking, ...
+
+    step, bad_total = 0, 0
+    found = checkpoint.find_resume(cfg.run.resume, ckpt_root)
+    if found:
+        root, tag = found
+        state = checkpoint.load(engine, root, tag, env.rank)
+        step, bad_total = state["step"], state["bad_total"]
+        data.load_state_dict(state["data"])
+        checkpoint.set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", root / tag, step)
+
+    def save() -> None:
+        rank_state = {"step": step, "bad_total": bad_total, "data": data.state_dict(),
+                      "rng": checkpoint.rng_state()}
+        path = checkpoint.save(engine, ckpt_root, step, rank_state,
+                               {"world_size": env.world_size, "recipe": cfg.recipe.name}, cfg.checkpoint.keep)
+        log.info("checkpoint saved: %s", path)
+
+    def evaluate() -> None:
+        engine.eval()
+        metrics = recipe.evaluate(engine)
+        engine.train()
+        if metrics:
+            monitor.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+            log.info("eval at step %d: %s", step, json.dumps(metrics))
+            if env.is_main:
+                with open(run_dir / "eval.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    stop = _StopFlag()
+    monitor = Monitor(run_dir, env.rank, cfg.train.steps, step, cfg.log.tensorboard, cfg.log.progress)
+    peak = peak_tflops(cfg.log.peak_tflops)
+    flops_per_sample = recipe.flops_per_sample()
+    ga = cfg.train.grad_accum
+    sums: Dict[str, float] = {}                  # metric sums since the last log line
+    consecutive_bad = 0
+    t_log = time.perf_counter()
+    steps_since_log = 0
+    last_save = step if found else -1
+    exit_code = 0
+    engine.train()
+    try:
+        while step < cfg.train.steps:
+            good = 0
+            while good < ga:                     # a non-finite micro-batch is replaced, not counted
+                out = recipe.step(engine, next(data))
+                total = sum(recipe.loss_weight(k) * v for k, v in out.losses.items())
+                if dist.any_rank(not bool(torch.isfinite(total.detach()).item()), env.device):
+                    consecutive_bad += 1
+                    bad_total += 1
+                    log.warning("non-finite loss at step %d (%s); micro-batch skipped (%d in a row)", step + 1,
+                                {k: float(v.detach()) for k, v in out.losses.items()}, consecutive_bad)
+                    if consecutive_bad >= cfg.train.max_bad_steps:
+                        raise TooManyBadSteps(
+                            f"{consecutive_bad} consecutive non-finite losses (train.max_bad_steps="
+                            f"{cfg.train.max_bad_steps}) at step {step + 1}: lower train.lr, check the data, or "
+                            f"use deepspeed.precision=fp32 to find the source")
+                    continue
+                consecutive_bad = 0
+                engine.backward(total)
+                engine.step()
+                good += 1
+                for k, v in {"loss/total": total, **{f"loss/{k}": v for k, v in out.losses.items()}}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+                for k, v in out.stats.items():
+                    sums[f"stats/{k}"] = sums.get(f"stats/{k}", 0.0) + float(v)
+                sums["_micro"] = sums.get("_micro", 0.0) + 1
+                sums["_samples"] = sums.get("_samples", 0.0) + out.samples
+                sums["_tokens"] = sums.get("_tokens", 0.0) + out.tokens
+            step += 1
+            steps_since_log += 1
+            grad_norm = engine.get_global_grad_norm()
+            lr = engine.get_lr()[0]
+            monitor.advance(1, {"loss": float(total.detach()), "lr": lr})
+
+            if step % cfg.log.every == 0 or step == cfg.train.steps:
+                keys = sorted(sums)
+                reduced = dist.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
+                agg = dict(zip(keys, reduced.tolist()))
+                elapsed = time.perf_counter() - t_log
+                micro = agg.pop("_micro")
+                samples, tokens = agg.pop("_samples"), agg.pop("_tokens")
+                values = {k: v / micro for k, v in agg.items()}
+                values.update({
+                    "train/lr": lr, "train/step_time_s": elapsed / steps_since_log,
+                    "train/samples_per_s": samples / elapsed, "train/tokens_per_s": tokens / elapsed,
+                    "train/peak_memory_gib": peak_memory_gib(env.device), "train/bad_steps": bad_total,
+                })
+                if grad_norm is not None:
+                    values["train/grad_norm"] = float(grad_norm)
+                if flops_per_sample and peak:
+                    tflops = flops_per_sample * samples / elapsed / env.world_size / 1e12
+                    values.update({"train/tflops_per_device": tflops, "train/mfu": tflops / peak})
+                for k, v in getattr(data, "stats", dict)().items():
+                    values[f"data/{k}"] = v
+                monitor.scalars(step, values)
+                log.info("step %d/%d %s", step, cfg.train.steps,
+                         " ".join(f"{k}={v:.4g}" for k, v in values.items()))
+                sums.clear()
+                steps_since_log = 0
+                t_log = time.perf_counter()
+
+            if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+                evaluate()
+            if dist.any_rank(stop.signum is not None, env.device):
+                log.warning("stop signal received: checkpointing at step %d, exiting for requeue", step)
+                save()
+                return REQUEUE_EXIT_CODE
+            if cfg.run.stop_after_steps and step >= cfg.run.stop_after_steps and step < cfg.train.steps:
+                log.info("run.stop_after_steps=%d reached: checkpointing and stopping", cfg.run.stop_after_steps)
+                save()
+                return 0
+            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
+                save()
+                last_save = step
+        if last_save != step:
+            save()
+        if cfg.eval.at_end:
+            evaluate()
+        log.info("done: %d steps; checkpoints in %s; TensorBoard logs in %s", step,
+                 ckpt_root.resolve(), (run_dir / "tensorboard").resolve())
+        return exit_code
+    finally:
+        monitor.close()

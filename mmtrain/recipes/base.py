@@ -1,0 +1,83 @@
+"""The contract between a training method (a recipe) and the engine.
+
+A recipe builds its model (frozen parts marked with `requires_grad=False`), its data, and turns
+one batch into named losses. It never touches DeepSpeed, the process group, logging or
+checkpoints; the engine never knows which method it trains.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Protocol
+
+import torch
+from torch import nn
+
+from mmtrain.config import RecipeConfig
+
+
+@dataclass
+class RunContext:
+    """What a recipe may know about the run it is part of."""
+    rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype            # the precision the engine trains in
+    micro_batch_size: int
+    seed: int
+    run_dir: Path
+    # Gathers/reduces across ranks without exposing the process group (see engine.dist).
+    all_reduce_sum: Any = None
+
+
+@dataclass
+class StepOutput:
+    losses: Dict[str, torch.Tensor]                    # named scalar losses (weighted by the engine)
+    stats: Dict[str, float] = field(default_factory=dict)  # extra scalars to log as they are
+    samples: int = 0                                   # samples in this micro-batch on this rank
+    tokens: int = 0                                    # tokens processed (for tokens/s)
+
+
+class ResumableIterator(Protocol):
+    """A data stream whose position is part of the checkpoint."""
+    def __iter__(self) -> Iterator[Any]: ...
+    def __next__(self) -> Any: ...
+    def state_dict(self) -> Dict[str, Any]: ...
+    def load_state_dict(self, state: Dict[str, Any]) -> None: ...
+
+
+class Recipe:
+    """Subclass, set `Config`, and implement `build_model`, `build_data` and `step`."""
+    Config = RecipeConfig
+
+    def __init__(self, cfg: RecipeConfig, ctx: RunContext):
+        self.cfg = cfg
+        self.ctx = ctx
+
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def build_data(self) -> ResumableIterator:
+        raise NotImplementedError
+
+    def step(self, model: nn.Module, batch: Any) -> StepOutput:
+        """One micro-batch forward. `model` is callable like the module `build_model` returned."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module) -> Dict[str, float]:
+        """Metrics on held-out data, already reduced across ranks. Optional."""
+        return {}
+
+    def flops_per_sample(self) -> Optional[float]:
+        """Training FLOPs per sample (forward + backward + frozen forwards), for MFU. Optional."""
+        return None
+
+    def export_modules(self, model: nn.Module) -> Dict[str, nn.Module]:
+        """Sub-modules `mmtrain export` writes in HF/peft layout; default: HF/peft children."""
+        from peft import PeftModel
+        from transformers import PreTrainedModel
+
+        return {name: m for name, m in model.named_children() if isinstance(m, (PreTrainedModel, PeftModel))}
+
+    def loss_weight(self, name: str) -> float:
+        return float(self.cfg.loss_weights.get(name, 1.0))

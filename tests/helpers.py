@@ -1,0 +1,65 @@
+"""Launch mmtrain ranks as separate processes, the way `srun` does (one task per rank)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "configs" / "demo" / "toy_lm.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(config: Path, overrides: Sequence[str], logdir: Path, world: int = 2) -> List[subprocess.Popen]:
+    logdir.mkdir(parents=True, exist_ok=True)
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        out = open(logdir / f"rank{rank}.log", "ab")
+        procs.append(subprocess.Popen([sys.executable, "-m", "mmtrain.cli", "train", str(config), *overrides],
+                                      env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO))
+    return procs
+
+
+def wait_all(procs: List[subprocess.Popen], timeout: float = 240) -> List[int]:
+    deadline = time.time() + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout=max(1, deadline - time.time())))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    return codes
+
+
+def train(run_dir: Path, overrides: Sequence[str] = (), world: int = 2, config: Path = DEMO,
+          expect: int = 0, timeout: float = 240) -> List[int]:
+    """Train to completion; asserts every rank exits with `expect`, showing the logs if not."""
+    over = [f"run.out_dir={run_dir.parent}", f"run.name={run_dir.name}", "log.progress=false", *overrides]
+    logdir = run_dir.parent / f"{run_dir.name}-logs"
+    codes = wait_all(start_ranks(config, over, logdir, world), timeout)
+    if any(c != expect for c in codes):
+        logs = "\n".join((logdir / f"rank{r}.log").read_text()[-3000:] for r in range(world))
+        raise AssertionError(f"exit codes {codes}, expected {expect}:\n{logs}")
+    return codes
+
+
+def scalars(run_dir: Path, tag: str) -> Dict[int, float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars(tag)}

@@ -1,0 +1,127 @@
+"""The engine end to end on 2 CPU ranks under ZeRO-3 (gloo), launched the way srun does."""
+import json
+import signal
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmtrain.config import load_config
+from mmtrain.engine.trainer import REQUEUE_EXIT_CODE
+from mmtrain.recipes.toy_lm import ToyLM
+from mmtrain.recipes.base import RunContext
+from tests.helpers import DEMO, scalars, start_ranks, train, wait_all
+
+
+def build_recipe_model(cfg):
+    ctx = RunContext(rank=0, world_size=1, device=torch.device("cpu"), dtype=torch.float32,
+                     micro_batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, run_dir=cfg.run_dir)
+    torch.manual_seed(cfg.run.seed)                   # the engine seeds the same way before building
+    return ToyLM(cfg.recipe, ctx).build_model()
+
+
+def wait_for(path, text, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"'{text}' never appeared in {path}")
+
+
+def test_zero3_trains_logs_checkpoints_and_exports(tmp_path):
+    run = tmp_path / "runs" / "basic"
+    train(run, ["train.steps=30", "checkpoint.every=10", "checkpoint.keep=2", "log.every=5",
+                "eval.every=10", "recipe.freeze_embeddings=true"])
+    loss = scalars(run, "loss/total")
+    assert sorted(loss) == [5, 10, 15, 20, 25, 30]
+    assert loss[30] < 0.5 * loss[5], loss
+    for tag in ("train/lr", "train/grad_norm", "train/samples_per_s", "train/tokens_per_s",
+                "train/step_time_s", "train/peak_memory_gib", "loss/lm", "eval/loss", "eval/accuracy"):
+        assert scalars(run, tag), tag
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [10, 20, 30] and evals[-1]["accuracy"] > evals[0]["accuracy"]
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000020", "step_00000030"]
+    assert (ckpts / "latest").read_text() == "step_00000030"
+    assert "step 30/30" in (run / "train.log").read_text()
+    cfg = load_config(run / "config.yaml")
+    assert cfg.recipe.freeze_embeddings and cfg.train.steps == 30
+
+    from mmtrain.cli import main
+    out = tmp_path / "export"
+    assert main(["export", str(run), str(out)]) == 0
+    state = load_file(out / "model.safetensors")
+    init = build_recipe_model(cfg).state_dict()
+    emb = "lm.model.embed_tokens.weight"
+    assert torch.equal(state[emb], init[emb])                          # frozen: untouched
+    assert not torch.allclose(state["lm.lm_head.weight"], init["lm.lm_head.weight"])  # trained
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(out / "lm")
+    assert torch.equal(hf.lm_head.weight, state["lm.lm_head.weight"])
+    assert main(["export", str(run), str(out)]) == 2                   # never overwrites silently
+    assert (out / "model.safetensors").exists()
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    common = ["train.steps=12", "train.grad_accum=2", "recipe.dropout=0.1", "log.every=1",
+              "checkpoint.every=100", "eval.at_end=true"]
+    straight, split = tmp_path / "runs" / "straight", tmp_path / "runs" / "split"
+    train(straight, common)
+    train(split, common + ["run.stop_after_steps=6"])
+    assert (split / "checkpoints" / "latest").read_text() == "step_00000006"
+    first = scalars(split, "loss/total")
+    assert max(first) == 6
+    # debris of a crashed save must not be picked up
+    (split / "checkpoints" / "step_00000099.partial").mkdir()
+    (split / "checkpoints" / "step_00000100").mkdir()
+    train(split, common)                                               # run.resume=auto
+    assert "resumed from" in (split / "train.log").read_text()
+    a, b = scalars(straight, "loss/total"), scalars(split, "loss/total")
+    assert [a[s] for s in range(7, 13)] == [b[s] for s in range(7, 13)]
+    assert [a[s] for s in range(1, 7)] == [first[s] for s in range(1, 7)]
+    ga, gb = scalars(straight, "train/grad_norm"), scalars(split, "train/grad_norm")
+    assert [ga[s] for s in range(7, 13)] == [gb[s] for s in range(7, 13)]
+    assert scalars(straight, "eval/loss") == scalars(split, "eval/loss")
+    assert not (split / "checkpoints" / "step_00000099.partial").exists()
+
+
+def test_signal_on_one_rank_checkpoints_all_and_exits_for_requeue(tmp_path):
+    run = tmp_path / "runs" / "sig"
+    over = [f"run.out_dir={run.parent}", f"run.name={run.name}", "log.progress=false", "log.every=1",
+            "train.steps=100000", "checkpoint.every=0"]
+    procs = start_ranks(DEMO, over, tmp_path / "logs")
+    wait_for(run / "train.log", "step 3/")
+    procs[1].send_signal(signal.SIGUSR1)                     # Slurm's warning, seen by one rank only
+    assert wait_all(procs, timeout=60) == [REQUEUE_EXIT_CODE] * 2
+    tag = (run / "checkpoints" / "latest").read_text()
+    step = json.loads((run / "checkpoints" / tag / "mmtrain.json").read_text())["step"]
+    assert step >= 3
+    train(run, ["train.steps=100000", f"run.stop_after_steps={step + 2}", "checkpoint.every=0"])
+    assert f"resumed from {run / 'checkpoints' / tag} at step {step}" in (run / "train.log").read_text()
+
+
+def test_dead_rank_fails_the_others_quickly(tmp_path):
+    run = tmp_path / "runs" / "dead"
+    over = [f"run.out_dir={run.parent}", f"run.name={run.name}", "log.progress=false", "log.every=1",
+            "train.steps=100000", "checkpoint.every=0"]
+    procs = start_ranks(DEMO, over, tmp_path / "logs")
+    wait_for(run / "train.log", "step 3/")
+    procs[1].kill()
+    t0 = time.time()
+    code = procs[0].wait(timeout=60)
+    assert code != 0 and time.time() - t0 < 60
+
+
+def test_nonfinite_loss_is_skipped_then_stops_the_run(tmp_path):
+    run = tmp_path / "runs" / "nan"
+    train(run, ["train.steps=6", "log.every=1", "recipe.inject_nan_at_calls=[3]"], world=1)
+    bad = scalars(run, "train/bad_steps")
+    assert bad[6] == 1 and bad[1] == 0
+    assert all(v == v for v in scalars(run, "loss/total").values())     # no NaN reached the log
+    run2 = tmp_path / "runs" / "nan2"
+    train(run2, ["train.steps=6", "train.max_bad_steps=3", "recipe.inject_nan_at_calls=[2,3,4,5]"],
+          world=1, expect=1)
+    log = (tmp_path / "runs" / "nan2-logs" / "rank0.log").read_text()
+    assert "3 consecutive non-finite losses (train.max_bad_steps=3)" in log

@@ -1,0 +1,52 @@
+"""Launch scripts: syntax, shellcheck, and the sbatch requeue flow against stand-ins for srun/scontrol."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import DEMO, REPO
+
+SCRIPTS = sorted(str(p) for p in [*REPO.glob("launch/*.sh"), *REPO.glob("slurm/*.sbatch"), REPO / ".ci/run"])
+
+
+def test_scripts_parse_and_pass_shellcheck():
+    for s in SCRIPTS:
+        subprocess.run(["bash", "-n", s], check=True)
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed")
+    r = subprocess.run(["shellcheck", *SCRIPTS], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+
+
+def test_train_sh_rejects_a_bad_config_before_launching(tmp_path):
+    r = subprocess.run(["bash", str(REPO / "launch/train.sh"), "--cpu", "2", str(DEMO), "train.stpes=3"],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHON=sys.executable), cwd=tmp_path)
+    assert r.returncode == 2
+    assert "unknown key 'train.stpes'; did you mean 'train.steps'" in r.stderr
+
+
+def sbatch(tmp_path, run_name, extra_env, overrides):
+    env = dict(os.environ, PATH=f"{REPO / 'tests/fake_slurm'}:{os.environ['PATH']}", PYTHON=sys.executable,
+               SLURM_JOB_ID="777", SLURM_JOB_NODELIST="node[01-02]", FAKE_NTASKS="2",
+               FAKE_REQUEUED=str(tmp_path / "requeued"), OMP_NUM_THREADS="1", **extra_env)
+    over = [f"run.out_dir={tmp_path / 'runs'}", f"run.name={run_name}", "log.progress=false", *overrides]
+    return subprocess.run(["bash", str(REPO / "slurm/train.sbatch"), str(DEMO), *over], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=240)
+
+
+def test_sbatch_requeues_after_signal_and_resumes(tmp_path):
+    run = tmp_path / "runs" / "slurm"
+    over = ["train.steps=100000", "log.every=1", "checkpoint.every=0"]
+    r = sbatch(tmp_path, "slurm", {"FAKE_SIGNAL_AFTER": "step 2/", "FAKE_WATCH": str(run / "train.log")}, over)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "requeued").read_text().split() == ["777"]
+    assert "ranks exited with 85" in (run / "slurm.log").read_text()
+    assert (run / "slurm-777-rank0.log").exists() and (run / "slurm-777-rank1.log").exists()
+    step = int((run / "checkpoints" / "latest").read_text().split("_")[1])
+    # the requeued job resumes where the first one stopped
+    r = sbatch(tmp_path, "slurm", {}, ["train.steps=100000", f"run.stop_after_steps={step + 1}"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"at step {step}" in (run / "train.log").read_text()
+    assert (tmp_path / "requeued").read_text().split() == ["777"]        # not requeued again

@@ -1,0 +1,65 @@
+import math
+
+import pytest
+import torch
+
+from mmtrain.config import load_config
+from mmtrain.engine.dist import first_host, resolve_env
+from mmtrain.engine.optim import deepspeed_config, param_groups, warmup_cosine
+from tests.helpers import DEMO
+
+
+def test_warmup_then_cosine_to_floor():
+    total, warm = 100, 10
+    lrs = [warmup_cosine(s, total, warm, 0.1) for s in range(total + 1)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))              # rising warm-up
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))               # falling after
+    assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[100] == pytest.approx(0.1)
+
+
+def test_param_groups_skip_decay_on_norms_biases_and_frozen():
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    m[2].weight.requires_grad_(False)
+    groups = param_groups(m, 0.1)
+    decay = {id(p) for p in groups[0]["params"]}
+    no_decay = {id(p) for p in groups[1]["params"]}
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert decay == {id(m[0].weight)}
+    assert no_decay == {id(m[0].bias), id(m[1].weight), id(m[1].bias), id(m[2].bias)}
+    with pytest.raises(RuntimeError, match="no trainable parameters"):
+        param_groups(torch.nn.Linear(2, 2).requires_grad_(False), 0.1)
+
+
+def test_deepspeed_config_from_ours():
+    cfg = load_config(DEMO, ["deepspeed.zero_stage=3", "train.grad_accum=4", "deepspeed.precision=bf16",
+                             "deepspeed.extra={zero_optimization: {stage3_max_live_parameters: 7}}"])
+    ds = deepspeed_config(cfg, world_size=8, on_cuda=True)
+    assert ds["train_batch_size"] == cfg.train.micro_batch_size * 4 * 8
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert ds["zero_optimization"]["stage3_max_live_parameters"] == 7        # extra merged deep
+    assert ds["optimizer"]["params"]["torch_adam"] is False                 # fused on CUDA
+    assert deepspeed_config(cfg, 1, on_cuda=False)["optimizer"]["params"]["torch_adam"] is True
+
+
+@pytest.mark.parametrize("nodelist,first", [("gpu[003-005,9],cpu1", "gpu003"), ("node7", "node7"),
+                                            ("a-b[10,12]", "a-b10")])
+def test_first_host_of_slurm_nodelist(nodelist, first):
+    assert first_host(nodelist) == first
+
+
+def test_slurm_variables_map_to_torch_distributed():
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+           "SLURM_JOB_NODELIST": "gpu[12-13]", "SLURM_JOB_ID": "4242"}
+    resolve_env(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("5", "16", "1", "gpu12")
+    assert env["MASTER_PORT"] == str(20000 + 4242)
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    resolve_env(torchrun)                                   # a launcher's own variables win
+    assert (torchrun["RANK"], torchrun["WORLD_SIZE"]) == ("3", "4")
+    single = {}
+    resolve_env(single)
+    assert (single["RANK"], single["WORLD_SIZE"], single["LOCAL_RANK"]) == ("0", "1", "0")
