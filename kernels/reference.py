@@ -1,0 +1,60 @@
+"""Plain-torch definitions that every fused kernel is tested against.
+
+Contrastive (symmetric InfoNCE, CLIP's loss): for image features X and text features Y (B x D,
+row i of each is a matching pair) and a logit scale s > 0 (CLIP learns log s),
+    L = s * X @ Y.T
+    loss = ( CE(L, targets) + CE(L.T, targets) ) / 2,
+with CE the mean cross-entropy over rows and, with label smoothing e, the target of row i
+putting 1 - e on column i and e / B on every column (torch's `label_smoothing`).
+
+Variational (BVIF): the reparameterised sample z = mu_q + exp(0.5 * logvar_q) * eps and the KL
+divergence between diagonal Gaussians q = N(mu_q, exp(logvar_q)) and p = N(mu_p, exp(logvar_p)):
+    KL(q || p) = 0.5 * sum_d [ logvar_p - logvar_q + (exp(logvar_q) + (mu_q - mu_p)^2) / exp(logvar_p) - 1 ]
+summed over the last dimension, then mean (or sum) over the rest. `direction="pq"` gives KL(p || q).
+Both log-variances are clamped to [LOGVAR_MIN, LOGVAR_MAX] first (zero gradient outside),
+which keeps exp() finite in bf16.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
+
+
+def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
+                     label_smoothing: float = 0.0) -> torch.Tensor:
+    """Symmetric InfoNCE; `logit_scale` is the multiplier s (not its log). Computes in fp32."""
+    logits = logit_scale.float() * image.float() @ text.float().t()
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+                  + F.cross_entropy(logits.t(), target, label_smoothing=label_smoothing))
+
+
+def gaussian_kl(mu_q, logvar_q, mu_p, logvar_p, direction: str = "qp", reduction: str = "mean"):
+    if direction == "pq":
+        mu_q, logvar_q, mu_p, logvar_p = mu_p, logvar_p, mu_q, logvar_q
+    elif direction != "qp":
+        raise ValueError(f"direction must be 'qp' or 'pq', got {direction!r}")
+    lq = logvar_q.float().clamp(LOGVAR_MIN, LOGVAR_MAX)
+    lp = logvar_p.float().clamp(LOGVAR_MIN, LOGVAR_MAX)
+    d = mu_q.float() - mu_p.float()
+    kl = 0.5 * (lp - lq + (lq.exp() + d * d) * torch.exp(-lp) - 1.0).sum(-1)
+    if reduction == "mean":
+        return kl.mean()
+    if reduction == "sum":
+        return kl.sum()
+    if reduction == "none":
+        return kl
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def reparameterize(mu, logvar, eps):
+    """z in the dtype of mu; computed in fp32."""
+    lv = logvar.float().clamp(LOGVAR_MIN, LOGVAR_MAX)
+    return (mu.float() + torch.exp(0.5 * lv) * eps.float()).to(mu.dtype)
+
+
+def variational_fusion(mu_q, logvar_q, mu_p, logvar_p, eps, direction: str = "qp", reduction: str = "mean"):
+    """(z, kl): the reparameterised posterior sample and the Gaussian KL, as the fused kernel gives."""
+    return reparameterize(mu_q, logvar_q, eps), gaussian_kl(mu_q, logvar_q, mu_p, logvar_p, direction, reduction)
