@@ -1,4 +1,4 @@
-"""`mmtrain train|config|export ...`: the command line. Errors in user input exit 2 with one line."""
+"""`mmtrain train|config|export|data|bench ...`: the command line. Errors in user input exit 2 with one line."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,7 @@ import os
 import sys
 
 from mmtrain.config import ConfigError, load_config, to_yaml
+from mmtrain.data.shards import DataError
 
 
 def _cmd_config(args) -> int:
@@ -42,6 +43,50 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_data(args) -> int:
+    import json
+
+    if args.data_cmd == "synth":
+        from mmtrain.data.synth import synth
+
+        manifests = synth(args.kind, args.out, args.n, args.seed, args.max_count)
+        for split, m in manifests.items():
+            print(f"{args.out}/{split}: {m['total']} samples in {len(m['shards'])} shards")
+    elif args.data_cmd == "convert":
+        from mmtrain.data.convert import convert
+
+        m = convert(args.fmt, args.input, args.out, args.image_root, args, args.max_count, args.max_size)
+        r = m["report"]
+        print(f"{args.out}: {m['total']} samples in {len(m['shards'])} shards; skipped {r['skipped']} of "
+              f"{r['read']} records {r['reasons'] or ''}")
+        for ex in r["examples"][:10]:
+            print(f"  skipped {ex['file']}:{ex['line']}: {ex['reason']}")
+    elif args.data_cmd == "index":
+        from mmtrain.data.shards import index_shards
+
+        m = index_shards(args.dir, args.kind)
+        print(f"{args.dir}/manifest.json: {m['total']} samples in {len(m['shards'])} shards")
+    elif args.data_cmd == "inspect":
+        from mmtrain.data.shards import iter_shard, resolve
+
+        paths, counts, manifest = resolve(args.shards)
+        print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}, indent=2))
+        for _, sample in iter_shard(paths[0], 0, args.n):
+            print({k: (v[:200].decode("utf-8", "replace") if k in ("json", "txt") else
+                       f"<{len(v)} bytes>" if isinstance(v, bytes) else v) for k, v in sample.items()})
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    import json
+
+    from mmtrain.data.bench import bench_data
+
+    print(json.dumps(bench_data(args.shards, args.workers, args.batch_size, args.batches, args.size,
+                                not args.no_fast)))
+    return 0
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")       # models come from local directories only
     p = argparse.ArgumentParser(prog="mmtrain", description=__doc__)
@@ -64,10 +109,48 @@ def main(argv=None) -> int:
     sp.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     sp.set_defaults(fn=_cmd_export)
 
+    data = sub.add_parser("data", help="write, convert and inspect WebDataset shards")
+    data.set_defaults(fn=_cmd_data)
+    dsub = data.add_subparsers(dest="data_cmd", required=True)
+    sp = dsub.add_parser("synth", help="procedurally drawn data for the demo and tests (train/val/test)")
+    sp.add_argument("--kind", required=True, choices=["image-text", "dialogue", "keyphrase", "intent"])
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--n", type=int, default=1000)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--max-count", type=int, default=1000, help="samples per shard")
+    sp = dsub.add_parser("convert", help="shards from a public dataset format")
+    sp.add_argument("--from", dest="fmt", required=True,
+                    choices=["image-caption-jsonl", "coco", "dialogue-jsonl", "keyphrase-lines", "keyphrase-jsonl",
+                             "llava-intent"])
+    sp.add_argument("--input", required=True, nargs="+", help="input file(s)")
+    sp.add_argument("--out", required=True, help="output shard directory (must not exist or be empty)")
+    sp.add_argument("--image-root", help="where image paths are relative to (default: the input's directory)")
+    sp.add_argument("--sep", default="<sep>", help="field separator of keyphrase-lines")
+    sp.add_argument("--rationales", help="JSONL of teacher rationales {'id' or line number, 'rationale'}")
+    sp.add_argument("--max-count", type=int, default=1000, help="samples per shard")
+    sp.add_argument("--max-size", type=float, default=1e9, help="bytes per shard")
+    sp = dsub.add_parser("index", help="write manifest.json for shards made elsewhere")
+    sp.add_argument("dir")
+    sp.add_argument("--kind", required=True, choices=["image-text", "dialogue", "keyphrase", "intent"])
+    sp = dsub.add_parser("inspect", help="print a shard set's manifest and first samples")
+    sp.add_argument("shards")
+    sp.add_argument("--n", type=int, default=3)
+
+    bench = sub.add_parser("bench", help="throughput benchmarks")
+    bsub = bench.add_subparsers(dest="bench_cmd", required=True)
+    sp = bsub.add_parser("data", help="samples/s of read + decode + transform + collate")
+    sp.add_argument("shards")
+    sp.add_argument("--workers", type=int, default=1)
+    sp.add_argument("--batch-size", type=int, default=64)
+    sp.add_argument("--batches", type=int, default=20)
+    sp.add_argument("--size", type=int, default=224)
+    sp.add_argument("--no-fast", action="store_true", help="decode JPEGs at full size")
+    sp.set_defaults(fn=_cmd_bench)
+
     args = p.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         print(f"mmtrain {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

@@ -179,8 +179,12 @@ def train(cfg: Config) -> int:
                 if flops_per_sample and peak:
                     tflops = flops_per_sample * samples / elapsed / env.world_size / 1e12
                     values.update({"train/tflops_per_device": tflops, "train/mfu": tflops / peak})
-                for k, v in getattr(data, "stats", dict)().items():
-                    values[f"data/{k}"] = v
+                data_stats = getattr(data, "stats", dict)()      # cumulative counts, summed over ranks
+                if data_stats:
+                    totals = dist.all_reduce_sum(torch.tensor(list(data_stats.values()), dtype=torch.float64))
+                    values.update({f"data/{k}": v for k, v in zip(data_stats, totals.tolist())})
+                if hasattr(data, "epoch"):
+                    values["train/epoch"] = data.epoch
                 monitor.scalars(step, values)
                 log.info("step %d/%d %s", step, cfg.train.steps,
                          " ".join(f"{k}={v:.4g}" for k, v in values.items()))

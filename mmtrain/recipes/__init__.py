@@ -1,5 +1,6 @@
 """Recipe registry: a new method is one module here plus its configs.
 
+A recipe outside mmtrain is named by its import path, `recipe.name=my_pkg.my_recipe:MyRecipe`.
 Recipes are imported lazily so that `mmtrain config` on one recipe never imports another's
 dependencies.
 """
@@ -14,8 +15,20 @@ RECIPES = {
 
 
 def recipe_class(name: str):
+    """A registered name, or `package.module:Class` for a recipe that lives outside mmtrain."""
     from mmtrain.config import ConfigError
 
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"recipe.name={name}: cannot import it ({e})") from None
+        from mmtrain.recipes.base import Recipe
+
+        if not (isinstance(cls, type) and issubclass(cls, Recipe)):
+            raise ConfigError(f"recipe.name={name} is not a subclass of mmtrain.recipes.base.Recipe")
+        return cls
     if name not in RECIPES:
         near = difflib.get_close_matches(name, RECIPES, n=1)
         hint = f"; did you mean '{near[0]}'?" if near else ""

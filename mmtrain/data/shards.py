@@ -1,0 +1,163 @@
+"""WebDataset tar shards: writing them (with a manifest) and reading samples back out of them.
+
+A shard set is a directory of `<prefix>-NNNNNN.tar` files plus `manifest.json`:
+    {"schema_version": 1, "kind": "image-text", "total": 1200,
+     "shards": [{"name": "image-text-000000.tar", "samples": 500}, ...], ...}
+Readers size their epochs from the manifest. Each sample is one tar group sharing a key:
+`<key>.jpg` (image bytes) and/or `<key>.json` (fields of the kind) and, for image-text, `<key>.txt`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tarfile
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import braceexpand
+
+SCHEMA_VERSION = 1
+KINDS = ("image-text", "dialogue", "keyphrase", "intent")
+
+
+class DataError(ValueError):
+    """Bad data or a bad data path, with a message that names it."""
+
+
+def write_shards(samples: Iterable[Dict[str, Any]], out_dir: str | os.PathLike, kind: str,
+                 max_count: int = 1000, max_size: float = 1e9, extra: Optional[dict] = None) -> dict:
+    """Write samples (dicts with `__key__` and extension keys) as shards + manifest.
+
+    Written to a temporary directory and renamed into place at the end, so a failure leaves
+    nothing behind; an existing non-empty `out_dir` is never written into."""
+    import webdataset as wds
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out} exists and is not empty: choose a new output directory")
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    counts: Dict[str, int] = {}
+    try:
+        with wds.ShardWriter(str(tmp / f"{kind}-%06d.tar"), maxcount=max_count, maxsize=max_size, verbose=0) as w:
+            for s in samples:
+                w.write(s)
+                name = Path(w.fname).name
+                counts[name] = counts.get(name, 0) + 1
+        total = sum(counts.values())
+        if total == 0:
+            raise DataError("no valid samples: nothing was written")
+        manifest = {"schema_version": SCHEMA_VERSION, "kind": kind, "total": total,
+                    "shards": [{"name": n, "samples": c} for n, c in sorted(counts.items())],
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
+        for leftover in tmp.glob("*.tar"):          # ShardWriter may open one more, empty shard
+            if leftover.name not in counts:
+                leftover.unlink()
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+        return manifest
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{path} is missing: shard directories need a manifest "
+                        f"(written by `mmtrain data synth|convert`, or `mmtrain data index DIR` for other shards)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON: {e}") from None
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise DataError(f"{path}: schema_version {manifest.get('schema_version')!r}, this mmtrain reads "
+                        f"{SCHEMA_VERSION}")
+    return manifest
+
+
+def resolve(spec: str | os.PathLike) -> Tuple[List[Path], List[int], dict]:
+    """Shard paths and per-shard sample counts from a directory or a brace pattern
+    (`dir/x-{000000..000009}.tar`, whose directory holds the manifest)."""
+    spec = str(spec)
+    if Path(spec).is_dir():
+        directory, names = Path(spec), None
+    else:
+        names = [Path(p) for p in braceexpand.braceexpand(spec)]
+        directory = names[0].parent
+        missing = [str(p) for p in names if not p.is_file()]
+        if missing:
+            raise DataError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    manifest = read_manifest(directory)
+    counts = {s["name"]: int(s["samples"]) for s in manifest["shards"]}
+    paths = [directory / n for n in counts] if names is None else names
+    for p in paths:
+        if p.name not in counts:
+            raise DataError(f"{p} is not listed in {directory / 'manifest.json'}")
+        if not p.is_file():
+            raise DataError(f"shard not found: {p} (listed in {directory / 'manifest.json'})")
+    return paths, [counts[p.name] for p in paths], manifest
+
+
+def iter_shard(path: Path, start: int = 0, stop: Optional[int] = None,
+               errors: Optional[List[str]] = None) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """(index in shard, raw sample) for samples start <= index < stop. A truncated or unreadable
+    tar ends the shard early with a message appended to `errors` (the caller counts the loss)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    def handler(exn):
+        if errors is not None:
+            errors.append(f"{path}: {exn}")
+        return False                                   # stop reading this shard
+
+    try:
+        stream = open(path, "rb")
+    except OSError as e:
+        if errors is not None:
+            errors.append(f"{path}: {e}")
+        return
+    with stream:
+        files = tar_file_expander([{"stream": stream, "url": str(path)}], handler=handler)
+        for i, sample in enumerate(group_by_keys(files, handler=handler)):
+            if stop is not None and i >= stop:
+                return
+            if i >= start:
+                yield i, sample
+
+
+def count_samples(path: Path) -> int:
+    keys = set()
+    with tarfile.open(path) as tf:
+        for m in tf:
+            if m.isfile():
+                keys.add(m.name.split(".", 1)[0])
+    return len(keys)
+
+
+def index_shards(directory: str | os.PathLike, kind: str, pattern: str = "*.tar") -> dict:
+    """Write a manifest for shards made elsewhere (counts each tar's samples)."""
+    d = Path(directory)
+    shards = sorted(d.glob(pattern))
+    if not shards:
+        raise DataError(f"no shards matching {pattern} in {d}")
+    manifest = {"schema_version": SCHEMA_VERSION, "kind": kind,
+                "shards": [{"name": p.name, "samples": count_samples(p)} for p in shards]}
+    manifest["total"] = sum(s["samples"] for s in manifest["shards"])
+    (d / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def sample_key(index: int) -> str:
+    return f"{index:09d}"
+
+
+def split_counts(n: int, fractions: Sequence[float]) -> List[int]:
+    sizes = [int(n * f) for f in fractions]
+    sizes[0] += n - sum(sizes)
+    return sizes

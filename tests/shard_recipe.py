@@ -1,0 +1,51 @@
+"""A test recipe that trains through the shard reader: predict an image's colour from its pixels."""
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mmtrain.config import RecipeConfig
+from mmtrain.data.images import ImageTransform
+from mmtrain.data.reader import DataSection, SampleDecoder, build_loader, default_collate
+from mmtrain.data.synth import COLORS
+from mmtrain.recipes.base import Recipe, StepOutput
+
+
+@dataclass
+class ShardColorConfig(RecipeConfig):
+    name: str = "tests.shard_recipe:ShardColor"
+    data: DataSection = field(default_factory=DataSection)
+    image_size: int = 16
+
+
+class ColorNet(nn.Module):
+    def __init__(self, size):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * size * size, 32), nn.ReLU(), nn.Linear(32, len(COLORS)))
+
+    def forward(self, image, label):
+        return {"ce": nn.functional.cross_entropy(self.net(image), label)}
+
+
+class ShardColor(Recipe):
+    Config = ShardColorConfig
+
+    def build_model(self):
+        return ColorNet(self.cfg.image_size)
+
+    def build_data(self):
+        size = self.cfg.image_size
+        decode = SampleDecoder(ImageTransform(resize=size, crop=size), need_image=True)
+        colors = list(COLORS)
+
+        def collate(items):
+            batch = default_collate(items)
+            batch["label"] = torch.tensor([colors.index(m["color"]) for m in batch["meta"]])
+            return batch
+        c = self.ctx
+        return build_loader(self.cfg.data, self.cfg.data.train, c.micro_batch_size, decode, collate,
+                            c.rank, c.world_size, c.seed)
+
+    def step(self, model, batch):
+        out = model(batch["image"].to(self.ctx.device), batch["label"].to(self.ctx.device))
+        return StepOutput(losses={"ce": out["ce"]}, samples=len(batch["label"]))

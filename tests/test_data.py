@@ -1,0 +1,362 @@
+"""Shards: writing, the public-format converters, the distributed resumable reader, corruption."""
+import io
+import json
+import os
+import socket
+import tarfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+from mmtrain.cli import main
+from mmtrain.data.convert import convert
+from mmtrain.data.images import ImageTransform
+from mmtrain.data.reader import DataSection, SampleDecoder, build_loader, default_collate
+from mmtrain.data.shards import DataError, read_manifest, write_shards
+from mmtrain.data.synth import COLORS, synth
+
+
+def loader(spec, batch=4, rank=0, world=1, workers=0, seed=0, shuffle_buffer=8, **kw):
+    return build_loader(DataSection(workers=workers, shuffle_buffer=shuffle_buffer, **kw), str(spec), batch,
+                        SampleDecoder(ImageTransform(resize=32, crop=32), need_image=False), default_collate,
+                        rank=rank, world=world, seed=seed)
+
+
+def epoch_keys(ld):
+    return [k for _ in range(ld.steps_per_epoch) for k in next(ld)["key"]]
+
+
+def write_plain(tmp_path, name, counts):
+    """A shard set of tiny text samples with the given per-shard counts."""
+    out = tmp_path / name
+    samples = ({"__key__": f"{i:09d}", "json": {"i": i}} for i in range(sum(counts)))
+    m = write_shards(samples, out, "dialogue", max_count=max(counts))
+    if [s["samples"] for s in m["shards"]] != counts:          # re-cut to the exact uneven sizes
+        import shutil
+        shutil.rmtree(out)
+        out.mkdir()
+        i = 0
+        shards = []
+        for n, c in enumerate(counts):
+            write_shards(({"__key__": f"{j:09d}", "json": {"i": j}} for j in range(i, i + c)),
+                         tmp_path / f"part{n}", "dialogue", max_count=c)
+            src = tmp_path / f"part{n}" / "dialogue-000000.tar"
+            src.rename(out / f"dialogue-{n:06d}.tar")
+            shards.append({"name": f"dialogue-{n:06d}.tar", "samples": c})
+            i += c
+        (out / "manifest.json").write_text(json.dumps({"schema_version": 1, "kind": "dialogue",
+                                                       "total": sum(counts), "shards": shards}))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["image-text", "dialogue", "keyphrase", "intent"])
+def test_synth_round_trip_and_truthful_text(tmp_path, kind):
+    ms = synth(kind, str(tmp_path / kind), 50, seed=3, max_count=15)
+    assert {s: m["total"] for s, m in ms.items()} == {"train": 40, "val": 5, "test": 5}
+    ld = build_loader(DataSection(workers=0), str(tmp_path / kind / "train"), 8,
+                      SampleDecoder(ImageTransform(), need_image=True), default_collate, 0, 1, 0)
+    keys, batch = [], None
+    for _ in range(ld.steps_per_epoch):
+        batch = next(ld)
+        keys += batch["key"]
+    assert len(keys) == 40 == len(set(keys))
+    assert batch["image"].shape == (8, 3, 224, 224)
+    meta = batch["meta"][0]
+    if kind == "image-text":
+        assert meta["color"] in batch["text"][0] and meta["shape"] in batch["text"][0]
+    elif kind == "dialogue":
+        assert meta["color"] in meta["response"] and meta["color"] not in " ".join(meta["context"])
+    elif kind == "keyphrase":
+        assert meta["keyphrases"][0] in meta["text"] and meta["keyphrases"][1] in COLORS
+        assert meta["keyphrases"][1] not in meta["text"] and "Answer:" in meta["rationale"]
+    else:
+        assert meta["scene"] and meta["intent"] and meta["turns"][-1]["role"] == "user"
+
+
+def test_keyphrase_test_split_has_unseen_keyphrases(tmp_path):
+    synth("keyphrase", str(tmp_path / "kp"), 200, seed=0)
+
+    def kps(split):
+        ld = loader(tmp_path / "kp" / split, batch=1)
+        return {k for _ in range(ld.steps_per_epoch) for m in next(ld)["meta"] for k in m["keyphrases"]}
+    unseen = kps("test") - kps("train")
+    assert {"star", "hexagon"} & unseen
+
+
+def test_writer_never_writes_into_existing_data_or_leaves_debris(tmp_path):
+    synth("image-text", str(tmp_path / "d"), 10)
+    with pytest.raises(DataError, match="exists and is not empty"):
+        synth("image-text", str(tmp_path / "d"), 10)
+    with pytest.raises(DataError, match="no valid samples"):
+        write_shards(iter([]), tmp_path / "empty", "dialogue")
+    assert not (tmp_path / "empty").exists() and not list(tmp_path.glob(".empty*"))
+    assert main(["data", "synth", "--kind", "image-text", "--out", str(tmp_path / "d"), "--n", "5"]) == 2
+
+
+# ----------------------------------------------------------------------------- converters
+
+def png(path, color=(200, 30, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 30), color).save(path)
+
+
+def jsonl(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+
+
+def check(manifest, written, skipped, reasons):
+    r = manifest["report"]
+    assert (manifest["total"], r["written"], r["skipped"]) == (written, written, skipped)
+    assert set(r["reasons"]) == reasons
+    assert all({"file", "line", "reason"} <= set(e) for e in r["examples"])
+
+
+def read_all(spec):
+    ld = loader(spec, batch=1, shuffle_buffer=1)                   # one shard, buffer of 1: file order
+    return [next(ld) for _ in range(ld.steps_per_epoch)]
+
+
+class Opts:
+    sep, rationales = "<sep>", None
+
+
+def test_convert_image_caption_jsonl_skips_and_reports(tmp_path):
+    png(tmp_path / "img" / "a.png")
+    png(tmp_path / "img" / "b.jpg")
+    (tmp_path / "img" / "broken.jpg").write_bytes(b"not an image")
+    jsonl(tmp_path / "caps.jsonl", [{"image": "img/a.png", "caption": "a red box"},
+                                    {"image": "img/b.jpg", "caption": "another red box"},
+                                    {"image": "img/missing.jpg", "caption": "x"},
+                                    {"image": "img/broken.jpg", "caption": "y"},
+                                    "{not json", {"image": "img/a.png"}])
+    m = convert("image-caption-jsonl", [str(tmp_path / "caps.jsonl")], str(tmp_path / "out"), opts=Opts)
+    check(m, 2, 4, {"missing image", "unreadable image", "malformed JSON", "missing field"})
+    ex = {e["line"]: e["reason"] for e in m["report"]["examples"]}
+    assert "missing.jpg" in ex[3] and ex[5].startswith("malformed JSON")
+    batches = read_all(tmp_path / "out")
+    assert [b["text"][0] for b in batches] == ["a red box", "another red box"]
+
+
+def test_convert_coco(tmp_path):
+    png(tmp_path / "val2017" / "000001.jpg")
+    coco = {"images": [{"id": 1, "file_name": "000001.jpg"}],
+            "annotations": [{"image_id": 1, "caption": "a cat"}, {"image_id": 1, "caption": "a red cat"},
+                            {"image_id": 9, "caption": "orphan"}]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    m = convert("coco", [str(tmp_path / "captions.json")], str(tmp_path / "out"),
+                image_root=str(tmp_path / "val2017"), opts=Opts)
+    check(m, 2, 1, {"unknown image_id"})
+    assert sorted(b["text"][0] for b in read_all(tmp_path / "out")) == ["a cat", "a red cat"]
+
+
+def test_convert_dialogue_reddit_and_image_chat(tmp_path):
+    png(tmp_path / "images" / "abc123.jpg")
+    jsonl(tmp_path / "d.jsonl", [{"context": ["hi", "what's up?"], "response": "not much"},
+                                 {"image_hash": "images/abc123", "dialog": [["Happy", "nice photo"],
+                                                                           ["Sad", "I miss it"]]},
+                                 {"context": [], "response": "x"}, {"dialog": [["A", "only one"]]}])
+    m = convert("dialogue-jsonl", [str(tmp_path / "d.jsonl")], str(tmp_path / "out"), opts=Opts)
+    check(m, 2, 2, {"missing field", "malformed dialog"})
+    metas = [b["meta"][0] for b in read_all(tmp_path / "out")]
+    assert metas[0] == {"context": ["hi", "what's up?"], "response": "not much"}
+    assert metas[1] == {"context": ["nice photo"], "response": "I miss it"}
+
+
+def test_convert_keyphrase_lines_and_jsonl_with_rationales(tmp_path):
+    png(tmp_path / "p1.jpg")
+    (tmp_path / "posts.txt").write_text("sunny day at the beach<sep>beach;summer<sep>p1.jpg\n"
+                                        "bad line without fields\n"
+                                        "no kps here<sep> <sep>p1.jpg\n")
+    jsonl(tmp_path / "r.jsonl", [{"id": "1", "rationale": "The photo shows sand. Answer: beach; summer"}])
+    Opts.rationales = str(tmp_path / "r.jsonl")
+    try:
+        m = convert("keyphrase-lines", [str(tmp_path / "posts.txt")], str(tmp_path / "lines"), opts=Opts)
+    finally:
+        Opts.rationales = None
+    check(m, 1, 2, {"malformed line", "missing keyphrases"})
+    meta = read_all(tmp_path / "lines")[0]["meta"][0]
+    assert meta == {"text": "sunny day at the beach", "keyphrases": ["beach", "summer"],
+                    "rationale": "The photo shows sand. Answer: beach; summer"}
+    jsonl(tmp_path / "posts.jsonl", [{"text": "t", "keyphrases": "a;b", "image": "p1.jpg"},
+                                     {"text": "u", "keyphrases": ["c"], "image": "p1.jpg", "rationale": "why"}])
+    m = convert("keyphrase-jsonl", [str(tmp_path / "posts.jsonl")], str(tmp_path / "js"), opts=Opts)
+    check(m, 2, 0, set())
+    assert [b["meta"][0]["keyphrases"] for b in read_all(tmp_path / "js")] == [["a", "b"], ["c"]]
+
+
+def test_convert_llava_intent(tmp_path):
+    png(tmp_path / "s.png")
+    recs = [{"id": "1", "image": "s.png", "scene": "logistics", "intent": "track_package",
+             "conversations": [{"from": "human", "value": "<image>\nWhere is my parcel?"},
+                               {"from": "gpt", "value": "Let me check."}]},
+            {"id": "2", "image": "s.png", "conversations": [{"from": "human", "value": "hi"}]}]
+    (tmp_path / "intent.json").write_text(json.dumps(recs))
+    m = convert("llava-intent", [str(tmp_path / "intent.json")], str(tmp_path / "out"), opts=Opts)
+    check(m, 1, 1, {"missing field"})
+    meta = read_all(tmp_path / "out")[0]["meta"][0]
+    assert meta["turns"][0] == {"role": "user", "text": "Where is my parcel?"} and meta["scene"] == "logistics"
+
+
+def test_convert_with_no_valid_sample_writes_nothing(tmp_path):
+    jsonl(tmp_path / "caps.jsonl", [{"image": "nope.jpg", "caption": "x"}])
+    with pytest.raises(DataError, match=r"no valid samples in 1 records .*caps.jsonl:1: missing image"):
+        convert("image-caption-jsonl", [str(tmp_path / "caps.jsonl")], str(tmp_path / "out"), opts=Opts)
+    assert not (tmp_path / "out").exists()
+    assert main(["data", "convert", "--from", "coco", "--input", str(tmp_path / "nope.json"),
+                 "--out", str(tmp_path / "o")]) == 2
+
+
+# ----------------------------------------------------------------------------- reader
+
+def test_two_ranks_two_workers_uneven_shards_exact_epoch(tmp_path):
+    spec = write_plain(tmp_path, "uneven", [23, 5, 14])           # 42 samples
+    per_rank = {}
+    for rank in range(2):
+        ld = loader(spec, batch=4, rank=rank, world=2, workers=2)
+        assert ld.steps_per_epoch == 5                              # 21 per rank -> 5 batches of 4
+        per_rank[rank] = epoch_keys(ld)
+    a, b = per_rank[0], per_rank[1]
+    assert len(a) == len(b) == 20 and len(set(a)) == 20 and len(set(b)) == 20
+    assert not set(a) & set(b)                                      # no sample twice in the epoch
+
+
+def _rank_worker(rank, world, port, spec, out):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        ld = loader(spec, batch=3, rank=rank, world=world, workers=2)
+        keys = []
+        for _ in range(ld.steps_per_epoch * 2):                     # two epochs, a collective each step
+            keys.append(next(ld)["key"])
+            dist.all_reduce(torch.ones(1))
+        torch.save(keys, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_ranks_take_equal_steps_without_hanging(tmp_path):
+    spec = write_plain(tmp_path, "uneven", [17, 2, 9])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_worker, args=(2, port, str(spec), str(tmp_path)), nprocs=2, join=True)
+    k0, k1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert len(k0) == len(k1) == 8
+    first = [k for b in k0[:4] + k1[:4] for k in b]
+    assert len(first) == len(set(first)) == 24
+
+
+def test_resume_sees_exactly_the_remaining_batches(tmp_path):
+    spec = write_plain(tmp_path, "r", [13, 7, 11])
+    straight = loader(spec, batch=3, workers=2, seed=5)
+    want = [next(straight)["key"] for _ in range(17)]               # crosses into epoch 2
+    first = loader(spec, batch=3, workers=2, seed=5)
+    got = [next(first)["key"] for _ in range(7)]
+    state = first.state_dict()
+    resumed = loader(spec, batch=3, workers=2, seed=5)
+    resumed.load_state_dict(state)
+    got += [next(resumed)["key"] for _ in range(10)]
+    assert got == want
+    other = loader(spec, batch=3, workers=2, seed=6)
+    assert [next(other)["key"] for _ in range(3)] != want[:3]       # the seed matters
+
+
+def test_resampled_mode_fixed_steps(tmp_path):
+    spec = write_plain(tmp_path, "r", [6, 3])
+    ld = loader(spec, batch=4, workers=2, mode="resampled", steps_per_epoch=5)
+    for _ in range(5):
+        assert len(next(ld)["key"]) == 4
+    assert ld.epoch == 0 and next(ld) and ld.epoch == 1
+    with pytest.raises(DataError, match="needs data.steps_per_epoch"):
+        loader(spec, mode="resampled")
+
+
+def corrupt_one_image(shard):
+    with tarfile.open(shard) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(shard, "w") as tf:
+        for i, (m, data) in enumerate(members):
+            if m.name.endswith(".jpg") and i < 3:
+                data = b"\xff\xd8garbage"
+            m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+
+
+def test_corrupt_sample_and_truncated_shard_are_counted_then_stop_the_run(tmp_path):
+    synth("image-text", str(tmp_path / "d"), 100, max_count=20)
+    train = tmp_path / "d" / "train"
+    shards = sorted(train.glob("*.tar"))
+    corrupt_one_image(shards[0])
+    size = shards[1].stat().st_size
+    with open(shards[1], "r+b") as f:                               # cut a shard in the middle
+        f.truncate(size // 2)
+    kw = dict(workers=2, shuffle_buffer=4)
+    dec = SampleDecoder(ImageTransform(resize=32, crop=32), need_image=True)
+    ld = build_loader(DataSection(max_skip_fraction=0.5, **kw), str(train), 8, dec, default_collate, 0, 1, 0)
+    sizes = [next(ld)["image"].shape[0] for _ in range(ld.steps_per_epoch)]
+    assert sizes == [8] * 10                                        # fixed shapes, fixed steps
+    assert 1 + 5 <= ld.skipped <= 1 + 15 and ld.stats() == {"skipped": ld.skipped, "seen": 80}
+    strict = build_loader(DataSection(max_skip_fraction=0.01, **kw), str(train), 8, dec, default_collate, 0, 1, 0)
+    with pytest.raises(DataError, match=r"samples unreadable in .*train \(> data.max_skip_fraction=0.01\)"):
+        for _ in range(10):
+            next(strict)
+
+
+def test_bad_shard_specs_name_the_problem(tmp_path):
+    with pytest.raises(DataError, match="manifest.json is missing"):
+        loader(tmp_path)
+    spec = write_plain(tmp_path, "s", [4])
+    with pytest.raises(DataError, match=r"shard not found: .*dialogue-000001.tar \(and 2 more\)"):
+        loader(f"{spec}/dialogue-{{000000..000003}}.tar")
+    with pytest.raises(DataError, match="cannot fill one batch"):
+        loader(spec, batch=3, world=2)
+    (spec / "manifest.json").write_text("{")
+    with pytest.raises(DataError, match="not valid JSON"):
+        read_manifest(spec)
+
+
+def test_image_transform_matches_the_hf_processor(tmp_path):
+    import numpy as np
+    from transformers import CLIPImageProcessorPil
+
+    proc = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 56, "width": 56})
+    proc.save_pretrained(tmp_path)
+    ours = ImageTransform.from_pretrained(str(tmp_path), fast=False)
+    assert (ours.resize, ours.crop) == (64, 56)
+    for shape in [(90, 130, 3), (130, 90, 3), (64, 64, 3)]:
+        im = Image.fromarray((np.random.default_rng(0).random(shape) * 255).astype("uint8"))
+        want = proc(images=im, return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(ours(im), want, atol=1e-5, rtol=1e-5)
+
+
+def test_bench_data_reports_throughput(tmp_path, capsys):
+    synth("image-text", str(tmp_path / "d"), 60)
+    assert main(["bench", "data", str(tmp_path / "d" / "train"), "--workers", "0", "--batch-size", "8",
+                 "--batches", "3"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["samples_per_s"] > 0 and row["workers"] == 0
+
+
+def test_engine_trains_from_shards_logs_skips_and_resumes_exactly(tmp_path):
+    from tests.helpers import REPO, scalars, train
+
+    synth("image-text", str(tmp_path / "d"), 150, max_count=40)
+    corrupt_one_image(sorted((tmp_path / "d" / "train").glob("*.tar"))[1])
+    common = ["recipe.name=tests.shard_recipe:ShardColor", f"recipe.data.train={tmp_path / 'd' / 'train'}",
+              "recipe.data.workers=2", "recipe.data.max_skip_fraction=0.1", "train.micro_batch_size=8",
+              "train.steps=16", "train.lr=3e-3", "log.every=1", "checkpoint.every=100", "eval.at_end=false",
+              "deepspeed.precision=fp32"]
+    straight, split = tmp_path / "runs" / "straight", tmp_path / "runs" / "split"
+    base = REPO / "configs" / "base.yaml"
+    train(straight, common, config=base)
+    train(split, common + ["run.stop_after_steps=9"], config=base)
+    train(split, common, config=base)
+    a, b = scalars(straight, "loss/total"), scalars(split, "loss/total")
+    assert [a[s] for s in range(10, 17)] == [b[s] for s in range(10, 17)]     # 120 // 2 // 8 = 7 steps/epoch
+    skipped = scalars(straight, "data/skipped")
+    assert skipped[16] >= 1 and skipped == scalars(split, "data/skipped")      # counted, and kept on resume
+    assert scalars(straight, "data/seen")[16] == 16 * 8 * 2                    # summed over both ranks
+    assert scalars(straight, "train/epoch")[16] == 2
+    assert sum(a[s] for s in range(14, 17)) < sum(a[s] for s in range(1, 4))
