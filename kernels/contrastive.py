@@ -244,7 +244,8 @@ class ContrastiveLoss(nn.Module):
     def __init__(self, init_scale: float = 1 / 0.07, max_scale: float = 100.0, label_smoothing: float = 0.0,
                  distributed: Optional[bool] = None, group=None):
         super().__init__()
-        self.log_scale = nn.Parameter(torch.tensor(float(init_scale)).log())
+        # shape (1,), not a 0-d tensor: DeepSpeed's parameter broadcast cannot view 0-d tensors as bytes
+        self.log_scale = nn.Parameter(torch.tensor([float(init_scale)]).log())
         self.max_log_scale = float(torch.tensor(max_scale).log())
         self.label_smoothing, self.distributed, self.group = label_smoothing, distributed, group
 

@@ -77,6 +77,14 @@ def _cmd_data(args) -> int:
     return 0
 
 
+def _cmd_models(args) -> int:
+    from mmtrain.models.tiny import make_tiny
+
+    out = make_tiny(args.out, image_size=args.image_size, width=args.width)
+    print(f"tiny models in {out}: clip/ (towers, processor, tokenizer), bert/, llama/")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     import json
 
@@ -135,6 +143,14 @@ def main(argv=None) -> int:
     sp = dsub.add_parser("inspect", help="print a shard set's manifest and first samples")
     sp.add_argument("shards")
     sp.add_argument("--n", type=int, default=3)
+
+    models = sub.add_parser("models", help="tiny random models for demos and tests (saved with save_pretrained)")
+    msub = models.add_subparsers(dest="models_cmd", required=True)
+    sp = msub.add_parser("tiny")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--image-size", type=int, default=64)
+    sp.add_argument("--width", type=int, default=64)
+    sp.set_defaults(fn=_cmd_models)
 
     bench = sub.add_parser("bench", help="throughput benchmarks")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True)

@@ -31,9 +31,14 @@ def choices(*allowed: str, default: str):
     return field(default=default, metadata={"choices": allowed})
 
 
-def path_field(default: Optional[str] = None, must_exist: bool = True):
+def path_field(default: Optional[str] = None, must_exist: bool = True, required: bool = False):
     """A filesystem path; when set and `must_exist`, it must exist before the run starts."""
-    return field(default=default, metadata={"path": must_exist})
+    return field(default=default, metadata={"path": must_exist, "required": required})
+
+
+def shards_field(default: str = ""):
+    """A shard directory or brace pattern; a directory must exist before the run starts."""
+    return field(default=default, metadata={"shards": True})
 
 
 @dataclass
@@ -232,11 +237,26 @@ def _walk(obj: Any, prefix: str = ""):
             yield from _walk(value, key + ".")
 
 
+def _absolute_paths(obj: Any) -> None:
+    """Path and shard fields become absolute, so a saved config works from any directory."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _absolute_paths(value)
+        elif (f.metadata.get("path") is not None or f.metadata.get("shards")) and value:
+            setattr(obj, f.name, os.path.abspath(str(value)))
+
+
 def validate(cfg: Config) -> None:
+    _absolute_paths(cfg)
     for key, f, value in _walk(cfg):
         allowed = f.metadata.get("choices")
         if allowed and value not in allowed:
             raise ConfigError(f"key '{key}' must be one of {list(allowed)}, got {value!r}")
+        if f.metadata.get("required") and value in (None, ""):
+            raise ConfigError(f"key '{key}' is required (a path)")
+        if f.metadata.get("shards") and value and "{" not in str(value) and not Path(str(value)).is_dir():
+            raise ConfigError(f"key '{key}': shard directory does not exist: {value}")
         if f.metadata.get("path") and value not in (None, "") and not Path(str(value)).exists():
             raise ConfigError(f"key '{key}': path does not exist: {value}")
     positive = {"train.steps": cfg.train.steps, "train.micro_batch_size": cfg.train.micro_batch_size,
@@ -267,4 +287,4 @@ def load_run_config(run_dir: str | os.PathLike) -> Config:
 
 
 __all__ = ["Config", "ConfigError", "RecipeConfig", "load_config", "load_run_config", "save_config",
-           "to_yaml", "choices", "path_field"]
+           "to_yaml", "choices", "path_field", "shards_field"]

@@ -29,15 +29,15 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmtrain.config import choices
+from mmtrain.config import choices, shards_field
 from mmtrain.data.shards import DataError, iter_shard, resolve
 
 
 @dataclass
 class DataSection:
     """The data part of a recipe's config."""
-    train: str = ""                    # shard dir or brace pattern (dir/x-{000000..000009}.tar)
-    val: str = ""
+    train: str = shards_field()        # shard dir or brace pattern (dir/x-{000000..000009}.tar)
+    val: str = shards_field()
     mode: str = choices("exact", "resampled", default="exact")
     workers: int = 2                   # DataLoader processes per rank
     shuffle_buffer: int = 1000

@@ -70,14 +70,14 @@ def draw_shape(d: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: floa
 
 
 def shapes_image(rng: random.Random, shape: str, color: str, count: int, position: str) -> Image.Image:
-    bg = tuple(rng.randint(200, 255) for _ in range(3))
+    bg = tuple(rng.randint(225, 250) for _ in range(3))
     img = Image.new("RGB", (SIZE, SIZE), bg)
     d = ImageDraw.Draw(img)
     for _ in range(rng.randint(0, 3)):                 # distractor strokes, no meaning
         d.line([tuple(rng.randint(0, SIZE) for _ in range(2)) for _ in range(2)],
                fill=tuple(rng.randint(120, 200) for _ in range(3)), width=2)
     px, py = POSITIONS[position]
-    r = SIZE * 0.07
+    r = SIZE * 0.09
     for k in range(count):
         off = (k - (count - 1) / 2) * 2.6 * r
         cx, cy = (px * SIZE + off, py * SIZE) if position in ("top", "bottom") else (px * SIZE, py * SIZE + off)

@@ -100,6 +100,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_gather(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equal-shaped tensors of all ranks along dim 0 (no gradient)."""
+    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+        return t
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else t.device
+    parts = [torch.empty_like(t, device=dev) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(parts, t.to(dev).contiguous())
+    return torch.cat(parts).to(t.device)
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is true on any rank."""
     return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)

@@ -52,8 +52,7 @@ def export(run_dir: str, out_dir: str, tag: Optional[str] = None, merge_lora: bo
     state = consolidated_state_dict(root, tag)
 
     ctx = RunContext(rank=0, world_size=1, device=torch.device("cpu"), dtype=torch.float32,
-                     micro_batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, run_dir=run_dir,
-                     all_reduce_sum=lambda t: t)
+                     micro_batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, run_dir=run_dir)
     recipe = recipe_class(cfg.recipe.name)(cfg.recipe, ctx)
     model = recipe.build_model()
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -72,7 +72,8 @@ def train(cfg: Config) -> int:
 
     ctx = RunContext(rank=env.rank, world_size=env.world_size, device=env.device,
                      dtype=DTYPES[cfg.deepspeed.precision], micro_batch_size=cfg.train.micro_batch_size,
-                     seed=cfg.run.seed, run_dir=run_dir, all_reduce_sum=dist.all_reduce_sum)
+                     seed=cfg.run.seed, run_dir=run_dir, all_reduce_sum=dist.all_reduce_sum,
+                     all_gather=dist.all_gather)
     recipe = recipe_class(cfg.recipe.name)(cfg.recipe, ctx)
     seed_all(cfg.run.seed)                       # identical initial weights on every rank
     model = recipe.build_model()
@@ -160,6 +161,8 @@ def train(cfg: Config) -> int:
             grad_norm = engine.get_global_grad_norm()
             lr = engine.get_lr()[0]
             monitor.advance(1, {"loss": float(total.detach()), "lr": lr})
+            for tag, img in out.images.items():
+                monitor.image(f"images/{tag}", img, step)
 
             if step % cfg.log.every == 0 or step == cfg.train.steps:
                 keys = sorted(sums)

@@ -11,6 +11,7 @@ import importlib
 
 RECIPES = {
     "toy_lm": "mmtrain.recipes.toy_lm:ToyLM",
+    "vikdf_distill": "mmtrain.recipes.vikdf_distill:VIKDFDistill",
 }
 
 

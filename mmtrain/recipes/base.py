@@ -26,14 +26,16 @@ class RunContext:
     micro_batch_size: int
     seed: int
     run_dir: Path
-    # Gathers/reduces across ranks without exposing the process group (see engine.dist).
-    all_reduce_sum: Any = None
+    # Collectives without exposing the process group (see engine.dist); identity in a world of one.
+    all_reduce_sum: Any = lambda t: t
+    all_gather: Any = lambda t: t          # concatenates equal-shaped tensors of all ranks along dim 0
 
 
 @dataclass
 class StepOutput:
     losses: Dict[str, torch.Tensor]                    # named scalar losses (weighted by the engine)
     stats: Dict[str, float] = field(default_factory=dict)  # extra scalars to log as they are
+    images: Dict[str, torch.Tensor] = field(default_factory=dict)  # CHW images to log (rank 0, log steps)
     samples: int = 0                                   # samples in this micro-batch on this rank
     tokens: int = 0                                    # tokens processed (for tokens/s)
 

@@ -1,0 +1,75 @@
+"""VIKDF stage-1 heads on top of the IQ-Former (methods.md, section 1).
+
+- TIM: query 0 of K_I / K_T through linear maps to `tim_dim`, L2-normalised; the symmetric InfoNCE
+  with a learnable temperature is `kernels.contrastive.ContrastiveLoss`.
+- TA-MIM: masked image tokens attend to K_T in one transformer block; CLS dropped, tokens back on
+  the patch grid, a 1x1 conv to patch*patch*3 channels, pixel-shuffled to the image; L1 on the
+  scored pixels / their count / 3.
+- IA-MTM: masked text tokens attend to K_I in one block; a linear head to the vocabulary;
+  cross-entropy on the selected positions.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.contrastive import ContrastiveLoss
+from mmtrain.models.iqformer import IQFormer
+
+
+def _block(width: int, heads: int) -> nn.TransformerDecoderLayer:
+    block = nn.TransformerDecoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+    # Zero-initialised cross-attention output (a zero residual branch): at the start the
+    # reconstruction heads neither read the knowledge vectors nor push on them. Otherwise their
+    # gradients treat K's still-uninformative variation across samples as noise and flatten it
+    # before TIM can shape it (seen with frozen towers whose features K barely varies with).
+    nn.init.zeros_(block.multihead_attn.out_proj.weight)
+    nn.init.zeros_(block.multihead_attn.out_proj.bias)
+    return block
+
+
+class Stage1Model(nn.Module):
+    def __init__(self, iqformer: IQFormer, patch: int, grid: int, vocab: int, tim_dim: int = 256,
+                 heads: int = 8, init_scale: float = 1 / 0.07, tim_global: bool = True):
+        super().__init__()
+        w = iqformer.config.width
+        self.iqformer, self.patch, self.grid = iqformer, patch, grid
+        self.tim_image, self.tim_text = nn.Linear(w, tim_dim), nn.Linear(w, tim_dim)
+        self.tim = ContrastiveLoss(init_scale=init_scale, distributed=None if tim_global else False)
+        cfg = iqformer.config
+        # the heads read the masked tokens through their own projections
+        self.mim_in = nn.Sequential(nn.Linear(cfg.vision_width, w), nn.LayerNorm(w))
+        self.mtm_in = nn.Sequential(nn.Linear(cfg.text_width, w), nn.LayerNorm(w))
+        self.mim_block, self.mim_out = _block(w, heads), nn.Conv2d(w, patch * patch * 3, 1)
+        self.mtm_block, self.mtm_out = _block(w, heads), nn.Linear(w, vocab)
+
+    def embed(self, image_states: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor):
+        k_img = self.iqformer.read_image(image_states)
+        k_txt = self.iqformer.read_text(text_states, text_mask)
+        v = F.normalize(self.tim_image(k_img[:, 0]).float(), dim=-1)
+        t = F.normalize(self.tim_text(k_txt[:, 0]).float(), dim=-1)
+        return k_img, k_txt, v, t
+
+    def reconstruct(self, masked_image_states: torch.Tensor, k_txt: torch.Tensor) -> torch.Tensor:
+        x = self.mim_block(self.mim_in(masked_image_states.to(k_txt.dtype)), k_txt)
+        x = x[:, -self.grid * self.grid:]                               # drop CLS where there is one
+        x = x.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid)
+        return F.pixel_shuffle(self.mim_out(x), self.patch)
+
+    def forward(self, image_states, text_states, text_mask, masked_image_states=None, masked_text_states=None,
+                pixels=None, scored=None, mtm_labels=None, embed_only: bool = False) -> Dict[str, torch.Tensor]:
+        k_img, k_txt, v, t = self.embed(image_states, text_states, text_mask)
+        if embed_only:
+            return {"image": v, "text": t}
+        tim = self.tim(v.to(k_img.dtype), t.to(k_img.dtype))
+        recon = self.reconstruct(masked_image_states, k_txt)
+        pix_mask = scored.repeat_interleave(self.patch, 1).repeat_interleave(self.patch, 2)[:, None].float()
+        mim = ((recon.float() - pixels.float()).abs() * pix_mask).sum() / (pix_mask.sum() * 3).clamp(min=1)
+        h = self.mtm_block(self.mtm_in(masked_text_states.to(k_img.dtype)), k_img,
+                           tgt_key_padding_mask=text_mask == 0)
+        logits = self.mtm_out(h)
+        mtm = F.cross_entropy(logits.float().flatten(0, 1), mtm_labels.flatten(), ignore_index=-100)
+        return {"tim": tim, "mim": mim, "mtm": mtm, "recon": recon.detach(), "logit_scale": self.tim.log_scale.exp()}

@@ -1,0 +1,77 @@
+"""Tiny random models, saved with `save_pretrained`, so that the demo and the tests load every model
+through the same `from_pretrained` path real checkpoints take (nothing is downloaded).
+
+`mmtrain models tiny --out DIR` writes DIR/clip (a CLIP with its image processor and a word-level
+tokenizer over the synthetic data's vocabulary), DIR/bert (a BERT to initialise the IQ-Former
+from) and DIR/llama (a causal LM with the same tokenizer).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import List
+
+SPECIALS = ["[PAD]", "[UNK]", "<s>", "</s>", "[MASK]"]
+
+
+def synthetic_vocabulary() -> List[str]:
+    """Every word the synthetic generators write (drawn, not listed by hand, so it cannot drift)."""
+    import random
+
+    from mmtrain.data import synth
+
+    words = set()
+    for kind, gen in synth.GENERATORS.items():
+        for i in range(400):
+            for split in ("train", "test"):
+                s = gen(random.Random(f"vocab/{kind}/{split}/{i}"), split)
+                words.update(re.findall(r"[a-z_]+|[0-9]+|[^\sa-z0-9_]", str(s.get("txt", "")) + " " +
+                                        str(s.get("json", "")).lower()))
+    return sorted(words)
+
+
+def word_tokenizer(words: List[str]):
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + [w for w in words if w not in SPECIALS])}
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Split(Regex(r"[a-z_]+|[0-9]+|[^\sa-z0-9_]"), behavior="isolated")])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[
+        ("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="<s>",
+                                   eos_token="</s>", mask_token="[MASK]")
+
+
+def make_tiny(out: str, image_size: int = 64, patch: int = 8, width: int = 64, seed: int = 0) -> Path:
+    import torch
+    from transformers import (BertConfig, BertModel, CLIPConfig, CLIPImageProcessorPil, CLIPModel, LlamaConfig,
+                              LlamaForCausalLM)
+
+    out_dir = Path(out)
+    tok = word_tokenizer(synthetic_vocabulary())
+    torch.manual_seed(seed)
+    clip = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+        vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=patch),
+        projection_dim=width))
+    clip.save_pretrained(out_dir / "clip")
+    tok.save_pretrained(out_dir / "clip")
+    CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                          crop_size={"height": image_size, "width": image_size}).save_pretrained(out_dir / "clip")
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=width, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=2 * width)).save_pretrained(out_dir / "bert")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                 max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+                     ).save_pretrained(out_dir / "llama")
+    tok.save_pretrained(out_dir / "llama")
+    return out_dir
