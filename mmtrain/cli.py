@@ -88,6 +88,10 @@ def _cmd_models(args) -> int:
 def _cmd_bench(args) -> int:
     import json
 
+    if args.bench_cmd == "vikdf-stage1":
+        from mmtrain.bench_vikdf import main as bench_stage1
+
+        return bench_stage1(args.batch_size, not args.no_compile, args.baseline)
     from mmtrain.data.bench import bench_data
 
     print(json.dumps(bench_data(args.shards, args.workers, args.batch_size, args.batches, args.size,
@@ -161,6 +165,11 @@ def main(argv=None) -> int:
     sp.add_argument("--batches", type=int, default=20)
     sp.add_argument("--size", type=int, default=224)
     sp.add_argument("--no-fast", action="store_true", help="decode JPEGs at full size")
+    sp.set_defaults(fn=_cmd_bench)
+    sp = bsub.add_parser("vikdf-stage1", help="samples/s and MFU of a published-size stage-1 step (GPU)")
+    sp.add_argument("--batch-size", type=int, default=128)
+    sp.add_argument("--no-compile", action="store_true", help="run the frozen towers eagerly")
+    sp.add_argument("--baseline", help="path of hf_eager_vikdf.py, run side by side for the ratio")
     sp.set_defaults(fn=_cmd_bench)
 
     args = p.parse_args(argv)

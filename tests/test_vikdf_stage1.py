@@ -124,3 +124,10 @@ def test_retrieval_recalls_definition():
     r = retrieval_recalls(image, torch.nn.functional.normalize(text, dim=-1), ks=(1,))
     # image 0 = image 1 = (1, 0) both rank text 1 first: image 1 hits, image 0 misses, image 2 hits
     assert r["i2t_r@1"] == pytest.approx(2 / 3)
+
+
+def test_stage1_bench_step_runs_and_counts_flops():
+    from mmtrain.bench_vikdf import stage1
+
+    row = stage1(batch=4, iters=1, warm=0, compile_towers=False, size="tiny", device="cpu")
+    assert row["gflop_per_sample"] > 0 and row["samples_s"] > 0 and row["size"] == "tiny"

@@ -70,6 +70,6 @@ class Stage1Model(nn.Module):
         mim = ((recon.float() - pixels.float()).abs() * pix_mask).sum() / (pix_mask.sum() * 3).clamp(min=1)
         h = self.mtm_block(self.mtm_in(masked_text_states.to(k_img.dtype)), k_img,
                            tgt_key_padding_mask=text_mask == 0)
-        logits = self.mtm_out(h)
-        mtm = F.cross_entropy(logits.float().flatten(0, 1), mtm_labels.flatten(), ignore_index=-100)
+        selected = mtm_labels != -100          # the vocabulary head only where a token is scored (~15%)
+        mtm = F.cross_entropy(self.mtm_out(h[selected]).float(), mtm_labels[selected])
         return {"tim": tim, "mim": mim, "mtm": mtm, "recon": recon.detach(), "logit_scale": self.tim.log_scale.exp()}

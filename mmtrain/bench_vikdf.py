@@ -1,0 +1,119 @@
+"""`mmtrain bench vikdf-stage1`: samples/s and MFU of a VIKDF stage-1 step at the published size.
+
+Random weights, bf16, one GPU: frozen CLIP ViT-L/14 (224 px) and text towers (clean and masked
+inputs each), the 12-layer IQ-Former forward and backward twice, the TIM/TA-MIM/IA-MTM heads,
+fused AdamW. FLOPs are counted by torch's FlopCounterMode, MFU against the 989 TFLOP/s dense bf16
+spec, like the peer baseline. With --baseline PATH (../shared/baselines/hf_eager_vikdf.py), the
+plain HF-eager composition runs in the same process and a last JSON line gives the ratio.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import time
+from typing import Optional
+
+import torch
+
+PEAK = 989e12
+
+
+def _time(step, iters: int, warm: int, cuda: bool):
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(warm):
+        step()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync()
+    return (time.perf_counter() - t) / iters, (torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+
+
+# (vision width, layers, heads, image, patch) (text width, layers, heads) (IQ-Former width, layers, heads) vocab
+SIZES = {"published": ((1024, 24, 16, 224, 14), (768, 12, 12), (768, 12, 12), 49408),
+         "tiny": ((64, 2, 4, 32, 8), (64, 2, 4), (64, 2, 4), 100)}
+
+
+def stage1(batch: int = 128, iters: int = 5, warm: int = 2, compile_towers: bool = True,
+           size: str = "published", device: str = "cuda") -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+
+    from mmtrain.models.distill_heads import Stage1Model
+    from mmtrain.models.iqformer import IQFormer, IQFormerConfig
+
+    (vw, vl, vh, img, patch), (tw, tl, th), (w, layers, heads), vocab = SIZES[size]
+    grid = img // patch
+    cuda = device == "cuda"
+    dev, dt = torch.device(device), torch.bfloat16 if cuda else torch.float32
+    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=vw, intermediate_size=4 * vw, num_hidden_layers=vl,
+                                              num_attention_heads=vh, image_size=img, patch_size=patch),
+                             ).to(dev, dt).eval().requires_grad_(False)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=tw, intermediate_size=4 * tw, num_hidden_layers=tl,
+                                        num_attention_heads=th, max_position_embeddings=77, vocab_size=vocab),
+                         ).to(dev, dt).eval().requires_grad_(False)
+    iq = IQFormer(IQFormerConfig(width=w, layers=layers, heads=heads, intermediate=4 * w, num_queries=32,
+                                 cross_attention_every=2, vision_width=vw, text_width=tw))
+    model = Stage1Model(iq, patch=patch, grid=grid, vocab=vocab, tim_dim=256, heads=heads, tim_global=False).to(dev, dt)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=cuda)
+    enc_img = torch.compile(vision) if compile_towers else vision
+    enc_txt = torch.compile(text) if compile_towers else text
+    b = batch
+    pixels = torch.randn(b, 3, img, img, device=dev, dtype=dt)
+    scored = torch.rand(b, grid, grid, device=dev) < 0.6
+    masked = pixels * (~scored).repeat_interleave(patch, 1).repeat_interleave(patch, 2)[:, None]
+    ids = torch.randint(0, vocab, (b, 77), device=dev)
+    attn = torch.ones_like(ids)
+    labels = torch.where(torch.rand(b, 77, device=dev) < 0.15, ids, torch.full_like(ids, -100))
+
+    def step():
+        with torch.no_grad():
+            vi = enc_img(pixel_values=pixels).last_hidden_state
+            vm = enc_img(pixel_values=masked).last_hidden_state
+            ti = enc_txt(input_ids=ids, attention_mask=attn).last_hidden_state
+            tm = enc_txt(input_ids=ids, attention_mask=attn).last_hidden_state
+        out = model(vi, ti, attn, masked_image_states=vm, masked_text_states=tm, pixels=pixels, scored=scored,
+                    mtm_labels=labels)
+        (0.5 * out["tim"] + 0.2 * out["mim"] + 0.2 * out["mtm"]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()                                   # compile outside the counted/timed steps
+    with FlopCounterMode(display=False) as fc:
+        step()
+    flops = fc.get_total_flops()
+    s, gib = _time(step, iters, warm, cuda)
+    return {"kind": "stage1_mmtrain", "size": size, "device": device, "B": b, "compiled_towers": compile_towers, "step_ms": round(s * 1e3, 1),
+            "samples_s": round(b / s), "tflops": round(flops / s / 1e12, 1), "mfu_vs_989": round(flops / s / PEAK, 3),
+            "gflop_per_sample": round(flops / b / 1e9, 1), "peak_gib": round(gib, 1)}
+
+
+def baseline_stage1(path: str, batch: int) -> dict:
+    spec = importlib.util.spec_from_file_location("hf_eager_vikdf", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        mod.stage1(batch)
+    return json.loads(buf.getvalue().strip().splitlines()[-1])
+
+
+def main(batch: int = 128, compile_towers: bool = True, baseline: Optional[str] = None) -> int:
+    if not torch.cuda.is_available():
+        print(json.dumps({"kind": "stage1_mmtrain", "skipped": "needs a CUDA GPU (published-size step)"}))
+        return 0
+    torch.backends.cuda.matmul.allow_tf32 = True
+    ours = stage1(batch, compile_towers=compile_towers)
+    print(json.dumps(ours), flush=True)
+    if baseline:
+        torch.cuda.empty_cache()
+        peer = baseline_stage1(baseline, batch)
+        print(json.dumps(peer), flush=True)
+        print(json.dumps({"ratio_samples_s_mmtrain_over_hf_eager": round(ours["samples_s"] / peer["samples_s"], 3),
+                          "target": 1.5}))
+    return 0
