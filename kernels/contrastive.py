@@ -32,12 +32,10 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _lse_fwd_kernel(A, B, scale_ptr, row_lse_ptr, col_part_ptr, M, N, D,
-                        stride_am, stride_ad, stride_bn, stride_bd, stride_pm,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
-        pid = tl.program_id(0)
-        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    def _row_tile(A, start, M, D, stride_am, stride_ad, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                  DOT_FP32: tl.constexpr):
+        """Rows start .. start + BLOCK_M of A, whole feature rows (masked tails), ready for tl.dot."""
+        offs_m = start + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask_m = offs_m < M
         mask_d = offs_d < D
@@ -45,16 +43,21 @@ if HAS_TRITON:
                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         if DOT_FP32:
             a = a.to(tl.float32)
+        return offs_m, mask_m, offs_d, mask_d, a
+
+    @triton.jit
+    def _lse_fwd_kernel(A, B, scale_ptr, row_lse_ptr, col_part_ptr, M, N, D,
+                        stride_am, stride_ad, stride_bn, stride_bd, stride_pm,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+        pid = tl.program_id(0)
+        offs_m, mask_m, offs_d, mask_d, a = _row_tile(A, pid * BLOCK_M, M, D, stride_am, stride_ad, BLOCK_M,
+                                                      BLOCK_D, DOT_FP32)
         s = tl.load(scale_ptr).to(tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(0, N, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < N
-            b = tl.load(B + offs_n[:, None] * stride_bn + offs_d[None, :] * stride_bd,
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            if DOT_FP32:
-                b = b.to(tl.float32)
+            offs_n, mask_n, _, _, b = _row_tile(B, start_n, N, D, stride_bn, stride_bd, BLOCK_N, BLOCK_D, DOT_FP32)
             logits = tl.dot(a, tl.trans(b), input_precision=PRECISION) * s
             # rows: online log-sum-exp over all columns
             row_logits = tl.where(mask_n[None, :], logits, float("-inf"))
@@ -76,25 +79,14 @@ if HAS_TRITON:
         """dA = s * G @ B and, optionally, per-row sums of G * (A @ B.T), with
         G_ij = coef * (exp(L_ij - lse_a_i) + exp(L_ij - lse_b_j))."""
         pid = tl.program_id(0)
-        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_m = offs_m < M
-        mask_d = offs_d < D
-        a = tl.load(A + offs_m[:, None] * stride_am + offs_d[None, :] * stride_ad,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        if DOT_FP32:
-            a = a.to(tl.float32)
+        offs_m, mask_m, offs_d, mask_d, a = _row_tile(A, pid * BLOCK_M, M, D, stride_am, stride_ad, BLOCK_M,
+                                                      BLOCK_D, DOT_FP32)
         s = tl.load(scale_ptr).to(tl.float32)
         lse_a = tl.load(lse_a_ptr + offs_m, mask=mask_m, other=0.0)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         ds = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(0, N, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            mask_n = offs_n < N
-            b = tl.load(B + offs_n[:, None] * stride_bn + offs_d[None, :] * stride_bd,
-                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-            if DOT_FP32:
-                b = b.to(tl.float32)
+            offs_n, mask_n, _, _, b = _row_tile(B, start_n, N, D, stride_bn, stride_bd, BLOCK_N, BLOCK_D, DOT_FP32)
             dots = tl.dot(a, tl.trans(b), input_precision=PRECISION)
             logits = dots * s
             lse_b = tl.load(lse_b_ptr + offs_n, mask=mask_n, other=0.0)

@@ -87,12 +87,18 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert not (split / "checkpoints" / "step_00000099.partial").exists()
 
 
-def test_signal_on_one_rank_checkpoints_all_and_exits_for_requeue(tmp_path):
-    run = tmp_path / "runs" / "sig"
+def start_long_run(run):
+    """Two ranks on a run far too long to finish, returned once they have logged step 3."""
     over = [f"run.out_dir={run.parent}", f"run.name={run.name}", "log.progress=false", "log.every=1",
             "train.steps=100000", "checkpoint.every=0"]
-    procs = start_ranks(DEMO, over, tmp_path / "logs")
+    procs = start_ranks(DEMO, over, run.parent / f"{run.name}-logs")
     wait_for(run / "train.log", "step 3/")
+    return procs
+
+
+def test_signal_on_one_rank_checkpoints_all_and_exits_for_requeue(tmp_path):
+    run = tmp_path / "runs" / "sig"
+    procs = start_long_run(run)
     procs[1].send_signal(signal.SIGUSR1)                     # Slurm's warning, seen by one rank only
     assert wait_all(procs, timeout=60) == [REQUEUE_EXIT_CODE] * 2
     tag = (run / "checkpoints" / "latest").read_text()
@@ -103,11 +109,7 @@ def test_signal_on_one_rank_checkpoints_all_and_exits_for_requeue(tmp_path):
 
 
 def test_dead_rank_fails_the_others_quickly(tmp_path):
-    run = tmp_path / "runs" / "dead"
-    over = [f"run.out_dir={run.parent}", f"run.name={run.name}", "log.progress=false", "log.every=1",
-            "train.steps=100000", "checkpoint.every=0"]
-    procs = start_ranks(DEMO, over, tmp_path / "logs")
-    wait_for(run / "train.log", "step 3/")
+    procs = start_long_run(tmp_path / "runs" / "dead")
     procs[1].kill()
     t0 = time.time()
     code = procs[0].wait(timeout=60)
