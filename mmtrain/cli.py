@@ -43,6 +43,17 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    import json
+
+    from mmtrain.engine.evaluate import run_eval
+
+    result = run_eval(args.run_dir, args.split, args.tag)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
+    return 0
+
+
 def _cmd_data(args) -> int:
     import json
 
@@ -120,6 +131,12 @@ def main(argv=None) -> int:
     sp.add_argument("--merge-lora", action="store_true", help="also write LoRA-merged HF models")
     sp.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     sp.set_defaults(fn=_cmd_export)
+
+    sp = sub.add_parser("eval", help="score a run's checkpoint on a held-out split (val, or test once at the end)")
+    sp.add_argument("run_dir")
+    sp.add_argument("--split", default="val")
+    sp.add_argument("--tag", help="checkpoint tag (default: latest)")
+    sp.set_defaults(fn=_cmd_eval)
 
     data = sub.add_parser("data", help="write, convert and inspect WebDataset shards")
     data.set_defaults(fn=_cmd_data)

@@ -360,3 +360,25 @@ def test_engine_trains_from_shards_logs_skips_and_resumes_exactly(tmp_path):
     assert scalars(straight, "data/seen")[16] == 16 * 8 * 2                    # summed over both ranks
     assert scalars(straight, "train/epoch")[16] == 2
     assert sum(a[s] for s in range(14, 17)) < sum(a[s] for s in range(1, 4))
+
+
+def test_reading_leaves_the_training_rng_alone(tmp_path):
+    """A resumed run opens its DataLoader at another point of the RNG stream than the uninterrupted
+    one; if opening it drew from the global RNG, dropout and sampling would diverge after a resume."""
+    spec = write_plain(tmp_path, "rng", [12])
+    ld = loader(spec, batch=2, workers=2)
+    before = torch.get_rng_state()
+    next(ld)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_eval_mode_sees_every_sample_once_with_equal_steps(tmp_path):
+    spec = write_plain(tmp_path, "ev", [13, 10])                    # 23 samples over 2 ranks
+    seen = []
+    for rank in range(2):
+        ld = loader(spec, batch=4, rank=rank, world=2, workers=2, mode="eval")
+        assert ld.steps_per_epoch == 3                              # ceil(ceil(23 / 2) / 4)
+        batches = [next(ld)["key"] for _ in range(3)]
+        assert all(len(b) == 4 for b in batches) and ld.skipped == 0
+        seen += [k for b in batches for k in b]
+    assert len(set(seen)) == 23 and len(seen) == 24                 # one repeat fills the last batch

@@ -8,6 +8,8 @@ Two modes (`DataSection.mode`):
   per epoch, every rank takes the same number of steps (no hang on uneven shards), each rank
   reads only its own part of the data, and the whole order is a function of (seed, epoch,
   world, workers): a resumed run sees exactly the remaining batches of the interrupted one.
+- eval: like exact, but every sample is seen exactly once: the ranks' parts are total / world
+  rounded up and the last batches are filled with repeats, which evaluation drops by sample key.
 - resampled: each worker draws shards at random with replacement, forever, and the epoch is a
   fixed number of steps (`steps_per_epoch`), as open_clip does for large corpora. Resuming
   continues with a fresh random stream rather than the same one.
@@ -38,11 +40,14 @@ class DataSection:
     """The data part of a recipe's config."""
     train: str = shards_field()        # shard dir or brace pattern (dir/x-{000000..000009}.tar)
     val: str = shards_field()
-    mode: str = choices("exact", "resampled", default="exact")
+    mode: str = choices("exact", "resampled", "eval", default="exact")
     workers: int = 2                   # DataLoader processes per rank
     shuffle_buffer: int = 1000
     steps_per_epoch: Optional[int] = None   # resampled mode: steps per rank per epoch
     max_skip_fraction: float = 0.01    # corrupt/unreadable samples tolerated before the run stops
+
+
+_END = object()
 
 
 def _shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -71,6 +76,9 @@ class ShardStream(IterableDataset):
         if mode == "exact":
             self.per_rank = total // world
             self.batches_per_epoch = self.per_rank // batch_size
+        elif mode == "eval":                  # every sample once; the tail padded with repeats
+            self.per_rank = -(-total // world)
+            self.batches_per_epoch = -(-self.per_rank // batch_size)
             if self.batches_per_epoch == 0:
                 raise DataError(f"{spec}: {total} samples cannot fill one batch of {batch_size} on each of "
                                 f"{world} ranks")
@@ -79,7 +87,7 @@ class ShardStream(IterableDataset):
                 raise DataError("data.mode=resampled needs data.steps_per_epoch (steps per rank per epoch)")
             self.per_rank, self.batches_per_epoch = None, steps_per_epoch
         else:
-            raise DataError(f"data.mode must be 'exact' or 'resampled', got {mode!r}")
+            raise DataError(f"data.mode must be 'exact', 'resampled' or 'eval', got {mode!r}")
         self.epoch = 0
         self.start_batch = 0
 
@@ -93,6 +101,8 @@ class ShardStream(IterableDataset):
         before = sum(self._worker_batches(j, workers) for j in range(logical)) * self.batch_size
         lo = self.rank * self.per_rank + before
         hi = lo + self._worker_batches(logical, workers) * self.batch_size
+        if self.mode == "eval":               # the padded tail does not exist: the stream just ends
+            hi = min(hi, (self.rank + 1) * self.per_rank, sum(self.counts))
         pos = 0
         for i in order:
             n = self.counts[i]
@@ -126,8 +136,8 @@ class ShardStream(IterableDataset):
         mine = self._worker_batches(logical, workers)
         done = len(range(logical, self.start_batch, workers))     # this role's batches already consumed
         errors: List[str] = []
-        raw = (self._raw_exact(logical, workers, errors) if self.mode == "exact"
-               else self._raw_resampled(logical, errors))
+        raw = (self._raw_resampled(logical, errors) if self.mode == "resampled"
+               else self._raw_exact(logical, workers, errors))
         rng = random.Random(f"{self.seed}/buffer/{self.epoch}/{self.rank}/{logical}/"
                             f"{self.start_batch if self.mode == 'resampled' else 0}")
         stream = _shuffled(raw, self.shuffle_buffer, rng)
@@ -135,11 +145,12 @@ class ShardStream(IterableDataset):
         last_good: Optional[List[Any]] = None
         for b in range(mine):
             if b < done:                                          # consumed before the resume
-                if self.mode == "exact":                          # read past it, without decoding
+                if self.mode != "resampled":                      # read past it, without decoding
                     for _ in range(self.batch_size):
                         next(stream, None)
                 continue
-            chunk = [next(stream, None) for _ in range(self.batch_size)]
+            chunk = [next(stream, _END) for _ in range(self.batch_size)]
+            chunk = [x for x in chunk if x is not _END]           # eval mode: past the end, padding
             items, bad = [], 0
             for raw_sample in chunk:
                 if raw_sample is None:
@@ -187,8 +198,12 @@ class ShardLoader:
         self._skipped_before += sum(self._skipped.values())
         self._seen_before += sum(self._seen.values())
         self._skipped, self._seen = {}, {}
+        # Its own generator: a DataLoader draws its workers' base seed from the global torch RNG
+        # otherwise, and a resumed run (which opens one at its first batch) would shift the
+        # training RNG stream (dropout, sampling) against the uninterrupted run.
+        gen = torch.Generator().manual_seed(hash((self.stream.seed, self.epoch, self.position)) % 2**62)
         self._it = iter(DataLoader(self.stream, batch_size=None, num_workers=self.workers,
-                                   prefetch_factor=4 if self.workers else None))
+                                   prefetch_factor=4 if self.workers else None, generator=gen))
 
     def __iter__(self):
         return self

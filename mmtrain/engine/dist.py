@@ -110,6 +110,15 @@ def all_gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(t.device)
 
 
+def gather_objects(obj):
+    """Every rank's picklable object, in rank order (a list of one in a world of one)."""
+    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+        return [obj]
+    out = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is true on any rank."""
     return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)

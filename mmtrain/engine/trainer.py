@@ -73,7 +73,7 @@ def train(cfg: Config) -> int:
     ctx = RunContext(rank=env.rank, world_size=env.world_size, device=env.device,
                      dtype=DTYPES[cfg.deepspeed.precision], micro_batch_size=cfg.train.micro_batch_size,
                      seed=cfg.run.seed, run_dir=run_dir, all_reduce_sum=dist.all_reduce_sum,
-                     all_gather=dist.all_gather)
+                     all_gather=dist.all_gather, gather_objects=dist.gather_objects)
     recipe = recipe_class(cfg.recipe.name)(cfg.recipe, ctx)
     seed_all(cfg.run.seed)                       # identical initial weights on every rank
     model = recipe.build_model()

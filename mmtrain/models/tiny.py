@@ -3,7 +3,10 @@ through the same `from_pretrained` path real checkpoints take (nothing is downlo
 
 `mmtrain models tiny --out DIR` writes DIR/clip (a CLIP with its image processor and a word-level
 tokenizer over the synthetic data's vocabulary), DIR/bert (a BERT to initialise the IQ-Former
-from) and DIR/llama (a causal LM with the same tokenizer).
+from) and DIR/llama (a causal LM with the same tokenizer and a chat template). The LLM is briefly
+pre-trained on text drawn like the synthetic data (captions, chat-formatted dialogues from
+seeds the data sets do not use), as a real frozen LLM would be: knowledge fusion then has a
+language model to steer, and only the pictured facts (colour, count) are left to the knowledge.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ def word_tokenizer(words: List[str]):
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
+    words = sorted(set(words) | {"user", "assistant", "system"})       # the chat template's roles
     vocab = {w: i for i, w in enumerate(SPECIALS + [w for w in words if w not in SPECIALS])}
     tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
@@ -43,8 +47,50 @@ def word_tokenizer(words: List[str]):
         pre_tokenizers.Split(Regex(r"[a-z_]+|[0-9]+|[^\sa-z0-9_]"), behavior="isolated")])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[
         ("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="<s>",
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="<s>",
                                    eos_token="</s>", mask_token="[MASK]")
+    fast.chat_template = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+                          "{% if add_generation_prompt %}<s> assistant :{% endif %}")
+    return fast
+
+
+def _lm_corpus(tok, n: int = 3000) -> List[str]:
+    import random
+
+    from mmtrain.data import synth
+
+    texts = []
+    for i in range(n):
+        rng = random.Random(f"lm-corpus/{i}")
+        if i % 2:
+            texts.append(synth.image_text(rng, "train")["txt"])
+        else:
+            d = synth.dialogue(rng, "train")["json"]
+            chat = [{"role": "user", "content": "\n".join(d["context"])}, {"role": "assistant", "content": d["response"]}]
+            texts.append(tok.apply_chat_template(chat, tokenize=False))
+    return texts
+
+
+def pretrain_lm(model, tok, steps: int = 300, batch: int = 32, lr: float = 3e-3, seed: int = 0) -> float:
+    """A few hundred steps of language modelling on synthetic-style text; returns the last loss."""
+    import random
+
+    import torch
+
+    texts = _lm_corpus(tok)
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    loss = None
+    for _ in range(steps):
+        enc = tok(rng.sample(texts, batch), padding=True, return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    return float(loss.detach())
 
 
 def make_tiny(out: str, image_size: int = 64, patch: int = 8, width: int = 64, seed: int = 0) -> Path:
@@ -68,10 +114,11 @@ def make_tiny(out: str, image_size: int = 64, patch: int = 8, width: int = 64, s
                           crop_size={"height": image_size, "width": image_size}).save_pretrained(out_dir / "clip")
     BertModel(BertConfig(vocab_size=len(tok), hidden_size=width, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=2 * width)).save_pretrained(out_dir / "bert")
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
-                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                 max_position_embeddings=256, pad_token_id=tok.pad_token_id,
-                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-                     ).save_pretrained(out_dir / "llama")
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                       max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    pretrain_lm(llm, tok)
+    llm.save_pretrained(out_dir / "llama")
     tok.save_pretrained(out_dir / "llama")
     return out_dir

@@ -29,6 +29,7 @@ class RunContext:
     # Collectives without exposing the process group (see engine.dist); identity in a world of one.
     all_reduce_sum: Any = lambda t: t
     all_gather: Any = lambda t: t          # concatenates equal-shaped tensors of all ranks along dim 0
+    gather_objects: Any = lambda o: [o]    # every rank's picklable object, in rank order
 
 
 @dataclass
@@ -66,9 +67,13 @@ class Recipe:
         """One micro-batch forward. `model` is callable like the module `build_model` returned."""
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module) -> Dict[str, float]:
-        """Metrics on held-out data, already reduced across ranks. Optional."""
+    def evaluate(self, model: nn.Module, split: str = "val") -> Dict[str, float]:
+        """Metrics on held-out data (`val` during training), already reduced across ranks. Optional."""
         return {}
+
+    def score(self, model: nn.Module, split: str):
+        """(metrics, per-sample prediction rows) for `mmtrain eval`, e.g. generation. Optional."""
+        return {}, []
 
     def flops_per_sample(self) -> Optional[float]:
         """Training FLOPs per sample (forward + backward + frozen forwards), for MFU. Optional."""

@@ -126,7 +126,7 @@ class ToyLM(Recipe):
         return StepOutput(losses={"lm": loss}, samples=ids.shape[0], tokens=ids.numel())
 
     @torch.no_grad()
-    def evaluate(self, model) -> Dict[str, float]:
+    def evaluate(self, model, split: str = "val") -> Dict[str, float]:
         c = self.ctx
         stream = TokenStream(self.cfg, c.seed, c.rank, c.world_size, c.micro_batch_size, split="val")
         totals = torch.zeros(3, dtype=torch.float64)     # loss sum, correct, predicted tokens

@@ -167,7 +167,7 @@ class VIKDFDistill(Recipe):
         return ((row - row.min()) / (row.max() - row.min()).clamp(min=1e-6)).clamp(0, 1)
 
     @torch.no_grad()
-    def evaluate(self, model) -> Dict[str, float]:
+    def evaluate(self, model, split: str = "val") -> Dict[str, float]:
         from mmtrain.metrics.retrieval import retrieval_recalls
 
         if not self.cfg.data.val:

@@ -1,0 +1,114 @@
+"""Bidirectional Variational Information Fusion (BVIF): knowledge vectors into a frozen LLM.
+
+- knowledge -> text (contextual inference): the posterior q(z | K) = N(mu_q, exp(logvar_q)) per
+  query, z = mu_q + sigma_q * eps (reparameterised, `kernels.variational`), soft prompts
+  `to_llm(z)` placed after an instruction; the frozen LLM is trained through them to produce
+  the text (cross-entropy on the text tokens).
+- text -> knowledge (knowledge reconstruction): the LLM reads an instruction, the text and
+  `num_queries` learned placeholder embeddings; its last hidden states there give the prior
+  p(z | C) = N(mu_p, exp(logvar_p)); the loss is the Gaussian NLL of K under the prior (the
+  learned-variance generalisation of the released MSE) and KL(q || p) ties the two directions.
+  The reconstruction target K is detached: text-side prediction learns to match the image's
+  knowledge without pulling the IQ-Former towards what text alone can tell.
+- `variational=False` reproduces the released deterministic form: soft prompts `to_llm(K)`,
+  reconstruction MSE(mu_p, K), no latent, no KL.
+At dialogue time, with no image, z is the prior's mean (or K_T through the posterior).
+"""
+from __future__ import annotations
+
+import random
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.variational import variational_fusion
+from mmtrain.models.iqformer import IQFormer
+
+INFERENCE_TEMPLATES = ["Describe what the following knowledge shows:", "Write a caption for this scene:",
+                       "Tell me what you see:"]
+RECONSTRUCTION_TEMPLATES = ["Imagine the scene described here:", "Picture this text:", "What would this look like?"]
+
+
+def pick(templates: Sequence[str], key: str, seed: int) -> str:
+    """A template drawn at random, reproducibly per (seed, sample key)."""
+    return random.Random(f"{seed}/template/{key}").choice(list(templates))
+
+
+class BVIF(nn.Module):
+    """Everything stage 2 trains: the IQ-Former, the soft-prompt projection, both Gaussian heads."""
+
+    def __init__(self, iqformer: IQFormer, d_llm: int, variational: bool = True):
+        super().__init__()
+        w, q = iqformer.config.width, iqformer.config.num_queries
+        self.iqformer, self.variational = iqformer, variational
+        self.to_llm = nn.Linear(w, d_llm)
+        self.posterior = nn.Linear(w, 2 * w)           # residual mean and log-variance from K
+        self.prior = nn.Linear(d_llm, 2 * w)           # mean and log-variance from the LLM's reading
+        self.placeholders = nn.Parameter(torch.randn(q, d_llm) * 0.02)
+        nn.init.zeros_(self.posterior.weight)
+        with torch.no_grad():                          # start with z ~= K and a small noise
+            self.posterior.bias.zero_()
+            self.posterior.bias[w:] = -4.0
+
+    def posterior_stats(self, k: torch.Tensor):
+        d_mu, logvar = self.posterior(k).chunk(2, dim=-1)
+        return k + d_mu, logvar
+
+    def prior_stats(self, states: torch.Tensor):
+        return self.prior(states).chunk(2, dim=-1)
+
+    def latent(self, k: torch.Tensor, prior_states: Optional[torch.Tensor], sample: bool = True):
+        """(z, kl or None, mu_p, logvar_p) for knowledge vectors k (B x Q x W)."""
+        if not self.variational:
+            mu_p = self.prior_stats(prior_states)[0] if prior_states is not None else None
+            return k, None, mu_p, None
+        mu_q, lv_q = self.posterior_stats(k)
+        if prior_states is None:
+            return (mu_q + torch.exp(0.5 * lv_q) * torch.randn_like(mu_q) if sample else mu_q), None, None, None
+        mu_p, lv_p = self.prior_stats(prior_states)
+        eps = torch.randn_like(mu_q) if sample else torch.zeros_like(mu_q)
+        z, kl = variational_fusion(mu_q, lv_q, mu_p, lv_p, eps=eps)
+        return z, kl, mu_p, lv_p
+
+    def reconstruction_loss(self, k: torch.Tensor, mu_p: torch.Tensor, lv_p: Optional[torch.Tensor]) -> torch.Tensor:
+        target = k.detach().float()
+        if lv_p is None:                                   # released form: MSE
+            return F.mse_loss(mu_p.float(), target)
+        lv = lv_p.float().clamp(-30, 20)
+        return (0.5 * (lv + (target - mu_p.float()) ** 2 * torch.exp(-lv))).sum(-1).mean()
+
+
+def embed_segments(embed: nn.Module, segments: List[List[object]], pad_id: int, left_pad: bool = False):
+    """Batch of sequences made of token-id lists and embedding tensors -> (inputs_embeds, attention mask,
+    positions of each segment). Right-padded for training, left-padded for generation."""
+    rows, spans = [], []
+    for parts in segments:
+        pieces, pos, cur = [], [], 0
+        for p in parts:
+            t = p if isinstance(p, torch.Tensor) else embed(torch.tensor(p, dtype=torch.long,
+                                                                           device=embed.weight.device))
+            pieces.append(t.to(embed.weight.dtype))
+            pos.append((cur, cur + t.shape[0]))
+            cur += t.shape[0]
+        rows.append(torch.cat(pieces))
+        spans.append(pos)
+    n = max(r.shape[0] for r in rows)
+    pad = embed(torch.tensor([pad_id], device=embed.weight.device))[0].to(embed.weight.dtype)
+    out = pad.expand(len(rows), n, -1).clone()
+    mask = torch.zeros(len(rows), n, dtype=torch.long, device=out.device)
+    for i, r in enumerate(rows):
+        off = n - r.shape[0] if left_pad else 0
+        out[i, off:off + r.shape[0]] = r
+        mask[i, off:off + r.shape[0]] = 1
+        spans[i] = [(a + off, b + off) for a, b in spans[i]]
+    return out, mask, spans
+
+
+def labels_for(spans, mask: torch.Tensor, ids: List[List[int]], segment: int) -> torch.Tensor:
+    """Labels for a causal LM: the token ids of `segment` at their positions, -100 elsewhere."""
+    labels = torch.full(mask.shape, -100, dtype=torch.long, device=mask.device)
+    for i, (a, b) in enumerate(s[segment] for s in spans):
+        labels[i, a:b] = torch.tensor(ids[i], device=mask.device)
+    return labels
