@@ -73,12 +73,13 @@ class ShardStream(IterableDataset):
         self.spec, self.batch_size, self.decode, self.collate = spec, batch_size, decode, collate
         self.rank, self.world, self.seed, self.mode, self.shuffle_buffer = rank, world, seed, mode, shuffle_buffer
         total = sum(self.counts)
-        if mode == "exact":
-            self.per_rank = total // world
-            self.batches_per_epoch = self.per_rank // batch_size
-        elif mode == "eval":                  # every sample once; the tail padded with repeats
-            self.per_rank = -(-total // world)
-            self.batches_per_epoch = -(-self.per_rank // batch_size)
+        if mode in ("exact", "eval"):
+            if mode == "exact":
+                self.per_rank = total // world
+                self.batches_per_epoch = self.per_rank // batch_size
+            else:                             # every sample once; the tail padded with repeats
+                self.per_rank = -(-total // world)
+                self.batches_per_epoch = -(-self.per_rank // batch_size)
             if self.batches_per_epoch == 0:
                 raise DataError(f"{spec}: {total} samples cannot fill one batch of {batch_size} on each of "
                                 f"{world} ranks")
