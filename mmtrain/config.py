@@ -97,7 +97,9 @@ class DistConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 1000               # steps between checkpoints (0: only at the end)
-    keep: int = 3                   # complete checkpoints kept, newest first
+    keep: int = 3                   # complete checkpoints kept, newest first (the best one is kept too)
+    best_metric: str = ""           # an evaluation metric (e.g. ppl): checkpoints/best names the best one
+    best_mode: str = choices("min", "max", default="min")
 
 
 @dataclass

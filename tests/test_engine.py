@@ -127,3 +127,24 @@ def test_nonfinite_loss_is_skipped_then_stops_the_run(tmp_path):
           world=1, expect=1)
     log = (tmp_path / "runs" / "nan2-logs" / "rank0.log").read_text()
     assert "3 consecutive non-finite losses (train.max_bad_steps=3)" in log
+
+
+def test_best_checkpoint_is_chosen_on_validation_and_kept(tmp_path):
+    run = tmp_path / "runs" / "best"
+    # "best" = the highest loss, so that the chosen checkpoint is an early one that keep=1 would prune
+    train(run, ["train.steps=12", "eval.every=3", "checkpoint.every=0", "checkpoint.keep=1",
+                "checkpoint.best_metric=loss", "checkpoint.best_mode=max", "train.lr=3e-3"], world=1)
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    best = max(evals, key=lambda e: e["loss"])
+    assert best["step"] == 3 and (run / "checkpoints" / "latest").read_text() == "step_00000012"
+    ckpts = run / "checkpoints"
+    assert (ckpts / "best").read_text() == f"step_{best['step']:08d}"
+    assert json.loads((ckpts / "best.json").read_text())["loss"] == best["loss"]
+    assert (ckpts / f"step_{best['step']:08d}").is_dir()                    # kept despite keep=1
+    import subprocess
+    import sys
+    from tests.helpers import REPO
+    out = subprocess.run([sys.executable, "-m", "mmtrain.cli", "eval", str(run), "--tag", "best"], cwd=REPO,
+                         capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["checkpoint"] == f"step_{best['step']:08d}" and result["loss"] == pytest.approx(best["loss"], rel=1e-5)

@@ -85,10 +85,23 @@ def save(engine, root: Path, step: int, rank_state: Dict[str, Any], info: Dict[s
             shutil.rmtree(final)
         os.replace(partial, final)
         _write_atomic(root / "latest", tag)
+        best = read_pointer(root, "best")
         for old in complete_tags(root)[:-keep]:
-            shutil.rmtree(root / old, ignore_errors=True)
+            if old != best:
+                shutil.rmtree(root / old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def read_pointer(root: Path, name: str) -> Optional[str]:
+    path = root / name
+    return path.read_text().strip() if path.is_file() else None
+
+
+def mark_best(root: Path, step: int, metric: str, value: float) -> None:
+    """Rank 0: checkpoints/best names the checkpoint of `step` (already saved); best.json says why."""
+    _write_atomic(root / "best.json", json.dumps({"tag": tag_for(step), "step": step, metric: value}, indent=2))
+    _write_atomic(root / "best", tag_for(step))
 
 
 def find_resume(resume: str, root: Path) -> Optional[Tuple[Path, str]]:
@@ -97,6 +110,8 @@ def find_resume(resume: str, root: Path) -> Optional[Tuple[Path, str]]:
         return None
     if resume != "auto":
         p = Path(resume)
+        if p.name in ("best", "latest") and (p.parent / p.name).is_file():    # a pointer: follow it
+            p = p.parent / (p.parent / p.name).read_text().strip()
         if not (p / "mmtrain.json").is_file():
             raise FileNotFoundError(f"run.resume={resume} is not a complete mmtrain checkpoint "
                                     f"(no mmtrain.json inside)")

@@ -105,7 +105,10 @@ def train(cfg: Config) -> int:
                                {"world_size": env.world_size, "recipe": cfg.recipe.name}, cfg.checkpoint.keep)
         log.info("checkpoint saved: %s", path)
 
+    best = {"value": None}
+
     def evaluate() -> None:
+        nonlocal last_save
         engine.eval()
         metrics = recipe.evaluate(engine)
         engine.train()
@@ -115,6 +118,17 @@ def train(cfg: Config) -> int:
             if env.is_main:
                 with open(run_dir / "eval.jsonl", "a") as f:
                     f.write(json.dumps({"step": step, **metrics}) + "\n")
+        name = cfg.checkpoint.best_metric
+        if name and name in metrics:                # model selection on the validation split
+            value, prev = metrics[name], best["value"]
+            if prev is None or (value < prev if cfg.checkpoint.best_mode == "min" else value > prev):
+                best["value"] = value
+                if last_save != step:
+                    save()
+                    last_save = step
+                if env.is_main:
+                    checkpoint.mark_best(ckpt_root, step, name, value)
+                log.info("best %s so far: %.6g at step %d (checkpoints/best)", name, value, step)
 
     stop = _StopFlag()
     monitor = Monitor(run_dir, env.rank, cfg.train.steps, step, cfg.log.tensorboard, cfg.log.progress)
@@ -126,6 +140,10 @@ def train(cfg: Config) -> int:
     t_log = time.perf_counter()
     steps_since_log = 0
     last_save = step if found else -1
+    if found and cfg.checkpoint.best_metric:        # keep comparing against the best before the resume
+        info = ckpt_root / "best.json"
+        if info.is_file():
+            best["value"] = json.loads(info.read_text()).get(cfg.checkpoint.best_metric)
     exit_code = 0
     engine.train()
     try:
@@ -210,6 +228,7 @@ def train(cfg: Config) -> int:
                 last_save = step
         if last_save != step:
             save()
+            last_save = step
         if cfg.eval.at_end:
             evaluate()
         log.info("done: %d steps; checkpoints in %s; TensorBoard logs in %s", step,
