@@ -167,10 +167,10 @@ class _Contrastive(torch.autograd.Function):
         ctx.scale_shape, ctx.scale_dtype = scale.shape, scale.dtype
         scale = scale.detach().float().reshape(())
         if distributed:
-            rank, world = dist.get_rank(group), dist.get_world_size(group)
+            rank = dist.get_rank(group)
             xs, ys = _gather(x.detach(), group), _gather(y.detach(), group)
         else:
-            rank, world, xs, ys = 0, 1, x.detach(), y.detach()
+            rank, xs, ys = 0, x.detach(), y.detach()
         local, total = x.shape[0], xs.shape[0]
         row_lse, col_lse_part = lse(x, ys, scale)              # local rows vs every column
         if distributed:

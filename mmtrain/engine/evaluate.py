@@ -14,9 +14,8 @@ from typing import Optional
 
 import torch
 
-from mmtrain.config import load_run_config
-from mmtrain.engine import checkpoint, dist
-from mmtrain.engine.export import consolidated_state_dict
+from mmtrain.engine import dist
+from mmtrain.engine.export import find_checkpoint, load_trained
 from mmtrain.engine.trainer import DTYPES, seed_all
 from mmtrain.recipes import recipe_class
 from mmtrain.recipes.base import RunContext
@@ -24,12 +23,7 @@ from mmtrain.recipes.base import RunContext
 
 def run_eval(run_dir: str, split: str = "val", tag: Optional[str] = None) -> dict:
     run = Path(run_dir)
-    cfg = load_run_config(run)
-    root = run / "checkpoints"
-    found = checkpoint.find_resume(str(root / tag) if tag else "auto", root)
-    if not found:
-        raise FileNotFoundError(f"no complete checkpoint in {root}")
-    root, tag = found
+    cfg, root, tag = find_checkpoint(run, tag)
     env = dist.init(cfg.dist.backend, cfg.dist.timeout_s)
     dtype = DTYPES[cfg.deepspeed.precision] if env.device.type == "cuda" else torch.float32
     ctx = RunContext(rank=env.rank, world_size=env.world_size, device=env.device, dtype=dtype,
@@ -39,10 +33,7 @@ def run_eval(run_dir: str, split: str = "val", tag: Optional[str] = None) -> dic
     recipe = recipe_class(cfg.recipe.name)(cfg.recipe, ctx)
     seed_all(cfg.run.seed)
     model = recipe.build_model()
-    missing, unexpected = model.load_state_dict(consolidated_state_dict(root, tag), strict=False)
-    if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
-        raise RuntimeError(f"checkpoint {root / tag} does not fit the recipe's model: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+    load_trained(model, root, tag)
     model.to(env.device, dtype).eval()
     metrics = recipe.evaluate(model, split)
     scores, rows = recipe.score(model, split)

@@ -32,6 +32,25 @@ def consolidated_state_dict(root: Path, tag: str) -> Dict[str, torch.Tensor]:
     return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
 
 
+def find_checkpoint(run_dir: Path, tag: Optional[str]):
+    """(resolved config, checkpoint root, tag) of a run: `tag` or a pointer (best, latest), else latest."""
+    cfg = load_run_config(run_dir)
+    root = run_dir / "checkpoints"
+    found = checkpoint.find_resume(str(root / tag) if tag else "auto", root)
+    if not found:
+        raise FileNotFoundError(f"no complete checkpoint in {root}")
+    return (cfg, *found)
+
+
+def load_trained(model: torch.nn.Module, root: Path, tag: str) -> None:
+    """Consolidated checkpoint weights into the recipe's model (tied weights may be stored once)."""
+    missing, unexpected = model.load_state_dict(consolidated_state_dict(root, tag), strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") or k.endswith("embed_out.weight")}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"checkpoint {root / tag} does not match the recipe's model: "
+                           f"missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
+
+
 def export(run_dir: str, out_dir: str, tag: Optional[str] = None, merge_lora: bool = False,
            overwrite: bool = False) -> Path:
     from peft import PeftModel
@@ -43,24 +62,12 @@ def export(run_dir: str, out_dir: str, tag: Optional[str] = None, merge_lora: bo
     run_dir, out = Path(run_dir), Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose a new directory or pass --overwrite")
-    cfg = load_run_config(run_dir)
-    root = run_dir / "checkpoints"
-    found = checkpoint.find_resume(str(root / tag) if tag else "auto", root)
-    if not found:
-        raise FileNotFoundError(f"no complete checkpoint in {root}")
-    root, tag = found
-    state = consolidated_state_dict(root, tag)
-
+    cfg, root, tag = find_checkpoint(run_dir, tag)
     ctx = RunContext(rank=0, world_size=1, device=torch.device("cpu"), dtype=torch.float32,
                      micro_batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, run_dir=run_dir)
     recipe = recipe_class(cfg.recipe.name)(cfg.recipe, ctx)
     model = recipe.build_model()
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # tied weights are stored once; anything else missing means the checkpoint does not fit the model
-    tied = {k for k in missing if k.endswith("lm_head.weight") or k.endswith("embed_out.weight")}
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint {root / tag} does not match the recipe's model: "
-                           f"missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    load_trained(model, root, tag)
 
     staging = out.with_name(out.name + ".partial")
     if staging.exists():

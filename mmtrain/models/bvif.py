@@ -17,7 +17,7 @@ At dialogue time, with no image, z is the prior's mean (or K_T through the poste
 from __future__ import annotations
 
 import random
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
