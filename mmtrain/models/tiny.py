@@ -5,8 +5,10 @@ through the same `from_pretrained` path real checkpoints take (nothing is downlo
 tokenizer over the synthetic data's vocabulary), DIR/bert (a BERT to initialise the IQ-Former
 from) and DIR/llama (a causal LM with the same tokenizer and a chat template). The LLM is briefly
 pre-trained on text drawn like the synthetic data (captions, chat-formatted dialogues from
-seeds the data sets do not use), as a real frozen LLM would be: knowledge fusion then has a
-language model to steer, and only the pictured facts (colour, count) are left to the knowledge.
+seeds the data sets do not use; a quarter of the dialogues state what is pictured at the start
+of the user turn, where the soft prompts later sit), as a real frozen LLM would be: fusion then
+has a language model that reads its context, and only the pictured facts (colour, count) are
+left to the knowledge.
 """
 from __future__ import annotations
 
@@ -66,7 +68,11 @@ def _lm_corpus(tok, n: int = 3000) -> List[str]:
             texts.append(synth.image_text(rng, "train")["txt"])
         else:
             d = synth.dialogue(rng, "train")["json"]
-            chat = [{"role": "user", "content": "\n".join(d["context"])}, {"role": "assistant", "content": d["response"]}]
+            context = "\n".join(d["context"])
+            if i % 4 == 0:      # some dialogues state what is pictured: the LM learns to read its context
+                count = synth.COUNT_WORDS[d["count"]]
+                context = f"the picture shows {count} {d['color']} {synth._noun(d['shape'], d['count'])} .\n" + context
+            chat = [{"role": "user", "content": context}, {"role": "assistant", "content": d["response"]}]
             texts.append(tok.apply_chat_template(chat, tokenize=False))
     return texts
 
