@@ -103,6 +103,10 @@ def _cmd_bench(args) -> int:
         from mmtrain.bench_vikdf import main as bench_stage1
 
         return bench_stage1(args.batch_size, not args.no_compile, args.baseline)
+    if args.bench_cmd == "vikdf-fusion":
+        from mmtrain.bench_vikdf import main_fusion
+
+        return main_fusion(args.batch_size, args.compile, args.baseline)
     from mmtrain.data.bench import bench_data
 
     print(json.dumps(bench_data(args.shards, args.workers, args.batch_size, args.batches, args.size,
@@ -186,6 +190,11 @@ def main(argv=None) -> int:
     sp = bsub.add_parser("vikdf-stage1", help="samples/s and MFU of a published-size stage-1 step (GPU)")
     sp.add_argument("--batch-size", type=int, default=128)
     sp.add_argument("--no-compile", action="store_true", help="run the frozen towers eagerly")
+    sp.add_argument("--baseline", help="path of hf_eager_vikdf.py, run side by side for the ratio")
+    sp.set_defaults(fn=_cmd_bench)
+    sp = bsub.add_parser("vikdf-fusion", help="tokens/s and MFU of a BVIF fusion step, frozen 7B-shaped LLM (GPU)")
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--compile", action="store_true", help="torch.compile the frozen LLM's forward")
     sp.add_argument("--baseline", help="path of hf_eager_vikdf.py, run side by side for the ratio")
     sp.set_defaults(fn=_cmd_bench)
 

@@ -98,3 +98,10 @@ def test_eval_generates_on_two_ranks_and_writes_predictions(assets, tmp_path):
     assert len(rows) == 40 and len({r["key"] for r in rows}) == 40        # both ranks' halves, once each
     assert all(r["prediction"] is not None and r["reference"] for r in rows)
     assert json.loads((run / "eval_val_step_00000002.json").read_text())["bleu1"] == result["bleu1"]
+
+
+def test_fusion_bench_step_runs_and_counts_flops():
+    from mmtrain.bench_vikdf import fusion
+
+    row = fusion(batch=2, text_len=6, iters=1, warm=0, size="tiny", device="cpu")
+    assert row["tok_s"] > 0 and row["tflops"] >= 0 and row["llm_tokens_per_step"] == 2 * ((9 + 6 + 8) + (9 + 8 + 7))
