@@ -161,37 +161,29 @@ def _baseline(path: str, part: str, *args) -> dict:
     return json.loads(buf.getvalue().strip().splitlines()[-1])
 
 
-def baseline_stage1(path: str, batch: int) -> dict:
-    return _baseline(path, "stage1", batch)
+def _side_by_side(kind: str, ours_fn, part: str, batch: int, baseline: Optional[str], rate: str, target: float,
+                  note: Optional[str] = None) -> int:
+    """Our step, then (with `baseline`) the peer's step `part` in the same process, then their ratio."""
+    if not torch.cuda.is_available():
+        print(json.dumps({"kind": kind, "skipped": "needs a CUDA GPU (published-size step)"}))
+        return 0
+    torch.backends.cuda.matmul.allow_tf32 = True
+    ours = ours_fn()
+    print(json.dumps(ours), flush=True)
+    if baseline:
+        torch.cuda.empty_cache()
+        peer = _baseline(baseline, part, batch)
+        print(json.dumps(peer), flush=True)
+        ratio = {f"ratio_{rate}_mmtrain_over_hf_eager": round(ours[rate] / peer[rate], 3), "target": target}
+        print(json.dumps({**ratio, **({"note": note} if note else {})}))
+    return 0
 
 
 def main_fusion(batch: int = 8, compile_llm: bool = False, baseline: Optional[str] = None) -> int:
-    if not torch.cuda.is_available():
-        print(json.dumps({"kind": "fusion_mmtrain", "skipped": "needs a CUDA GPU (7B-shaped LLM)"}))
-        return 0
-    torch.backends.cuda.matmul.allow_tf32 = True
-    ours = fusion(batch, compile_llm=compile_llm)
-    print(json.dumps(ours), flush=True)
-    if baseline:
-        torch.cuda.empty_cache()
-        peer = _baseline(baseline, "stage2", batch)
-        print(json.dumps(peer), flush=True)
-        print(json.dumps({"ratio_tok_s_mmtrain_over_hf_eager": round(ours["tok_s"] / peer["tok_s"], 3),
-                          "target": 1.3, "note": "mmtrain's step runs both BVIF directions (two LLM passes)"}))
-    return 0
+    return _side_by_side("fusion_mmtrain", lambda: fusion(batch, compile_llm=compile_llm), "stage2", batch, baseline,
+                         "tok_s", 1.3, "mmtrain's step runs both BVIF directions (two LLM passes)")
 
 
 def main(batch: int = 128, compile_towers: bool = True, baseline: Optional[str] = None) -> int:
-    if not torch.cuda.is_available():
-        print(json.dumps({"kind": "stage1_mmtrain", "skipped": "needs a CUDA GPU (published-size step)"}))
-        return 0
-    torch.backends.cuda.matmul.allow_tf32 = True
-    ours = stage1(batch, compile_towers=compile_towers)
-    print(json.dumps(ours), flush=True)
-    if baseline:
-        torch.cuda.empty_cache()
-        peer = baseline_stage1(baseline, batch)
-        print(json.dumps(peer), flush=True)
-        print(json.dumps({"ratio_samples_s_mmtrain_over_hf_eager": round(ours["samples_s"] / peer["samples_s"], 3),
-                          "target": 1.5}))
-    return 0
+    return _side_by_side("stage1_mmtrain", lambda: stage1(batch, compile_towers=compile_towers), "stage1", batch,
+                         baseline, "samples_s", 1.5)

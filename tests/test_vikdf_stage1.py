@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 from mmtrain.data.synth import synth
 from mmtrain.metrics.retrieval import retrieval_recalls
 from mmtrain.models.iqformer import IQFormer, IQFormerConfig, bert_key_to_qformer, init_from_bert
-from mmtrain.models.tiny import make_tiny
 from mmtrain.recipes.vikdf_distill import Collate, Stage1Config, block_mask
 from tests.helpers import REPO, scalars, train
 
@@ -17,9 +16,9 @@ CONFIG = REPO / "configs" / "demo" / "vikdf_stage1.yaml"
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, tiny_models):
     root = tmp_path_factory.mktemp("vikdf")
-    make_tiny(str(root / "tiny"))
+    (root / "tiny").symlink_to(tiny_models)
     synth("image-text", str(root / "it"), 1500, seed=0)
     return root
 

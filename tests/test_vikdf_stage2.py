@@ -9,7 +9,6 @@ from safetensors.torch import load_file
 
 from mmtrain.data.synth import synth
 from mmtrain.models.iqformer import IQFormer, IQFormerConfig
-from mmtrain.models.tiny import make_tiny
 from tests.helpers import REPO, free_port, scalars, train
 
 FUSION = REPO / "configs" / "demo" / "vikdf_fusion.yaml"
@@ -17,9 +16,9 @@ DIALOGUE = REPO / "configs" / "demo" / "vikdf_dialogue.yaml"
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def assets(tmp_path_factory, tiny_models):
     root = tmp_path_factory.mktemp("stage2")
-    make_tiny(str(root / "tiny"))
+    (root / "tiny").symlink_to(tiny_models)
     synth("image-text", str(root / "it"), 400, seed=0)
     synth("dialogue", str(root / "dlg"), 400, seed=0)
     IQFormer(IQFormerConfig(width=64, layers=2, heads=4, intermediate=128, num_queries=8, cross_attention_every=1,

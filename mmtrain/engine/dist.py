@@ -90,21 +90,29 @@ def init(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
     return DistEnv(rank, world, local, device)
 
 
+def _multi_rank() -> bool:
+    return tdist.is_initialized() and tdist.get_world_size() > 1
+
+
+def _comm_device(t: torch.Tensor) -> torch.device:
+    """NCCL needs CUDA tensors; gloo takes them where they are."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else t.device
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum across ranks (a no-op in a world of one); returns a tensor on t's device."""
-    if tdist.is_initialized() and tdist.get_world_size() > 1:
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else t.device
-        buf = t.to(dev).clone()
-        tdist.all_reduce(buf)
-        return buf.to(t.device)
-    return t
+    if not _multi_rank():
+        return t
+    buf = t.to(_comm_device(t)).clone()
+    tdist.all_reduce(buf)
+    return buf.to(t.device)
 
 
 def all_gather(t: torch.Tensor) -> torch.Tensor:
     """Concatenate equal-shaped tensors of all ranks along dim 0 (no gradient)."""
-    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+    if not _multi_rank():
         return t
-    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else t.device
+    dev = _comm_device(t)
     parts = [torch.empty_like(t, device=dev) for _ in range(tdist.get_world_size())]
     tdist.all_gather(parts, t.to(dev).contiguous())
     return torch.cat(parts).to(t.device)
@@ -112,7 +120,7 @@ def all_gather(t: torch.Tensor) -> torch.Tensor:
 
 def gather_objects(obj):
     """Every rank's picklable object, in rank order (a list of one in a world of one)."""
-    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+    if not _multi_rank():
         return [obj]
     out = [None] * tdist.get_world_size()
     tdist.all_gather_object(out, obj)

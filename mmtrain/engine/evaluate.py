@@ -16,9 +16,7 @@ import torch
 
 from mmtrain.engine import dist
 from mmtrain.engine.export import find_checkpoint, load_trained
-from mmtrain.engine.trainer import DTYPES, seed_all
-from mmtrain.recipes import recipe_class
-from mmtrain.recipes.base import RunContext
+from mmtrain.engine.trainer import DTYPES, build_recipe, seed_all
 
 
 def run_eval(run_dir: str, split: str = "val", tag: Optional[str] = None) -> dict:
@@ -26,11 +24,7 @@ def run_eval(run_dir: str, split: str = "val", tag: Optional[str] = None) -> dic
     cfg, root, tag = find_checkpoint(run, tag)
     env = dist.init(cfg.dist.backend, cfg.dist.timeout_s)
     dtype = DTYPES[cfg.deepspeed.precision] if env.device.type == "cuda" else torch.float32
-    ctx = RunContext(rank=env.rank, world_size=env.world_size, device=env.device, dtype=dtype,
-                     micro_batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, run_dir=run,
-                     all_reduce_sum=dist.all_reduce_sum, all_gather=dist.all_gather,
-                     gather_objects=dist.gather_objects)
-    recipe = recipe_class(cfg.recipe.name)(cfg.recipe, ctx)
+    recipe = build_recipe(cfg, env, dtype, run)
     seed_all(cfg.run.seed)
     model = recipe.build_model()
     load_trained(model, root, tag)

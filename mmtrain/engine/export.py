@@ -56,16 +56,15 @@ def export(run_dir: str, out_dir: str, tag: Optional[str] = None, merge_lora: bo
     from peft import PeftModel
     from safetensors.torch import save_file
 
-    from mmtrain.recipes import recipe_class
-    from mmtrain.recipes.base import RunContext
+    from mmtrain.engine.dist import DistEnv
+    from mmtrain.engine.trainer import build_recipe
 
     run_dir, out = Path(run_dir), Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose a new directory or pass --overwrite")
     cfg, root, tag = find_checkpoint(run_dir, tag)
-    ctx = RunContext(rank=0, world_size=1, device=torch.device("cpu"), dtype=torch.float32,
-                     micro_batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, run_dir=run_dir)
-    recipe = recipe_class(cfg.recipe.name)(cfg.recipe, ctx)
+    recipe = build_recipe(cfg, DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")),
+                          torch.float32, run_dir)
     model = recipe.build_model()
     load_trained(model, root, tag)
 

@@ -11,7 +11,8 @@ import random
 import signal
 import time
 import warnings
-from typing import Dict
+from pathlib import Path
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -49,6 +50,15 @@ class _StopFlag:
         self.signum = signum
 
 
+def build_recipe(cfg: Config, env: dist.DistEnv, dtype: torch.dtype, run_dir: Optional[Path] = None):
+    """The configured recipe, told about the run through its RunContext (collectives included)."""
+    ctx = RunContext(rank=env.rank, world_size=env.world_size, device=env.device, dtype=dtype,
+                     micro_batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, run_dir=run_dir or cfg.run_dir,
+                     all_reduce_sum=dist.all_reduce_sum, all_gather=dist.all_gather,
+                     gather_objects=dist.gather_objects)
+    return recipe_class(cfg.recipe.name)(cfg.recipe, ctx)
+
+
 def train(cfg: Config) -> int:
     import deepspeed
 
@@ -70,11 +80,7 @@ def train(cfg: Config) -> int:
     log.info("run directory: %s (world size %d, device %s)\nresolved config:\n%s",
              run_dir.resolve(), env.world_size, env.device, to_yaml(cfg))
 
-    ctx = RunContext(rank=env.rank, world_size=env.world_size, device=env.device,
-                     dtype=DTYPES[cfg.deepspeed.precision], micro_batch_size=cfg.train.micro_batch_size,
-                     seed=cfg.run.seed, run_dir=run_dir, all_reduce_sum=dist.all_reduce_sum,
-                     all_gather=dist.all_gather, gather_objects=dist.gather_objects)
-    recipe = recipe_class(cfg.recipe.name)(cfg.recipe, ctx)
+    recipe = build_recipe(cfg, env, DTYPES[cfg.deepspeed.precision])
     seed_all(cfg.run.seed)                       # identical initial weights on every rank
     model = recipe.build_model()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -105,10 +111,10 @@ def train(cfg: Config) -> int:
                                {"world_size": env.world_size, "recipe": cfg.recipe.name}, cfg.checkpoint.keep)
         log.info("checkpoint saved: %s", path)
 
-    best = {"value": None}
+    best_value = None
 
     def evaluate() -> None:
-        nonlocal last_save
+        nonlocal last_save, best_value
         engine.eval()
         metrics = recipe.evaluate(engine)
         engine.train()
@@ -120,9 +126,9 @@ def train(cfg: Config) -> int:
                     f.write(json.dumps({"step": step, **metrics}) + "\n")
         name = cfg.checkpoint.best_metric
         if name and name in metrics:                # model selection on the validation split
-            value, prev = metrics[name], best["value"]
-            if prev is None or (value < prev if cfg.checkpoint.best_mode == "min" else value > prev):
-                best["value"] = value
+            value = metrics[name]
+            if best_value is None or (value < best_value if cfg.checkpoint.best_mode == "min" else value > best_value):
+                best_value = value
                 if last_save != step:
                     save()
                     last_save = step
@@ -143,7 +149,7 @@ def train(cfg: Config) -> int:
     if found and cfg.checkpoint.best_metric:        # keep comparing against the best before the resume
         info = ckpt_root / "best.json"
         if info.is_file():
-            best["value"] = json.loads(info.read_text()).get(cfg.checkpoint.best_metric)
+            best_value = json.loads(info.read_text()).get(cfg.checkpoint.best_metric)
     exit_code = 0
     engine.train()
     try:

@@ -182,9 +182,10 @@ class Collate:
         out["context"] = [self.ids("\n".join(ctx), c.max_text_len * 2) for ctx in contexts]
         out["context_text"] = ["\n".join(ctx) for ctx in contexts]
         out["recon_instr"] = recon
-        enc = self.text_tok(out["context_text"], padding="max_length", truncation=True, max_length=c.max_text_len,
-                            return_tensors="pt")
-        out["text_ids"], out["text_attn"] = enc["input_ids"], enc["attention_mask"]
+        if c.knowledge == "text":                       # only the text tower reads these
+            enc = self.text_tok(out["context_text"], padding="max_length", truncation=True,
+                                max_length=c.max_text_len, return_tensors="pt")
+            out["text_ids"], out["text_attn"] = enc["input_ids"], enc["attention_mask"]
         return out
 
 
@@ -241,7 +242,7 @@ class VIKDFFuse(Recipe):
         dev, t = self.ctx.device, self.towers
         if "pixels" in batch:
             batch["image_states"] = t.encode_image(batch["pixels"].to(dev))
-        if "text_ids" in batch and self.cfg.knowledge == "text":
+        if "text_ids" in batch:
             batch["text_mask"] = batch["text_attn"].to(dev)
             batch["text_states"] = t.encode_text(batch["text_ids"].to(dev), batch["text_mask"])
         return batch
