@@ -104,3 +104,4 @@ def test_fusion_bench_step_runs_and_counts_flops():
 
     row = fusion(batch=2, text_len=6, iters=1, warm=0, size="tiny", device="cpu")
     assert row["tok_s"] > 0 and row["tflops"] >= 0 and row["llm_tokens_per_step"] == 2 * ((9 + 6 + 8) + (9 + 8 + 7))
+
