@@ -92,7 +92,7 @@ def _cmd_models(args) -> int:
     from mmtrain.models.tiny import make_tiny
 
     out = make_tiny(args.out, image_size=args.image_size, width=args.width)
-    print(f"tiny models in {out}: clip/ (towers, processor, tokenizer), bert/, llama/")
+    print(f"tiny models in {out}: clip/ (towers, processor, tokenizer), bert/, llama/, qwen2vl/")
     return 0
 
 

@@ -261,7 +261,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"key '{key}': shard directory does not exist: {value}")
         if f.metadata.get("path") and value not in (None, "") and not Path(str(value)).exists():
             raise ConfigError(f"key '{key}': path does not exist: {value}")
-    positive = {"train.steps": cfg.train.steps, "train.micro_batch_size": cfg.train.micro_batch_size,
+    if cfg.train.steps < 0:
+        raise ConfigError(f"key 'train.steps' must be >= 0 (0: no training, the initial model is saved and "
+                          f"evaluated), got {cfg.train.steps}")
+    positive = {"train.micro_batch_size": cfg.train.micro_batch_size,
                 "train.grad_accum": cfg.train.grad_accum, "checkpoint.keep": cfg.checkpoint.keep,
                 "log.every": cfg.log.every}
     for key, v in positive.items():
@@ -276,6 +279,9 @@ def validate(cfg: Config) -> None:
     if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).is_dir():
         raise ConfigError(f"key 'run.resume': expected 'auto', 'never' or a checkpoint directory; "
                           f"path does not exist: {cfg.run.resume}")
+    check = getattr(cfg.recipe, "check", None)
+    if check is not None:                      # a recipe's own cross-field rules
+        check()
     if cfg.run.stop_after_steps is not None and cfg.run.stop_after_steps < 1:
         raise ConfigError(f"key 'run.stop_after_steps' must be >= 1, got {cfg.run.stop_after_steps}")
 

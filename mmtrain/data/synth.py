@@ -8,9 +8,11 @@ DIR/val and DIR/test (80/10/10), each a shard set with its manifest.
 - image-text: "two red circles on the left".
 - dialogue: the context names the object, the right response says what only the image shows
   (its colour and count).
-- keyphrase: a post whose keyphrases are partly present in the text (the shape) and partly
-  absent (the colour, which only the image tells), with a teacher-style rationale; the test
-  split uses shapes never seen in training (unseen keyphrases).
+- keyphrase: a post whose keyphrases are partly present in the text (the topic, and the shape
+  except in the 30% "hard" posts that never name it) and partly absent (the colour, which only
+  the image tells), with a teacher-style rationale (10% of them wrong: their answer misses every
+  gold keyphrase, for Fine-tune-CoT's filter); the test split also uses shapes never seen in
+  training (unseen keyphrases).
 - intent: a page-like screenshot (product card, payment, logistics, refund, another app) and a
   customer turn; the intent follows from both (an ambiguous "can you check this?" means
   tracking on a logistics page and a failed payment on a payment page).
@@ -32,6 +34,8 @@ TRAIN_SHAPES = ["circle", "square", "triangle"]
 UNSEEN_SHAPES = ["star", "hexagon"]              # keyphrase test split only
 POSITIONS = {"left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75)}
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+HARD_KEYPHRASE = 0.3          # keyphrase posts whose text omits the shape
+WRONG_RATIONALE = 0.1         # keyphrase rationales whose answer is wrong (to be filtered)
 
 
 def _jpeg(img: Image.Image) -> bytes:
@@ -116,11 +120,18 @@ def keyphrase(rng: random.Random, split: str) -> Dict[str, Any]:
     shapes = UNSEEN_SHAPES + TRAIN_SHAPES[:1] if split == "test" else TRAIN_SHAPES
     shape, color, count, pos = _attrs(rng, shapes)
     topic = rng.choice(["art", "design", "weekend"])
-    text = rng.choice([f"Finished my {shape} {topic} project today!", f"New {shape} piece for my {topic} board.",
-                       f"Some {shape} {topic} to share."])
-    kps = [shape, color, topic]                           # shape and topic present, colour absent
-    rationale = (f"The image shows {COUNT_WORDS[count]} {color} {_noun(shape, count)} and the post is about "
-                 f"{shape} {topic}. Answer: {'; '.join(kps)}")
+    if rng.random() < HARD_KEYPHRASE:           # the text never names the shape: only the picture tells it
+        text = rng.choice([f"Look what I made for the {topic} board!", f"Some new {topic} to share."])
+    else:
+        text = rng.choice([f"Finished my {shape} {topic} project today!", f"New {shape} piece for my {topic} board.",
+                           f"Some {shape} {topic} to share."])
+    kps = [shape, color, topic]                           # topic present, colour absent, shape present unless hard
+    seen_color, answer = color, kps
+    if rng.random() < WRONG_RATIONALE:          # a teacher's mistake: its answer misses every gold keyphrase
+        seen_color = rng.choice([c for c in COLORS if c != color])
+        answer = [seen_color, rng.choice([s for s in TRAIN_SHAPES if s != shape])]
+    rationale = (f"The image shows {COUNT_WORDS[count]} {seen_color} {_noun(answer[-1] if len(answer) == 2 else shape, count)}"
+                 f" and the post is about {topic}. Answer: {'; '.join(answer)}")
     return {"jpg": _jpeg(shapes_image(rng, shape, color, count, pos)),
             "json": {"text": text, "keyphrases": kps, "rationale": rationale}}
 

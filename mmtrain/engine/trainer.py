@@ -101,12 +101,13 @@ def train(cfg: Config) -> int:
         state = checkpoint.load(engine, root, tag, env.rank)
         step, bad_total = state["step"], state["bad_total"]
         data.load_state_dict(state["data"])
+        recipe.load_state_dict(state.get("recipe") or {})
         checkpoint.set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", root / tag, step)
 
     def save() -> None:
         rank_state = {"step": step, "bad_total": bad_total, "data": data.state_dict(),
-                      "rng": checkpoint.rng_state()}
+                      "rng": checkpoint.rng_state(), "recipe": recipe.state_dict()}
         path = checkpoint.save(engine, ckpt_root, step, rank_state,
                                {"world_size": env.world_size, "recipe": cfg.recipe.name}, cfg.checkpoint.keep)
         log.info("checkpoint saved: %s", path)

@@ -13,6 +13,7 @@ RECIPES = {
     "toy_lm": "mmtrain.recipes.toy_lm:ToyLM",
     "vikdf_distill": "mmtrain.recipes.vikdf_distill:VIKDFDistill",
     "vikdf_fuse": "mmtrain.recipes.vikdf_fuse:VIKDFFuse",
+    "dyncot": "mmtrain.recipes.dyncot:DynCoT",
 }
 
 

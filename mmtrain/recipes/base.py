@@ -86,5 +86,13 @@ class Recipe:
 
         return {name: m for name, m in model.named_children() if isinstance(m, (PreTrainedModel, PeftModel))}
 
+    def state_dict(self) -> Dict[str, Any]:
+        """What the recipe itself learns while training beyond the weights (e.g. per-sample loss
+        tables), saved with each rank's checkpoint state. Optional."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
     def loss_weight(self, name: str) -> float:
         return float(self.cfg.loss_weights.get(name, 1.0))

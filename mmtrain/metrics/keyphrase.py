@@ -1,0 +1,133 @@
+"""Keyphrase metrics: F1@k after Porter stemming, broken down into present/absent and seen/unseen.
+
+Definitions (the usual ones for keyphrase generation, made explicit):
+- normalise: lower-case, split into words, Porter-stem each word (nltk), re-join; predictions are
+  de-duplicated after normalising, keeping the first occurrence (the model's order is its rank).
+- F1@k of one sample: the top k predictions; P = correct / k (k, not the number predicted, so a
+  model that predicts fewer is not rewarded), R = correct / |gold|, F1 = 2PR / (P + R); averaged
+  over samples (macro).
+- present / absent: a keyphrase is present when its stemmed words occur contiguously in the
+  stemmed post text. For the present (absent) score, both the gold and the predicted lists keep
+  only their present (absent) phrases, and samples without any such gold phrase are left out.
+- seen / unseen: likewise, split by whether the phrase occurs among the training keyphrases.
+- overlap: the fraction of a split's gold keyphrases (occurrences) seen in the training split;
+  the paper stresses that public benchmarks overlap train and test far more than production.
+"""
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Dict, Iterable, List, Optional, Sequence, Set
+
+import torch
+from torchmetrics import Metric
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+@lru_cache(maxsize=1)
+def _stemmer():
+    from nltk.stem.porter import PorterStemmer
+
+    return PorterStemmer()
+
+
+@lru_cache(maxsize=200_000)
+def normalize(phrase: str) -> str:
+    stem = _stemmer().stem
+    return " ".join(stem(w) for w in _WORD.findall(phrase.lower()))
+
+
+def dedupe(phrases: Iterable[str]) -> List[str]:
+    out, seen = [], set()
+    for p in phrases:
+        n = normalize(p)
+        if n and n not in seen:
+            seen.add(n)
+            out.append(n)
+    return out
+
+
+def is_present(norm_phrase: str, norm_text: str) -> bool:
+    return f" {norm_phrase} " in f" {norm_text} "
+
+
+def f1_at_k(pred: Sequence[str], gold: Sequence[str], k: int) -> float:
+    """Both lists already normalised and de-duplicated."""
+    if not gold:
+        return 0.0
+    correct = len(set(pred[:k]) & set(gold))
+    if not correct:
+        return 0.0
+    p, r = correct / k, correct / len(gold)
+    return 2 * p * r / (p + r)
+
+
+class KeyphraseF1(Metric):
+    """F1@k (k in `ks`) overall, present/absent and (given `train_keyphrases`) seen/unseen.
+
+    update(preds, targets, texts): lists of keyphrase lists and the posts' texts.
+    compute(): {"f1@3": ..., "present_f1@3": ..., "unseen_f1@5": ..., "n_absent": ...}.
+    """
+    full_state_update = False
+
+    def __init__(self, ks: Sequence[int] = (1, 3, 5), train_keyphrases: Optional[Iterable[str]] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.ks = tuple(ks)
+        self.seen: Optional[Set[str]] = {normalize(p) for p in train_keyphrases} if train_keyphrases is not None else None
+        self.groups = ["", "present_", "absent_"] + (["seen_", "unseen_"] if self.seen is not None else [])
+        for g in self.groups:
+            self.add_state(f"{g}sum", default=torch.zeros(len(self.ks), dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(f"{g}n", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def _filters(self, norm_text: str):
+        yield "", lambda p: True
+        yield "present_", lambda p: is_present(p, norm_text)
+        yield "absent_", lambda p: not is_present(p, norm_text)
+        if self.seen is not None:
+            yield "seen_", lambda p: p in self.seen
+            yield "unseen_", lambda p: p not in self.seen
+
+    def update(self, preds: List[List[str]], targets: List[List[str]], texts: List[str]) -> None:
+        for pred, gold, text in zip(preds, targets, texts):
+            pred, gold, norm_text = dedupe(pred), dedupe(gold), normalize(text)
+            for group, keep in self._filters(norm_text):
+                g = [p for p in gold if keep(p)]
+                if not g:
+                    continue
+                pr = [p for p in pred if keep(p)]
+                scores = torch.tensor([f1_at_k(pr, g, k) for k in self.ks], dtype=torch.float64)
+                setattr(self, f"{group}sum", getattr(self, f"{group}sum") + scores)
+                setattr(self, f"{group}n", getattr(self, f"{group}n") + 1)
+
+    def compute(self) -> Dict[str, float]:
+        out = {}
+        for g in self.groups:
+            n = float(getattr(self, f"{g}n"))
+            out[f"n_{g.rstrip('_') or 'all'}"] = n
+            for k, s in zip(self.ks, getattr(self, f"{g}sum").tolist()):
+                out[f"{g}f1@{k}"] = s / n if n else 0.0
+        return out
+
+
+def overlap(train_keyphrases: Iterable[str], split_keyphrases: Iterable[str]) -> float:
+    """Fraction of the split's keyphrase occurrences that also occur among the training keyphrases."""
+    seen = {normalize(p) for p in train_keyphrases}
+    split = [normalize(p) for p in split_keyphrases]
+    return sum(p in seen for p in split) / len(split) if split else 0.0
+
+
+def parse_generation(text: str, sep: str = ";"):
+    """Generated text -> (rationale or None, keyphrases). `<think>...</think>` before the answer is
+    the rationale; an 'Answer:' marker, if any, starts the list; phrases split on `sep` (or commas)."""
+    rationale = None
+    m = re.search(r"<\s*think\s*>(.*?)<\s*/\s*think\s*>", text, flags=re.S | re.I)
+    if m:
+        rationale, text = m.group(1).strip(), text[m.end():]
+    elif re.search(r"<\s*think\s*>", text, flags=re.I):          # opened, never closed: all reasoning
+        rationale, text = re.split(r"<\s*think\s*>", text, maxsplit=1, flags=re.I)[1].strip(), ""
+    m = re.search(r"answer\s*:", text, flags=re.I)
+    if m:
+        text = text[m.end():]
+    parts = re.split(re.escape(sep) if sep in text else ",", text)
+    return rationale, [p.strip(" .\n\t") for p in parts if p.strip(" .\n\t")]

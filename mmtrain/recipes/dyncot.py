@@ -1,0 +1,330 @@
+"""Dynamic CoT: multimodal keyphrase prediction with a VLM (any local image-text-to-text model).
+
+`recipe.strategy`:
+- zero_shot: the prompt alone (train.steps=0; `mmtrain eval` then scores the base model);
+- sft: target = the keyphrase list;
+- cot (Fine-tune-CoT): target = `<think>` the teacher's rationale `</think>` then the keyphrases;
+  rationales whose own answer misses every gold keyphrase are dropped (those samples keep the
+  direct target) and counted;
+- dynamic: direct targets, each sample's SFT loss tracked by sample key across all ranks; at each
+  epoch end, samples whose loss has stayed above gamma (a value, or a quantile of all tracked
+  losses) for `dynamic.patience` epochs train on their CoT target from then on. The table is part
+  of each rank's checkpoint, so a resumed run makes the same decisions; each decision is logged
+  and appended to RUN_DIR/dynamic_cot.jsonl.
+Evaluation generates freely, parses an optional `<think>` rationale and the keyphrase list, and
+reports F1@1/3/5 (all, present/absent, seen/unseen), how often the model reasons and how many
+tokens it generates, and the split's keyphrase overlap with the training split.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from mmtrain.config import ConfigError, RecipeConfig, choices, path_field
+from mmtrain.data.reader import DataSection, build_loader
+from mmtrain.data.shards import iter_shard, resolve
+from mmtrain.metrics.keyphrase import KeyphraseF1, dedupe, normalize, overlap, parse_generation
+from mmtrain.models.mllm import MLLM, LoraSection, Prompter, blank_image_inputs, collate_sequences, load_model, \
+    load_processor
+from mmtrain.recipes.base import Recipe, StepOutput
+
+log = logging.getLogger("mmtrain")
+
+
+@dataclass
+class DynamicSection:
+    quantile: Optional[float] = 0.7   # gamma = this quantile of every tracked sample's latest loss
+    gamma: float = 1.0                # the absolute threshold, used when quantile is null
+    patience: int = 1                 # epochs in a row above gamma before a sample switches
+    warmup_epochs: int = 2            # epochs of direct training before the first decision (the first
+                                      # epoch's losses mostly tell when a sample came, not how hard it is)
+
+
+@dataclass
+class GenerationSection:
+    max_new_tokens: int = 64
+    num_beams: int = 1
+
+
+@dataclass
+class DynCoTConfig(RecipeConfig):
+    name: str = "dyncot"
+    model_path: str = path_field("", required=True)      # local image-text-to-text dir (Qwen2-VL, Llava, ...)
+    strategy: str = choices("zero_shot", "sft", "cot", "dynamic", default="sft")
+    prompt: str = "Post: {text}\nGive the keyphrases of this post and its image, separated by '; '."
+    system: Optional[str] = None
+    separator: str = "; "
+    think: List[str] = field(default_factory=lambda: ["<think>", "</think>"])
+    lora: LoraSection = field(default_factory=LoraSection)
+    dynamic: DynamicSection = field(default_factory=DynamicSection)
+    generation: GenerationSection = field(default_factory=GenerationSection)
+    max_answer_tokens: int = 256
+    loss_weights: Dict[str, float] = field(default_factory=lambda: {"sft": 1.0})
+    data: DataSection = field(default_factory=DataSection)
+
+    def check(self):
+        q = self.dynamic.quantile
+        if q is not None and not 0.0 < q < 1.0:
+            raise ConfigError(f"recipe.dynamic.quantile={q} must lie in (0, 1), or be null to use recipe.dynamic.gamma")
+        if "{text}" not in self.prompt:
+            raise ConfigError("recipe.prompt must contain {text}, where the post's text goes")
+
+
+def rationale_parts(rationale: str):
+    """(reasoning, its final answer text): the answer follows the last 'Answer:' marker, if any."""
+    m = list(re.finditer(r"answer\s*:", rationale, flags=re.I))
+    if not m:
+        return rationale.strip(), rationale
+    return rationale[:m[-1].start()].strip(), rationale[m[-1].end():]
+
+
+def rationale_is_valid(rationale: str, gold: List[str]) -> bool:
+    """False when the rationale's final answer misses every gold keyphrase (after stemming)."""
+    answer = f" {normalize(rationale_parts(rationale)[1])} "
+    return any(f" {g} " in answer for g in dedupe(gold))
+
+
+class HardSampleTracker:
+    """Per-sample SFT losses by key; at each epoch end, decides which samples switch to CoT."""
+
+    def __init__(self, cfg: DynamicSection):
+        self.cfg = cfg
+        self.epoch = 0
+        self.pending: Dict[str, List[float]] = {}     # this rank, this epoch: key -> [sum, count]
+        self.latest: Dict[str, float] = {}            # all ranks: key -> mean loss in its last measured epoch
+        self.streak: Dict[str, int] = {}
+        self.switched: set = set()
+        self.history: List[Dict[str, Any]] = []
+
+    def record(self, keys: List[str], losses: List[float]) -> None:
+        for k, v in zip(keys, losses):
+            s = self.pending.setdefault(k, [0.0, 0])
+            s[0] += float(v)
+            s[1] += 1
+
+    def end_epoch(self, all_pending: List[Dict[str, List[float]]], new_epoch: int) -> Dict[str, Any]:
+        """Merge every rank's losses of the epoch (rank order, so every rank decides the same)."""
+        merged: Dict[str, List[float]] = {}
+        for part in all_pending:
+            for k, (s, n) in part.items():
+                m = merged.setdefault(k, [0.0, 0])
+                m[0] += s
+                m[1] += n
+        for k, (s, n) in merged.items():
+            self.latest[k] = s / n
+        finished, self.epoch, self.pending = self.epoch, new_epoch, {}
+        entry: Dict[str, Any] = {"epoch": finished, "tracked": len(self.latest)}
+        if finished + 1 >= self.cfg.warmup_epochs and self.latest:
+            values = torch.tensor(sorted(self.latest.values()), dtype=torch.float64)
+            gamma = float(torch.quantile(values, self.cfg.quantile)) if self.cfg.quantile is not None else self.cfg.gamma
+            newly = []
+            for k in sorted(merged):
+                if k in self.switched:
+                    continue
+                self.streak[k] = self.streak.get(k, 0) + 1 if self.latest[k] > gamma else 0
+                if self.streak[k] >= self.cfg.patience:
+                    self.switched.add(k)
+                    newly.append(k)
+            entry.update(gamma=gamma, newly_switched=len(newly), examples=newly[:5])
+        entry["switched"] = len(self.switched)
+        entry["switched_frac"] = len(self.switched) / max(1, len(self.latest))
+        self.history.append(entry)
+        return entry
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"epoch": self.epoch, "pending": self.pending, "latest": self.latest, "streak": self.streak,
+                "switched": sorted(self.switched), "history": self.history}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.epoch, self.pending = state["epoch"], {k: list(v) for k, v in state["pending"].items()}
+        self.latest, self.streak = dict(state["latest"]), dict(state["streak"])
+        self.switched, self.history = set(state["switched"]), list(state["history"])
+
+
+def _decode(raw: Dict[str, Any]) -> Dict[str, Any]:
+    from PIL import Image
+
+    from mmtrain.data.images import image_bytes
+
+    data = image_bytes(raw)
+    image = Image.open(io.BytesIO(data)).convert("RGB") if data is not None else None
+    return {"key": raw["__key__"], "meta": json.loads(raw["json"]), "image": image}
+
+
+class Collate:
+    """Runs in the data workers: the chat-templated prompt (with image) and both possible targets."""
+
+    def __init__(self, cfg: DynCoTConfig, prompter: Prompter):
+        self.cfg, self.prompter = cfg, prompter
+
+    def targets(self, meta: Dict[str, Any]):
+        c = self.cfg
+        direct = c.separator.join(meta["keyphrases"])
+        rationale = meta.get("rationale")
+        if not rationale or not rationale_is_valid(rationale, meta["keyphrases"]):
+            return direct, None, "missing" if not rationale else "dropped"
+        reasoning = rationale_parts(rationale)[0]
+        return direct, f"{c.think[0]} {reasoning} {c.think[1]} {direct}", "ok"
+
+    def __call__(self, items: List[Dict[str, Any]]) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"key": [], "prompt": [], "direct": [], "cot": [], "rationale": [], "keyphrases": [],
+                               "text": []}
+        limit = self.cfg.max_answer_tokens
+        for it in items:
+            meta = it["meta"]
+            direct, cot, status = self.targets(meta)
+            out["key"].append(it["key"])
+            out["prompt"].append(self.prompter.encode_prompt(self.cfg.prompt.format(text=meta["text"]), it["image"]))
+            out["direct"].append(self.prompter.encode_answer(direct)[:limit])
+            out["cot"].append(self.prompter.encode_answer(cot)[:limit] if cot else None)
+            out["rationale"].append(status)
+            out["keyphrases"].append(meta["keyphrases"])
+            out["text"].append(meta["text"])
+        return out
+
+
+class DynCoT(Recipe):
+    Config = DynCoTConfig
+
+    def __init__(self, cfg: DynCoTConfig, ctx):
+        super().__init__(cfg, ctx)
+        self.tracker = HardSampleTracker(cfg.dynamic)
+        self._cached = None
+
+    def _setup(self):
+        if not hasattr(self, "processor"):
+            self.processor = load_processor(self.cfg.model_path)
+            self.prompter = Prompter(self.processor, self.cfg.system)
+            self.pad_id = self.processor.tokenizer.pad_token_id
+            if self.pad_id is None:
+                self.pad_id = self.processor.tokenizer.eos_token_id
+
+    def build_model(self):
+        self._setup()
+        model = load_model(self.cfg.model_path, self.cfg.lora)
+        return MLLM(model, blank_image_inputs(self.processor))
+
+    def _loader(self, spec: str, section: DataSection):
+        self._setup()
+        return build_loader(section, spec, self.ctx.micro_batch_size, _decode, Collate(self.cfg, self.prompter),
+                            self.ctx.rank, self.ctx.world_size, self.ctx.seed)
+
+    def build_data(self):
+        if self.cfg.strategy != "zero_shot":
+            self.data_stats = self._scan_train()
+            log.info("keyphrase training data: %s", json.dumps(self.data_stats))
+        self.train_data = self._loader(self.cfg.data.train, self.cfg.data)
+        return self.train_data
+
+    def _scan_train(self) -> Dict[str, Any]:
+        """Training keyphrases (for seen/unseen and overlap) and the rationale counts, read once."""
+        if hasattr(self, "_train_scan"):
+            return self._train_scan
+        paths, _, _ = resolve(self.cfg.data.train)
+        kps, counts = [], {"samples": 0, "rationales": 0, "rationales_dropped": 0}
+        for p in paths:
+            for _, raw in iter_shard(p):
+                if "json" not in raw:
+                    continue
+                meta = json.loads(raw["json"])
+                kps += meta.get("keyphrases", [])
+                counts["samples"] += 1
+                if meta.get("rationale"):
+                    counts["rationales"] += 1
+                    counts["rationales_dropped"] += not rationale_is_valid(meta["rationale"], meta["keyphrases"])
+        self._train_scan = {**counts, "keyphrases": kps}
+        return self._train_scan
+
+    # -- training ------------------------------------------------------------------------------
+    def _use_cot(self, key: str, cot: Optional[List[int]]) -> bool:
+        if cot is None:
+            return False
+        return self.cfg.strategy == "cot" or (self.cfg.strategy == "dynamic" and key in self.tracker.switched)
+
+    def step(self, model, batch) -> StepOutput:
+        c = self.cfg
+        if c.strategy == "zero_shot":
+            raise ConfigError("recipe.strategy=zero_shot trains nothing: run it with train.steps=0 and score it "
+                              "with `mmtrain eval`")
+        epoch = getattr(getattr(self, "train_data", None), "epoch", 0)
+        if c.strategy == "dynamic" and epoch != self.tracker.epoch:
+            entry = self.tracker.end_epoch(self.ctx.gather_objects(self.tracker.pending), epoch)
+            log.info("dynamic CoT after epoch %d: %s", entry["epoch"], json.dumps(entry))
+            if self.ctx.rank == 0 and self.ctx.run_dir:
+                with open(Path(self.ctx.run_dir) / "dynamic_cot.jsonl", "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+        use = [self._use_cot(k, cot) for k, cot in zip(batch["key"], batch["cot"])]
+        answers = [cot if u else d for u, cot, d in zip(use, batch["cot"], batch["direct"])]
+        out = model(collate_sequences(batch["prompt"], answers, self.pad_id))
+        if c.strategy == "dynamic":
+            direct = [i for i, u in enumerate(use) if not u]
+            self.tracker.record([batch["key"][i] for i in direct], [float(out["per_sample"][i]) for i in direct])
+        stats = {"cot_frac": sum(use) / len(use),
+                 "rationale_dropped_frac": sum(s == "dropped" for s in batch["rationale"]) / len(use)}
+        if c.strategy == "dynamic":
+            stats["switched_frac"] = len(self.tracker.switched) / max(1, len(self.tracker.latest))
+        return StepOutput(losses={"sft": out["loss"]}, stats=stats, samples=len(use), tokens=out["tokens"])
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"tracker": self.tracker.state_dict()} if self.cfg.strategy == "dynamic" else {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if "tracker" in state:
+            self.tracker.load_state_dict(state["tracker"])
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def _split_spec(self, split: str) -> str:
+        return self.cfg.data.val if split == "val" else str(Path(self.cfg.data.val).parent / split)
+
+    @torch.no_grad()
+    def evaluate(self, model, split: str = "val") -> Dict[str, float]:
+        if not self.cfg.data.val:
+            return {}
+        self._cached = (split, *self._generate(model, split))
+        return dict(self._cached[1])
+
+    def score(self, model, split: str):
+        if self._cached and self._cached[0] == split:
+            _, metrics, rows = self._cached
+            self._cached = None
+            return metrics, rows
+        return self._generate(model, split)
+
+    def _generate(self, model, split: str):
+        c = self.cfg
+        section = DataSection(**{**vars(c.data), "mode": "eval", "shuffle_buffer": 1})
+        loader = self._loader(self._split_spec(split), section)
+        gen = {"max_new_tokens": c.generation.max_new_tokens, "num_beams": c.generation.num_beams,
+               "do_sample": False, "pad_token_id": self.pad_id, "synced_gpus": self.ctx.world_size > 1}
+        tok = self.processor.tokenizer
+        rows = []
+        for _ in range(loader.steps_per_epoch):
+            batch = next(loader)
+            new = model(collate_sequences(batch["prompt"], None, self.pad_id, left_pad=True), generate=gen)
+            for key, text, gold, ids in zip(batch["key"], batch["text"], batch["keyphrases"], new.tolist()):
+                stop = [i for i, t in enumerate(ids) if t in (tok.eos_token_id, self.pad_id)]
+                ids = ids[:stop[0]] if stop else ids
+                prediction = tok.decode(ids, skip_special_tokens=True)
+                rationale, kps = parse_generation(prediction, c.separator.strip())
+                rows.append({"key": key, "text": text, "gold": gold, "prediction": kps, "rationale": rationale,
+                             "generated": prediction, "gen_tokens": len(ids)})
+        rows = sorted({r["key"]: r for part in self.ctx.gather_objects(rows) for r in part}.values(),
+                      key=lambda r: r["key"])
+        train_kps = self._scan_train()["keyphrases"]
+        metric = KeyphraseF1(train_keyphrases=train_kps)
+        metric.update([r["prediction"] for r in rows], [r["gold"] for r in rows], [r["text"] for r in rows])
+        metrics = {k: float(v) for k, v in metric.compute().items()}
+        metrics.update({"n": len(rows), "think_rate": sum(r["rationale"] is not None for r in rows) / max(1, len(rows)),
+                        "mean_gen_tokens": sum(r["gen_tokens"] for r in rows) / max(1, len(rows)),
+                        "kp_overlap_with_train": overlap(train_kps, [k for r in rows for k in r["gold"]])})
+        return metrics, rows
+
+    def export_modules(self, model):
+        return {"model": model.model}
