@@ -7,6 +7,7 @@ import sys
 
 from mmtrain.config import ConfigError, load_config, to_yaml
 from mmtrain.data.shards import DataError
+from mmtrain.models.rules import RuleError
 
 
 def _cmd_config(args) -> int:
@@ -48,7 +49,7 @@ def _cmd_eval(args) -> int:
 
     from mmtrain.engine.evaluate import run_eval
 
-    result = run_eval(args.run_dir, args.split, args.tag)
+    result = run_eval(args.run_dir, args.split, args.tag, args.set or ())
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
     return 0
@@ -77,6 +78,13 @@ def _cmd_data(args) -> int:
 
         m = index_shards(args.dir, args.kind)
         print(f"{args.dir}/manifest.json: {m['total']} samples in {len(m['shards'])} shards")
+    elif args.data_cmd == "fewshot":
+        from mmtrain.data.fewshot import fewshot
+
+        relabel = dict(pair.split("=", 1) for pair in args.relabel.split(",")) if args.relabel else None
+        m = fewshot(args.src, args.out, args.k, args.task, args.seed, relabel)
+        print(f"{args.out}: {m['total']} samples ({args.k} per {args.task} label)"
+              + (f"; fewer for {m['fewshot']['short']}" if m["fewshot"]["short"] else ""))
     elif args.data_cmd == "inspect":
         from mmtrain.data.shards import iter_shard, resolve
 
@@ -85,6 +93,20 @@ def _cmd_data(args) -> int:
         for _, sample in iter_shard(paths[0], 0, args.n):
             print({k: (v[:200].decode("utf-8", "replace") if k in ("json", "txt") else
                        f"<{len(v)} bytes>" if isinstance(v, bytes) else v) for k, v in sample.items()})
+    return 0
+
+
+def _cmd_kdsl(args) -> int:
+    from mmtrain.recipes import kdsl
+
+    if args.kdsl_cmd == "mine":
+        kdsl.mine(args.small_run, args.out, args.data, args.tasks, args.image_task, args.rescore, args.tag)
+    else:
+        table = kdsl.seesaw(args.runs, args.split)
+        print(table, end="")
+        if args.out:
+            from pathlib import Path
+            Path(args.out).write_text(table)
     return 0
 
 
@@ -140,6 +162,8 @@ def main(argv=None) -> int:
     sp.add_argument("run_dir")
     sp.add_argument("--split", default="val")
     sp.add_argument("--tag", help="checkpoint tag (default: latest)")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="change the run's saved config for this evaluation only (repeatable)")
     sp.set_defaults(fn=_cmd_eval)
 
     data = sub.add_parser("data", help="write, convert and inspect WebDataset shards")
@@ -165,9 +189,32 @@ def main(argv=None) -> int:
     sp = dsub.add_parser("index", help="write manifest.json for shards made elsewhere")
     sp.add_argument("dir")
     sp.add_argument("--kind", required=True, choices=["image-text", "dialogue", "keyphrase", "intent"])
+    sp = dsub.add_parser("fewshot", help="k examples per label of one task (optionally relabelled) as new shards")
+    sp.add_argument("src")
+    sp.add_argument("out")
+    sp.add_argument("--k", type=int, required=True)
+    sp.add_argument("--task", required=True, help="the label field, e.g. intent")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--relabel", help="old=new,old2=new2: map labels to a new label set")
     sp = dsub.add_parser("inspect", help="print a shard set's manifest and first samples")
     sp.add_argument("shards")
     sp.add_argument("--n", type=int, default=3)
+
+    kd = sub.add_parser("kdsl", help="KDSL: mine rules with a small model; the seesaw table")
+    kd.set_defaults(fn=_cmd_kdsl)
+    ksub = kd.add_subparsers(dest="kdsl_cmd", required=True)
+    sp = ksub.add_parser("mine", help="conditions from a post-trained small model's run, MCTS rules -> OUT/rules.json")
+    sp.add_argument("small_run", help="a KDSL run of the small MLLM post-trained on --image-task")
+    sp.add_argument("--out", required=True, help="directory for rules.json and the examples' conditions")
+    sp.add_argument("--data", help="shard root with train/ val/ test/ (default: the small run's data)")
+    sp.add_argument("--tasks", nargs="+", default=["scene", "intent"])
+    sp.add_argument("--image-task", default="scene", help="the small model's task whose answer says what the image shows")
+    sp.add_argument("--rescore", help="an existing rules.json to re-score on --data instead of mining")
+    sp.add_argument("--tag", help="checkpoint tag of the small run (default: latest)")
+    sp = ksub.add_parser("seesaw", help="weighted F1 per task of several evaluated runs, as a markdown table")
+    sp.add_argument("runs", nargs="+", metavar="NAME=RUN_DIR")
+    sp.add_argument("--split", default="test")
+    sp.add_argument("--out", help="also write the table here")
 
     models = sub.add_parser("models", help="tiny random models for demos and tests (saved with save_pretrained)")
     msub = models.add_subparsers(dest="models_cmd", required=True)
@@ -201,7 +248,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, RuleError) as e:
         print(f"mmtrain {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

@@ -4,13 +4,14 @@ Loads the run's resolved config and a checkpoint (default: latest; pass the tag 
 validation split for the final test score), consolidates its weights from the ZeRO shards, and
 calls the recipe's `evaluate` (e.g. perplexity) and `score` (e.g. generation + BLEU/ROUGE/
 Distinct). Writes RUN_DIR/eval_<split>_<tag>.json and predictions_<split>_<tag>.jsonl (rank 0).
-Run it under torchrun/deepspeed/srun for several ranks, or plainly for one.
+Run it under torchrun/deepspeed/srun for several ranks, or plainly for one. `--set key=value`
+changes the saved config for this evaluation only (e.g. `--set recipe.rules=rules/rules.json`).
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -19,9 +20,10 @@ from mmtrain.engine.export import find_checkpoint, load_trained
 from mmtrain.engine.trainer import DTYPES, build_recipe, seed_all
 
 
-def run_eval(run_dir: str, split: str = "val", tag: Optional[str] = None) -> dict:
+def load_run(run_dir: str, tag: Optional[str] = None, overrides: Sequence[str] = ()):
+    """(config, recipe, model in eval mode, tag) of a run's checkpoint, on this process's device."""
     run = Path(run_dir)
-    cfg, root, tag = find_checkpoint(run, tag)
+    cfg, root, tag = find_checkpoint(run, tag, overrides)
     env = dist.init(cfg.dist.backend, cfg.dist.timeout_s)
     dtype = DTYPES[cfg.deepspeed.precision] if env.device.type == "cuda" else torch.float32
     recipe = build_recipe(cfg, env, dtype, run)
@@ -29,9 +31,16 @@ def run_eval(run_dir: str, split: str = "val", tag: Optional[str] = None) -> dic
     model = recipe.build_model()
     load_trained(model, root, tag)
     model.to(env.device, dtype).eval()
+    return cfg, recipe, model, tag, env
+
+
+def run_eval(run_dir: str, split: str = "val", tag: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
+    run = Path(run_dir)
+    cfg, recipe, model, tag, env = load_run(run_dir, tag, overrides)
     metrics = recipe.evaluate(model, split)
     scores, rows = recipe.score(model, split)
     metrics.update(scores)
+    metrics = {k: v for k, v in metrics.items() if not isinstance(v, torch.Tensor)}   # images: TensorBoard only
     result = {"split": split, "checkpoint": tag, **metrics}
     if env.is_main:
         (run / f"eval_{split}_{tag}.json").write_text(json.dumps(result, indent=2))

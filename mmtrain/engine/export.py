@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -32,9 +32,17 @@ def consolidated_state_dict(root: Path, tag: str) -> Dict[str, torch.Tensor]:
     return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
 
 
-def find_checkpoint(run_dir: Path, tag: Optional[str]):
-    """(resolved config, checkpoint root, tag) of a run: `tag` or a pointer (best, latest), else latest."""
-    cfg = load_run_config(run_dir)
+def find_checkpoint(run_dir: Path, tag: Optional[str], overrides: Sequence[str] = ()):
+    """(resolved config, checkpoint root, tag) of a run: `tag` or a pointer (best, latest), else latest.
+    `overrides` (key=value) change the saved config for this use only (e.g. recipe.rules=...)."""
+    if overrides:
+        from mmtrain.config import ConfigError, load_config
+
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"{run_dir} is not an mmtrain run directory: {run_dir / 'config.yaml'} is missing")
+        cfg = load_config(run_dir / "config.yaml", overrides)
+    else:
+        cfg = load_run_config(run_dir)
     root = run_dir / "checkpoints"
     found = checkpoint.find_resume(str(root / tag) if tag else "auto", root)
     if not found:

@@ -119,8 +119,10 @@ def train(cfg: Config) -> int:
         engine.eval()
         metrics = recipe.evaluate(engine)
         engine.train()
+        for k in [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]:   # images (e.g. confusion)
+            monitor.image(f"eval/{k}", metrics.pop(k), step)
         if metrics:
-            monitor.scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+            monitor.scalars(step, {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
             log.info("eval at step %d: %s", step, json.dumps(metrics))
             if env.is_main:
                 with open(run_dir / "eval.jsonl", "a") as f:

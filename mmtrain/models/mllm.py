@@ -81,14 +81,10 @@ def load_model(path: str, lora: LoraSection, torch_dtype: Optional[torch.dtype] 
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
     if not lora.enabled:
         return model.requires_grad_(True)
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     model.requires_grad_(False)
-    targets: Any = list(lora.target_modules)
-    if lora.language_only:          # a regex peft matches against the full module name
-        targets = rf"^(?!.*(visual|vision)).*\.({'|'.join(targets)})$"
-    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                            target_modules=targets))
+    return get_peft_model(model, lora_config(lora))
 
 
 class Prompter:
@@ -205,10 +201,16 @@ class MLLM(nn.Module):
         self._blank_out = None
         return out
 
-    def forward(self, batch: Dict[str, torch.Tensor], generate: Optional[Dict[str, Any]] = None):
-        """Answer-token losses; with `generate` (generation kwargs), the new tokens instead."""
-        if generate is not None:
-            return self.generate(batch, **generate)
+    def forward(self, batch: Dict[str, torch.Tensor], generate: Optional[Dict[str, Any]] = None,
+                adapter: Optional[str] = None):
+        """Answer-token losses (through one named LoRA adapter, if given); with `generate`
+        (generation kwargs), the new tokens instead."""
+        with use_adapter(self.model, adapter):
+            if generate is not None:
+                return self.generate(batch, **generate)
+            return self._losses(batch)
+
+    def _losses(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         inputs = self._inputs(batch)
         logits = self.model(**inputs).logits
         labels = batch["labels"].to(logits.device)[:, 1:]
@@ -220,7 +222,8 @@ class MLLM(nn.Module):
         loss = ce.mean()
         if self._blank_out is not None:          # keeps the vision tower in the graph on text-only batches
             loss = loss + 0.0 * self._blank_out
-        return {"loss": loss, "per_sample": per_sample.detach(), "tokens": int(pick.sum())}
+        return {"loss": loss, "per_sample": per_sample.detach(), "nll_sum": per_token.sum(1).detach(),
+                "tokens": int(pick.sum())}
 
     @torch.no_grad()
     def generate(self, batch: Dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
@@ -235,3 +238,65 @@ def blank_image_inputs(processor) -> Dict[str, torch.Tensor]:
 
     enc = processor.image_processor(images=[Image.new("RGB", (56, 56))], return_tensors="pt")
     return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+
+
+def lora_config(lora: LoraSection):
+    from peft import LoraConfig
+
+    targets: Any = list(lora.target_modules)
+    if lora.language_only:          # a regex peft matches against the full module name
+        targets = rf"^(?!.*(visual|vision))(.*\.)?({'|'.join(targets)})$"
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
+
+
+def load_task_adapters(path: str, lora: LoraSection, tasks: Sequence[str], init_from: Optional[str] = None):
+    """The frozen model with one LoRA adapter per task, all trainable (KDSL's decoupled post-training:
+    no weight update is shared across tasks). `init_from`: a directory of saved adapters to start from."""
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(path).requires_grad_(False)
+    if init_from:
+        def where(t: str) -> str:     # peft saves a non-default adapter in a sub-directory of its name
+            sub = Path(init_from) / t
+            if (sub / "adapter_config.json").is_file():
+                return str(sub)
+            if (Path(init_from) / "adapter_config.json").is_file():
+                return init_from
+            raise FileNotFoundError(f"recipe.init_from={init_from}: no adapter for '{t}' (adapter_config.json)")
+
+        model = PeftModel.from_pretrained(base, where(tasks[0]), adapter_name=tasks[0], is_trainable=True)
+        for t in tasks[1:]:
+            model.load_adapter(where(t), adapter_name=t, is_trainable=True)
+    else:
+        model = get_peft_model(base, lora_config(lora), adapter_name=tasks[0])
+        for t in tasks[1:]:
+            model.add_adapter(t, lora_config(lora))
+    for n, p in model.named_parameters():     # peft leaves only the active adapter trainable
+        if "lora_" in n:
+            p.requires_grad_(True)
+    return model
+
+
+class use_adapter:
+    """Route a peft model through one adapter without touching `requires_grad` (peft's
+    `set_adapter` flips it, which an optimizer or DeepSpeed set up earlier would not follow)."""
+
+    def __init__(self, model: nn.Module, name: Optional[str]):
+        self.model, self.name, self.saved = model, name, []
+
+    def __enter__(self):
+        if self.name is None:
+            return self
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for m in self.model.modules():
+            if isinstance(m, BaseTunerLayer):
+                self.saved.append((m, m._active_adapter))
+                m._active_adapter = [self.name]
+        return self
+
+    def __exit__(self, *exc):
+        for m, active in self.saved:
+            m._active_adapter = active
+        self.saved = []

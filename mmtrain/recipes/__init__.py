@@ -14,6 +14,7 @@ RECIPES = {
     "vikdf_distill": "mmtrain.recipes.vikdf_distill:VIKDFDistill",
     "vikdf_fuse": "mmtrain.recipes.vikdf_fuse:VIKDFFuse",
     "dyncot": "mmtrain.recipes.dyncot:DynCoT",
+    "kdsl": "mmtrain.recipes.kdsl:KDSL",
 }
 
 
