@@ -93,8 +93,8 @@ kdsl() {
       "$run" --split test --set recipe.rules="$large/rules/rules.json" > /dev/null
   done
   echo
-  head -n 5 "$large/rules.txt"
-  echo "... $(wc -l < "$large/rules.txt") rules in $large/rules/rules.json"
+  grep '^IF' "$large/rules.txt" | head -n 5
+  echo "... $(grep -c '^IF' "$large/rules.txt") rules in $large/rules/rules.json"
   mm kdsl seesaw "joint=$joint" "decoupled=$large" --out "$large/seesaw.md"
   cat <<MSG
 
