@@ -42,6 +42,17 @@ def shards_field(default: str = ""):
 
 
 @dataclass
+class LoraSection:
+    """A peft LoRA adapter, shared by every recipe that adapts a transformers model."""
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    language_only: bool = True      # image-text models: adapt the language model only, never the vision tower
+
+
+@dataclass
 class RecipeConfig:
     """Base of every recipe's own config; `name` selects the recipe."""
     name: str = "toy_lm"
@@ -294,5 +305,5 @@ def load_run_config(run_dir: str | os.PathLike) -> Config:
     return load_config(path)
 
 
-__all__ = ["Config", "ConfigError", "RecipeConfig", "load_config", "load_run_config", "save_config",
+__all__ = ["Config", "ConfigError", "LoraSection", "RecipeConfig", "load_config", "load_run_config", "save_config",
            "to_yaml", "choices", "path_field", "shards_field"]

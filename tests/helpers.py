@@ -63,3 +63,19 @@ def scalars(run_dir: Path, tag: str) -> Dict[int, float]:
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def cli_ranks(*args: str, world: int = 2) -> str:
+    """`mmtrain ARGS` on `world` ranks (torchrun); asserts success, returns stdout."""
+    env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "-m",
+                          "mmtrain.cli", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def eval_ranks(run_dir: Path, *args: str, world: int = 2) -> dict:
+    """`mmtrain eval RUN_DIR ARGS` on `world` ranks; returns the printed result."""
+    import json
+
+    return json.loads(cli_ranks("eval", str(run_dir), *args, world=world).strip().splitlines()[-1])

@@ -1,9 +1,6 @@
 """Dynamic CoT keyphrase prediction: metrics by hand, the hard-sample tracker, the VLM loader
 (Qwen2-VL- and Llava-style), and all four strategies on 2 CPU ranks under ZeRO-3."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +9,7 @@ from mmtrain.data.shards import write_shards
 from mmtrain.data.synth import synth
 from mmtrain.metrics.keyphrase import KeyphraseF1, f1_at_k, normalize, overlap, parse_generation
 from mmtrain.recipes.dyncot import DynamicSection, HardSampleTracker, rationale_is_valid
-from tests.helpers import REPO, free_port, scalars, train
+from tests.helpers import REPO, eval_ranks, scalars, train
 
 CONFIG = REPO / "configs" / "demo" / "dyncot.yaml"
 
@@ -48,7 +45,7 @@ def test_parse_generation_and_rationale_filter():
 
 
 def test_tracker_switches_samples_above_gamma_for_patience_epochs():
-    t = HardSampleTracker(DynamicSection(quantile=None, gamma=1.0, patience=2, warmup_epochs=1))
+    t = HardSampleTracker(DynamicSection(quantile=None, gamma=1.0, patience=2, warmup_epochs=1, detrend=False))
     t.record(["a", "b"], [2.0, 0.5])
     t.end_epoch([t.pending, {"c": [3.0, 1]}], 1)             # another rank saw c
     assert t.switched == set() and t.streak == {"a": 1, "b": 0, "c": 1}
@@ -58,9 +55,13 @@ def test_tracker_switches_samples_above_gamma_for_patience_epochs():
     restored = HardSampleTracker(t.cfg)
     restored.load_state_dict(json.loads(json.dumps(t.state_dict())))
     assert restored.state_dict() == t.state_dict()
-    q = HardSampleTracker(DynamicSection(quantile=0.5, patience=1, warmup_epochs=1))
+    q = HardSampleTracker(DynamicSection(quantile=0.5, patience=1, warmup_epochs=1, detrend=False))
     q.end_epoch([{k: [float(i), 1] for i, k in enumerate("abcd")}], 1)
     assert q.switched == {"c", "d"}                           # above the median 1.5
+    d = HardSampleTracker(DynamicSection(quantile=0.5, patience=1, warmup_epochs=1))   # detrended:
+    d.record(["a", "b"], [4.0, 2.0])             # running mean 3.0: a +1, b -1
+    d.record(["c", "d"], [1.0, 3.0])             # running mean 0.9 * 3 + 0.1 * 2 = 2.9: c -1.9, d +0.1
+    assert d.pending == {"a": [1.0, 1], "b": [-1.0, 1], "c": [pytest.approx(-1.9), 1], "d": [pytest.approx(0.1), 1]}
 
 
 # -- the loader --------------------------------------------------------------------------------
@@ -149,12 +150,7 @@ def test_sft_beats_zero_shot_and_cot_trains_on_filtered_rationales(kp, tiny_mode
     assert any(v > 0 for v in dropped.values())                             # ~10% are wrong and dropped
     log = (cot / "train.log").read_text()
     assert '"rationales_dropped": ' in log and '"rationales": 480' in log
-    env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "mmtrain.cli",
-                          "eval", str(cot), "--split", "test"], capture_output=True, text=True, env=env, cwd=REPO,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = eval_ranks(cot, "--split", "test")
     assert result["n"] == 60 and result["n_unseen"] > 0 and result["kp_overlap_with_train"] < 1.0
     assert {"think_rate", "mean_gen_tokens", "unseen_f1@3", "absent_f1@5"} <= set(result)
     rows = [json.loads(line) for line in (cot / "predictions_test_step_00000004.jsonl").read_text().splitlines()]

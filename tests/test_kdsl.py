@@ -1,15 +1,12 @@
 """KDSL: rules by hand, then the pipeline on 2 CPU ranks under ZeRO-3 -- decoupled post-training,
 a small model's conditions and MCTS rules, collaborative prediction, few-shot adaptation."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
 from mmtrain.data.synth import synth
 from mmtrain.models.rules import Rule, RuleBase, RuleError, combine, mine_rules, score_rule
-from tests.helpers import REPO, free_port, train
+from tests.helpers import REPO, cli_ranks, eval_ranks, train
 
 CONFIG = REPO / "configs" / "demo" / "kdsl.yaml"
 
@@ -58,14 +55,6 @@ def intent(tmp_path_factory):
     return root
 
 
-def _eval(run, *extra):
-    env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "mmtrain.cli",
-                          "eval", str(run), *extra], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_pipeline_posttrain_mine_collaborate_adapt(intent, tiny_models, tmp_path):
     from mmtrain.cli import main
 
@@ -83,15 +72,16 @@ def test_pipeline_posttrain_mine_collaborate_adapt(intent, tiny_models, tmp_path
 
     # the small model reads conditions; MCTS mines the rule base (a person can read and edit it)
     rules_dir = tmp_path / "rules"
-    assert main(["kdsl", "mine", str(small), "--out", str(rules_dir)]) == 0
+    printed = cli_ranks("kdsl", "mine", str(small), "--out", str(rules_dir))        # 2 ranks read conditions
     rules = json.loads((rules_dir / "rules.json").read_text())
     assert rules and all({"task", "if", "then", "precision", "support"} <= set(r) for r in rules)
     assert all(r["precision"] >= 0.8 and r["support"] >= 3 for r in rules)
+    assert printed.count("IF ") == len(rules)                                      # printed once, by rank 0
     assert {"train", "val", "test"} <= {p.stem.split("_")[1] for p in rules_dir.glob("conditions_*.json")}
     assert main(["kdsl", "mine", str(small), "--out", str(rules_dir)]) == 2      # never overwrites
 
     # collaborative prediction, its mix chosen on the validation split: at least the model alone
-    both = _eval(large, "--split", "val", "--set", f"recipe.rules={rules_dir / 'rules.json'}")
+    both = eval_ranks(large, "--split", "val", "--set", f"recipe.rules={rules_dir / 'rules.json'}")
     for t in ("scene", "intent"):
         assert both[f"{t}_wf1_rules"] >= both[f"{t}_wf1"] - 1e-9, both
     assert set(both["collab"]) == {"scene", "intent"}
@@ -103,7 +93,7 @@ def test_pipeline_posttrain_mine_collaborate_adapt(intent, tiny_models, tmp_path
         (hand / f.name).write_text(f.read_text())
     (hand / "rules.json").write_text(json.dumps([{"task": "intent", "if": ["dialogue contains cancel"],
                                                   "then": "cancel_order", "precision": 1.0, "support": 1}]))
-    _eval(large, "--split", "test", "--set", f"recipe.rules={hand / 'rules.json'}", "--set",
+    eval_ranks(large, "--split", "test", "--set", f"recipe.rules={hand / 'rules.json'}", "--set",
           "recipe.collab.overrides=[0.99]")
     rows = [json.loads(x) for x in next(large.glob("predictions_test_*.jsonl")).read_text().splitlines()]
     cancel = [r for r in rows if "cancel" in r["dialogue"].lower()]
@@ -131,7 +121,7 @@ def test_pipeline_posttrain_mine_collaborate_adapt(intent, tiny_models, tmp_path
     assert len(rescored) == len(rules) and all(r["precision"] == 0.0 for r in old_intents)   # old labels gone
 
     table = tmp_path / "seesaw.md"
-    _eval(large, "--split", "test", "--set", f"recipe.rules={rules_dir / 'rules.json'}")
+    eval_ranks(large, "--split", "test", "--set", f"recipe.rules={rules_dir / 'rules.json'}")
     assert main(["kdsl", "seesaw", f"decoupled={large}", "--out", str(table)]) == 0
     text = table.read_text()
     assert "| decoupled |" in text and "| decoupled + rules |" in text

@@ -45,8 +45,9 @@ def test_sbatch_requeues_after_signal_and_resumes(tmp_path):
     assert "ranks exited with 85" in (run / "slurm.log").read_text()
     assert (run / "slurm-777-rank0.log").exists() and (run / "slurm-777-rank1.log").exists()
     step = int((run / "checkpoints" / "latest").read_text().split("_")[1])
-    # the requeued job resumes where the first one stopped
-    r = sbatch(tmp_path, "slurm", {}, ["train.steps=100000", f"run.stop_after_steps={step + 1}"])
+    # the requeued job (Slurm counts the restart) resumes where the first one stopped
+    r = sbatch(tmp_path, "slurm", {"SLURM_RESTART_COUNT": "1"},
+               ["train.steps=100000", f"run.stop_after_steps={step + 1}"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"at step {step}" in (run / "train.log").read_text()
     assert (tmp_path / "requeued").read_text().split() == ["777"]        # not requeued again

@@ -57,6 +57,9 @@ def test_slurm_variables_map_to_torch_distributed():
     resolve_env(env)
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("5", "16", "1", "gpu12")
     assert env["MASTER_PORT"] == str(20000 + 4242)
+    requeued = {**{k: v for k, v in env.items() if k.startswith("SLURM_")}, "SLURM_RESTART_COUNT": "2"}
+    resolve_env(requeued)                                   # a requeued job does not reuse the old port
+    assert requeued["MASTER_PORT"] == str(20000 + (4242 + 2 * 7919) % 20000)
     torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
     resolve_env(torchrun)                                   # a launcher's own variables win
     assert (torchrun["RANK"], torchrun["WORLD_SIZE"]) == ("3", "4")

@@ -1,15 +1,12 @@
 """VIKDF stage 2 (BVIF fusion, dialogue fine-tuning, generation + metrics) on 2 CPU ranks under ZeRO-3."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file
 
 from mmtrain.data.synth import synth
 from mmtrain.models.iqformer import IQFormer, IQFormerConfig
-from tests.helpers import REPO, free_port, scalars, train
+from tests.helpers import REPO, eval_ranks, scalars, train
 
 FUSION = REPO / "configs" / "demo" / "vikdf_fusion.yaml"
 DIALOGUE = REPO / "configs" / "demo" / "vikdf_dialogue.yaml"
@@ -86,12 +83,7 @@ def test_eval_generates_on_two_ranks_and_writes_predictions(assets, tmp_path):
     run = tmp_path / "runs" / "gen"
     train(run, common(assets, "train.steps=2", *data(assets, "dialogue"),
                       "recipe.generation={num_beams: 3, no_repeat_ngram_size: 3, max_new_tokens: 8}"), config=DIALOGUE)
-    env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "mmtrain.cli",
-                          "eval", str(run), "--split", "val"], capture_output=True, text=True, env=env, cwd=REPO,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = eval_ranks(run, "--split", "val")
     assert result["n"] == 40 and {"bleu1", "bleu2", "rougeL", "distinct1", "distinct2", "ppl"} <= set(result)
     rows = [json.loads(line) for line in (run / "predictions_val_step_00000002.jsonl").read_text().splitlines()]
     assert len(rows) == 40 and len({r["key"] for r in rows}) == 40        # both ranks' halves, once each

@@ -58,8 +58,10 @@ def resolve_env(environ=os.environ) -> None:
         environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
         if "MASTER_ADDR" not in environ:
             environ["MASTER_ADDR"] = first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
-        # a port derived from the job id, so that two jobs sharing a node do not collide
-        environ.setdefault("MASTER_PORT", str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000))
+        # a port from the job id and restart count (as slurm/train.sbatch): no collision between two
+        # jobs on a node, nor with the old rendezvous port of a requeued job on the same node
+        job, restart = int(environ.get("SLURM_JOB_ID", "0")), int(environ.get("SLURM_RESTART_COUNT", "0"))
+        environ.setdefault("MASTER_PORT", str(20000 + (job + 7919 * restart) % 20000))
     else:
         environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         environ.setdefault("MASTER_ADDR", "127.0.0.1")

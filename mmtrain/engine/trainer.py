@@ -183,6 +183,8 @@ def train(cfg: Config) -> int:
                 sums["_micro"] = sums.get("_micro", 0.0) + 1
                 sums["_samples"] = sums.get("_samples", 0.0) + out.samples
                 sums["_tokens"] = sums.get("_tokens", 0.0) + out.tokens
+                sums["_flops"] = sums.get("_flops", 0.0) + (out.flops if out.flops is not None else
+                                                            (flops_per_sample or 0.0) * out.samples)
             step += 1
             steps_since_log += 1
             grad_norm = engine.get_global_grad_norm()
@@ -197,7 +199,7 @@ def train(cfg: Config) -> int:
                 agg = dict(zip(keys, reduced.tolist()))
                 elapsed = time.perf_counter() - t_log
                 micro = agg.pop("_micro")
-                samples, tokens = agg.pop("_samples"), agg.pop("_tokens")
+                samples, tokens, flops = agg.pop("_samples"), agg.pop("_tokens"), agg.pop("_flops")
                 values = {k: v / micro for k, v in agg.items()}
                 values.update({
                     "train/lr": lr, "train/step_time_s": elapsed / steps_since_log,
@@ -206,8 +208,8 @@ def train(cfg: Config) -> int:
                 })
                 if grad_norm is not None:
                     values["train/grad_norm"] = float(grad_norm)
-                if flops_per_sample and peak:
-                    tflops = flops_per_sample * samples / elapsed / env.world_size / 1e12
+                if flops and peak:
+                    tflops = flops / elapsed / env.world_size / 1e12
                     values.update({"train/tflops_per_device": tflops, "train/mfu": tflops / peak})
                 data_stats = getattr(data, "stats", dict)()      # cumulative counts, summed over ranks
                 if data_stats:

@@ -17,24 +17,15 @@ answer tokens only.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
+from mmtrain.config import LoraSection
+
 SENTINEL = "\u2063ANSWER\u2063"
-
-
-@dataclass
-class LoraSection:
-    enabled: bool = True
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    language_only: bool = True      # adapt the language model only, never the vision tower
 
 
 def _image_only_processor(path: str):
@@ -178,6 +169,9 @@ class MLLM(nn.Module):
         self._pending = False
         self._blank_out: Optional[torch.Tensor] = None
         self.model.get_input_embeddings().register_forward_hook(self._after_embedding)
+        # counted here, before any sharding empties the parameters
+        self._n_params = sum(p.numel() for p in model.parameters())
+        self._n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     def _base(self):
         m = self.model
@@ -223,7 +217,13 @@ class MLLM(nn.Module):
         if self._blank_out is not None:          # keeps the vision tower in the graph on text-only batches
             loss = loss + 0.0 * self._blank_out
         return {"loss": loss, "per_sample": per_sample.detach(), "nll_sum": per_token.sum(1).detach(),
-                "tokens": int(pick.sum())}
+                "tokens": int(pick.sum()), "flops": self.train_flops(int(inputs["attention_mask"].sum()))}
+
+    def train_flops(self, tokens: int) -> float:
+        """Approximate FLOPs of a training step over `tokens` sequence positions (text and image
+        placeholders): 2 per parameter per token forward, 2 more for the activation gradients, and 2
+        more for the weight gradients of what trains (all of it, or a LoRA adapter's few)."""
+        return float(tokens) * (4 * self._n_params + 2 * self._n_trained)
 
     @torch.no_grad()
     def generate(self, batch: Dict[str, torch.Tensor], **kwargs) -> torch.Tensor:

@@ -39,6 +39,8 @@ class StepOutput:
     images: Dict[str, torch.Tensor] = field(default_factory=dict)  # CHW images to log (rank 0, log steps)
     samples: int = 0                                   # samples in this micro-batch on this rank
     tokens: int = 0                                    # tokens processed (for tokens/s)
+    flops: Optional[float] = None                      # training FLOPs of this micro-batch, when they vary
+                                                       # per batch (else `Recipe.flops_per_sample`), for MFU
 
 
 class ResumableIterator(Protocol):

@@ -45,6 +45,8 @@ class DynamicSection:
     patience: int = 1                 # epochs in a row above gamma before a sample switches
     warmup_epochs: int = 2            # epochs of direct training before the first decision (the first
                                       # epoch's losses mostly tell when a sample came, not how hard it is)
+    detrend: bool = True              # track each loss minus the running mean training loss when it was
+                                      # seen, so that samples met early in an epoch do not look harder
 
 
 @dataclass
@@ -102,11 +104,16 @@ class HardSampleTracker:
         self.streak: Dict[str, int] = {}
         self.switched: set = set()
         self.history: List[Dict[str, Any]] = []
+        self.running: Optional[float] = None          # EMA of the mean training loss (detrend)
 
     def record(self, keys: List[str], losses: List[float]) -> None:
+        if not losses:
+            return
+        mean = sum(losses) / len(losses)
+        self.running = mean if self.running is None else 0.9 * self.running + 0.1 * mean
         for k, v in zip(keys, losses):
             s = self.pending.setdefault(k, [0.0, 0])
-            s[0] += float(v)
+            s[0] += float(v) - (self.running if self.cfg.detrend else 0.0)
             s[1] += 1
 
     def end_epoch(self, all_pending: List[Dict[str, List[float]]], new_epoch: int) -> Dict[str, Any]:
@@ -140,12 +147,13 @@ class HardSampleTracker:
 
     def state_dict(self) -> Dict[str, Any]:
         return {"epoch": self.epoch, "pending": self.pending, "latest": self.latest, "streak": self.streak,
-                "switched": sorted(self.switched), "history": self.history}
+                "switched": sorted(self.switched), "history": self.history, "running": self.running}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.epoch, self.pending = state["epoch"], {k: list(v) for k, v in state["pending"].items()}
         self.latest, self.streak = dict(state["latest"]), dict(state["streak"])
         self.switched, self.history = set(state["switched"]), list(state["history"])
+        self.running = state.get("running")
 
 
 def _decode(raw: Dict[str, Any]) -> Dict[str, Any]:
@@ -270,7 +278,8 @@ class DynCoT(Recipe):
                  "rationale_dropped_frac": sum(s == "dropped" for s in batch["rationale"]) / len(use)}
         if c.strategy == "dynamic":
             stats["switched_frac"] = len(self.tracker.switched) / max(1, len(self.tracker.latest))
-        return StepOutput(losses={"sft": out["loss"]}, stats=stats, samples=len(use), tokens=out["tokens"])
+        return StepOutput(losses={"sft": out["loss"]}, stats=stats, samples=len(use), tokens=out["tokens"],
+                          flops=out["flops"])
 
     def state_dict(self) -> Dict[str, Any]:
         return {"tracker": self.tracker.state_dict()} if self.cfg.strategy == "dynamic" else {}

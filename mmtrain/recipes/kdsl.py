@@ -183,13 +183,14 @@ class KDSL(Recipe):
         return self._loader(self.cfg.data.train, self.cfg.data)
 
     def step(self, model, batch) -> StepOutput:
-        losses, tokens = {}, 0
+        losses, tokens, flops = {}, 0, 0.0
         for t in self.cfg.tasks:
             answers = [self.label_ids[t][m[t]] for m in batch["meta"]]
             out = model(collate_sequences(batch["prompt"][t], answers, self.pad_id), adapter=self._adapter(t))
             losses[t] = out["loss"]
             tokens += out["tokens"]
-        return StepOutput(losses=losses, samples=len(batch["key"]), tokens=tokens)
+            flops += out["flops"]
+        return StepOutput(losses=losses, samples=len(batch["key"]), tokens=tokens, flops=flops)
 
     # -- prediction ----------------------------------------------------------------------------
     def label_probs(self, model, prompts: Sequence[Dict[str, torch.Tensor]], task: str) -> torch.Tensor:

@@ -14,17 +14,8 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from mmtrain.config import RecipeConfig, path_field
+from mmtrain.config import LoraSection, RecipeConfig, path_field
 from mmtrain.recipes.base import Recipe, StepOutput
-
-
-@dataclass
-class LoraSection:
-    enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
 
 
 @dataclass

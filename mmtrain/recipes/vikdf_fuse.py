@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from mmtrain.config import RecipeConfig, choices, path_field
+from mmtrain.config import LoraSection, RecipeConfig, choices, path_field
 from mmtrain.data.images import ImageTransform
 from mmtrain.data.reader import DataSection, SampleDecoder, build_loader, default_collate
 from mmtrain.models.bvif import (BVIF, INFERENCE_TEMPLATES, RECONSTRUCTION_TEMPLATES, embed_segments, labels_for,
@@ -28,7 +28,6 @@ from mmtrain.models.bvif import (BVIF, INFERENCE_TEMPLATES, RECONSTRUCTION_TEMPL
 from mmtrain.models.encoders import FrozenTowers, load_tokenizer
 from mmtrain.models.iqformer import IQFormer
 from mmtrain.recipes.base import Recipe, StepOutput
-from mmtrain.recipes.toy_lm import LoraSection
 
 SENTINEL = "\u2063KNOWLEDGE\u2063"
 
