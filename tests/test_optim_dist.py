@@ -66,3 +66,16 @@ def test_slurm_variables_map_to_torch_distributed():
     single = {}
     resolve_env(single)
     assert (single["RANK"], single["WORLD_SIZE"], single["LOCAL_RANK"]) == ("0", "1", "0")
+
+
+def test_in_process_init_leaves_no_rank_variables_behind(monkeypatch):
+    """A single-process run inside a test or notebook must not make later launches inherit RANK=0."""
+    import os
+
+    from mmtrain.engine import dist
+    for k in dist.DIST_VARS:
+        monkeypatch.delenv(k, raising=False)
+    env = dist.init("gloo", 60)
+    assert (env.rank, env.world_size) == (0, 1) and os.environ["WORLD_SIZE"] == "1"
+    dist.shutdown()
+    assert not any(k in os.environ for k in dist.DIST_VARS)

@@ -70,8 +70,15 @@ def resolve_env(environ=os.environ) -> None:
     environ.setdefault("MASTER_PORT", "29500")
 
 
+_ADDED_ENV: list = []        # the variables init() set itself, removed again by shutdown()
+
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def init(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
+    before = {k for k in DIST_VARS if k in os.environ}
     resolve_env()
+    _ADDED_ENV[:] = [k for k in DIST_VARS if k in os.environ and k not in before]
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if torch.cuda.is_available():
         # srun --gpus-per-task=1 shows each task one GPU whatever its local rank
@@ -144,3 +151,8 @@ def shutdown() -> None:
     if tdist.is_initialized():
         tdist.barrier()
         tdist.destroy_process_group()
+    # In-process use (tests, notebooks): a later launch from this process must not inherit a
+    # RANK=0 / WORLD_SIZE=1 that only described this process.
+    for k in _ADDED_ENV:
+        os.environ.pop(k, None)
+    _ADDED_ENV.clear()
