@@ -283,6 +283,28 @@ class SampleDecoder:
         return out
 
 
+def pil_decode(raw: Dict[str, Any]) -> Dict[str, Any]:
+    """Raw tar sample -> {"key", "meta" (the json), "image" (a PIL RGB image, or None when the sample
+    has none)}: for recipes whose processor (e.g. a VLM's) resizes and normalises images itself."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from mmtrain.data.images import image_bytes
+
+    data = image_bytes(raw)
+    return {"key": raw["__key__"], "meta": json.loads(raw["json"]) if "json" in raw else {},
+            "image": Image.open(io.BytesIO(data)).convert("RGB") if data is not None else None}
+
+
+def split_spec(val_spec: str, split: str) -> str:
+    """The shards of `split` beside the validation shards (`.../val` -> `.../test`)."""
+    from pathlib import Path
+
+    return val_spec if split == "val" else str(Path(val_spec).parent / split)
+
+
 def default_collate(items: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Stacks tensors, keeps everything else as lists."""
     out: Dict[str, Any] = {}

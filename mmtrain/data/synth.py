@@ -126,12 +126,13 @@ def keyphrase(rng: random.Random, split: str) -> Dict[str, Any]:
         text = rng.choice([f"Finished my {shape} {topic} project today!", f"New {shape} piece for my {topic} board.",
                            f"Some {shape} {topic} to share."])
     kps = [shape, color, topic]                           # topic present, colour absent, shape present unless hard
-    seen_color, answer = color, kps
+    seen_color, seen_shape, answer = color, shape, kps
     if rng.random() < WRONG_RATIONALE:          # a teacher's mistake: its answer misses every gold keyphrase
         seen_color = rng.choice([c for c in COLORS if c != color])
-        answer = [seen_color, rng.choice([s for s in TRAIN_SHAPES if s != shape])]
-    rationale = (f"The image shows {COUNT_WORDS[count]} {seen_color} {_noun(answer[-1] if len(answer) == 2 else shape, count)}"
-                 f" and the post is about {topic}. Answer: {'; '.join(answer)}")
+        seen_shape = rng.choice([s for s in TRAIN_SHAPES if s != shape])
+        answer = [seen_color, seen_shape]
+    rationale = (f"The image shows {COUNT_WORDS[count]} {seen_color} {_noun(seen_shape, count)} and the post is "
+                 f"about {topic}. Answer: {'; '.join(answer)}")
     return {"jpg": _jpeg(shapes_image(rng, shape, color, count, pos)),
             "json": {"text": text, "keyphrases": kps, "rationale": rationale}}
 

@@ -17,7 +17,6 @@ tokens it generates, and the split's keyphrase overlap with the training split.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -28,7 +27,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from mmtrain.config import ConfigError, RecipeConfig, choices, path_field
-from mmtrain.data.reader import DataSection, build_loader
+from mmtrain.data.reader import DataSection, build_loader, pil_decode, split_spec
 from mmtrain.data.shards import iter_shard, resolve
 from mmtrain.metrics.keyphrase import KeyphraseF1, dedupe, normalize, overlap, parse_generation
 from mmtrain.models.mllm import MLLM, LoraSection, Prompter, blank_image_inputs, collate_sequences, load_model, \
@@ -156,16 +155,6 @@ class HardSampleTracker:
         self.running = state.get("running")
 
 
-def _decode(raw: Dict[str, Any]) -> Dict[str, Any]:
-    from PIL import Image
-
-    from mmtrain.data.images import image_bytes
-
-    data = image_bytes(raw)
-    image = Image.open(io.BytesIO(data)).convert("RGB") if data is not None else None
-    return {"key": raw["__key__"], "meta": json.loads(raw["json"]), "image": image}
-
-
 class Collate:
     """Runs in the data workers: the chat-templated prompt (with image) and both possible targets."""
 
@@ -221,7 +210,7 @@ class DynCoT(Recipe):
 
     def _loader(self, spec: str, section: DataSection):
         self._setup()
-        return build_loader(section, spec, self.ctx.micro_batch_size, _decode, Collate(self.cfg, self.prompter),
+        return build_loader(section, spec, self.ctx.micro_batch_size, pil_decode, Collate(self.cfg, self.prompter),
                             self.ctx.rank, self.ctx.world_size, self.ctx.seed)
 
     def build_data(self):
@@ -289,9 +278,6 @@ class DynCoT(Recipe):
             self.tracker.load_state_dict(state["tracker"])
 
     # -- evaluation ------------------------------------------------------------------------------
-    def _split_spec(self, split: str) -> str:
-        return self.cfg.data.val if split == "val" else str(Path(self.cfg.data.val).parent / split)
-
     @torch.no_grad()
     def evaluate(self, model, split: str = "val") -> Dict[str, float]:
         if not self.cfg.data.val:
@@ -309,7 +295,7 @@ class DynCoT(Recipe):
     def _generate(self, model, split: str):
         c = self.cfg
         section = DataSection(**{**vars(c.data), "mode": "eval", "shuffle_buffer": 1})
-        loader = self._loader(self._split_spec(split), section)
+        loader = self._loader(split_spec(self.cfg.data.val, split), section)
         gen = {"max_new_tokens": c.generation.max_new_tokens, "num_beams": c.generation.num_beams,
                "do_sample": False, "pad_token_id": self.pad_id, "synced_gpus": self.ctx.world_size > 1}
         tok = self.processor.tokenizer

@@ -18,7 +18,6 @@ vote weight chosen per task on the validation split.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from mmtrain.config import ConfigError, RecipeConfig, choices, path_field
-from mmtrain.data.reader import DataSection, build_loader
+from mmtrain.data.reader import DataSection, build_loader, pil_decode, split_spec
 from mmtrain.data.shards import iter_shard, resolve
 from mmtrain.models.mllm import (MLLM, LoraSection, Prompter, blank_image_inputs, collate_sequences,
                                  load_task_adapters, load_processor)
@@ -86,16 +85,6 @@ def dialogue_text(meta: Dict[str, Any]) -> str:
 
 def last_user_turn(meta: Dict[str, Any]) -> str:
     return next((t["text"] for t in reversed(meta["turns"]) if t["role"] == "user"), "")
-
-
-def _decode(raw: Dict[str, Any]) -> Dict[str, Any]:
-    from PIL import Image
-
-    from mmtrain.data.images import image_bytes
-
-    data = image_bytes(raw)
-    return {"key": raw["__key__"], "meta": json.loads(raw["json"]),
-            "image": Image.open(io.BytesIO(data)).convert("RGB") if data is not None else None}
 
 
 class Collate:
@@ -176,7 +165,7 @@ class KDSL(Recipe):
 
     def _loader(self, spec: str, section: DataSection):
         self._setup()
-        return build_loader(section, spec, self.ctx.micro_batch_size, _decode, Collate(self.cfg, self.prompter),
+        return build_loader(section, spec, self.ctx.micro_batch_size, pil_decode, Collate(self.cfg, self.prompter),
                             self.ctx.rank, self.ctx.world_size, self.ctx.seed)
 
     def build_data(self):
@@ -201,14 +190,11 @@ class KDSL(Recipe):
         nll = model(collate_sequences(reps, answers, self.pad_id), adapter=self._adapter(task))["nll_sum"]
         return torch.softmax(-nll.float().view(len(prompts), len(labels)), dim=1).cpu()
 
-    def _split_spec(self, split: str) -> str:
-        return self.cfg.data.val if split == "val" else str(Path(self.cfg.data.val).parent / split)
-
     @torch.no_grad()
     def predict(self, model, split: str) -> List[Dict[str, Any]]:
         """Every example of the split once: its gold labels and the model's label distributions."""
         section = DataSection(**{**vars(self.cfg.data), "mode": "eval", "shuffle_buffer": 1})
-        loader = self._loader(self._split_spec(split), section)
+        loader = self._loader(split_spec(self.cfg.data.val, split), section)
         rows = []
         for _ in range(loader.steps_per_epoch):
             batch = next(loader)

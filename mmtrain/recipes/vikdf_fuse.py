@@ -22,7 +22,7 @@ from torch import nn
 
 from mmtrain.config import LoraSection, RecipeConfig, choices, path_field
 from mmtrain.data.images import ImageTransform
-from mmtrain.data.reader import DataSection, SampleDecoder, build_loader, default_collate
+from mmtrain.data.reader import DataSection, SampleDecoder, build_loader, default_collate, split_spec
 from mmtrain.models.bvif import (BVIF, INFERENCE_TEMPLATES, RECONSTRUCTION_TEMPLATES, embed_segments, labels_for,
                                  pick)
 from mmtrain.models.encoders import FrozenTowers, load_tokenizer
@@ -252,7 +252,7 @@ class VIKDFFuse(Recipe):
         return StepOutput(losses=losses, samples=len(batch["key"]), tokens=sum(len(t) for t in batch["target"]))
 
     def _val_loader(self, split: str):
-        spec = self.cfg.data.val if split == "val" else str(Path(self.cfg.data.val).parent / split)
+        spec = split_spec(self.cfg.data.val, split)
         return self._loader(spec, DataSection(**{**vars(self.cfg.data), "mode": "eval", "shuffle_buffer": 1}))
 
     @torch.no_grad()
