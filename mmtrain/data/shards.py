@@ -131,6 +131,14 @@ def iter_shard(path: Path, start: int = 0, stop: Optional[int] = None,
                 yield i, sample
 
 
+def iter_metas(spec: str | os.PathLike) -> Iterator[Tuple[Path, str, Dict[str, Any]]]:
+    """(shard, sample key, its json metadata or {}) for every sample of a shard set, in order."""
+    paths, _, _ = resolve(spec)
+    for p in paths:
+        for _, raw in iter_shard(p):
+            yield p, raw["__key__"], json.loads(raw["json"]) if "json" in raw else {}
+
+
 def count_samples(path: Path) -> int:
     keys = set()
     with tarfile.open(path) as tf:

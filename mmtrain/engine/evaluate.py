@@ -2,8 +2,8 @@
 
 Loads the run's resolved config and a checkpoint (default: latest; pass the tag chosen on the
 validation split for the final test score), consolidates its weights from the ZeRO shards, and
-calls the recipe's `evaluate` (e.g. perplexity) and `score` (e.g. generation + BLEU/ROUGE/
-Distinct). Writes RUN_DIR/eval_<split>_<tag>.json and predictions_<split>_<tag>.jsonl (rank 0).
+calls the recipe's `score` (e.g. perplexity, generation + BLEU/ROUGE/Distinct). Writes
+RUN_DIR/eval_<split>_<tag>.json and predictions_<split>_<tag>.jsonl (rank 0).
 Run it under torchrun/deepspeed/srun for several ranks, or plainly for one. `--set key=value`
 changes the saved config for this evaluation only (e.g. `--set recipe.rules=rules/rules.json`).
 """
@@ -37,9 +37,7 @@ def load_run(run_dir: str, tag: Optional[str] = None, overrides: Sequence[str] =
 def run_eval(run_dir: str, split: str = "val", tag: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
     run = Path(run_dir)
     cfg, recipe, model, tag, env = load_run(run_dir, tag, overrides)
-    metrics = recipe.evaluate(model, split)
-    scores, rows = recipe.score(model, split)
-    metrics.update(scores)
+    metrics, rows = recipe.score(model, split)
     metrics = {k: v for k, v in metrics.items() if not isinstance(v, torch.Tensor)}   # images: TensorBoard only
     result = {"split": split, "checkpoint": tag, **metrics}
     if env.is_main:

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from mmtrain.config import LoraSection
+from mmtrain.config import ConfigError, LoraSection
 
 SENTINEL = "\u2063ANSWER\u2063"
 
@@ -40,7 +40,7 @@ def _image_only_processor(path: str):
             cfg = {**json.loads(f.read_text()), **cfg}
     cls_name = cfg.get("processor_class")
     if not cls_name or not hasattr(transformers, cls_name):
-        raise ValueError(f"{path}: cannot tell the processor class (processor_config.json 'processor_class')")
+        raise ConfigError(f"{path}: cannot tell the processor class (processor_config.json 'processor_class')")
     base = getattr(transformers, cls_name)
     cls = type(cls_name, (base,), {"check_argument_for_proper_class": lambda self, name, arg: type(arg)})
     tok, image_processor = AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
@@ -63,19 +63,6 @@ def load_processor(path: str):
         if "orchvision" not in str(e):
             raise
         return _image_only_processor(path)
-
-
-def load_model(path: str, lora: LoraSection, torch_dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """The image-text-to-text model: frozen with a LoRA adapter (`lora.enabled`), else fully trainable."""
-    from transformers import AutoModelForImageTextToText
-
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype)
-    if not lora.enabled:
-        return model.requires_grad_(True)
-    from peft import get_peft_model
-
-    model.requires_grad_(False)
-    return get_peft_model(model, lora_config(lora))
 
 
 class Prompter:
@@ -249,29 +236,34 @@ def lora_config(lora: LoraSection):
     return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
 
 
-def load_task_adapters(path: str, lora: LoraSection, tasks: Sequence[str], init_from: Optional[str] = None):
-    """The frozen model with one LoRA adapter per task, all trainable (KDSL's decoupled post-training:
-    no weight update is shared across tasks). `init_from`: a directory of saved adapters to start from."""
+def load_model(path: str, lora: LoraSection, adapters: Sequence[str] = ("default",),
+               init_from: Optional[str] = None) -> nn.Module:
+    """The image-text-to-text model: fully trainable (`lora.enabled` false), or frozen with one
+    trainable LoRA adapter per name in `adapters` (KDSL's decoupled post-training gives each task its
+    own, so no weight update is shared across tasks). `init_from`: saved adapters to start from."""
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForImageTextToText
 
-    base = AutoModelForImageTextToText.from_pretrained(path).requires_grad_(False)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    if not lora.enabled:
+        return model.requires_grad_(True)
+    model.requires_grad_(False)
     if init_from:
-        def where(t: str) -> str:     # peft saves a non-default adapter in a sub-directory of its name
-            sub = Path(init_from) / t
+        def where(name: str) -> str:     # peft saves a non-default adapter in a sub-directory of its name
+            sub = Path(init_from) / name
             if (sub / "adapter_config.json").is_file():
                 return str(sub)
             if (Path(init_from) / "adapter_config.json").is_file():
                 return init_from
-            raise FileNotFoundError(f"recipe.init_from={init_from}: no adapter for '{t}' (adapter_config.json)")
+            raise FileNotFoundError(f"recipe.init_from={init_from}: no adapter for '{name}' (adapter_config.json)")
 
-        model = PeftModel.from_pretrained(base, where(tasks[0]), adapter_name=tasks[0], is_trainable=True)
-        for t in tasks[1:]:
-            model.load_adapter(where(t), adapter_name=t, is_trainable=True)
+        model = PeftModel.from_pretrained(model, where(adapters[0]), adapter_name=adapters[0], is_trainable=True)
+        for name in adapters[1:]:
+            model.load_adapter(where(name), adapter_name=name, is_trainable=True)
     else:
-        model = get_peft_model(base, lora_config(lora), adapter_name=tasks[0])
-        for t in tasks[1:]:
-            model.add_adapter(t, lora_config(lora))
+        model = get_peft_model(model, lora_config(lora), adapter_name=adapters[0])
+        for name in adapters[1:]:
+            model.add_adapter(name, lora_config(lora))
     for n, p in model.named_parameters():     # peft leaves only the active adapter trainable
         if "lora_" in n:
             p.requires_grad_(True)

@@ -74,8 +74,9 @@ class Recipe:
         return {}
 
     def score(self, model: nn.Module, split: str):
-        """(metrics, per-sample prediction rows) for `mmtrain eval`, e.g. generation. Optional."""
-        return {}, []
+        """Everything `mmtrain eval` reports: (metrics, per-sample prediction rows), e.g. generation.
+        Default: the metrics of `evaluate`, no rows."""
+        return self.evaluate(model, split), []
 
     def flops_per_sample(self) -> Optional[float]:
         """Training FLOPs per sample (forward + backward + frozen forwards), for MFU. Optional."""

@@ -28,7 +28,7 @@ import torch
 
 from mmtrain.config import ConfigError, RecipeConfig, choices, path_field
 from mmtrain.data.reader import DataSection, build_loader, pil_decode, split_spec
-from mmtrain.data.shards import iter_shard, resolve
+from mmtrain.data.shards import iter_metas
 from mmtrain.metrics.keyphrase import KeyphraseF1, dedupe, normalize, overlap, parse_generation
 from mmtrain.models.mllm import MLLM, LoraSection, Prompter, blank_image_inputs, collate_sequences, load_model, \
     load_processor
@@ -193,7 +193,6 @@ class DynCoT(Recipe):
     def __init__(self, cfg: DynCoTConfig, ctx):
         super().__init__(cfg, ctx)
         self.tracker = HardSampleTracker(cfg.dynamic)
-        self._cached = None
 
     def _setup(self):
         if not hasattr(self, "processor"):
@@ -224,18 +223,15 @@ class DynCoT(Recipe):
         """Training keyphrases (for seen/unseen and overlap) and the rationale counts, read once."""
         if hasattr(self, "_train_scan"):
             return self._train_scan
-        paths, _, _ = resolve(self.cfg.data.train)
         kps, counts = [], {"samples": 0, "rationales": 0, "rationales_dropped": 0}
-        for p in paths:
-            for _, raw in iter_shard(p):
-                if "json" not in raw:
-                    continue
-                meta = json.loads(raw["json"])
-                kps += meta.get("keyphrases", [])
-                counts["samples"] += 1
-                if meta.get("rationale"):
-                    counts["rationales"] += 1
-                    counts["rationales_dropped"] += not rationale_is_valid(meta["rationale"], meta["keyphrases"])
+        for _, _, meta in iter_metas(self.cfg.data.train):
+            if not meta:
+                continue
+            kps += meta.get("keyphrases", [])
+            counts["samples"] += 1
+            if meta.get("rationale"):
+                counts["rationales"] += 1
+                counts["rationales_dropped"] += not rationale_is_valid(meta["rationale"], meta["keyphrases"])
         self._train_scan = {**counts, "keyphrases": kps}
         return self._train_scan
 
@@ -278,21 +274,12 @@ class DynCoT(Recipe):
             self.tracker.load_state_dict(state["tracker"])
 
     # -- evaluation ------------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, model, split: str = "val") -> Dict[str, float]:
-        if not self.cfg.data.val:
-            return {}
-        self._cached = (split, *self._generate(model, split))
-        return dict(self._cached[1])
+        return self.score(model, split)[0] if self.cfg.data.val else {}
 
+    @torch.no_grad()
     def score(self, model, split: str):
-        if self._cached and self._cached[0] == split:
-            _, metrics, rows = self._cached
-            self._cached = None
-            return metrics, rows
-        return self._generate(model, split)
-
-    def _generate(self, model, split: str):
+        """Generate for every post of the split (each rank its part), parse, gather, score."""
         c = self.cfg
         section = DataSection(**{**vars(c.data), "mode": "eval", "shuffle_buffer": 1})
         loader = self._loader(split_spec(self.cfg.data.val, split), section)

@@ -28,10 +28,10 @@ import torch
 
 from mmtrain.config import ConfigError, RecipeConfig, choices, path_field
 from mmtrain.data.reader import DataSection, build_loader, pil_decode, split_spec
-from mmtrain.data.shards import iter_shard, resolve
+from mmtrain.data.shards import iter_metas
 from mmtrain.models.mllm import (MLLM, LoraSection, Prompter, blank_image_inputs, collate_sequences,
-                                 load_task_adapters, load_processor)
-from mmtrain.models.rules import RuleBase, combine, dialogue_conditions
+                                 load_model, load_processor)
+from mmtrain.models.rules import Rule, RuleBase, combine, dialogue_conditions
 from mmtrain.recipes.base import Recipe, StepOutput
 
 log = logging.getLogger("mmtrain")
@@ -77,6 +77,8 @@ class KDSLConfig(RecipeConfig):
             raise ConfigError(f"recipe.questions has no question for task(s) {missing}")
         if self.mode == "decoupled" and not self.lora.enabled:
             raise ConfigError("recipe.mode=decoupled needs recipe.lora.enabled=true (one adapter per task)")
+        if self.init_from and not self.lora.enabled:
+            raise ConfigError("recipe.init_from names saved LoRA adapters: it needs recipe.lora.enabled=true")
 
 
 def dialogue_text(meta: Dict[str, Any]) -> str:
@@ -140,25 +142,17 @@ class KDSL(Recipe):
 
     def _labels_from_data(self, task: str) -> List[str]:
         labels = set()
-        paths, _, _ = resolve(self.cfg.data.train)
-        for p in paths:
-            for _, raw in iter_shard(p):
-                meta = json.loads(raw.get("json", b"{}"))
-                if task not in meta:
-                    raise ConfigError(f"{p}: sample {raw['__key__']} has no '{task}' label (recipe.tasks={self.cfg.tasks})")
-                labels.add(meta[task])
+        for p, key, meta in iter_metas(self.cfg.data.train):
+            if task not in meta:
+                raise ConfigError(f"{p}: sample {key} has no '{task}' label (recipe.tasks={self.cfg.tasks})")
+            labels.add(meta[task])
         return sorted(labels)
 
     def build_model(self):
         self._setup()
         c = self.cfg
         adapters = list(c.tasks) if c.mode == "decoupled" else ["default"]
-        if c.lora.enabled:
-            model = load_task_adapters(c.model_path, c.lora, adapters, c.init_from)
-        else:
-            from mmtrain.models.mllm import load_model
-            model = load_model(c.model_path, c.lora)
-        return MLLM(model, blank_image_inputs(self.processor))
+        return MLLM(load_model(c.model_path, c.lora, adapters, c.init_from), blank_image_inputs(self.processor))
 
     def _adapter(self, task: str) -> Optional[str]:
         return task if self.cfg.mode == "decoupled" else None
@@ -231,20 +225,20 @@ class KDSL(Recipe):
                 metrics[f"confusion/{k[len('_confusion_'):]}"] = confusion_image(*v)   # an image: TensorBoard
             else:
                 metrics[k] = v
-        self._rows = (split, rows)
         return metrics
 
     @torch.no_grad()
     def score(self, model, split: str):
         """`mmtrain eval`: the model's weighted F1 per task; with `recipe.rules`, also the rules-and-
         model prediction, its parameters chosen on the validation split."""
-        rows = self._rows[1] if getattr(self, "_rows", (None,))[0] == split else self.predict(model, split)
-        metrics = {k: v for k, v in self._scores(rows).items() if not k.startswith("_")}
+        self._setup()
+        rows = self.predict(model, split)
+        metrics = {"n": len(rows), **{k: v for k, v in self._scores(rows).items() if not k.startswith("_")}}
         if self.cfg.rules:
             rules = RuleBase.load(self.cfg.rules, self.labels)
             val_rows = rows if split == "val" else self.predict(model, "val")
-            params = self.choose_collab(rules, val_rows)
-            self.apply_rules(rules, rows, params, split)
+            params = self.choose_collab(val_rows, self.match_rules(rules, val_rows, "val"))
+            self.apply_rules(rows, self.match_rules(rules, rows, split), params)
             metrics.update({f"{k}_rules": v for k, v in self._scores(rows, "probs_rules").items()
                             if not k.startswith("_")})
             metrics["collab"] = params
@@ -257,17 +251,22 @@ class KDSL(Recipe):
                                     f"conditions beside the rules")
         return json.loads(path.read_text())
 
-    def apply_rules(self, rules: RuleBase, rows, params: Dict[str, Dict[str, float]], split: str) -> None:
+    def match_rules(self, rules: RuleBase, rows, split: str) -> List[Dict[str, List[Rule]]]:
+        """Per row and task, the rules its conditions satisfy (image conditions from `kdsl mine`, the
+        dialogue's words); each row also records them as text (`rules_fired`)."""
         conds = self._conditions(split)
+        matched = []
         for r in rows:
             have = set(conds.get(r["key"], [])) | dialogue_conditions(r["dialogue"])
-            r["probs_rules"], r["rules_fired"] = {}, {}
-            for t in self.cfg.tasks:
-                matched = [x for x in rules.for_task(t) if x.matches(have)]
-                r["probs_rules"][t] = combine(r["probs"][t], self.labels[t], matched, **params[t])
-                r["rules_fired"][t] = [str(x) for x in matched]
+            matched.append({t: [x for x in rules.for_task(t) if x.matches(have)] for t in self.cfg.tasks})
+            r["rules_fired"] = {t: [str(x) for x in m] for t, m in matched[-1].items()}
+        return matched
 
-    def choose_collab(self, rules: RuleBase, val_rows) -> Dict[str, Dict[str, float]]:
+    def apply_rules(self, rows, matched: List[Dict[str, List[Rule]]], params: Dict[str, Dict[str, float]]) -> None:
+        for r, m in zip(rows, matched):
+            r["probs_rules"] = {t: combine(r["probs"][t], self.labels[t], m[t], **params[t]) for t in self.cfg.tasks}
+
+    def choose_collab(self, val_rows, matched: List[Dict[str, List[Rule]]]) -> Dict[str, Dict[str, float]]:
         """Per task, the (override threshold, vote weight) with the best validation weighted F1
         (ties: the smaller weight and the higher threshold, i.e. the least rule influence)."""
         best: Dict[str, Dict[str, float]] = {}
@@ -278,7 +277,7 @@ class KDSL(Recipe):
             for o, w in grid:
                 params = {x: {"override": 2.0, "weight": 0.0} for x in self.cfg.tasks}
                 params[t] = {"override": o, "weight": w}
-                self.apply_rules(rules, val_rows, params, "val")
+                self.apply_rules(val_rows, matched, params)
                 scored.append((self._scores(val_rows, "probs_rules")[f"{t}_wf1"], o, w))
             top = max(s[0] for s in scored)
             _, o, w = next(s for s in scored if s[0] == top)
@@ -321,7 +320,7 @@ def mine(small_run: str, out_dir: str, data_root: Optional[str] = None, tasks: S
             seen = labels[max(range(len(labels)), key=lambda j: r["probs"][image_task][j])]
             conditions[split][r["key"]] = sorted({f"image shows {seen}"} | dialogue_conditions(r["dialogue"]))
         if split == "train":
-            metas = _metas(root / "train")
+            metas = {key: meta for _, key, meta in iter_metas(root / "train")}
             examples = {t: [(set(conditions["train"][k]), metas[k][t]) for k in conditions["train"]
                             if t in metas[k]] for t in tasks}
     if env.is_main:
@@ -344,11 +343,6 @@ def mine(small_run: str, out_dir: str, data_root: Optional[str] = None, tasks: S
             print(r)
     dist.shutdown()
     return out / "rules.json"
-
-
-def _metas(spec: Path) -> Dict[str, Dict[str, Any]]:
-    paths, _, _ = resolve(str(spec))
-    return {raw["__key__"]: json.loads(raw["json"]) for p in paths for _, raw in iter_shard(p) if "json" in raw}
 
 
 def seesaw(named_runs: Sequence[str], split: str = "test") -> str:

@@ -257,9 +257,25 @@ class VIKDFFuse(Recipe):
 
     @torch.no_grad()
     def evaluate(self, model, split: str = "val") -> Dict[str, float]:
-        """Perplexity of the targets (teacher forcing, knowledge from the mean), every sample once."""
+        """Perplexity (and with `recipe.eval_generate`, the generation scores) during training."""
         if not self.cfg.data.val:
             return {}
+        metrics = self._perplexity(model, split)
+        if self.cfg.eval_generate and self.cfg.phase == "dialogue":
+            metrics.update(self._generate(model, split)[0])
+        return metrics
+
+    @torch.no_grad()
+    def score(self, model, split: str):
+        """`mmtrain eval`: perplexity, and for dialogues the generations, their scores and rows."""
+        metrics = self._perplexity(model, split)
+        if self.cfg.phase != "dialogue":
+            return metrics, []
+        scores, rows = self._generate(model, split)
+        return {**metrics, **scores}, rows
+
+    def _perplexity(self, model, split: str) -> Dict[str, float]:
+        """Perplexity of the targets (teacher forcing, knowledge from the mean), every sample once."""
         loader = self._val_loader(split)
         per_key = {}
         for _ in range(loader.steps_per_epoch):
@@ -269,14 +285,11 @@ class VIKDFFuse(Recipe):
                 per_key[key] = (nll, len(target))
         merged = {k: v for part in self.ctx.gather_objects(per_key) for k, v in part.items()}
         total_nll, tokens = sum(v[0] for v in merged.values()), sum(v[1] for v in merged.values())
-        metrics = {"ppl": float(torch.exp(torch.tensor(total_nll / tokens))), "nll": total_nll / tokens,
-                   "n": len(merged)}
-        if self.cfg.eval_generate and self.cfg.phase == "dialogue":
-            metrics.update(self.score(model, split)[0])
-        return metrics
+        return {"ppl": float(torch.exp(torch.tensor(total_nll / tokens))), "nll": total_nll / tokens,
+                "n": len(merged)}
 
     @torch.no_grad()
-    def score(self, model, split: str):
+    def _generate(self, model, split: str):
         """Generate for every dialogue of the split (each rank its part), gather, score."""
         from mmtrain.metrics.dialogue import dialogue_scores
 
