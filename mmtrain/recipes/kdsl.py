@@ -232,10 +232,10 @@ class KDSL(Recipe):
         """`mmtrain eval`: the model's weighted F1 per task; with `recipe.rules`, also the rules-and-
         model prediction, its parameters chosen on the validation split."""
         self._setup()
+        rules = RuleBase.load(self.cfg.rules, self.labels) if self.cfg.rules else None   # bad rules: fail first
         rows = self.predict(model, split)
         metrics = {"n": len(rows), **{k: v for k, v in self._scores(rows).items() if not k.startswith("_")}}
-        if self.cfg.rules:
-            rules = RuleBase.load(self.cfg.rules, self.labels)
+        if rules is not None:
             val_rows = rows if split == "val" else self.predict(model, "val")
             params = self.choose_collab(val_rows, self.match_rules(rules, val_rows, "val"))
             self.apply_rules(rows, self.match_rules(rules, rows, split), params)
