@@ -11,11 +11,18 @@ The softmax part is one kernel called twice, as (X, Y, lse_row, lse_col) for dX 
 diagonal, e / B everywhere) is O(B D) and done in torch.
 
 Distributed: each rank gathers all features, computes its own rows against all columns, and the
-column/row log-sum-exps are combined across ranks (B floats each). Each rank's feature
-gradients are then exactly those of the global loss with respect to its local features, so no
-gradient communication is needed; the logit-scale gradient is this rank's share (the shares sum
-to the global one), which keeps every parameter gradient on the same 1/world footing under the
-data-parallel average.
+column/row log-sum-exps are combined across ranks (B floats each). The gradient of the global
+loss with respect to this rank's features needs no further communication: it comes from this
+rank's rows and columns alone, and the logit-scale gradient splits into per-rank shares that sum
+to the global one. What each rank receives depends on how the caller reduces gradients across
+ranks (`grad_reduction`):
+- "mean" (default; what DeepSpeed and DDP do): world_size x (dL/d local features) and
+  world_size x (this rank's share of dL/ds). After the data-parallel mean over ranks, every
+  parameter upstream of the loss holds exactly the gradient of the global-batch loss — the same
+  as one process over the whole batch, at any world size.
+- "sum": dL/d local features and this rank's share of dL/ds, unscaled; the sum over ranks is the
+  global gradient.
+The returned value is the global loss on every rank, whatever the reduction.
 """
 from __future__ import annotations
 
@@ -161,7 +168,7 @@ def _gather(t: torch.Tensor, group) -> torch.Tensor:
 
 class _Contrastive(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, scale, label_smoothing: float, group, distributed: bool):
+    def forward(ctx, x, y, scale, label_smoothing: float, group, distributed: bool, grad_reduction: str):
         fused = use_triton(x, y, scale)
         lse, grad = (_lse_triton, _softmax_grad_triton) if fused else (_lse_torch, _softmax_grad_torch)
         ctx.scale_shape, ctx.scale_dtype = scale.shape, scale.dtype
@@ -191,13 +198,15 @@ class _Contrastive(torch.autograd.Function):
             dist.all_reduce(loss, group=group)
         ctx.save_for_backward(x, y, xs, ys, scale, row_lse, col_lse, row_all, xsum, ysum, diag)
         ctx.grad_fn_, ctx.mine, ctx.e, ctx.total = grad, mine, e, total
+        # under a data-parallel mean, each rank's share must count world times to sum to the global gradient
+        ctx.grad_mult = dist.get_world_size(group) if distributed and grad_reduction == "mean" else 1
         return loss
 
     @staticmethod
     def backward(ctx, gout):
         x, y, xs, ys, scale, row_lse, col_lse, row_all, xsum, ysum, diag = ctx.saved_tensors
         grad, mine, e, total = ctx.grad_fn_, ctx.mine, ctx.e, ctx.total
-        c = gout.float() / (2 * total)
+        c = gout.float() * ctx.grad_mult / (2 * total)
         dx, ds = grad(x, ys, scale, row_lse, col_lse, float(c), True)
         dy, _ = grad(y, xs, scale, col_lse[mine], row_all, float(c), False)
         # the target part of G: -2c * ((1 - e) * identity + e / B * ones)
@@ -205,15 +214,19 @@ class _Contrastive(torch.autograd.Function):
         dx = dx - t * ((1 - e) * y.float() + e / total * ysum)
         dy = dy - t * ((1 - e) * x.float() + e / total * xsum)
         ds = ds - 2 * c * ((1 - e) * diag.sum() + e / total * (x.float() @ ysum).sum())
-        return dx.to(x.dtype), dy.to(y.dtype), ds.reshape(ctx.scale_shape).to(ctx.scale_dtype), None, None, None
+        return (dx.to(x.dtype), dy.to(y.dtype), ds.reshape(ctx.scale_shape).to(ctx.scale_dtype),
+                None, None, None, None)
 
 
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
                      label_smoothing: float = 0.0, group: Optional[object] = None,
-                     distributed: Optional[bool] = None) -> torch.Tensor:
+                     distributed: Optional[bool] = None, grad_reduction: str = "mean") -> torch.Tensor:
     """Symmetric InfoNCE over the (global) batch; `logit_scale` is the multiplier s (exp of CLIP's
     learnable log-scale). `distributed=None` means: gather across `group` when a process group
-    with more than one rank is initialised. Same value on every rank."""
+    with more than one rank is initialised. Same value on every rank. `grad_reduction` says how
+    the caller reduces parameter gradients across ranks, "mean" (DeepSpeed, DDP) or "sum": the
+    gradients each rank receives are scaled so that this reduction yields the global-batch
+    gradient (see the module docstring)."""
     if image.ndim != 2 or image.shape != text.shape:
         raise ValueError(f"image and text features must both be B x D, got {tuple(image.shape)} and "
                          f"{tuple(text.shape)}")
@@ -223,24 +236,28 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
         raise ValueError(f"logit_scale must hold one value, got shape {tuple(logit_scale.shape)}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if grad_reduction not in ("mean", "sum"):
+        raise ValueError(f"grad_reduction must be 'mean' or 'sum', got {grad_reduction!r}")
     if distributed is None:
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
     if image.shape[1] > MAX_D and use_triton(image):
         raise ValueError(f"feature dimension {image.shape[1]} > {MAX_D}: project the features first")
-    return _Contrastive.apply(image, text, logit_scale, label_smoothing, group, distributed)
+    return _Contrastive.apply(image, text, logit_scale, label_smoothing, group, distributed, grad_reduction)
 
 
 class ContrastiveLoss(nn.Module):
     """CLIP's loss with its learnable temperature: s = exp(log_scale), clamped to `max_scale`."""
 
     def __init__(self, init_scale: float = 1 / 0.07, max_scale: float = 100.0, label_smoothing: float = 0.0,
-                 distributed: Optional[bool] = None, group=None):
+                 distributed: Optional[bool] = None, group=None, grad_reduction: str = "mean"):
         super().__init__()
         # shape (1,), not a 0-d tensor: DeepSpeed's parameter broadcast cannot view 0-d tensors as bytes
         self.log_scale = nn.Parameter(torch.tensor([float(init_scale)]).log())
         self.max_log_scale = float(torch.tensor(max_scale).log())
         self.label_smoothing, self.distributed, self.group = label_smoothing, distributed, group
+        self.grad_reduction = grad_reduction
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         scale = self.log_scale.clamp(max=self.max_log_scale).exp()
-        return contrastive_loss(image, text, scale, self.label_smoothing, self.group, self.distributed)
+        return contrastive_loss(image, text, scale, self.label_smoothing, self.group, self.distributed,
+                                self.grad_reduction)
