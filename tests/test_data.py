@@ -19,10 +19,10 @@ from mmtrain.data.shards import DataError, read_manifest, write_shards
 from mmtrain.data.synth import COLORS, synth
 
 
-def loader(spec, batch=4, rank=0, world=1, workers=0, seed=0, shuffle_buffer=8, **kw):
+def loader(spec, batch=4, rank=0, world=1, workers=0, seed=0, shuffle_buffer=8, grad_accum=1, **kw):
     return build_loader(DataSection(workers=workers, shuffle_buffer=shuffle_buffer, **kw), str(spec), batch,
                         SampleDecoder(ImageTransform(resize=32, crop=32), need_image=False), default_collate,
-                        rank=rank, world=world, seed=seed)
+                        rank=rank, world=world, seed=seed, grad_accum=grad_accum)
 
 
 def epoch_keys(ld):
@@ -265,6 +265,52 @@ def test_resume_sees_exactly_the_remaining_batches(tmp_path):
     assert [next(other)["key"] for _ in range(3)] != want[:3]       # the seed matters
 
 
+# (world, micro_batch_size, grad_accum, workers): four ways to make a global batch of 8
+LAYOUTS = [(1, 8, 1, 0), (2, 4, 1, 2), (4, 2, 1, 1), (1, 4, 2, 2), (2, 2, 2, 0)]
+
+
+def global_batches(spec, world, batch, ga, workers, steps, states=None, **kw):
+    """The samples of each optimizer step, over all ranks: {step: sorted keys}; and each rank's state."""
+    lds = [loader(spec, batch=batch, rank=r, world=world, workers=workers, grad_accum=ga, seed=3, **kw)
+           for r in range(world)]
+    if states is not None:
+        for r, ld in enumerate(lds):
+            ld.load_state_dict(ld.reshard_state(states, r, world))
+    out = []
+    for _ in range(steps):
+        out.append(sorted(k for ld in lds for _ in range(ga) for k in next(ld)["key"]))
+    return out, [ld.state_dict() for ld in lds]
+
+
+def test_global_batches_do_not_depend_on_world_size_accumulation_or_workers(tmp_path):
+    spec = write_plain(tmp_path, "u", [23, 5, 30, 9])              # 67 samples: 8 steps of 8, 3 sit out
+    runs = [global_batches(spec, w, b, ga, wk, 10, shuffle_buffer=20)[0] for w, b, ga, wk in LAYOUTS]
+    for other in runs[1:]:
+        assert other == runs[0]
+    epoch = [k for batch in runs[0][:8] for k in batch]
+    assert len(epoch) == len(set(epoch)) == 64                      # each sample at most once per epoch
+    assert runs[0][8:] != runs[0][:2]                               # epoch 2 is dealt anew
+    assert runs[0][0] != sorted(f"{i:09d}" for i in range(8))       # shuffled, not file order
+
+
+@pytest.mark.parametrize("before,after", [((2, 4, 1, 2), (1, 8, 1, 0)), ((1, 8, 1, 0), (4, 2, 1, 1)),
+                                          ((2, 4, 1, 2), (1, 4, 2, 2))])
+def test_resume_on_another_world_size_continues_the_epoch(tmp_path, before, after):
+    spec = write_plain(tmp_path, "u", [23, 5, 30, 9])
+    want, _ = global_batches(spec, *before, 11, shuffle_buffer=20)  # crosses into epoch 2
+    first, states = global_batches(spec, *before, 5, shuffle_buffer=20)
+    rest, _ = global_batches(spec, *after, 6, states=states, shuffle_buffer=20)
+    assert first + rest == want
+
+
+def test_resume_with_another_global_batch_is_refused_by_name(tmp_path):
+    spec = write_plain(tmp_path, "u", [40])
+    _, states = global_batches(spec, 2, 4, 1, 0, 2)
+    ld = loader(spec, batch=4, world=1)
+    with pytest.raises(DataError, match=r"global batch of 8 samples .* this run has 4 .*set train.grad_accum"):
+        ld.load_state_dict(ld.reshard_state(states, 0, 1))
+
+
 def test_resampled_mode_fixed_steps(tmp_path):
     spec = write_plain(tmp_path, "r", [6, 3])
     ld = loader(spec, batch=4, workers=2, mode="resampled", steps_per_epoch=5)
@@ -312,7 +358,7 @@ def test_bad_shard_specs_name_the_problem(tmp_path):
     spec = write_plain(tmp_path, "s", [4])
     with pytest.raises(DataError, match=r"shard not found: .*dialogue-000001.tar \(and 2 more\)"):
         loader(f"{spec}/dialogue-{{000000..000003}}.tar")
-    with pytest.raises(DataError, match="cannot fill one batch"):
+    with pytest.raises(DataError, match="cannot fill one global batch of 6"):
         loader(spec, batch=3, world=2)
     (spec / "manifest.json").write_text("{")
     with pytest.raises(DataError, match="not valid JSON"):

@@ -1,30 +1,38 @@
 """The distributed, resumable shard reader every recipe uses.
 
-Two modes (`DataSection.mode`):
-- exact: every epoch, the shard order is shuffled (seed, epoch); the concatenated samples are
-  cut into one contiguous range per rank (total // world samples each; the remainder, fewer
-  than `world` samples, sits out that epoch), each range into one chunk per data worker, and
-  each worker shuffles its chunk through a seeded buffer. So every sample is seen at most once
-  per epoch, every rank takes the same number of steps (no hang on uneven shards), each rank
-  reads only its own part of the data, and the whole order is a function of (seed, epoch,
-  world, workers): a resumed run sees exactly the remaining batches of the interrupted one.
-- eval: like exact, but every sample is seen exactly once: the ranks' parts are total / world
-  rounded up and the last batches are filled with repeats, which evaluation drops by sample key.
+Three modes (`DataSection.mode`):
+- exact: every epoch, the shard order is shuffled (seed, epoch) and the concatenated samples are
+  cut into *global* batches of G = micro_batch x grad_accum x world samples (one optimizer step
+  of the whole job; the remainder, fewer than G samples, sits out that epoch). Consecutive
+  global batches form shuffle windows of max(G, shuffle_buffer) samples (rounded up to whole
+  batches), and a seeded permutation of each window (seed, epoch, window) deals its samples to
+  its batches. Which samples make up global batch s is therefore a function of
+  (seed, epoch, G, shuffle_buffer) alone, not of the world size or the data workers: runs at
+  1, 2 or 8 ranks with the same global batch see the same batches, and a run resumed on another
+  number of ranks (same G) continues with exactly the remaining batches of the epoch. Within a
+  global batch, rank r takes the r-th of `world` equal parts of its samples sorted by position
+  (then split into grad_accum micro-batches), so a rank reads mostly its own 1/world of each
+  window. Every sample is seen at most once per epoch and every rank takes the same number of
+  steps (no hang on uneven shards).
+- eval: every sample exactly once: rank r reads the r-th contiguous part (total / world rounded
+  up); the last batches are filled with repeats, which evaluation drops by sample key.
 - resampled: each worker draws shards at random with replacement, forever, and the epoch is a
   fixed number of steps (`steps_per_epoch`), as open_clip does for large corpora. Resuming
   continues with a fresh random stream rather than the same one.
 
-Batch b of a rank comes from data worker b % workers; after a resume at batch p, worker k
-takes the role of worker (k + p) % workers, so that the DataLoader's round-robin still yields
-batches p, p+1, ... in order. Corrupt samples are replaced by a copy of another sample of the
-same batch (fixed batch shapes) and counted; unreadable or truncated shards count their
+Batch b of a rank (its b-th micro-batch of the epoch) comes from data worker
+(b - start) % workers, where start is the batch the stream was (re)started at, so the
+DataLoader's round-robin yields batches start, start+1, ... in order; what a batch holds never
+depends on the worker that reads it. Corrupt samples are replaced by a copy of another sample of
+the same batch (fixed batch shapes) and counted; unreadable or truncated shards count their
 missing samples too; `data/skipped` reaches the logs, and more than `max_skip_fraction` of the
 samples seen stops the run with an error naming the shards.
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 import random
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
@@ -42,12 +50,9 @@ class DataSection:
     val: str = shards_field()
     mode: str = choices("exact", "resampled", "eval", default="exact")
     workers: int = 2                   # DataLoader processes per rank
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 1000         # exact: samples per shuffle window; resampled: per-worker buffer
     steps_per_epoch: Optional[int] = None   # resampled mode: steps per rank per epoch
     max_skip_fraction: float = 0.01    # corrupt/unreadable samples tolerated before the run stops
-
-
-_END = object()
 
 
 def _shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -64,94 +69,128 @@ def _shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[A
 
 
 class ShardStream(IterableDataset):
-    """Yields this rank's collated batches for one epoch, starting `start_batch` batches in."""
+    """Yields this rank's collated micro-batches for one epoch, starting `start_batch` batches in."""
 
     def __init__(self, spec: str, batch_size: int, decode: Callable[[dict], Any],
                  collate: Callable[[List[Any]], Dict[str, Any]], rank: int, world: int, seed: int,
-                 mode: str = "exact", shuffle_buffer: int = 1000, steps_per_epoch: Optional[int] = None):
+                 mode: str = "exact", shuffle_buffer: int = 1000, steps_per_epoch: Optional[int] = None,
+                 grad_accum: int = 1):
         self.paths, self.counts, self.manifest = resolve(spec)
         self.spec, self.batch_size, self.decode, self.collate = spec, batch_size, decode, collate
         self.rank, self.world, self.seed, self.mode, self.shuffle_buffer = rank, world, seed, mode, shuffle_buffer
+        self.grad_accum = grad_accum
+        self.global_batch = batch_size * grad_accum * world
         total = sum(self.counts)
-        if mode in ("exact", "eval"):
-            if mode == "exact":
-                self.per_rank = total // world
-                self.batches_per_epoch = self.per_rank // batch_size
-            else:                             # every sample once; the tail padded with repeats
-                self.per_rank = -(-total // world)
-                self.batches_per_epoch = -(-self.per_rank // batch_size)
-            if self.batches_per_epoch == 0:
-                raise DataError(f"{spec}: {total} samples cannot fill one batch of {batch_size} on each of "
-                                f"{world} ranks")
+        if mode == "exact":
+            self.steps = total // self.global_batch                  # optimizer steps per epoch
+            self.batches_per_epoch = self.steps * grad_accum
+            self.window_steps = max(1, -(-shuffle_buffer // self.global_batch))
+            if self.steps == 0:
+                raise DataError(f"{spec}: {total} samples cannot fill one global batch of {self.global_batch} "
+                                f"(micro_batch_size {batch_size} x grad_accum {grad_accum} x {world} ranks)")
+        elif mode == "eval":                  # every sample once; the tail padded with repeats
+            self.per_rank = -(-total // world)
+            self.batches_per_epoch = -(-self.per_rank // batch_size)
         elif mode == "resampled":
             if not steps_per_epoch:
                 raise DataError("data.mode=resampled needs data.steps_per_epoch (steps per rank per epoch)")
-            self.per_rank, self.batches_per_epoch = None, steps_per_epoch
+            self.batches_per_epoch = steps_per_epoch
         else:
             raise DataError(f"data.mode must be 'exact', 'resampled' or 'eval', got {mode!r}")
         self.epoch = 0
         self.start_batch = 0
 
-    # -- which batches and samples belong to a worker
-    def _worker_batches(self, logical: int, workers: int) -> int:
-        return len(range(logical, self.batches_per_epoch, workers))
-
-    def _raw_exact(self, logical: int, workers: int, errors: List[str]) -> Iterator[dict]:
+    # -- which samples a batch holds: positions in the epoch's shard-shuffled concatenation
+    def _shard_order(self) -> List[int]:
         order = list(range(len(self.paths)))
         random.Random(f"{self.seed}/shards/{self.epoch}").shuffle(order)
-        before = sum(self._worker_batches(j, workers) for j in range(logical)) * self.batch_size
-        lo = self.rank * self.per_rank + before
-        hi = lo + self._worker_batches(logical, workers) * self.batch_size
-        if self.mode == "eval":               # the padded tail does not exist: the stream just ends
-            hi = min(hi, (self.rank + 1) * self.per_rank, sum(self.counts))
-        pos = 0
+        return order
+
+    def _window(self, w: int) -> List[int]:
+        """The permutation of window w's samples (positions relative to the window's first)."""
+        steps = min(self.window_steps, self.steps - w * self.window_steps)
+        perm = list(range(steps * self.global_batch))
+        random.Random(f"{self.seed}/window/{self.epoch}/{w}").shuffle(perm)
+        return perm
+
+    def _group(self, b: int):
+        """Batches are read in groups that share their reading: a shuffle window (exact), or alone."""
+        return b // (self.window_steps * self.grad_accum) if self.mode == "exact" else b
+
+    def _positions(self, b: int, window: Optional[List[int]]) -> List[int]:
+        """Sample positions of this rank's batch b (padded with repeats in eval mode)."""
+        if self.mode == "eval":
+            total = sum(self.counts)
+            lo = self.rank * self.per_rank + b * self.batch_size
+            hi = min(lo + self.batch_size, (self.rank + 1) * self.per_rank, total)
+            pos = list(range(lo, hi)) or [min(lo, total) - 1]
+            return pos + [pos[k % len(pos)] for k in range(self.batch_size - len(pos))]
+        step, micro = divmod(b, self.grad_accum)
+        w, j = divmod(step, self.window_steps)
+        batch = sorted(window[j * self.global_batch:(j + 1) * self.global_batch])
+        part = batch[self.rank * self.batch_size * self.grad_accum:][micro * self.batch_size:][:self.batch_size]
+        return [w * self.window_steps * self.global_batch + p for p in part]
+
+    def _read(self, positions: List[int], order: List[int], errors: List[str]) -> Dict[int, Any]:
+        """Raw samples at `positions` (sorted), None where a shard lost them; each shard read once."""
+        starts, pos = [], 0
         for i in order:
-            n = self.counts[i]
-            a, b = max(lo, pos), min(hi, pos + n)
-            if a < b:
+            starts.append(pos)
+            pos += self.counts[i]
+        out: Dict[int, Any] = {}
+        k = 0
+        while k < len(positions):
+            s = bisect.bisect_right(starts, positions[k]) - 1
+            end = starts[s] + self.counts[order[s]]
+            mine = [p for p in positions[k:bisect.bisect_left(positions, end, k)]]
+            k += len(mine)
+            want = {p - starts[s] for p in mine}
+            for idx, sample in iter_shard(self.paths[order[s]], min(want), max(want) + 1, errors):
+                if idx in want:
+                    out[starts[s] + idx] = sample
+            for p in mine:
+                out.setdefault(p, None)               # lost to a truncated/unreadable shard
+        return out
+
+    def _planned(self, mine: range, errors: List[str]) -> Iterator[List[Any]]:
+        """Raw samples of each of this worker's batches, in order."""
+        order = self._shard_order()
+        k = 0
+        while k < len(mine):
+            group = list(itertools.takewhile(lambda b: self._group(b) == self._group(mine[k]), mine[k:]))
+            k += len(group)
+            window = self._window(self._group(group[0])) if self.mode == "exact" else None
+            batches = [self._positions(b, window) for b in group]
+            raw = self._read(sorted({p for ps in batches for p in ps}), order, errors)
+            for ps in batches:
+                yield [raw[p] for p in ps]
+
+    def _resampled(self, worker: int, errors: List[str]) -> Iterator[List[Any]]:
+        rng = random.Random(f"{self.seed}/resampled/{self.rank}/{worker}/{self.epoch}/{self.start_batch}")
+
+        def raw():
+            while True:
+                i = rng.randrange(len(self.paths))
                 got = 0
-                for _, sample in iter_shard(self.paths[i], a - pos, b - pos, errors):
+                for _, sample in iter_shard(self.paths[i], 0, None, errors):
                     got += 1
                     yield sample
-                for _ in range((b - a) - got):               # lost to a truncated/unreadable shard
+                for _ in range(self.counts[i] - got):
                     yield None
-            pos += n
-            if pos >= hi:
-                return
 
-    def _raw_resampled(self, logical: int, errors: List[str]) -> Iterator[dict]:
-        rng = random.Random(f"{self.seed}/resampled/{self.rank}/{logical}/{self.epoch}/{self.start_batch}")
+        stream = _shuffled(raw(), self.shuffle_buffer, random.Random(f"{self.seed}/buffer/{rng.random()}"))
         while True:
-            i = rng.randrange(len(self.paths))
-            got = 0
-            for _, sample in iter_shard(self.paths[i], 0, None, errors):
-                got += 1
-                yield sample
-            for _ in range(self.counts[i] - got):
-                yield None
+            yield [next(stream) for _ in range(self.batch_size)]
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
         info = get_worker_info()
         physical, workers = (info.id, info.num_workers) if info else (0, 1)
-        logical = (physical + self.start_batch) % workers
-        mine = self._worker_batches(logical, workers)
-        done = len(range(logical, self.start_batch, workers))     # this role's batches already consumed
+        mine = range(self.start_batch + physical, self.batches_per_epoch, workers)
         errors: List[str] = []
-        raw = (self._raw_resampled(logical, errors) if self.mode == "resampled"
-               else self._raw_exact(logical, workers, errors))
-        rng = random.Random(f"{self.seed}/buffer/{self.epoch}/{self.rank}/{logical}/"
-                            f"{self.start_batch if self.mode == 'resampled' else 0}")
-        stream = _shuffled(raw, self.shuffle_buffer, rng)
+        chunks = self._resampled(physical, errors) if self.mode == "resampled" else self._planned(mine, errors)
         skipped = seen = 0
         last_good: Optional[List[Any]] = None
-        for b in range(mine):
-            if b < done:                                          # consumed before the resume
-                if self.mode != "resampled":                      # read past it, without decoding
-                    for _ in range(self.batch_size):
-                        next(stream, None)
-                continue
-            chunk = [next(stream, _END) for _ in range(self.batch_size)]
-            chunk = [x for x in chunk if x is not _END]           # eval mode: past the end, padding
+        for _, chunk in zip(mine, chunks):
             items, bad = [], 0
             for raw_sample in chunk:
                 if raw_sample is None:
@@ -168,7 +207,7 @@ class ShardStream(IterableDataset):
             seen += len(chunk)
             if not items:
                 if last_good is None:
-                    raise DataError(f"rank {self.rank} data worker {logical}: no readable sample in a whole batch "
+                    raise DataError(f"rank {self.rank} data worker {physical}: no readable sample in a whole batch "
                                     f"of {self.spec}; first problems: {errors[:3]}")
                 items = last_good
             items = items + [items[k % len(items)] for k in range(self.batch_size - len(items))]
@@ -240,23 +279,46 @@ class ShardLoader:
         return {"skipped": self.skipped, "seen": self.seen}
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position, "workers": self.workers,
+        st = self.stream
+        return {"epoch": self.epoch, "position": self.position, "workers": self.workers, "mode": st.mode,
+                "world": st.world, "grad_accum": st.grad_accum, "global_batch": st.global_batch,
                 "skipped": self.skipped, "seen": self.seen}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if state["workers"] != self.workers:
-            warnings.warn(f"data workers changed from {state['workers']} to {self.workers}: the resumed epoch "
-                          f"will not see exactly the remaining samples")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        """This rank's saved position. Another number of workers changes nothing (what a batch holds
+        does not depend on the worker that reads it); in exact mode the global batch must match."""
+        st = self.stream
+        position = int(state["position"])
+        if state.get("world", st.world) != st.world or state.get("grad_accum", st.grad_accum) != st.grad_accum:
+            if st.mode == "exact" and state.get("global_batch") != st.global_batch:
+                raise DataError(
+                    f"{st.spec}: the checkpoint was trained with a global batch of {state.get('global_batch')} "
+                    f"samples ({state.get('world')} ranks x grad_accum {state.get('grad_accum')}), this run has "
+                    f"{st.global_batch} ({st.world} ranks x micro_batch_size {st.batch_size} x grad_accum "
+                    f"{st.grad_accum}): set train.grad_accum (or train.micro_batch_size) so that the global batch "
+                    f"stays {state.get('global_batch')}, and the run continues with exactly the remaining batches")
+            position = position // int(state["grad_accum"]) * st.grad_accum    # whole optimizer steps
+        self.epoch, self.position = int(state["epoch"]), position
         self._skipped_before, self._seen_before = int(state["skipped"]), int(state["seen"])
         self._skipped, self._seen = {}, {}
         self._it = None
 
+    def reshard_state(self, states: List[Dict[str, Any]], rank: int, world: int) -> Dict[str, Any]:
+        """This rank's state from the states every rank of a run on another number of ranks saved:
+        the same position (they all stood at the same step), the skip counts carried by rank 0."""
+        state = dict(states[0])
+        if len({(int(s["epoch"]), int(s["position"])) for s in states}) != 1:
+            raise DataError(f"{self.stream.spec}: the saved ranks stand at different data positions "
+                            f"{[(s['epoch'], s['position']) for s in states]}: the checkpoint is inconsistent")
+        state["skipped"] = sum(int(s["skipped"]) for s in states) if rank == 0 else 0
+        state["seen"] = sum(int(s["seen"]) for s in states) if rank == 0 else 0
+        return state
+
 
 def build_loader(section: DataSection, spec: str, batch_size: int, decode, collate, rank: int, world: int,
-                 seed: int) -> ShardLoader:
+                 seed: int, grad_accum: int = 1) -> ShardLoader:
     stream = ShardStream(spec, batch_size, decode, collate, rank, world, seed, section.mode,
-                         section.shuffle_buffer, section.steps_per_epoch)
+                         section.shuffle_buffer, section.steps_per_epoch, grad_accum)
     return ShardLoader(stream, section.workers, section.max_skip_fraction)
 
 
