@@ -6,7 +6,7 @@ from torch import nn
 
 from mmtrain.config import RecipeConfig
 from mmtrain.data.images import ImageTransform
-from mmtrain.data.reader import DataSection, SampleDecoder, build_loader, default_collate
+from mmtrain.data.reader import DataSection, SampleDecoder, default_collate
 from mmtrain.data.synth import COLORS
 from mmtrain.recipes.base import Recipe, StepOutput
 
@@ -42,9 +42,7 @@ class ShardColor(Recipe):
             batch = default_collate(items)
             batch["label"] = torch.tensor([colors.index(m["color"]) for m in batch["meta"]])
             return batch
-        c = self.ctx
-        return build_loader(self.cfg.data, self.cfg.data.train, c.micro_batch_size, decode, collate,
-                            c.rank, c.world_size, c.seed)
+        return self.loader(self.cfg.data, self.cfg.data.train, decode, collate)
 
     def step(self, model, batch):
         out = model(batch["image"].to(self.ctx.device), batch["label"].to(self.ctx.device))

@@ -108,6 +108,7 @@ def _dialogue_ppl(overrides, steps: int) -> float:
     import torch
 
     from mmtrain.config import load_config
+    from mmtrain.engine.losses import combine
     from mmtrain.recipes.base import RunContext
     from mmtrain.recipes.vikdf_fuse import VIKDFFuse
 
@@ -120,7 +121,7 @@ def _dialogue_ppl(overrides, steps: int) -> float:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     for _ in range(steps):
         out = recipe.step(model, next(data))
-        loss = sum(recipe.loss_weight(k) * v for k, v in out.losses.items())
+        loss = combine(out.losses, recipe.loss_weight, lambda t: t, 1, torch.device("cpu"))[0]
         opt.zero_grad()
         loss.backward()
         opt.step()

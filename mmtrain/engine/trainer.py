@@ -19,6 +19,7 @@ import torch
 
 from mmtrain.config import Config, save_config, to_yaml
 from mmtrain.engine import checkpoint, dist
+from mmtrain.engine.losses import combine
 from mmtrain.engine.monitor import Monitor, peak_memory_gib, peak_tflops, setup_logging
 from mmtrain.engine.optim import deepspeed_config, param_groups, scheduler_factory
 from mmtrain.recipes import recipe_class
@@ -54,6 +55,7 @@ def build_recipe(cfg: Config, env: dist.DistEnv, dtype: torch.dtype, run_dir: Op
     """The configured recipe, told about the run through its RunContext (collectives included)."""
     ctx = RunContext(rank=env.rank, world_size=env.world_size, device=env.device, dtype=dtype,
                      micro_batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, run_dir=run_dir or cfg.run_dir,
+                     grad_accum=cfg.train.grad_accum,
                      all_reduce_sum=dist.all_reduce_sum, all_gather=dist.all_gather,
                      gather_objects=dist.gather_objects)
     return recipe_class(cfg.recipe.name)(cfg.recipe, ctx)
@@ -88,6 +90,9 @@ def train(cfg: Config) -> int:
     log.info("model: %.2fM parameters, %.2fM trainable, %.2fM frozen", n_all / 1e6, n_train / 1e6,
              (n_all - n_train) / 1e6)
     ds_conf = deepspeed_config(cfg, env.world_size, env.device.type == "cuda")
+    found = checkpoint.find_resume(cfg.run.resume, ckpt_root)
+    if found and checkpoint.saved_world(*found) != env.world_size:     # loads the universal form
+        ds_conf["checkpoint"] = {**ds_conf.get("checkpoint", {}), "load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_conf,
                                            model_parameters=param_groups(model, cfg.train.weight_decay),
                                            lr_scheduler=scheduler_factory(cfg))
@@ -95,14 +100,22 @@ def train(cfg: Config) -> int:
     seed_all(cfg.run.seed + 1 + env.rank)        # per-rank streams for dropout, masking, ...
 
     step, bad_total = 0, 0
-    found = checkpoint.find_resume(cfg.run.resume, ckpt_root)
     if found:
         root, tag = found
-        state = checkpoint.load(engine, root, tag, env.rank)
-        step, bad_total = state["step"], state["bad_total"]
-        data.load_state_dict(state["data"])
-        recipe.load_state_dict(state.get("recipe") or {})
-        checkpoint.set_rng_state(state["rng"])
+        states = checkpoint.load(engine, root, tag, env.rank, env.world_size)
+        step, bad_total = states[0]["step"], states[0]["bad_total"]
+        if len(states) == 1 and checkpoint.saved_world(root, tag) == env.world_size:
+            data.load_state_dict(states[0]["data"])
+            recipe.load_state_dict(states[0].get("recipe") or {})
+            checkpoint.set_rng_state(states[0]["rng"])
+        else:                                    # written by another number of ranks: re-shard
+            data.load_state_dict(data.reshard_state([st["data"] for st in states], env.rank, env.world_size))
+            recipe.load_state_dict(recipe.reshard_state([st.get("recipe") or {} for st in states], env.rank,
+                                                        env.world_size))
+            if env.rank < len(states):           # new ranks keep the fresh streams seeded above
+                checkpoint.set_rng_state(states[env.rank]["rng"])
+            log.info("checkpoint written by %d ranks, resumed on %d (DeepSpeed universal checkpoint)",
+                     len(states), env.world_size)
         log.info("resumed from %s at step %d", root / tag, step)
 
     def save() -> None:
@@ -160,12 +173,13 @@ def train(cfg: Config) -> int:
             good = 0
             while good < ga:                     # a non-finite micro-batch is replaced, not counted
                 out = recipe.step(engine, next(data))
-                total = sum(recipe.loss_weight(k) * v for k, v in out.losses.items())
-                if dist.any_rank(not bool(torch.isfinite(total.detach()).item()), env.device):
+                total, losses, bad = combine(out.losses, recipe.loss_weight, dist.all_reduce_sum, env.world_size,
+                                             env.device)
+                if bad:
                     consecutive_bad += 1
                     bad_total += 1
                     log.warning("non-finite loss at step %d (%s); micro-batch skipped (%d in a row)", step + 1,
-                                {k: float(v.detach()) for k, v in out.losses.items()}, consecutive_bad)
+                                {k: float(v.detach()) for k, v in losses.items()}, consecutive_bad)
                     if consecutive_bad >= cfg.train.max_bad_steps:
                         raise TooManyBadSteps(
                             f"{consecutive_bad} consecutive non-finite losses (train.max_bad_steps="
@@ -176,7 +190,7 @@ def train(cfg: Config) -> int:
                 engine.backward(total)
                 engine.step()
                 good += 1
-                for k, v in {"loss/total": total, **{f"loss/{k}": v for k, v in out.losses.items()}}.items():
+                for k, v in {"loss/total": total, **{f"loss/{k}": v for k, v in losses.items()}}.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
                 for k, v in out.stats.items():
                     sums[f"stats/{k}"] = sums.get(f"stats/{k}", 0.0) + float(v)

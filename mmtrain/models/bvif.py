@@ -36,6 +36,17 @@ def pick(templates: Sequence[str], key: str, seed: int) -> str:
     return random.Random(f"{seed}/template/{key}").choice(list(templates))
 
 
+def noise(like: torch.Tensor, eps: Optional[torch.Tensor]) -> torch.Tensor:
+    return torch.randn_like(like) if eps is None else eps.to(like.device, like.dtype)
+
+
+def sample_noise(keys: Sequence[str], shape: Sequence[int], seed: int, draw: int) -> torch.Tensor:
+    """Standard normal noise per sample, a function of (seed, draw, sample key) alone: the same
+    sample gets the same noise whichever rank or batch it lands in."""
+    gens = [torch.Generator().manual_seed(random.Random(f"{seed}/eps/{draw}/{k}").getrandbits(63)) for k in keys]
+    return torch.stack([torch.randn(*shape, generator=g) for g in gens])
+
+
 class BVIF(nn.Module):
     """Everything stage 2 trains: the IQ-Former, the soft-prompt projection, both Gaussian heads."""
 
@@ -59,16 +70,18 @@ class BVIF(nn.Module):
     def prior_stats(self, states: torch.Tensor):
         return self.prior(states).chunk(2, dim=-1)
 
-    def latent(self, k: torch.Tensor, prior_states: Optional[torch.Tensor], sample: bool = True):
-        """(z, kl or None, mu_p, logvar_p) for knowledge vectors k (B x Q x W)."""
+    def latent(self, k: torch.Tensor, prior_states: Optional[torch.Tensor], sample: bool = True,
+               eps: Optional[torch.Tensor] = None):
+        """(z, kl or None, mu_p, logvar_p) for knowledge vectors k (B x Q x W); `eps` is the standard
+        normal noise of the sample (drawn here when not given)."""
         if not self.variational:
             mu_p = self.prior_stats(prior_states)[0] if prior_states is not None else None
             return k, None, mu_p, None
         mu_q, lv_q = self.posterior_stats(k)
+        eps = noise(mu_q, eps) if sample else torch.zeros_like(mu_q)
         if prior_states is None:
-            return (mu_q + torch.exp(0.5 * lv_q) * torch.randn_like(mu_q) if sample else mu_q), None, None, None
+            return mu_q + torch.exp(0.5 * lv_q) * eps, None, None, None
         mu_p, lv_p = self.prior_stats(prior_states)
-        eps = torch.randn_like(mu_q) if sample else torch.zeros_like(mu_q)
         z, kl = variational_fusion(mu_q, lv_q, mu_p, lv_p, eps=eps)
         return z, kl, mu_p, lv_p
 

@@ -6,7 +6,8 @@
   the patch grid, a 1x1 conv to patch*patch*3 channels, pixel-shuffled to the image; L1 on the
   scored pixels / their count / 3.
 - IA-MTM: masked text tokens attend to K_I in one block; a linear head to the vocabulary;
-  cross-entropy on the selected positions.
+  cross-entropy on the selected positions ("mtm" their mean; "mtm_sum" and "mtm_count" for a mean
+  over the selected positions of a whole global batch).
 """
 from __future__ import annotations
 
@@ -71,5 +72,7 @@ class Stage1Model(nn.Module):
         h = self.mtm_block(self.mtm_in(masked_text_states.to(k_img.dtype)), k_img,
                            tgt_key_padding_mask=text_mask == 0)
         selected = mtm_labels != -100          # the vocabulary head only where a token is scored (~15%)
-        mtm = F.cross_entropy(self.mtm_out(h[selected]).float(), mtm_labels[selected])
-        return {"tim": tim, "mim": mim, "mtm": mtm, "recon": recon.detach(), "logit_scale": self.tim.log_scale.exp()}
+        mtm_sum = F.cross_entropy(self.mtm_out(h[selected]).float(), mtm_labels[selected], reduction="sum")
+        count = int(selected.sum())
+        return {"tim": tim, "mim": mim, "mtm": mtm_sum / max(1, count), "mtm_sum": mtm_sum, "mtm_count": count,
+                "recon": recon.detach(), "logit_scale": self.tim.log_scale.exp()}

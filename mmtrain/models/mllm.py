@@ -200,11 +200,13 @@ class MLLM(nn.Module):
         per_token = torch.zeros(labels.shape, dtype=ce.dtype, device=ce.device).masked_scatter(pick, ce)
         counts = pick.sum(1).clamp(min=1)
         per_sample = per_token.sum(1) / counts
-        loss = ce.mean()
+        loss_sum = ce.sum()
         if self._blank_out is not None:          # keeps the vision tower in the graph on text-only batches
-            loss = loss + 0.0 * self._blank_out
-        return {"loss": loss, "per_sample": per_sample.detach(), "nll_sum": per_token.sum(1).detach(),
-                "tokens": int(pick.sum()), "flops": self.train_flops(int(inputs["attention_mask"].sum()))}
+            loss_sum = loss_sum + 0.0 * self._blank_out
+        tokens = int(pick.sum())
+        return {"loss": loss_sum / max(1, tokens), "loss_sum": loss_sum, "per_sample": per_sample.detach(),
+                "nll_sum": per_token.sum(1).detach(), "tokens": tokens,
+                "flops": self.train_flops(int(inputs["attention_mask"].sum()))}
 
     def train_flops(self, tokens: int) -> float:
         """Approximate FLOPs of a training step over `tokens` sequence positions (text and image

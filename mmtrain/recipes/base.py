@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Protocol
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Union
 
 import torch
 from torch import nn
 
 from mmtrain.config import RecipeConfig
+from mmtrain.data.reader import DataSection, ShardLoader, build_loader
 
 
 @dataclass
@@ -26,6 +27,8 @@ class RunContext:
     micro_batch_size: int
     seed: int
     run_dir: Path
+    grad_accum: int = 1           # micro-batches per optimizer step: the global batch is
+                                  # micro_batch_size x grad_accum x world_size
     # Collectives without exposing the process group (see engine.dist); identity in a world of one.
     all_reduce_sum: Any = lambda t: t
     all_gather: Any = lambda t: t          # concatenates equal-shaped tensors of all ranks along dim 0
@@ -33,8 +36,19 @@ class RunContext:
 
 
 @dataclass
+class GlobalMean:
+    """A loss that is a mean over items a batch holds in varying numbers (answer tokens, masked
+    positions): this rank's *sum* over its items and their count. The engine divides by the count
+    over all ranks (one all-reduce per micro-step), so the loss is the mean over the items of the
+    global micro-batch, whatever the world size. A plain tensor loss is a mean over this rank's
+    samples, which is the same thing only when every sample weighs the same (fixed-size terms)."""
+    total: torch.Tensor
+    count: int
+
+
+@dataclass
 class StepOutput:
-    losses: Dict[str, torch.Tensor]                    # named scalar losses (weighted by the engine)
+    losses: Dict[str, Union[torch.Tensor, GlobalMean]]  # named scalar losses (weighted by the engine)
     stats: Dict[str, float] = field(default_factory=dict)  # extra scalars to log as they are
     images: Dict[str, torch.Tensor] = field(default_factory=dict)  # CHW images to log (rank 0, log steps)
     samples: int = 0                                   # samples in this micro-batch on this rank
@@ -50,6 +64,10 @@ class ResumableIterator(Protocol):
     def state_dict(self) -> Dict[str, Any]: ...
     def load_state_dict(self, state: Dict[str, Any]) -> None: ...
 
+    def reshard_state(self, states: List[Dict[str, Any]], rank: int, world: int) -> Dict[str, Any]:
+        """This rank's state, from the `state_dict()`s of every rank of a run that had another
+        number of ranks (resume on a different world size)."""
+
 
 class Recipe:
     """Subclass, set `Config`, and implement `build_model`, `build_data` and `step`."""
@@ -64,6 +82,12 @@ class Recipe:
 
     def build_data(self) -> ResumableIterator:
         raise NotImplementedError
+
+    def loader(self, section: DataSection, spec: str, decode, collate) -> ShardLoader:
+        """This rank's resumable loader over the shards `spec`, sized and dealt for this run."""
+        c = self.ctx
+        return build_loader(section, spec, c.micro_batch_size, decode, collate, c.rank, c.world_size, c.seed,
+                            c.grad_accum)
 
     def step(self, model: nn.Module, batch: Any) -> StepOutput:
         """One micro-batch forward. `model` is callable like the module `build_model` returned."""
@@ -96,6 +120,14 @@ class Recipe:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         pass
+
+    def reshard_state(self, states: List[Dict[str, Any]], rank: int, world: int) -> Dict[str, Any]:
+        """This rank's recipe state from the `state_dict()`s every rank of a run on another number of
+        ranks saved. Default: identical states carry over; per-rank states must override this."""
+        if any(st != states[0] for st in states[1:]):
+            raise RuntimeError(f"recipe {self.cfg.name} keeps per-rank state and does not say how to re-shard "
+                               f"it onto {world} ranks: resume on {len(states)} ranks")
+        return states[0]
 
     def loss_weight(self, name: str) -> float:
         return float(self.cfg.loss_weights.get(name, 1.0))

@@ -27,12 +27,12 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from mmtrain.config import ConfigError, RecipeConfig, choices, path_field
-from mmtrain.data.reader import DataSection, build_loader, pil_decode, split_spec
+from mmtrain.data.reader import DataSection, pil_decode, split_spec
 from mmtrain.data.shards import iter_metas
 from mmtrain.metrics.keyphrase import KeyphraseF1, dedupe, normalize, overlap, parse_generation
 from mmtrain.models.mllm import MLLM, LoraSection, Prompter, blank_image_inputs, collate_sequences, load_model, \
     load_processor
-from mmtrain.recipes.base import Recipe, StepOutput
+from mmtrain.recipes.base import GlobalMean, Recipe, StepOutput
 
 log = logging.getLogger("mmtrain")
 
@@ -105,11 +105,13 @@ class HardSampleTracker:
         self.history: List[Dict[str, Any]] = []
         self.running: Optional[float] = None          # EMA of the mean training loss (detrend)
 
-    def record(self, keys: List[str], losses: List[float]) -> None:
-        if not losses:
-            return
-        mean = sum(losses) / len(losses)
-        self.running = mean if self.running is None else 0.9 * self.running + 0.1 * mean
+    def record(self, keys: List[str], losses: List[float], mean: Optional[float] = None) -> None:
+        """Track `losses` by key, detrended by the running mean after this step's `mean` (the mean over
+        the global batch; by default the mean of `losses`)."""
+        if mean is None and losses:
+            mean = sum(losses) / len(losses)
+        if mean is not None:
+            self.running = mean if self.running is None else 0.9 * self.running + 0.1 * mean
         for k, v in zip(keys, losses):
             s = self.pending.setdefault(k, [0.0, 0])
             s[0] += float(v) - (self.running if self.cfg.detrend else 0.0)
@@ -193,6 +195,8 @@ class DynCoT(Recipe):
     def __init__(self, cfg: DynCoTConfig, ctx):
         super().__init__(cfg, ctx)
         self.tracker = HardSampleTracker(cfg.dynamic)
+        self._step_losses: List[Any] = []       # (key, loss) of this optimizer step's micro-batches
+        self._micro = 0
 
     def _setup(self):
         if not hasattr(self, "processor"):
@@ -209,8 +213,7 @@ class DynCoT(Recipe):
 
     def _loader(self, spec: str, section: DataSection):
         self._setup()
-        return build_loader(section, spec, self.ctx.micro_batch_size, pil_decode, Collate(self.cfg, self.prompter),
-                            self.ctx.rank, self.ctx.world_size, self.ctx.seed)
+        return self.loader(section, spec, pil_decode, Collate(self.cfg, self.prompter))
 
     def build_data(self):
         if self.cfg.strategy != "zero_shot":
@@ -258,16 +261,43 @@ class DynCoT(Recipe):
         out = model(collate_sequences(batch["prompt"], answers, self.pad_id))
         if c.strategy == "dynamic":
             direct = [i for i, u in enumerate(use) if not u]
-            self.tracker.record([batch["key"][i] for i in direct], [float(out["per_sample"][i]) for i in direct])
+            self._step_losses += [(batch["key"][i], float(out["per_sample"][i])) for i in direct]
+            self._micro = (self._micro + 1) % self.ctx.grad_accum
+            if self._micro == 0:                  # the optimizer step is complete on every rank
+                self._record_step()
         stats = {"cot_frac": sum(use) / len(use),
                  "rationale_dropped_frac": sum(s == "dropped" for s in batch["rationale"]) / len(use)}
         if c.strategy == "dynamic":
             stats["switched_frac"] = len(self.tracker.switched) / max(1, len(self.tracker.latest))
-        return StepOutput(losses={"sft": out["loss"]}, stats=stats, samples=len(use), tokens=out["tokens"],
+        return StepOutput(losses={"sft": GlobalMean(out["loss_sum"], out["tokens"])}, stats=stats, samples=len(use), tokens=out["tokens"],
                           flops=out["flops"])
+
+    def _record_step(self) -> None:
+        """The step's per-sample losses into the tracker, detrended by a running mean of the global
+        batch's loss (one all-reduce): the same at any world size."""
+        keys, losses = [k for k, _ in self._step_losses], [v for _, v in self._step_losses]
+        total, n = self.ctx.all_reduce_sum(torch.tensor([sum(losses), len(losses)], dtype=torch.float64)).tolist()
+        self.tracker.record(keys, losses, total / n if n else None)
+        self._step_losses = []
 
     def state_dict(self) -> Dict[str, Any]:
         return {"tracker": self.tracker.state_dict()} if self.cfg.strategy == "dynamic" else {}
+
+    def reshard_state(self, states: List[Dict[str, Any]], rank: int, world: int) -> Dict[str, Any]:
+        """The loss table onto another number of ranks: the decisions so far are the same on every
+        rank; this epoch's per-key losses are kept whole on rank 0 (they are merged at the epoch end)."""
+        if not states[0]:
+            return {}
+        trackers = [s["tracker"] for s in states]
+        shared = [{k: v for k, v in t.items() if k != "pending"} for t in trackers]
+        if any(x != shared[0] for x in shared[1:]):
+            raise RuntimeError("the saved ranks disagree on the dynamic CoT decisions: the checkpoint is inconsistent")
+        pending: Dict[str, List[float]] = {}
+        for t in trackers if rank == 0 else []:
+            for k, (total, n) in t["pending"].items():
+                p = pending.setdefault(k, [0.0, 0])
+                p[0], p[1] = p[0] + total, p[1] + n
+        return {"tracker": {**shared[0], "pending": pending}}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if "tracker" in state:

@@ -27,12 +27,12 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from mmtrain.config import ConfigError, RecipeConfig, choices, path_field
-from mmtrain.data.reader import DataSection, build_loader, pil_decode, split_spec
+from mmtrain.data.reader import DataSection, pil_decode, split_spec
 from mmtrain.data.shards import iter_metas
 from mmtrain.models.mllm import (MLLM, LoraSection, Prompter, blank_image_inputs, collate_sequences,
                                  load_model, load_processor)
 from mmtrain.models.rules import Rule, RuleBase, combine, dialogue_conditions
-from mmtrain.recipes.base import Recipe, StepOutput
+from mmtrain.recipes.base import GlobalMean, Recipe, StepOutput
 
 log = logging.getLogger("mmtrain")
 
@@ -159,8 +159,7 @@ class KDSL(Recipe):
 
     def _loader(self, spec: str, section: DataSection):
         self._setup()
-        return build_loader(section, spec, self.ctx.micro_batch_size, pil_decode, Collate(self.cfg, self.prompter),
-                            self.ctx.rank, self.ctx.world_size, self.ctx.seed)
+        return self.loader(section, spec, pil_decode, Collate(self.cfg, self.prompter))
 
     def build_data(self):
         return self._loader(self.cfg.data.train, self.cfg.data)
@@ -170,7 +169,7 @@ class KDSL(Recipe):
         for t in self.cfg.tasks:
             answers = [self.label_ids[t][m[t]] for m in batch["meta"]]
             out = model(collate_sequences(batch["prompt"][t], answers, self.pad_id), adapter=self._adapter(t))
-            losses[t] = out["loss"]
+            losses[t] = GlobalMean(out["loss_sum"], out["tokens"])     # a mean over answer tokens
             tokens += out["tokens"]
             flops += out["flops"]
         return StepOutput(losses=losses, samples=len(batch["key"]), tokens=tokens, flops=flops)

@@ -35,10 +35,12 @@ class ToyLMConfig(RecipeConfig):
 
 
 class TokenStream:
-    """Deterministic batches of arithmetic sequences; this rank's slice of a global stream."""
+    """Deterministic batches of arithmetic sequences; this rank's slice of a global stream. Optimizer
+    step s holds samples s*G .. (s+1)*G - 1 (G = batch x grad_accum x world) whatever the world size."""
 
-    def __init__(self, cfg: ToyLMConfig, seed: int, rank: int, world: int, batch: int, split: str = "train"):
-        self.cfg, self.rank, self.world, self.batch = cfg, rank, world, batch
+    def __init__(self, cfg: ToyLMConfig, seed: int, rank: int, world: int, batch: int, split: str = "train",
+                 grad_accum: int = 1):
+        self.cfg, self.rank, self.world, self.batch, self.grad_accum = cfg, rank, world, batch, grad_accum
         self.base_seed = seed * 1_000_003 + (0 if split == "train" else 7_777_777_777)
         self.position = 0                      # batches this rank has taken
 
@@ -57,10 +59,13 @@ class TokenStream:
         return {"input_ids": torch.stack([self.sample(first + i) for i in range(self.batch)])}
 
     def state_dict(self):
-        return {"position": self.position}
+        return {"position": self.position, "grad_accum": self.grad_accum}
 
     def load_state_dict(self, state):
-        self.position = int(state["position"])
+        self.position = int(state["position"]) // int(state.get("grad_accum", 1)) * self.grad_accum
+
+    def reshard_state(self, states, rank: int, world: int):
+        return states[0]                     # every rank stood at the same step
 
 
 class ToyLMModel(nn.Module):
@@ -105,7 +110,7 @@ class ToyLM(Recipe):
 
     def build_data(self) -> TokenStream:
         c = self.ctx
-        return TokenStream(self.cfg, c.seed, c.rank, c.world_size, c.micro_batch_size)
+        return TokenStream(self.cfg, c.seed, c.rank, c.world_size, c.micro_batch_size, grad_accum=c.grad_accum)
 
     def step(self, model, batch) -> StepOutput:
         ids = batch["input_ids"].to(self.ctx.device)

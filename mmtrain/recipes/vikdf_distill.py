@@ -16,11 +16,11 @@ import torch
 
 from mmtrain.config import RecipeConfig, path_field
 from mmtrain.data.images import ImageTransform
-from mmtrain.data.reader import DataSection, SampleDecoder, build_loader, default_collate
+from mmtrain.data.reader import DataSection, SampleDecoder, default_collate
 from mmtrain.models.distill_heads import Stage1Model
 from mmtrain.models.encoders import FrozenTowers, load_tokenizer
 from mmtrain.models.iqformer import IQFormer, IQFormerConfig, init_from_bert
-from mmtrain.recipes.base import Recipe, StepOutput
+from mmtrain.recipes.base import GlobalMean, Recipe, StepOutput
 
 
 @dataclass
@@ -134,7 +134,7 @@ class VIKDFDistill(Recipe):
         towers, c = self._towers(), self.ctx
         decode = SampleDecoder(ImageTransform.from_pretrained(self.cfg.vision_path), need_image=True)
         collate = Collate(self.tokenizer, self.cfg, self.grid, towers.patch_size, c.seed)
-        return build_loader(section, spec, c.micro_batch_size, decode, collate, c.rank, c.world_size, c.seed)
+        return self.loader(section, spec, decode, collate)
 
     def build_data(self):
         return self._loader(self.cfg.data.train, self.cfg.data)
@@ -157,7 +157,10 @@ class VIKDFDistill(Recipe):
         if self.ctx.rank == 0 and self.cfg.image_log_every and self._calls % self.cfg.image_log_every == 0:
             images["ta_mim"] = self._panel(batch, out["recon"])
         n = batch["pixels"].shape[0]
-        return StepOutput(losses={k: out[k] for k in ("tim", "mim", "mtm")},
+        # TIM: the global-batch loss (kernels.contrastive); TA-MIM: a mean over equal-size samples;
+        # IA-MTM: a mean over the selected tokens, which batches hold in varying numbers
+        return StepOutput(losses={"tim": out["tim"], "mim": out["mim"],
+                                  "mtm": GlobalMean(out["mtm_sum"], out["mtm_count"])},
                           stats={"logit_scale": float(out["logit_scale"].detach())}, samples=n,
                           tokens=int(batch["attn"].sum()), images=images)
 

@@ -22,12 +22,12 @@ from torch import nn
 
 from mmtrain.config import LoraSection, RecipeConfig, choices, path_field
 from mmtrain.data.images import ImageTransform
-from mmtrain.data.reader import DataSection, SampleDecoder, build_loader, default_collate, split_spec
+from mmtrain.data.reader import DataSection, SampleDecoder, default_collate, split_spec
 from mmtrain.models.bvif import (BVIF, INFERENCE_TEMPLATES, RECONSTRUCTION_TEMPLATES, embed_segments, labels_for,
-                                 pick)
+                                 noise, pick, sample_noise)
 from mmtrain.models.encoders import FrozenTowers, load_tokenizer
 from mmtrain.models.iqformer import IQFormer
-from mmtrain.recipes.base import Recipe, StepOutput
+from mmtrain.recipes.base import GlobalMean, Recipe, StepOutput
 
 SENTINEL = "\u2063KNOWLEDGE\u2063"
 
@@ -81,26 +81,26 @@ class FuseModel(nn.Module):
         h = self.llm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
         return torch.stack([h[i, s[2][0]:s[2][1]] for i, s in enumerate(spans)])
 
-    def _lm_loss(self, parts: List[List[Any]], target_segment: int, targets: List[List[int]]):
-        """(mean token cross-entropy, per-sample summed NLL) of the target segment."""
+    def _lm_loss(self, parts: List[List[Any]], target_segment: int, targets: List[List[int]]) -> Dict[str, Any]:
+        """Cross-entropy of the target segment: summed ("ce_sum") over its "ce_count" tokens, their
+        mean ("ce"), and each sample's summed NLL ("nll", detached)."""
         embeds, mask, spans = embed_segments(self._embed(), parts, self.pad_id)
-        labels = labels_for(spans, mask, targets, target_segment)
-        out = self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
-        shift_logits, shift_labels = out.logits[:, :-1].float(), labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=-100,
-                                                reduction="none").sum(1)
-        return out.loss, nll.detach()
+        labels = labels_for(spans, mask, targets, target_segment)[:, 1:]
+        logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()
+        tok = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        count = int((labels != -100).sum())
+        return {"ce": tok.sum() / max(1, count), "ce_sum": tok.sum(), "ce_count": count, "nll": tok.sum(1).detach()}
 
     def soft_prompts(self, knowledge: str, k: Optional[torch.Tensor], prior_states: Optional[torch.Tensor],
-                     sample: bool, batch_size: int):
+                     sample: bool, batch_size: int, eps: Optional[torch.Tensor] = None):
         b = self.bvif
         if knowledge == "none":                           # input-independent soft prompts (no knowledge)
             return b.to_llm(b.iqformer.queries[0]).expand(batch_size, -1, -1)
         if knowledge == "prior":
             mu_p, lv_p = b.prior_stats(prior_states)
-            z = mu_p + torch.exp(0.5 * lv_p.clamp(-30, 20)) * torch.randn_like(mu_p) if (sample and b.variational) else mu_p
+            z = mu_p + torch.exp(0.5 * lv_p.clamp(-30, 20)) * noise(mu_p, eps) if (sample and b.variational) else mu_p
             return b.to_llm(z)
-        z = b.latent(k, None, sample=sample)[0]
+        z = b.latent(k, None, sample=sample, eps=eps)[0]
         return b.to_llm(z)
 
     def forward(self, batch: Dict[str, Any], phase: str, knowledge: str = "image", sample: bool = True,
@@ -109,11 +109,11 @@ class FuseModel(nn.Module):
         if phase == "fusion":
             k = b.iqformer.read_image(batch["image_states"])
             prior_states = self._prior_states(batch["recon_instr"], batch["text"])
-            z, kl, mu_p, lv_p = b.latent(k, prior_states, sample=sample)
+            z, kl, mu_p, lv_p = b.latent(k, prior_states, sample=sample, eps=batch.get("eps"))
             soft = b.to_llm(z)
-            ce, nll = self._lm_loss([[i, s, t] for i, s, t in zip(batch["instr"], soft, batch["target"])], 2,
-                                    batch["target"])
-            out = {"ce": ce, "recon": b.reconstruction_loss(k, mu_p, lv_p), "nll": nll}
+            out = self._lm_loss([[i, s, t] for i, s, t in zip(batch["instr"], soft, batch["target"])], 2,
+                                batch["target"])
+            out["recon"] = b.reconstruction_loss(k, mu_p, lv_p)
             if kl is not None:
                 out["kl"] = kl
             return out
@@ -124,16 +124,15 @@ class FuseModel(nn.Module):
             k = b.iqformer.read_text(batch["text_states"], batch["text_mask"])
         elif knowledge == "prior":
             prior_states = self._prior_states(batch["recon_instr"], batch["context"])
-        soft = self.soft_prompts(knowledge, k, prior_states, sample, len(batch["key"]))
+        soft = self.soft_prompts(knowledge, k, prior_states, sample, len(batch["key"]), batch.get("eps"))
         if generate is not None:
             embeds, mask, _ = embed_segments(self._embed(), [[p, s, m] for p, s, m in
                                                              zip(batch["prefix"], soft, batch["middle"])],
                                              self.pad_id, left_pad=True)
             return {"tokens": self.llm.generate(inputs_embeds=embeds, attention_mask=mask, pad_token_id=self.pad_id,
                                                 eos_token_id=self.eos_id, **generate)}
-        ce, nll = self._lm_loss([[p, s, m, r] for p, s, m, r in zip(batch["prefix"], soft, batch["middle"],
-                                                                    batch["target"])], 3, batch["target"])
-        return {"ce": ce, "nll": nll}
+        return self._lm_loss([[p, s, m, r] for p, s, m, r in zip(batch["prefix"], soft, batch["middle"],
+                                                                 batch["target"])], 3, batch["target"])
 
 
 class Collate:
@@ -216,6 +215,7 @@ class VIKDFFuse(Recipe):
         else:
             llm = llm.to(self.ctx.device, self.ctx.dtype).eval()
         bvif = BVIF(iq, llm.config.hidden_size, c.variational)
+        self.noise_shape = (iq.config.num_queries, iq.config.width)          # of z, per sample
         if c.init_from:
             from safetensors.torch import load_file
 
@@ -230,12 +230,11 @@ class VIKDFFuse(Recipe):
         c, ctx = self.cfg, self.ctx
         need_image = c.phase == "fusion" or c.knowledge == "image"
         decode = SampleDecoder(ImageTransform.from_pretrained(c.vision_path) if need_image else None, need_image)
-        return build_loader(section, spec, ctx.micro_batch_size, decode,
-                            Collate(c, self.tokenizer, self.text_tokenizer, ctx.seed),
-                            ctx.rank, ctx.world_size, ctx.seed)
+        return self.loader(section, spec, decode, Collate(c, self.tokenizer, self.text_tokenizer, ctx.seed))
 
     def build_data(self):
-        return self._loader(self.cfg.data.train, self.cfg.data)
+        self.train_data = self._loader(self.cfg.data.train, self.cfg.data)
+        return self.train_data
 
     def _inputs(self, batch) -> Dict[str, Any]:
         dev, t = self.ctx.device, self.towers
@@ -247,8 +246,12 @@ class VIKDFFuse(Recipe):
         return batch
 
     def step(self, model, batch) -> StepOutput:
-        out = model(self._inputs(batch), phase=self.cfg.phase, knowledge=self.cfg.knowledge)
-        losses = {k: v for k, v in out.items() if k in ("ce", "recon", "kl")}
+        batch = self._inputs(batch)
+        if self.cfg.variational:                   # noise per sample, the same at any world size
+            batch["eps"] = sample_noise(batch["key"], self.noise_shape, self.ctx.seed, self.train_data.epoch)
+        out = model(batch, phase=self.cfg.phase, knowledge=self.cfg.knowledge)
+        losses = {"ce": GlobalMean(out["ce_sum"], out["ce_count"]),
+                  **{k: v for k, v in out.items() if k in ("recon", "kl")}}
         return StepOutput(losses=losses, samples=len(batch["key"]), tokens=sum(len(t) for t in batch["target"]))
 
     def _val_loader(self, split: str):
