@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements/ci.txt setup.py | cksum | c
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test test-all install lint bench clean
 
 $(STAMP): requirements/ci.txt setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,8 +19,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	PYTHON=$(PY) bash launch/demo.sh
 
+# the fast suite; `make test-all` adds the heavy groups (pytest marker `heavy`)
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 -m "not heavy" tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q --durations=15 tests
 
 lint:
 	bash -n launch/*.sh slurm/*.sbatch

@@ -43,3 +43,7 @@ def stage1_run(tmp_path_factory, tiny_models, image_text_shards):
                 "recipe.image_log_every=50", "log.every=20"], config=REPO / "configs" / "demo" / "vikdf_stage1.yaml")
     assert main(["export", str(run), str(root / "export")]) == 0
     return run, root / "export"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "heavy: long multi-rank groups (4 ranks, every recipe): `make test-all` only")

@@ -7,6 +7,8 @@ Layout of `RUN_DIR/checkpoints/`:
 A save goes to `step_N.partial/`, then rank 0 renames it and only then rewrites `latest`
 (write-to-temp + os.replace), so a crash at any moment leaves the previous checkpoint and its
 pointer intact. The run directory must be on a filesystem every rank sees (as on any cluster).
+A checkpoint resumed on another number of ranks is first converted, once, to DeepSpeed's
+universal form in `step_N/universal/`, from which any world size loads its own partitions.
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -127,17 +131,62 @@ def find_resume(resume: str, root: Path) -> Optional[Tuple[Path, str]]:
     return (root, tags[-1]) if tags else None
 
 
-def load(engine, root: Path, tag: str, rank: int) -> Dict[str, Any]:
-    """Loads DeepSpeed's state into `engine` and returns this rank's mmtrain state."""
-    path, _ = engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
+def saved_world(root: Path, tag: str) -> int:
+    """The number of ranks that wrote checkpoint `tag`."""
+    return int(json.loads((root / tag / "mmtrain.json").read_text())["world_size"])
+
+
+def universal(root: Path, tag: str, rank: int) -> str:
+    """Collective: the tag of `tag`'s DeepSpeed universal checkpoint (`tag/universal`), converted once by
+    rank 0 with DeepSpeed's own `ds_to_universal` (written aside, then renamed: never half there)."""
+    out = root / tag / "universal"
+    if rank == 0 and not out.is_dir():
+        partial = root / tag / "universal.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag),
+               "--output_folder", str(partial), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise RuntimeError(f"converting {root / tag} to a universal checkpoint failed ({' '.join(cmd)}):\n"
+                               f"{done.stderr[-2000:]}")
+        os.replace(partial, out)
+    dist.barrier()
+    return f"{tag}/universal"
+
+
+def load(engine, root: Path, tag: str, rank: int, world: int) -> List[Dict[str, Any]]:
+    """Loads DeepSpeed's state into `engine` and returns the mmtrain states to continue from: this
+    rank's alone (same world size), or every saved rank's, in rank order, when the checkpoint was
+    written by another number of ranks; DeepSpeed's state then comes from its universal form, with
+    the optimizer state re-partitioned over this world."""
+    old_world = saved_world(root, tag)
+    ds_tag = tag if old_world == world else universal(root, tag, rank)
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)      # the torch AdamW under ZeRO
+    decay = [g["weight_decay"] for g in optimizer.param_groups]
+    path, _ = engine.load_checkpoint(str(root), tag=ds_tag, load_optimizer_states=True,
                                      load_lr_scheduler_states=True)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
-    own = root / tag / f"mmtrain_rank{rank:05d}.pt"
-    if not own.is_file():
-        raise FileNotFoundError(f"{own} is missing: was the checkpoint written with a different number of "
-                                f"ranks? (resuming needs the same world size)")
-    return torch.load(own, weights_only=False)
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {root / ds_tag}")
+    if ds_tag != tag:
+        # Two slips of DeepSpeed's ZeRO-3 universal loader (0.19.8, stage3.py), each changing the run:
+        # every parameter group gets the hyperparameters of the first (biases and norms would be
+        # decayed), and every group's Adam state shares one `step` tensor, which AdamW increments in
+        # place once per group (bias correction would run ahead).
+        for g, wd in zip(optimizer.param_groups, decay):
+            g["weight_decay"] = wd
+        for st in optimizer.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
+    ranks = [rank] if old_world == world else range(old_world)
+    states = []
+    for r in ranks:
+        own = root / tag / f"mmtrain_rank{r:05d}.pt"
+        if not own.is_file():
+            raise FileNotFoundError(f"{own} is missing: {root / tag} was written by {old_world} ranks and is "
+                                    f"incomplete")
+        states.append(torch.load(own, weights_only=False))
+    return states
 
 
 def clean_partials(root: Path) -> None:
