@@ -303,6 +303,22 @@ def test_resume_on_another_world_size_continues_the_epoch(tmp_path, before, afte
     assert first + rest == want
 
 
+def test_shard_index_reads_what_webdataset_reads_and_stops_at_a_cut(tmp_path):
+    from mmtrain.data.shards import ShardIndex, iter_shard
+
+    synth("image-text", str(tmp_path / "d"), 60, max_count=30)
+    shard = sorted((tmp_path / "d" / "train").glob("*.tar"))[0]
+    streamed = [s for _, s in iter_shard(shard)]
+    index = ShardIndex(shard)
+    assert len(index) == len(streamed) and index.error is None
+    assert [s for _, s in index.read([5, 0, 7])] == [streamed[5], streamed[0], streamed[7]]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    cut = ShardIndex(shard)
+    assert 0 < len(cut) < len(streamed) and "cut off" in cut.error
+    assert [s for _, s in cut.read(range(len(cut)))] == streamed[:len(cut)]
+
+
 def test_resume_with_another_global_batch_is_refused_by_name(tmp_path):
     spec = write_plain(tmp_path, "u", [40])
     _, states = global_batches(spec, 2, 4, 1, 0, 2)

@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmtrain.config import choices, shards_field
-from mmtrain.data.shards import DataError, iter_shard, resolve
+from mmtrain.data.shards import DataError, iter_shard, resolve, shard_index
 
 
 @dataclass
@@ -132,7 +132,8 @@ class ShardStream(IterableDataset):
         return [w * self.window_steps * self.global_batch + p for p in part]
 
     def _read(self, positions: List[int], order: List[int], errors: List[str]) -> Dict[int, Any]:
-        """Raw samples at `positions` (sorted), None where a shard lost them; each shard read once."""
+        """Raw samples at `positions` (sorted), None where a shard lost them; each sample read by seeking to
+        it (`ShardIndex`), so a rank reads only what it uses."""
         starts, pos = [], 0
         for i in order:
             starts.append(pos)
@@ -144,9 +145,15 @@ class ShardStream(IterableDataset):
             end = starts[s] + self.counts[order[s]]
             mine = [p for p in positions[k:bisect.bisect_left(positions, end, k)]]
             k += len(mine)
-            want = {p - starts[s] for p in mine}
-            for idx, sample in iter_shard(self.paths[order[s]], min(want), max(want) + 1, errors):
-                if idx in want:
+            try:
+                index = shard_index(self.paths[order[s]])
+            except OSError as e:                      # unreadable: all its samples are lost
+                errors.append(f"{self.paths[order[s]]}: {e}")
+                index = None
+            if index is not None:
+                if index.error and len(index) < self.counts[order[s]] and index.error not in errors:
+                    errors.append(index.error)
+                for idx, sample in index.read(sorted({p - starts[s] for p in mine})):
                     out[starts[s] + idx] = sample
             for p in mine:
                 out.setdefault(p, None)               # lost to a truncated/unreadable shard

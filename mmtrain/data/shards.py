@@ -8,6 +8,7 @@ Readers size their epochs from the manifest. Each sample is one tar group sharin
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import braceexpand
+from webdataset.tariterators import base_plus_ext
 
 SCHEMA_VERSION = 1
 KINDS = ("image-text", "dialogue", "keyphrase", "intent")
@@ -129,6 +131,57 @@ def iter_shard(path: Path, start: int = 0, stop: Optional[int] = None,
                 return
             if i >= start:
                 yield i, sample
+
+
+class ShardIndex:
+    """Random access to a tar shard's samples: where each sample's files lie, from one pass over the
+    tar headers (data is seeked over, not read). Samples are grouped as webdataset groups them
+    (consecutive files sharing the name before the first dot; lower-cased extensions). A truncated
+    shard indexes the samples before the cut; `error` says what was lost."""
+
+    def __init__(self, path: Path):
+        self.path, self.error = path, None
+        self.samples: List[Tuple[str, List[Tuple[str, int, int]]]] = []     # (key, [(ext, offset, size)])
+        size = path.stat().st_size
+        try:
+            with tarfile.open(path, "r:") as tf:
+                for m in tf:
+                    if not m.isfile() or (m.name.startswith("__") and m.name.endswith("__")):
+                        continue
+                    if m.offset_data + m.size > size:
+                        raise tarfile.ReadError(f"{m.name} is cut off")
+                    key, ext = base_plus_ext(m.name)
+                    if key is None:
+                        continue
+                    if not self.samples or self.samples[-1][0] != key:
+                        self.samples.append((key, []))
+                    self.samples[-1][1].append((ext.lower(), m.offset_data, m.size))
+        except (tarfile.TarError, OSError) as e:
+            self.error = f"{path}: {e}"
+            if self.samples:
+                self.samples.pop()              # the last sample may be incomplete
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read(self, indices: Sequence[int]) -> Iterator[Tuple[int, Dict[str, Any]]]:
+        """(index, raw sample) for each index that the shard holds, in the given order."""
+        with open(self.path, "rb") as f:
+            for i in indices:
+                if i >= len(self.samples):
+                    continue
+                key, files = self.samples[i]
+                sample: Dict[str, Any] = {"__key__": key, "__url__": str(self.path)}
+                for ext, offset, n in files:
+                    f.seek(offset)
+                    sample[ext] = f.read(n)
+                yield i, sample
+
+
+@functools.lru_cache(maxsize=64)
+def shard_index(path: Path) -> ShardIndex:
+    """The index of a shard, kept for the shards a data worker read last."""
+    return ShardIndex(path)
 
 
 def iter_metas(spec: str | os.PathLike) -> Iterator[Tuple[Path, str, Dict[str, Any]]]:
