@@ -5,6 +5,8 @@ group (`make test-all`) runs the harness for every recipe at 1, 2 and 4 ranks.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from mmtrain.data.synth import synth
@@ -13,9 +15,10 @@ from tests.helpers import DEMO, REPO, scalars
 from tests.world_size import Case, assert_invariant, run_layout
 
 # Tolerances: fp32 throughout; the same sums are taken in another order at another world size
-# (ZeRO's reduce-scatter, the global contrastive loss's gathers), so the last bits differ.
+# (ZeRO's reduce-scatter, the global contrastive loss's gathers), so the last bits differ; Adam
+# turns those into parameter differences of up to ~1e-5 after a few steps at lr ~2e-3.
 LOSS_RTOL = 1e-5
-PARAM_ATOL = 1e-5
+PARAM_ATOL = 1e-4
 
 TOY = Case(DEMO, ["recipe.dropout=0.0"], global_batch=16, steps=6, losses=("lm",))
 
@@ -64,7 +67,8 @@ def test_vikdf_stage1_global_tim_negatives(tmp_path, tiny_models, image_text_sha
     t = tiny_models
     case = Case(REPO / "configs" / "demo" / "vikdf_stage1.yaml",
                 [f"recipe.vision_path={t / 'clip'}", f"recipe.text_path={t / 'clip'}", f"recipe.bert_init={t / 'bert'}",
-                 f"recipe.data.train={image_text_shards / 'train'}", "recipe.data.workers=1",
+                 f"recipe.data.train={image_text_shards / 'train'}", f"recipe.data.val={image_text_shards / 'val'}",
+                 "recipe.data.workers=1",
                  "recipe.image_log_every=0"], global_batch=16, steps=4, losses=("tim", "mim", "mtm"))
     invariant_at_1_2_4(case, tmp_path)
 
@@ -83,11 +87,11 @@ def stage2(tmp_path_factory):
 @pytest.mark.parametrize("phase", ["fusion", "dialogue"])
 def test_vikdf_fusion_and_dialogue(tmp_path, tiny_models, stage2, phase):
     t = tiny_models
-    data = stage2 / ("it" if phase == "fusion" else "dlg") / "train"
+    data = stage2 / ("it" if phase == "fusion" else "dlg")
     case = Case(REPO / "configs" / "demo" / f"vikdf_{phase}.yaml",
                 [f"recipe.llm_path={t / 'llama'}", f"recipe.vision_path={t / 'clip'}", f"recipe.text_path={t / 'clip'}",
-                 f"recipe.stage1={stage2 / 'stage1'}", f"recipe.data.train={data}", "recipe.data.workers=1",
-                 "checkpoint.best_metric=null"], global_batch=16, steps=4,
+                 f"recipe.stage1={stage2 / 'stage1'}", f"recipe.data.train={data / 'train'}",
+                 f"recipe.data.val={data / 'val'}", "recipe.data.workers=1"], global_batch=16, steps=4,
                 losses=("ce", "recon", "kl") if phase == "fusion" else ("ce",))
     invariant_at_1_2_4(case, tmp_path)
 
@@ -97,18 +101,34 @@ def test_dyncot_dynamic_loss_table_and_decisions(tmp_path, tiny_models):
     synth("keyphrase", str(tmp_path / "kp"), 100, seed=0)      # 80 training posts: 5 steps an epoch
     case = Case(REPO / "configs" / "demo" / "dyncot.yaml",
                 [f"recipe.model_path={tiny_models / 'qwen2vl'}", f"recipe.data.train={tmp_path / 'kp' / 'train'}",
-                 "recipe.dynamic.warmup_epochs=1", "checkpoint.best_metric=null"],
+                 f"recipe.data.val={tmp_path / 'kp' / 'val'}",
+                 "recipe.dynamic.warmup_epochs=1"],
                 global_batch=16, steps=7, losses=("sft",))
     runs, _ = invariant_at_1_2_4(case, tmp_path)
-    decisions = {w: (r.run / "dynamic_cot.jsonl").read_text() for w, r in runs.items()}
-    assert decisions[1] == decisions[2] == decisions[4] and '"newly_switched"' in decisions[1]
+    decisions = {w: [json.loads(line) for line in (r.run / "dynamic_cot.jsonl").read_text().splitlines()]
+                 for w, r in runs.items()}
+    switched = {w: switched_keys(r.run) for w, r in runs.items()}
+    assert 0 < len(switched[1]) < 80 and switched[1] == switched[2] == switched[4]    # the same posts
+    for w in (2, 4):
+        assert [d["newly_switched"] for d in decisions[w]] == [d["newly_switched"] for d in decisions[1]]
+        assert [d["gamma"] for d in decisions[w]] == pytest.approx([d["gamma"] for d in decisions[1]], rel=1e-5)
     assert sum(scalars(runs[1].run, "stats/cot_frac")[s] for s in (6, 7)) > 0       # the decision acts
+
+
+def switched_keys(run):
+    """The posts a Dynamic CoT run switched to CoT, from its last checkpoint (rank 0's recipe state)."""
+    import torch
+
+    tag = (run / "checkpoints" / "latest").read_text().strip()
+    state = torch.load(run / "checkpoints" / tag / "mmtrain_rank00000.pt", weights_only=False)
+    return set(state["recipe"]["tracker"]["switched"])
 
 
 @pytest.mark.heavy
 def test_kdsl_per_task_adapters(tmp_path, tiny_models):
     synth("intent", str(tmp_path / "intent"), 100, seed=0)
     case = Case(REPO / "configs" / "demo" / "kdsl.yaml",
-                [f"recipe.model_path={tiny_models / 'qwen2vl'}", f"recipe.data.train={tmp_path / 'intent' / 'train'}"],
+                [f"recipe.model_path={tiny_models / 'qwen2vl'}", f"recipe.data.train={tmp_path / 'intent' / 'train'}",
+                 f"recipe.data.val={tmp_path / 'intent' / 'val'}"],
                 global_batch=16, steps=4, losses=("scene", "intent"))
     invariant_at_1_2_4(case, tmp_path)
