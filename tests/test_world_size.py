@@ -113,6 +113,14 @@ def test_dyncot_dynamic_loss_table_and_decisions(tmp_path, tiny_models):
         assert [d["newly_switched"] for d in decisions[w]] == [d["newly_switched"] for d in decisions[1]]
         assert [d["gamma"] for d in decisions[w]] == pytest.approx([d["gamma"] for d in decisions[1]], rel=1e-5)
     assert sum(scalars(runs[1].run, "stats/cot_frac")[s] for s in (6, 7)) > 0       # the decision acts
+    # preempted on 2 ranks in the middle of the first epoch, resumed on 4: the loss table of the
+    # epoch so far is re-sharded, and the decision at its end is the uninterrupted run's
+    run = tmp_path / "runs" / "2to4"
+    run_layout(case, run, 2, extra=["run.stop_after_steps=3"], params=False)
+    resumed = run_layout(case, run, 4)
+    assert "checkpoint written by 2 ranks, resumed on 4" in (run / "train.log").read_text()
+    assert switched_keys(run) == switched[1]
+    assert_invariant(runs[4], {"2 -> 4 ranks": resumed}, range(4, 8), LOSS_RTOL, PARAM_ATOL, tmp_path / "resume.json")
 
 
 def switched_keys(run):
