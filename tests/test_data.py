@@ -325,6 +325,9 @@ def test_resume_with_another_global_batch_is_refused_by_name(tmp_path):
     ld = loader(spec, batch=4, world=1)
     with pytest.raises(DataError, match=r"global batch of 8 samples .* this run has 4 .*set train.grad_accum"):
         ld.load_state_dict(ld.reshard_state(states, 0, 1))
+    same_world = loader(spec, batch=2, rank=0, world=2)                 # the micro-batch alone changed
+    with pytest.raises(DataError, match=r"global batch of 8 samples .* this run has 4 "):
+        same_world.load_state_dict(states[0])
 
 
 def test_resampled_mode_fixed_steps(tmp_path):

@@ -295,17 +295,15 @@ class ShardLoader:
         """This rank's saved position. Another number of workers changes nothing (what a batch holds
         does not depend on the worker that reads it); in exact mode the global batch must match."""
         st = self.stream
-        position = int(state["position"])
-        if state.get("world", st.world) != st.world or state.get("grad_accum", st.grad_accum) != st.grad_accum:
-            if st.mode == "exact" and state.get("global_batch") != st.global_batch:
-                raise DataError(
-                    f"{st.spec}: the checkpoint was trained with a global batch of {state.get('global_batch')} "
-                    f"samples ({state.get('world')} ranks x grad_accum {state.get('grad_accum')}), this run has "
-                    f"{st.global_batch} ({st.world} ranks x micro_batch_size {st.batch_size} x grad_accum "
-                    f"{st.grad_accum}): set train.grad_accum (or train.micro_batch_size) so that the global batch "
-                    f"stays {state.get('global_batch')}, and the run continues with exactly the remaining batches")
-            position = position // int(state["grad_accum"]) * st.grad_accum    # whole optimizer steps
-        self.epoch, self.position = int(state["epoch"]), position
+        if st.mode == "exact" and state.get("global_batch", st.global_batch) != st.global_batch:
+            raise DataError(
+                f"{st.spec}: the checkpoint was trained with a global batch of {state['global_batch']} samples "
+                f"({state['world']} ranks x grad_accum {state['grad_accum']}), this run has {st.global_batch} "
+                f"({st.world} ranks x micro_batch_size {st.batch_size} x grad_accum {st.grad_accum}): set "
+                f"train.grad_accum (or train.micro_batch_size) so that the global batch stays "
+                f"{state['global_batch']}, and the run continues with exactly the remaining batches")
+        steps = int(state["position"]) // int(state.get("grad_accum", st.grad_accum))   # whole optimizer steps
+        self.epoch, self.position = int(state["epoch"]), steps * st.grad_accum
         self._skipped_before, self._seen_before = int(state["skipped"]), int(state["seen"])
         self._skipped, self._seen = {}, {}
         self._it = None

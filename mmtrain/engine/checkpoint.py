@@ -143,8 +143,9 @@ def universal(root: Path, tag: str, rank: int) -> str:
     if rank == 0 and not out.is_dir():
         partial = root / tag / "universal.partial"
         shutil.rmtree(partial, ignore_errors=True)
+        workers = str(max(1, min(8, (os.cpu_count() or 2) // 2)))        # the other ranks wait idle meanwhile
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag),
-               "--output_folder", str(partial), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+               "--output_folder", str(partial), "--num_extract_workers", workers, "--num_merge_workers", workers]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             shutil.rmtree(partial, ignore_errors=True)

@@ -91,7 +91,8 @@ def train(cfg: Config) -> int:
              (n_all - n_train) / 1e6)
     ds_conf = deepspeed_config(cfg, env.world_size, env.device.type == "cuda")
     found = checkpoint.find_resume(cfg.run.resume, ckpt_root)
-    if found and checkpoint.saved_world(*found) != env.world_size:     # loads the universal form
+    reshard = bool(found) and checkpoint.saved_world(*found) != env.world_size
+    if reshard:                                  # written by another number of ranks: its universal form
         ds_conf["checkpoint"] = {**ds_conf.get("checkpoint", {}), "load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_conf,
                                            model_parameters=param_groups(model, cfg.train.weight_decay),
@@ -104,11 +105,11 @@ def train(cfg: Config) -> int:
         root, tag = found
         states = checkpoint.load(engine, root, tag, env.rank, env.world_size)
         step, bad_total = states[0]["step"], states[0]["bad_total"]
-        if len(states) == 1 and checkpoint.saved_world(root, tag) == env.world_size:
+        if not reshard:
             data.load_state_dict(states[0]["data"])
             recipe.load_state_dict(states[0].get("recipe") or {})
             checkpoint.set_rng_state(states[0]["rng"])
-        else:                                    # written by another number of ranks: re-shard
+        else:
             data.load_state_dict(data.reshard_state([st["data"] for st in states], env.rank, env.world_size))
             recipe.load_state_dict(recipe.reshard_state([st.get("recipe") or {} for st in states], env.rank,
                                                         env.world_size))
