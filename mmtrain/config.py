@@ -31,6 +31,24 @@ def choices(*allowed: str, default: str):
     return field(default=default, metadata={"choices": allowed})
 
 
+def bounded(default: Any, ge: Optional[float] = None, gt: Optional[float] = None, le: Optional[float] = None,
+            lt: Optional[float] = None, note: str = ""):
+    """A number restricted to a range (checked in `validate`, which names key, value and range)."""
+    return field(default=default, metadata={"range": (ge, gt, le, lt), "note": note})
+
+
+def _out_of_range(value: Any, bounds) -> Optional[str]:
+    """The range `value` breaks, written out (e.g. '> 0'), or None when it is inside."""
+    ge, gt, le, lt = bounds
+    rules = [(ge, ">=", lambda v, b: v >= b), (gt, ">", lambda v, b: v > b),
+             (le, "<=", lambda v, b: v <= b), (lt, "<", lambda v, b: v < b)]
+    if value is None:
+        return None
+    if any(b is not None and not ok(value, b) for b, _, ok in rules):
+        return " and ".join(f"{op} {b:g}" for b, op, _ in rules if b is not None)
+    return None
+
+
 def path_field(default: Optional[str] = None, must_exist: bool = True, required: bool = False):
     """A filesystem path; when set and `must_exist`, it must exist before the run starts."""
     return field(default=default, metadata={"path": must_exist, "required": required})
@@ -66,22 +84,25 @@ class RunConfig:
     out_dir: str = "runs"           # the run directory is out_dir/name
     seed: int = 1234
     resume: str = "auto"            # auto: latest checkpoint if any | never | a checkpoint dir
-    stop_after_steps: Optional[int] = None  # end this invocation early (checkpointed), e.g. to split a job
+    # end this invocation early (checkpointed), e.g. to split a job
+    stop_after_steps: Optional[int] = bounded(None, ge=1)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000               # optimizer steps for the whole run (sets the lr schedule)
-    micro_batch_size: int = 8       # samples per rank per forward
-    grad_accum: int = 1
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.0       # cosine decays to lr * min_lr_ratio
-    warmup_ratio: float = 0.1       # fraction of `steps` spent in linear warm-up
-    weight_decay: float = 0.05      # not applied to biases and norm weights
+    # optimizer steps for the whole run (sets the lr schedule)
+    steps: int = bounded(1000, ge=0, note="0: no training, the initial model is saved and evaluated")
+    micro_batch_size: int = bounded(8, ge=1)       # samples per rank per forward
+    grad_accum: int = bounded(1, ge=1)
+    lr: float = bounded(1e-4, gt=0)
+    min_lr_ratio: float = bounded(0.0, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    warmup_ratio: float = bounded(0.1, ge=0, lt=1)  # fraction of `steps` spent in linear warm-up
+    weight_decay: float = bounded(0.05, ge=0)      # not applied to biases and norm weights
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    grad_clip: float = 1.0          # 0 disables clipping
-    max_bad_steps: int = 10         # consecutive non-finite losses before the run stops
+    eps: float = bounded(1e-8, gt=0)
+    grad_clip: float = bounded(1.0, ge=0)          # 0 disables clipping
+    # consecutive non-finite losses or skipped (overflowing) optimizer steps before the run stops
+    max_bad_steps: int = bounded(10, ge=1)
 
 
 @dataclass
@@ -102,20 +123,20 @@ class DeepSpeedSection:
 @dataclass
 class DistConfig:
     backend: str = choices("auto", "nccl", "gloo", default="auto")  # auto: nccl on CUDA, else gloo
-    timeout_s: int = 1800           # collective timeout; a dead peer on gloo fails much sooner
+    timeout_s: int = bounded(1800, ge=1)  # collective timeout; a dead peer on gloo fails much sooner
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 1000               # steps between checkpoints (0: only at the end)
-    keep: int = 3                   # complete checkpoints kept, newest first (the best one is kept too)
+    every: int = bounded(1000, ge=0)  # steps between checkpoints (0: only at the end)
+    keep: int = bounded(3, ge=1)      # complete checkpoints kept, newest first (the best one is kept too)
     best_metric: str = ""           # an evaluation metric (e.g. ppl): checkpoints/best names the best one
     best_mode: str = choices("min", "max", default="min")
 
 
 @dataclass
 class LogConfig:
-    every: int = 10                 # steps between scalar logs
+    every: int = bounded(10, ge=1)  # steps between scalar logs
     tensorboard: bool = True
     progress: bool = True           # progress bar with ETA on rank 0
     peak_tflops: Optional[float] = None  # per-device peak for MFU; None: looked up by GPU name
@@ -123,7 +144,7 @@ class LogConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0                  # steps between evaluations (0: only at the end)
+    every: int = bounded(0, ge=0)   # steps between evaluations (0: only at the end)
     at_end: bool = True
 
 
@@ -272,29 +293,20 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"key '{key}': shard directory does not exist: {value}")
         if f.metadata.get("path") and value not in (None, "") and not Path(str(value)).exists():
             raise ConfigError(f"key '{key}': path does not exist: {value}")
-    if cfg.train.steps < 0:
-        raise ConfigError(f"key 'train.steps' must be >= 0 (0: no training, the initial model is saved and "
-                          f"evaluated), got {cfg.train.steps}")
-    positive = {"train.micro_batch_size": cfg.train.micro_batch_size,
-                "train.grad_accum": cfg.train.grad_accum, "checkpoint.keep": cfg.checkpoint.keep,
-                "log.every": cfg.log.every}
-    for key, v in positive.items():
-        if v < 1:
-            raise ConfigError(f"key '{key}' must be >= 1, got {v}")
+        broken = _out_of_range(value, f.metadata["range"]) if "range" in f.metadata else None
+        if broken:
+            note = f" ({f.metadata['note']})" if f.metadata.get("note") else ""
+            raise ConfigError(f"key '{key}' must be {broken}{note}, got {value!r}")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"key 'deepspeed.zero_stage' must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
-    if not 0.0 <= cfg.train.warmup_ratio < 1.0:
-        raise ConfigError(f"key 'train.warmup_ratio' must be in [0, 1), got {cfg.train.warmup_ratio}")
-    if len(cfg.train.betas) != 2:
-        raise ConfigError(f"key 'train.betas' must hold two numbers, got {cfg.train.betas}")
+    if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
+        raise ConfigError(f"key 'train.betas' must hold two numbers in [0, 1), got {cfg.train.betas}")
     if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).is_dir():
         raise ConfigError(f"key 'run.resume': expected 'auto', 'never' or a checkpoint directory; "
                           f"path does not exist: {cfg.run.resume}")
     check = getattr(cfg.recipe, "check", None)
     if check is not None:                      # a recipe's own cross-field rules
         check()
-    if cfg.run.stop_after_steps is not None and cfg.run.stop_after_steps < 1:
-        raise ConfigError(f"key 'run.stop_after_steps' must be >= 1, got {cfg.run.stop_after_steps}")
 
 
 def load_run_config(run_dir: str | os.PathLike) -> Config:
@@ -306,4 +318,4 @@ def load_run_config(run_dir: str | os.PathLike) -> Config:
 
 
 __all__ = ["Config", "ConfigError", "LoraSection", "RecipeConfig", "load_config", "load_run_config", "save_config",
-           "to_yaml", "choices", "path_field", "shards_field"]
+           "to_yaml", "bounded", "choices", "path_field", "shards_field"]

@@ -46,6 +46,36 @@ def test_bad_overrides_name_the_key(override, message):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize("override,message", [
+    ("train.lr=-1", "key 'train.lr' must be > 0, got -1.0"),
+    ("train.grad_clip=-1", "key 'train.grad_clip' must be >= 0, got -1.0"),
+    ("train.max_bad_steps=0", "key 'train.max_bad_steps' must be >= 1, got 0"),
+    ("checkpoint.every=-1", "key 'checkpoint.every' must be >= 0, got -1"),
+    ("dist.timeout_s=-1", "key 'dist.timeout_s' must be >= 1, got -1"),
+    ("train.weight_decay=-1", "key 'train.weight_decay' must be >= 0, got -1.0"),
+    ("train.eps=-1", "key 'train.eps' must be > 0, got -1.0"),
+    ("train.warmup_ratio=1", "key 'train.warmup_ratio' must be >= 0 and < 1, got 1.0"),
+    ("train.betas=[0.9,1.5]", "key 'train.betas' must hold two numbers in [0, 1)"),
+    ("run.stop_after_steps=0", "key 'run.stop_after_steps' must be >= 1, got 0"),
+])
+def test_values_out_of_their_range_name_key_value_and_range(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(DEMO, [override])
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("recipe.data.max_skip_fraction=-1", "key 'recipe.data.max_skip_fraction' must be >= 0 and <= 1, got -1.0"),
+    ("recipe.data.workers=-1", "key 'recipe.data.workers' must be >= 0, got -1"),
+])
+def test_data_section_ranges(tmp_path, override, message):
+    (tmp_path / "shards").mkdir()
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["recipe.name=tests.shard_recipe:ShardColor", f"recipe.data.train={tmp_path / 'shards'}",
+                           override])
+    assert message in str(e.value)
+
+
 def test_unknown_key_in_file_names_file_and_key(tmp_path):
     bad = write(tmp_path, "bad.yaml", "base: %s\ncheckpoint:\n  evrey: 5\n" % DEMO)
     with pytest.raises(ConfigError, match=r"config .*bad.yaml: unknown key 'checkpoint.evrey'; did you mean 'checkpoint.every'"):

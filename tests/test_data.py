@@ -365,10 +365,50 @@ def test_corrupt_sample_and_truncated_shard_are_counted_then_stop_the_run(tmp_pa
     sizes = [next(ld)["image"].shape[0] for _ in range(ld.steps_per_epoch)]
     assert sizes == [8] * 10                                        # fixed shapes, fixed steps
     assert 1 + 5 <= ld.skipped <= 1 + 15 and ld.stats() == {"skipped": ld.skipped, "seen": 80}
-    strict = build_loader(DataSection(max_skip_fraction=0.01, **kw), str(train), 8, dec, default_collate, 0, 1, 0)
+    strict = build_loader(DataSection(max_skip_fraction=0.01, skip_window=8, **kw), str(train), 8, dec,
+                          default_collate, 0, 1, 0)
     with pytest.raises(DataError, match=r"samples unreadable in .*train \(> data.max_skip_fraction=0.01\)"):
         for _ in range(10):
             next(strict)
+
+
+class FailOn:
+    """Decodes plain samples, raising for the keys given (a corrupt sample)."""
+
+    def __init__(self, bad):
+        self.bad = set(bad)
+
+    def __call__(self, raw):
+        if raw["__key__"] in self.bad:
+            raise ValueError("cannot identify image file")
+        return {"key": raw["__key__"]}
+
+
+def test_a_realistic_corrupt_rate_does_not_stop_the_run_and_a_high_one_does_with_rate_and_count(tmp_path):
+    spec = write_plain(tmp_path, "web", [800, 800])
+    first = [f"{i:09d}" for i in range(0, 1600, 200)]                  # 8 of 1,600 (0.5%), spread out
+    ld = build_loader(DataSection(workers=0, shuffle_buffer=64), str(spec), 64, FailOn(first), default_collate,
+                      0, 1, 0)
+    for _ in range(ld.steps_per_epoch):                                 # one in the first batch already
+        next(ld)
+    assert ld.skipped == 8 and ld.seen == 1600
+    bad = [f"{i:09d}" for i in range(0, 1600, 40)]                     # 40 of 1,600 (2.5%)
+    ld = build_loader(DataSection(workers=0, shuffle_buffer=64), str(spec), 64, FailOn(bad), default_collate, 0, 1, 0)
+    with pytest.raises(DataError, match=r"^1[1-9] of \d+ samples unreadable .*max_skip_fraction=0.01\): 2\.\d+% of the "
+                                        r"samples seen on rank 0, judged over at least data.skip_window=1000"):
+        for _ in range(ld.steps_per_epoch):
+            next(ld)
+
+
+def test_a_sample_missing_a_part_is_skipped_and_counted_not_a_crash(tmp_path):
+    samples = [{"__key__": f"{i:09d}", "json": {"i": i}, "txt": f"caption {i}"} for i in range(16)]
+    del samples[15]["txt"]                                              # the caption lost with the tar's end
+    write_shards(iter(samples), tmp_path / "cut", "image-text", max_count=16)
+    ld = build_loader(DataSection(workers=0, shuffle_buffer=1, max_skip_fraction=0.5), str(tmp_path / "cut"), 8,
+                      SampleDecoder(), default_collate, 0, 1, 0)
+    batches = [next(ld) for _ in range(ld.steps_per_epoch)]
+    assert [len(b["text"]) for b in batches] == [8, 8] and ld.skipped == 1
+    assert "000000015" not in [k for b in batches for k in b["key"]]
 
 
 def test_bad_shard_specs_name_the_problem(tmp_path):

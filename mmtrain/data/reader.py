@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmtrain.config import choices, shards_field
+from mmtrain.config import bounded, choices, shards_field
 from mmtrain.data.shards import DataError, iter_shard, resolve, shard_index
 
 
@@ -49,10 +49,13 @@ class DataSection:
     train: str = shards_field()        # shard dir or brace pattern (dir/x-{000000..000009}.tar)
     val: str = shards_field()
     mode: str = choices("exact", "resampled", "eval", default="exact")
-    workers: int = 2                   # DataLoader processes per rank
-    shuffle_buffer: int = 1000         # exact: samples per shuffle window; resampled: per-worker buffer
-    steps_per_epoch: Optional[int] = None   # resampled mode: steps per rank per epoch
-    max_skip_fraction: float = 0.01    # corrupt/unreadable samples tolerated before the run stops
+    workers: int = bounded(2, ge=0)    # DataLoader processes per rank (0: in the training process)
+    shuffle_buffer: int = bounded(1000, ge=1)  # exact: samples per shuffle window; resampled: per-worker buffer
+    steps_per_epoch: Optional[int] = bounded(None, ge=1)   # resampled mode: steps per rank per epoch
+    # corrupt/unreadable samples tolerated before the run stops, judged over at least
+    # `skip_window` samples (a fraction of the first few batches means little)
+    max_skip_fraction: float = bounded(0.01, ge=0, le=1)
+    skip_window: int = bounded(1000, ge=1)
 
 
 def _shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -210,6 +213,12 @@ class ShardStream(IterableDataset):
                     if len(errors) < 5:
                         errors.append(f"{raw_sample.get('__url__', '?')} sample {raw_sample.get('__key__', '?')}: "
                                       f"{type(e).__name__}: {e}")
+            fields = set().union(*(it.keys() for it in items)) if items else set()
+            for it in [it for it in items if it.keys() != fields]:    # incomplete (e.g. a cut-off tar)
+                bad += 1
+                items.remove(it)
+                if len(errors) < 5:
+                    errors.append(f"sample {it.get('key', '?')} lacks {sorted(fields - it.keys())}")
             skipped += bad
             seen += len(chunk)
             if not items:
@@ -227,8 +236,10 @@ class ShardStream(IterableDataset):
 class ShardLoader:
     """An endless iterator of batches over epochs, whose position is part of the checkpoint."""
 
-    def __init__(self, stream: ShardStream, workers: int = 2, max_skip_fraction: float = 0.01):
+    def __init__(self, stream: ShardStream, workers: int = 2, max_skip_fraction: float = 0.01,
+                 skip_window: int = 1000):
         self.stream, self.workers, self.max_skip_fraction = stream, workers, max_skip_fraction
+        self.skip_window = skip_window
         self.epoch = 0
         self.position = 0                  # batches consumed in this epoch
         self._skipped_before = self._seen_before = 0
@@ -268,9 +279,11 @@ class ShardLoader:
         self._skipped[info["worker"]], self._seen[info["worker"]] = info["skipped"], info["seen"]
         self.position += 1
         skipped, seen = self.skipped, self.seen
-        if seen and skipped / seen > self.max_skip_fraction:
+        if skipped > self.max_skip_fraction * max(seen, self.skip_window):   # a rate, once it means something
             raise DataError(f"{skipped} of {seen} samples unreadable in {self.stream.spec} "
-                            f"(> data.max_skip_fraction={self.max_skip_fraction}); e.g. {info['errors']}")
+                            f"(> data.max_skip_fraction={self.max_skip_fraction}): {skipped / seen:.2%} of the samples "
+                            f"seen on rank {self.stream.rank}, judged over at least data.skip_window="
+                            f"{self.skip_window} samples; e.g. {info['errors']}")
         return batch
 
     @property
@@ -324,7 +337,7 @@ def build_loader(section: DataSection, spec: str, batch_size: int, decode, colla
                  seed: int, grad_accum: int = 1) -> ShardLoader:
     stream = ShardStream(spec, batch_size, decode, collate, rank, world, seed, section.mode,
                          section.shuffle_buffer, section.steps_per_epoch, grad_accum)
-    return ShardLoader(stream, section.workers, section.max_skip_fraction)
+    return ShardLoader(stream, section.workers, section.max_skip_fraction, section.skip_window)
 
 
 class SampleDecoder:
