@@ -77,6 +77,10 @@ class RecipeConfig:
     # Weight of each named loss in the total; a name missing here has weight 1.
     loss_weights: Dict[str, float] = field(default_factory=dict)
 
+    def data_kind(self) -> Optional[str]:
+        """The kind of shards (manifest `kind`) this recipe's data sections must hold; None: any."""
+        return None
+
 
 @dataclass
 class RunConfig:
@@ -297,6 +301,7 @@ def validate(cfg: Config) -> None:
         if broken:
             note = f" ({f.metadata['note']})" if f.metadata.get("note") else ""
             raise ConfigError(f"key '{key}' must be {broken}{note}, got {value!r}")
+    _check_shards(cfg)
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"key 'deepspeed.zero_stage' must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
@@ -307,6 +312,25 @@ def validate(cfg: Config) -> None:
     check = getattr(cfg.recipe, "check", None)
     if check is not None:                      # a recipe's own cross-field rules
         check()
+
+
+def _check_shards(cfg: Config) -> None:
+    """Every shard set the recipe names has a manifest, samples, and the kind the recipe reads."""
+    from mmtrain.data.shards import DataError, resolve   # late: data modules import this one
+
+    kind = cfg.recipe.data_kind()
+    for key, f, value in _walk(cfg.recipe, "recipe."):
+        if not (f.metadata.get("shards") and value):
+            continue
+        try:
+            _, counts, manifest = resolve(value)
+        except DataError as e:
+            raise ConfigError(f"key '{key}': {e}") from None
+        if not sum(counts):
+            raise ConfigError(f"key '{key}': {value} holds no samples (its manifest counts 0)")
+        if kind and manifest.get("kind") != kind:
+            raise ConfigError(f"key '{key}': {value} holds {manifest.get('kind')!r} shards, but recipe "
+                              f"{cfg.recipe.name} reads {kind!r} shards here")
 
 
 def load_run_config(run_dir: str | os.PathLike) -> Config:

@@ -17,6 +17,9 @@ class ShardColorConfig(RecipeConfig):
     data: DataSection = field(default_factory=DataSection)
     image_size: int = 16
 
+    def data_kind(self) -> str:
+        return "image-text"
+
 
 class ColorNet(nn.Module):
     def __init__(self, size):

@@ -59,3 +59,21 @@ def test_resume_choices(tmp_path):
     (root / "latest").write_text("step_00000009")
     with pytest.raises(FileNotFoundError, match="names 'step_00000009', which is not a complete checkpoint"):
         checkpoint.find_resume("auto", root)
+
+
+def test_step_directories_without_markers_are_never_written_over(tmp_path):
+    from tests.helpers import train
+
+    run = tmp_path / "runs" / "r"
+    train(run, ["train.steps=4", "checkpoint.every=2"], world=1)
+    ckpts = run / "checkpoints"
+    (ckpts / "latest").unlink()
+    for marker in ckpts.glob("step_*/mmtrain.json"):
+        marker.unlink()
+    before = {p: p.stat().st_mtime_ns for p in ckpts.rglob("*") if p.is_file()}
+    train(run, ["train.steps=4", "checkpoint.every=2"], world=1, expect=2)
+    log = (tmp_path / "runs" / "r-logs" / "rank0.log").read_text()
+    assert "holds step_00000002, step_00000004 but no complete checkpoint" in log
+    assert {p: p.stat().st_mtime_ns for p in ckpts.rglob("*") if p.is_file()} == before       # untouched
+    train(run, ["train.steps=4", "checkpoint.every=2", "run.resume=never"], world=1, expect=2)
+    assert {p: p.stat().st_mtime_ns for p in ckpts.rglob("*") if p.is_file()} == before

@@ -76,6 +76,19 @@ def test_data_section_ranges(tmp_path, override, message):
     assert message in str(e.value)
 
 
+def test_shards_of_the_wrong_kind_empty_or_without_manifest_fail_before_any_rank_starts(tmp_path):
+    from mmtrain.data.synth import synth
+
+    synth("dialogue", str(tmp_path / "dlg"), 40, seed=0)
+    (tmp_path / "bare").mkdir()
+    recipe = ["recipe.name=tests.shard_recipe:ShardColor"]
+    with pytest.raises(ConfigError, match=r"key 'recipe.data.train': .*dlg/train holds 'dialogue' shards, but "
+                                          r"recipe tests.shard_recipe:ShardColor reads 'image-text' shards here"):
+        load_config(None, [*recipe, f"recipe.data.train={tmp_path / 'dlg' / 'train'}"])
+    with pytest.raises(ConfigError, match=r"key 'recipe.data.val': .*bare/manifest.json is missing"):
+        load_config(None, [*recipe, f"recipe.data.val={tmp_path / 'bare'}"])
+
+
 def test_unknown_key_in_file_names_file_and_key(tmp_path):
     bad = write(tmp_path, "bad.yaml", "base: %s\ncheckpoint:\n  evrey: 5\n" % DEMO)
     with pytest.raises(ConfigError, match=r"config .*bad.yaml: unknown key 'checkpoint.evrey'; did you mean 'checkpoint.every'"):

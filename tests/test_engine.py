@@ -129,6 +129,17 @@ def test_nonfinite_loss_is_skipped_then_stops_the_run(tmp_path):
     assert "3 consecutive non-finite losses (train.max_bad_steps=3)" in log
 
 
+def test_overflowing_gradients_count_as_bad_steps_and_stop_the_run(tmp_path):
+    """lr 1e6: finite losses, but after the first steps the gradients overflow and DeepSpeed skips every
+    update; that used to end "done" with exit 0 and train/bad_steps 0."""
+    run = tmp_path / "runs" / "overflow"
+    train(run, ["train.steps=20", "train.lr=1e6", "train.max_bad_steps=3", "log.every=1"], world=1, expect=1)
+    log = (tmp_path / "runs" / "overflow-logs" / "rank0.log").read_text()
+    assert "3 consecutive skipped optimizer steps, the gradients overflowing (train.max_bad_steps=3)" in log
+    assert "optimizer step 3 skipped: non-finite gradients" in log and "done:" not in log
+    assert max(scalars(run, "train/bad_steps").values()) >= 1
+
+
 def test_best_checkpoint_is_chosen_on_validation_and_kept(tmp_path):
     run = tmp_path / "runs" / "best"
     # "best" = the highest loss, so that the chosen checkpoint is an early one that keep=1 would prune

@@ -67,6 +67,11 @@ def complete_tags(root: Path):
     return sorted(tags)
 
 
+def step_dirs(root: Path):
+    """Every step_N directory, complete or not, oldest first."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)) if root.is_dir() else []
+
+
 def save(engine, root: Path, step: int, rank_state: Dict[str, Any], info: Dict[str, Any], keep: int) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     env_rank = int(os.environ.get("RANK", "0"))
@@ -128,6 +133,11 @@ def find_resume(resume: str, root: Path) -> Optional[Tuple[Path, str]]:
         raise FileNotFoundError(f"{latest} names '{tag}', which is not a complete checkpoint in {root}; "
                                 f"set run.resume to one of {complete_tags(root) or 'none'} or 'never'")
     tags = complete_tags(root)
+    if not tags and step_dirs(root):
+        raise FileExistsError(
+            f"{root} holds {', '.join(step_dirs(root))} but no complete checkpoint (no `latest`, no mmtrain.json "
+            f"inside) to resume from: a run started here would write over them. Move them away, or start a new run "
+            f"with run.name=<another name>")
     return (root, tags[-1]) if tags else None
 
 

@@ -69,9 +69,10 @@ def train(cfg: Config) -> int:
 
     run_dir = cfg.run_dir
     ckpt_root = run_dir / "checkpoints"
-    if cfg.run.resume == "never" and checkpoint.complete_tags(ckpt_root):
+    if cfg.run.resume == "never" and checkpoint.step_dirs(ckpt_root):
         raise FileExistsError(f"{run_dir} already holds checkpoints and run.resume=never would write over them: "
                               f"choose a new run.name, or run.resume=auto to continue")
+    found = checkpoint.find_resume(cfg.run.resume, ckpt_root)
     env = dist.init(cfg.dist.backend, cfg.dist.timeout_s)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -90,7 +91,6 @@ def train(cfg: Config) -> int:
     log.info("model: %.2fM parameters, %.2fM trainable, %.2fM frozen", n_all / 1e6, n_train / 1e6,
              (n_all - n_train) / 1e6)
     ds_conf = deepspeed_config(cfg, env.world_size, env.device.type == "cuda")
-    found = checkpoint.find_resume(cfg.run.resume, ckpt_root)
     reshard = bool(found) and checkpoint.saved_world(*found) != env.world_size
     if reshard:                                  # written by another number of ranks: its universal form
         ds_conf["checkpoint"] = {**ds_conf.get("checkpoint", {}), "load_universal": True}
@@ -187,7 +187,6 @@ def train(cfg: Config) -> int:
                             f"{cfg.train.max_bad_steps}) at step {step + 1}: lower train.lr, check the data, or "
                             f"use deepspeed.precision=fp32 to find the source")
                     continue
-                consecutive_bad = 0
                 engine.backward(total)
                 engine.step()
                 good += 1
@@ -203,6 +202,19 @@ def train(cfg: Config) -> int:
             step += 1
             steps_since_log += 1
             grad_norm = engine.get_global_grad_norm()
+            if engine.was_step_applied():
+                consecutive_bad = 0
+            else:                                # DeepSpeed skipped the update: the gradients overflowed
+                consecutive_bad += 1
+                bad_total += 1
+                log.warning("optimizer step %d skipped: non-finite gradients (norm %s) (%d bad in a row)", step,
+                            grad_norm, consecutive_bad)
+                if consecutive_bad >= cfg.train.max_bad_steps:
+                    raise TooManyBadSteps(
+                        f"{consecutive_bad} consecutive skipped optimizer steps, the gradients overflowing "
+                        f"(train.max_bad_steps={cfg.train.max_bad_steps}) at step {step}: lower train.lr "
+                        f"(now {cfg.train.lr:g}), keep train.grad_clip on, or use deepspeed.precision=fp32 to "
+                        f"find the source")
             lr = engine.get_lr()[0]
             monitor.advance(1, {"loss": float(total.detach()), "lr": lr})
             for tag, img in out.images.items():

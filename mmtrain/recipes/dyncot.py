@@ -70,6 +70,9 @@ class DynCoTConfig(RecipeConfig):
     loss_weights: Dict[str, float] = field(default_factory=lambda: {"sft": 1.0})
     data: DataSection = field(default_factory=DataSection)
 
+    def data_kind(self) -> str:
+        return "keyphrase"
+
     def check(self):
         q = self.dynamic.quantile
         if q is not None and not 0.0 < q < 1.0:

@@ -69,6 +69,9 @@ class KDSLConfig(RecipeConfig):
     collab: CollabSection = field(default_factory=CollabSection)
     data: DataSection = field(default_factory=DataSection)
 
+    def data_kind(self) -> str:
+        return "intent"
+
     def check(self):
         if not self.tasks:
             raise ConfigError("recipe.tasks is empty: name at least one task (e.g. [scene, intent])")

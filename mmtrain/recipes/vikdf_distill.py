@@ -55,6 +55,9 @@ class Stage1Config(RecipeConfig):
     loss_weights: Dict[str, float] = field(default_factory=lambda: {"tim": 0.5, "mim": 0.2, "mtm": 0.2})
     data: DataSection = field(default_factory=DataSection)
 
+    def data_kind(self) -> str:
+        return "image-text"
+
 
 def block_mask(rng: random.Random, grid: int, block: int, ratio: float, visible: float):
     """(zeroed, scored) patch masks, grid x grid bool: SimMIM blocks, some masked blocks left visible."""

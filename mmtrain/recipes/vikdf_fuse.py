@@ -59,6 +59,9 @@ class FuseConfig(RecipeConfig):
     loss_weights: Dict[str, float] = field(default_factory=lambda: {"ce": 1.0, "recon": 0.5, "kl": 0.1})
     data: DataSection = field(default_factory=DataSection)
 
+    def data_kind(self) -> str:
+        return "image-text" if self.phase == "fusion" else "dialogue"
+
 
 class FuseModel(nn.Module):
     """The trainable BVIF parts (+ the LLM when LoRA trains it); a frozen LLM is attached unregistered."""
