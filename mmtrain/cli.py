@@ -7,6 +7,7 @@ import sys
 
 from mmtrain.config import ConfigError, load_config, to_yaml
 from mmtrain.data.shards import DataError
+from mmtrain.engine.checkpoint import CheckpointError
 from mmtrain.models.rules import RuleError
 
 
@@ -34,6 +35,32 @@ def _cmd_train(args) -> int:
     code = train(cfg)          # an exception skips the shutdown: a dead peer would hang its barrier
     dist.shutdown()
     return code
+
+
+def _cmd_ckpt_verify(args) -> int:
+    """One line per checkpoint (intact, or what is wrong); exit 1 when any is damaged."""
+    from pathlib import Path
+
+    from mmtrain.engine import checkpoint
+
+    root = Path(args.run_dir) / "checkpoints"
+    tags = checkpoint.step_dirs(root)
+    if not tags:
+        raise FileNotFoundError(f"no checkpoints in {root}")
+    latest = checkpoint.read_pointer(root, "latest")
+    damaged = 0
+    for tag in tags:
+        if not (root / tag / "mmtrain.json").is_file():
+            print(f"{tag}: incomplete (no mmtrain.json: a save that never finished)")
+            continue
+        problems = checkpoint.verify(root / tag, deep=args.deep)
+        damaged += bool(problems)
+        mark = " (latest)" if tag == latest else ""
+        print(f"{tag}{mark}: " + ("intact" if not problems else "DAMAGED: " + "; ".join(problems)))
+    if latest and latest not in tags:
+        print(f"latest names {latest}, which does not exist")
+        damaged += 1
+    return 1 if damaged else 0
 
 
 def _cmd_export(args) -> int:
@@ -158,6 +185,13 @@ def main(argv=None) -> int:
     sp.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     sp.set_defaults(fn=_cmd_export)
 
+    ck = sub.add_parser("ckpt", help="checkpoints: verify")
+    csub = ck.add_subparsers(dest="ckpt_cmd", required=True)
+    sp = csub.add_parser("verify", help="check every checkpoint of a run without loading (or training) it")
+    sp.add_argument("run_dir")
+    sp.add_argument("--deep", action="store_true", help="also read every byte against the archives' CRCs")
+    sp.set_defaults(fn=_cmd_ckpt_verify)
+
     sp = sub.add_parser("eval", help="score a run's checkpoint on a held-out split (val, or test once at the end)")
     sp.add_argument("run_dir")
     sp.add_argument("--split", default="val")
@@ -248,7 +282,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError, RuleError) as e:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, RuleError, CheckpointError) as e:
         print(f"mmtrain {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

@@ -306,9 +306,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"key 'deepspeed.zero_stage' must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
         raise ConfigError(f"key 'train.betas' must hold two numbers in [0, 1), got {cfg.train.betas}")
-    if cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).is_dir():
-        raise ConfigError(f"key 'run.resume': expected 'auto', 'never' or a checkpoint directory; "
-                          f"path does not exist: {cfg.run.resume}")
+    if (cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).is_dir()
+            and not (cfg.run_dir / "checkpoints" / cfg.run.resume).is_dir()):
+        raise ConfigError(f"key 'run.resume': expected 'auto', 'never', a checkpoint directory or a tag in "
+                          f"{cfg.run_dir / 'checkpoints'}; path does not exist: {cfg.run.resume}")
     check = getattr(cfg.recipe, "check", None)
     if check is not None:                      # a recipe's own cross-field rules
         check()

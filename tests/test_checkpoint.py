@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmtrain.engine import checkpoint
 
@@ -14,9 +15,10 @@ class FakeEngine:
         assert not save_latest                      # the pointer is ours to move, last
         d = Path(root) / tag
         d.mkdir(parents=True, exist_ok=True)
-        (d / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"half")
         if self.crash:
+            (d / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"half")
             raise OSError("disk full")
+        torch.save({"module": None}, d / "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
 def save(root, step, crash=False, keep=2):
@@ -77,3 +79,69 @@ def test_step_directories_without_markers_are_never_written_over(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in ckpts.rglob("*") if p.is_file()} == before       # untouched
     train(run, ["train.steps=4", "checkpoint.every=2", "run.resume=never"], world=1, expect=2)
     assert {p: p.stat().st_mtime_ns for p in ckpts.rglob("*") if p.is_file()} == before
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    return subprocess.run([sys.executable, "-m", "mmtrain.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=REPO)
+
+
+@pytest.mark.chaos
+def test_damaged_checkpoints_are_named_verified_and_passed_over(tmp_path):
+    from tests.helpers import train
+
+    run = tmp_path / "runs" / "d"
+    args = ["train.steps=4", "checkpoint.every=2", "checkpoint.keep=3"]
+    train(run, args, world=1)
+    ckpts = run / "checkpoints"
+    assert _cli("ckpt", "verify", run).returncode == 0
+    optim = next((ckpts / "step_00000004").glob("*optim_states.pt"))
+    optim.write_bytes(optim.read_bytes()[: optim.stat().st_size // 2])          # a truncated optimizer shard
+    out = _cli("ckpt", "verify", run)
+    assert out.returncode == 1 and "step_00000002: intact" in out.stdout
+    assert f"step_00000004 (latest): DAMAGED: {optim}: damaged" in out.stdout
+    train(run, ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=3"], world=1)  # resume=auto
+    log = (run / "train.log").read_text()
+    assert f"checkpoint {ckpts / 'step_00000004'} is damaged, passed over for an earlier one: {optim}" in log
+    assert f"resumed from {ckpts / 'step_00000002'} at step 2" in log
+    state = ckpts / "step_00000006" / "mmtrain_rank00000.json"
+    state.write_text("{garbage")                                                 # a damaged mmtrain state
+    out = _cli("ckpt", "verify", run)
+    assert out.returncode == 1 and f"{state} is damaged" in out.stdout
+    (ckpts / "latest").write_text("step_00000099")                              # a pointer to nothing
+    train(run, ["train.steps=8"], world=1, expect=2)
+    assert "names 'step_00000099', which is not a complete checkpoint" in (tmp_path / "runs" / "d-logs" /
+                                                                            "rank0.log").read_text()
+    train(run, ["train.steps=8", "run.resume=step_00000006"], world=1, expect=2)   # named, damaged: refused
+    train(run, ["train.steps=8", "run.resume=step_00000002"], world=1)           # the suggested form works
+    assert f"resumed from {ckpts / 'step_00000002'} at step 2" in (run / "train.log").read_text()
+
+
+def test_mmtrain_state_is_json_and_a_crafted_pickle_never_runs(tmp_path):
+    """mmtrain's per-rank state used to be unpickled on resume: a crafted file ran a shell command."""
+    import json
+    import os
+
+    from mmtrain.engine.checkpoint import CheckpointError, read_rank_state
+
+    root = tmp_path / "checkpoints"
+    save(root, 3)
+    tag = root / "step_00000003"
+    assert json.loads((tag / "mmtrain_rank00000.json").read_text()) == {"step": 3}
+    (tag / "mmtrain_rank00000.json").unlink()
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+
+    torch.save({"rng": Payload()}, tag / "mmtrain_rank00000.pt")               # an older mmtrain's file name
+    with pytest.raises(CheckpointError, match=r"mmtrain_rank00000.pt cannot be read as data only"):
+        read_rank_state(tag, 0)
+    with pytest.raises(CheckpointError, match="damaged"):
+        checkpoint.find_resume("auto", root)
+    assert not (tmp_path / "pwned").exists()

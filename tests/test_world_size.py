@@ -125,11 +125,10 @@ def test_dyncot_dynamic_loss_table_and_decisions(tmp_path, tiny_models):
 
 def switched_keys(run):
     """The posts a Dynamic CoT run switched to CoT, from its last checkpoint (rank 0's recipe state)."""
-    import torch
+    from mmtrain.engine.checkpoint import read_rank_state
 
     tag = (run / "checkpoints" / "latest").read_text().strip()
-    state = torch.load(run / "checkpoints" / tag / "mmtrain_rank00000.pt", weights_only=False)
-    return set(state["recipe"]["tracker"]["switched"])
+    return set(read_rank_state(run / "checkpoints" / tag, 0)["recipe"]["tracker"]["switched"])
 
 
 @pytest.mark.heavy

@@ -19,6 +19,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -35,18 +36,90 @@ def tag_for(step: int) -> str:
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's random states as plain JSON values (no pickle: a checkpoint cannot run code)."""
+    version, keys, gauss = random.getstate()
+    name, mt, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(keys), gauss], "numpy": [name, mt.tolist(), pos, has_gauss, cached],
+             "torch": torch.get_rng_state().tolist()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    name, mt, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(mt, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(torch.as_tensor(state["cuda"], dtype=torch.uint8))
+
+
+def read_rank_state(tag_dir: Path, rank: int) -> Dict[str, Any]:
+    """mmtrain's own state of one rank: JSON, never unpickled. A checkpoint of an older mmtrain
+    (`.pt`) is read with torch's weights-only loader, which admits tensors and numpy arrays only."""
+    own = tag_dir / f"mmtrain_rank{rank:05d}.json"
+    if own.is_file():
+        try:
+            return json.loads(own.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{own} is damaged ({e})") from None
+    legacy = own.with_suffix(".pt")
+    if legacy.is_file():
+        from numpy._core.multiarray import _reconstruct
+
+        with torch.serialization.safe_globals([np.ndarray, np.dtype, _reconstruct, type(np.dtype(np.uint32))]):
+            try:
+                state = torch.load(legacy, weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"{legacy} cannot be read as data only ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0]})") from None
+        rng = state["rng"]
+        rng["numpy"] = [rng["numpy"][0], rng["numpy"][1].tolist(), *rng["numpy"][2:]]
+        rng["torch"] = rng["torch"].tolist()
+        if "cuda" in rng:
+            rng["cuda"] = rng["cuda"].tolist()
+        rng["python"] = [rng["python"][0], list(rng["python"][1]), rng["python"][2]]
+        return state
+    raise CheckpointError(f"{own} is missing: {tag_dir} is incomplete")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing a file or damaged, with a message that names the file."""
+
+
+def verify(tag_dir: Path, deep: bool = False) -> List[str]:
+    """What is wrong with checkpoint `tag_dir`, one line per problem (none: it is intact as far as can
+    be told without loading it). Every file is checked without unpickling anything: mmtrain's JSON
+    parses, each of DeepSpeed's `.pt` files (zip archives) has its central directory, and one
+    optimizer-state file per rank is there; `deep` also reads every byte against the archives' CRCs."""
+    marker = tag_dir / "mmtrain.json"
+    try:
+        world = int(json.loads(marker.read_text())["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"{marker}: not a readable completion marker ({type(e).__name__}: {e})"]
+    problems = []
+    for r in range(world):
+        try:
+            read_rank_state(tag_dir, r)
+        except CheckpointError as e:
+            problems.append(str(e))
+    files = sorted(tag_dir.glob("*.pt"))
+    optim = [f for f in files if f.name.endswith("optim_states.pt")]
+    if optim and len(optim) != world:
+        problems.append(f"{tag_dir}: {len(optim)} optimizer-state files for {world} ranks")
+    for f in files:
+        if f.name.startswith("mmtrain_rank"):
+            continue
+        try:
+            with zipfile.ZipFile(f) as z:
+                bad = z.testzip() if deep else None
+            if bad:
+                problems.append(f"{f}: member {bad} fails its CRC check")
+        except (zipfile.BadZipFile, OSError) as e:
+            problems.append(f"{f}: damaged ({e})")
+    return problems
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -84,7 +157,7 @@ def save(engine, root: Path, step: int, rank_state: Dict[str, Any], info: Dict[s
             shutil.rmtree(partial)
     dist.barrier()
     engine.save_checkpoint(str(root), tag=partial_tag, save_latest=False)
-    torch.save(rank_state, partial / f"mmtrain_rank{env_rank:05d}.pt")
+    _write_atomic(partial / f"mmtrain_rank{env_rank:05d}.json", json.dumps(rank_state))
     dist.barrier()
     final = root / tag
     if env_rank == 0:
@@ -113,32 +186,48 @@ def mark_best(root: Path, step: int, metric: str, value: float) -> None:
     _write_atomic(root / "best", tag_for(step))
 
 
-def find_resume(resume: str, root: Path) -> Optional[Tuple[Path, str]]:
-    """(checkpoint root, tag) to resume from, or None for a fresh start."""
+def find_resume(resume: str, root: Path, skipped: Optional[List[str]] = None) -> Optional[Tuple[Path, str]]:
+    """(checkpoint root, tag) to resume from, or None for a fresh start. With "auto", a damaged newest
+    checkpoint is passed over for the newest intact one; `skipped` collects why (to be logged)."""
     if resume == "never":
         return None
     if resume != "auto":
         p = Path(resume)
+        if not p.is_dir() and TAG_RE.match(resume) and (root / resume).is_dir():     # a tag of this run
+            p = root / resume
         if p.name in ("best", "latest") and (p.parent / p.name).is_file():    # a pointer: follow it
             p = p.parent / (p.parent / p.name).read_text().strip()
         if not (p / "mmtrain.json").is_file():
             raise FileNotFoundError(f"run.resume={resume} is not a complete mmtrain checkpoint "
                                     f"(no mmtrain.json inside)")
+        problems = verify(p)
+        if problems:
+            raise CheckpointError(f"run.resume={resume}: the checkpoint is damaged: {'; '.join(problems[:3])}")
         return p.parent, p.name
     latest = root / "latest"
+    tags = complete_tags(root)
     if latest.is_file():
         tag = latest.read_text().strip()
-        if (root / tag / "mmtrain.json").is_file():
+        if not (root / tag / "mmtrain.json").is_file():
+            raise FileNotFoundError(f"{latest} names '{tag}', which is not a complete checkpoint in {root}; "
+                                    f"set run.resume to one of {tags or 'none'} or 'never'")
+        tags = [t for t in tags if t <= tag]
+    for tag in reversed(tags):
+        problems = verify(root / tag)
+        if not problems:
             return root, tag
-        raise FileNotFoundError(f"{latest} names '{tag}', which is not a complete checkpoint in {root}; "
-                                f"set run.resume to one of {complete_tags(root) or 'none'} or 'never'")
-    tags = complete_tags(root)
-    if not tags and step_dirs(root):
+        if skipped is not None:
+            skipped.append(f"checkpoint {root / tag} is damaged, passed over for an earlier one: "
+                           f"{'; '.join(problems[:3])}")
+    if tags:
+        raise CheckpointError(f"every checkpoint in {root} is damaged ({', '.join(tags)}); "
+                              f"`mmtrain ckpt verify {root.parent}` lists what is wrong")
+    if step_dirs(root):
         raise FileExistsError(
             f"{root} holds {', '.join(step_dirs(root))} but no complete checkpoint (no `latest`, no mmtrain.json "
             f"inside) to resume from: a run started here would write over them. Move them away, or start a new run "
             f"with run.name=<another name>")
-    return (root, tags[-1]) if tags else None
+    return None
 
 
 def saved_world(root: Path, tag: str) -> int:
@@ -175,10 +264,15 @@ def load(engine, root: Path, tag: str, rank: int, world: int) -> List[Dict[str, 
     ds_tag = tag if old_world == world else universal(root, tag, rank)
     optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)      # the torch AdamW under ZeRO
     decay = [g["weight_decay"] for g in optimizer.param_groups]
-    path, _ = engine.load_checkpoint(str(root), tag=ds_tag, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+    try:
+        path, _ = engine.load_checkpoint(str(root), tag=ds_tag, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+    except Exception as e:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {root / ds_tag} ({type(e).__name__}: {e}); "
+                              f"`mmtrain ckpt verify {root.parent} --deep` checks every file, and "
+                              f"run.resume=<an earlier step_N> resumes from another") from e
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {root / ds_tag}")
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {root / ds_tag}")
     if ds_tag != tag:
         # Two slips of DeepSpeed's ZeRO-3 universal loader (0.19.8, stage3.py), each changing the run:
         # every parameter group gets the hyperparameters of the first (biases and norms would be
@@ -189,15 +283,7 @@ def load(engine, root: Path, tag: str, rank: int, world: int) -> List[Dict[str, 
         for st in optimizer.state.values():
             if torch.is_tensor(st.get("step")):
                 st["step"] = st["step"].clone()
-    ranks = [rank] if old_world == world else range(old_world)
-    states = []
-    for r in ranks:
-        own = root / tag / f"mmtrain_rank{r:05d}.pt"
-        if not own.is_file():
-            raise FileNotFoundError(f"{own} is missing: {root / tag} was written by {old_world} ranks and is "
-                                    f"incomplete")
-        states.append(torch.load(own, weights_only=False))
-    return states
+    return [read_rank_state(root / tag, r) for r in ([rank] if old_world == world else range(old_world))]
 
 
 def clean_partials(root: Path) -> None:

@@ -72,7 +72,8 @@ def train(cfg: Config) -> int:
     if cfg.run.resume == "never" and checkpoint.step_dirs(ckpt_root):
         raise FileExistsError(f"{run_dir} already holds checkpoints and run.resume=never would write over them: "
                               f"choose a new run.name, or run.resume=auto to continue")
-    found = checkpoint.find_resume(cfg.run.resume, ckpt_root)
+    passed_over: list = []                       # damaged checkpoints resume=auto skipped, logged below
+    found = checkpoint.find_resume(cfg.run.resume, ckpt_root, passed_over)
     env = dist.init(cfg.dist.backend, cfg.dist.timeout_s)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -82,6 +83,8 @@ def train(cfg: Config) -> int:
     log = setup_logging(run_dir, env.rank)
     log.info("run directory: %s (world size %d, device %s)\nresolved config:\n%s",
              run_dir.resolve(), env.world_size, env.device, to_yaml(cfg))
+    for note in passed_over:
+        log.warning(note)
 
     recipe = build_recipe(cfg, env, DTYPES[cfg.deepspeed.precision])
     seed_all(cfg.run.seed)                       # identical initial weights on every rank
