@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -32,7 +33,13 @@ def _cmd_train(args) -> int:
     from mmtrain.engine import dist
     from mmtrain.engine.trainer import train
 
-    code = train(cfg)          # an exception skips the shutdown: a dead peer would hang its barrier
+    try:
+        code = train(cfg)      # an exception skips the shutdown: a dead peer would hang its barrier
+    except BaseException as e:
+        log = logging.getLogger("mmtrain")
+        if log.handlers:       # train.log exists: the reason the run ended goes there too
+            log.error("run ended by %s: %s", type(e).__name__, e, exc_info=not isinstance(e, KeyboardInterrupt))
+        raise
     dist.shutdown()
     return code
 

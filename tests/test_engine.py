@@ -159,3 +159,20 @@ def test_best_checkpoint_is_chosen_on_validation_and_kept(tmp_path):
                          capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["checkpoint"] == f"step_{best['step']:08d}" and result["loss"] == pytest.approx(best["loss"], rel=1e-5)
+
+
+@pytest.mark.chaos
+def test_the_error_that_ends_a_run_is_in_train_log_and_tensorboard_shows_each_step_once(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "runs" / "crash"
+    args = ["train.steps=8", "log.every=1", "checkpoint.every=3", "train.max_bad_steps=2"]
+    train(run, args + ["recipe.inject_nan_at_calls=[6,7]"], world=2, expect=1)   # dies in step 6
+    log = (run / "train.log").read_text()
+    assert "ERROR run ended by TooManyBadSteps: 2 consecutive non-finite losses" in log
+    assert "Traceback" in log and log.count("run ended by TooManyBadSteps") == 2       # both ranks said why
+    assert max(scalars(run, "loss/total")) == 5                     # steps 4, 5 logged past checkpoint 3
+    train(run, args, world=2)                                       # resumed from step 3
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss/total")] == list(range(1, 9))

@@ -55,10 +55,10 @@ def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
     stream.setFormatter(fmt)
     stream.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     log.addHandler(stream)
-    if rank == 0:
-        fh = logging.FileHandler(run_dir / "train.log")
-        fh.setFormatter(fmt)
-        log.addHandler(fh)
+    fh = logging.FileHandler(run_dir / "train.log")           # rank 0 all of it, other ranks their errors
+    fh.setFormatter(fmt)
+    fh.setLevel(logging.INFO if rank == 0 else logging.ERROR)
+    log.addHandler(fh)
     return log
 
 
@@ -75,7 +75,8 @@ class Monitor:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            # a resumed run drops what a dead run logged past its checkpoint (no step shown twice)
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         if progress:
             from tqdm import tqdm
 
