@@ -8,7 +8,7 @@ import sys
 
 from mmtrain.config import ConfigError, load_config, to_yaml
 from mmtrain.data.shards import DataError
-from mmtrain.engine.checkpoint import CheckpointError
+from mmtrain.engine.checkpoint import CheckpointError, CheckpointWriteError
 from mmtrain.models.rules import RuleError
 
 
@@ -289,7 +289,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError, RuleError, CheckpointError) as e:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError, RuleError, CheckpointError,
+            CheckpointWriteError) as e:
         print(f"mmtrain {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

@@ -39,6 +39,30 @@ def test_crash_during_save_keeps_latest_good(tmp_path):
     assert not (root / "step_00000020.partial").exists()
 
 
+@pytest.mark.chaos
+def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    save(root, 10)
+
+    class FullDisk(FakeEngine):
+        def save_checkpoint(self, root, tag, save_latest):
+            (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
+
+    with pytest.raises(checkpoint.CheckpointWriteError, match=r"writing checkpoint step_00000020 to .*step_00000020"
+                       r".partial failed \(RuntimeError: .*unexpected pos.*\). .* GiB free there; the previous "
+                       r"checkpoint \(.*step_00000010\) is intact"):
+        checkpoint.save(FullDisk(), root, 20, {"step": 20}, {"world_size": 1}, 2)
+    assert checkpoint.find_resume("auto", root) == (root, "step_00000010")
+    usage = type("Usage", (), {"free": 10})                                # 10 bytes left: known too small
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage)
+    with pytest.raises(checkpoint.CheckpointWriteError, match=r"not enough disk space for checkpoint step_00000030 in "
+                       r".*: about 0.00 GiB needed \(the size of the last one\), 0.00 GiB free; the previous "
+                       r"checkpoint .* is intact; free space, or lower checkpoint.keep"):
+        save(root, 30)
+    assert not (root / "step_00000030.partial").exists() and (root / "latest").read_text() == "step_00000010"
+
+
 def test_keep_last_k_and_resave_same_step(tmp_path):
     root = tmp_path / "checkpoints"
     for s in (1, 2, 3, 4):

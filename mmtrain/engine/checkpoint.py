@@ -12,6 +12,7 @@ universal form in `step_N/universal/`, from which any world size loads its own p
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -156,8 +157,19 @@ def save(engine, root: Path, step: int, rank_state: Dict[str, Any], info: Dict[s
         if partial.exists():
             shutil.rmtree(partial)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=partial_tag, save_latest=False)
-    _write_atomic(partial / f"mmtrain_rank{env_rank:05d}.json", json.dumps(rank_state))
+    need, free = space_needed(root), shutil.disk_usage(root).free
+    if dist.any_rank(need > free, torch.device("cpu")):      # every rank stops, or none
+        raise CheckpointWriteError(f"not enough disk space for checkpoint {tag} in {root}: about {need / 2**30:.2f} "
+                                   f"GiB needed (the size of the last one), {free / 2**30:.2f} GiB free; "
+                                   f"{_intact(root)}; free space, or lower checkpoint.keep")
+    try:
+        engine.save_checkpoint(str(root), tag=partial_tag, save_latest=False)
+        _write_atomic(partial / f"mmtrain_rank{env_rank:05d}.json", json.dumps(rank_state))
+    except (OSError, RuntimeError) as e:         # torch says "iostream error" / "unexpected pos" when full
+        free = shutil.disk_usage(root).free
+        full = " The disk is full." if free < 2**20 or getattr(e, "errno", None) == errno.ENOSPC else ""
+        raise CheckpointWriteError(f"writing checkpoint {tag} to {partial} failed ({type(e).__name__}: {e}).{full} "
+                                   f"{free / 2**30:.2f} GiB free there; {_intact(root)}") from e
     dist.barrier()
     final = root / tag
     if env_rank == 0:
@@ -173,6 +185,24 @@ def save(engine, root: Path, step: int, rank_state: Dict[str, Any], info: Dict[s
                 shutil.rmtree(root / old, ignore_errors=True)
     dist.barrier()
     return final
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint that could not be written (a full disk, most often); the previous one is intact."""
+
+
+def space_needed(root: Path) -> int:
+    """Bytes the next checkpoint will take: the size of the newest complete one (0 before the first)."""
+    tags = complete_tags(root)
+    if not tags:
+        return 0
+    newest = root / tags[-1]
+    return sum(f.stat().st_size for f in newest.iterdir() if f.is_file())
+
+
+def _intact(root: Path) -> str:
+    latest = read_pointer(root, "latest")
+    return f"the previous checkpoint ({root / latest}) is intact" if latest else "no earlier checkpoint exists"
 
 
 def read_pointer(root: Path, name: str) -> Optional[str]:
