@@ -24,12 +24,43 @@ PYTHON=${PYTHON:-python}
 "$PYTHON" -m mmtrain.cli config "$@" > /dev/null
 
 export PYTHONUNBUFFERED=1
+args=()
+port=${MASTER_PORT:-29500}
 if (( cpu > 0 )); then
   export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} CUDA_VISIBLE_DEVICES=""
-  exec "$PYTHON" -m deepspeed.launcher.runner --num_gpus "$cpu" --master_port "${MASTER_PORT:-29512}" \
-    --no_local_rank --module mmtrain.cli train "$@"
+  args+=(--num_gpus "$cpu")
+  port=${MASTER_PORT:-29512}
+elif [[ -n "$gpus" ]]; then
+  args+=(--num_gpus "$gpus")
 fi
-args=()
-[[ -n "$gpus" ]] && args+=(--num_gpus "$gpus")
-exec "$PYTHON" -m deepspeed.launcher.runner "${args[@]}" --master_port "${MASTER_PORT:-29500}" \
-  --no_local_rank --module mmtrain.cli train "$@"
+
+# The launcher runs in its own process group. A SIGTERM/SIGINT/SIGUSR1 to this script (kill, a job
+# manager, a container stop, Ctrl-C) reaches the ranks as SIGUSR1: they finish the step, checkpoint
+# and exit 85 (requeue), and this script exits with their code. Without this, the deepspeed
+# launcher exits at once on SIGTERM and its ranks train on, orphaned. A second signal stops
+# everything at once.
+setsid "$PYTHON" -m deepspeed.launcher.runner "${args[@]}" --master_port "$port" \
+  --no_local_rank --module mmtrain.cli train "$@" &
+launcher=$!
+signalled=0
+forward() {
+  if (( signalled )); then
+    kill -TERM -- "-$launcher" 2>/dev/null || true
+  else
+    signalled=1
+    echo "launch/train.sh: stop signal: the ranks checkpoint and exit (a second signal stops them at once)" >&2
+    pkill -USR1 -g "$launcher" -f " -m mmtrain[.]cli train" || true      # the ranks, not the launcher
+  fi
+}
+trap forward TERM INT USR1
+while :; do
+  rc=0
+  wait "$launcher" || rc=$?
+  # a trapped signal interrupts `wait` (status > 128) while the launcher still runs: wait again
+  (( rc > 128 )) && kill -0 "$launcher" 2>/dev/null && continue
+  break
+done
+if (( rc > 128 )); then         # it ended just as the signal came: its own status is still there
+  wait "$launcher" 2>/dev/null && rc=0 || { r=$?; (( r != 127 )) && rc=$r; }
+fi
+exit "$rc"

@@ -51,3 +51,30 @@ def test_sbatch_requeues_after_signal_and_resumes(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"at step {step}" in (run / "train.log").read_text()
     assert (tmp_path / "requeued").read_text().split() == ["777"]        # not requeued again
+
+
+@pytest.mark.chaos
+@pytest.mark.heavy
+def test_sigterm_to_train_sh_checkpoints_and_stops_every_rank(tmp_path):
+    """SIGTERM to the launcher used to end it at once while both ranks trained on to the end."""
+    import signal
+    import time
+
+    from tests.helpers import free_port
+
+    run = tmp_path / "runs" / "term"
+    env = dict(os.environ, PYTHON=sys.executable, MASTER_PORT=str(free_port()))
+    p = subprocess.Popen(["bash", str(REPO / "launch/train.sh"), "--cpu", "2", str(DEMO), f"run.out_dir={tmp_path / 'runs'}",
+                          "run.name=term", "train.steps=100000", "log.every=1", "checkpoint.every=0",
+                          "log.progress=false"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 180
+    while time.time() < deadline and "step 3/" not in ((run / "train.log").read_text() if (run / "train.log").exists()
+                                                      else ""):
+        time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=120)[0].decode()
+    assert p.returncode == 85, out[-3000:]                              # the ranks' requeue code
+    assert "stop signal received: checkpointing" in (run / "train.log").read_text()
+    assert (run / "checkpoints" / "latest").is_file()
+    left = subprocess.run(["pgrep", "-f", f"run.name=term"], capture_output=True, text=True).stdout.split()
+    assert not left, f"ranks still running: {left}"
