@@ -25,6 +25,7 @@ def save(root, step, crash=False, keep=2):
     return checkpoint.save(FakeEngine(crash), root, step, {"step": step}, {"world_size": 1}, keep)
 
 
+@pytest.mark.chaos
 def test_crash_during_save_keeps_latest_good(tmp_path):
     root = tmp_path / "checkpoints"
     save(root, 10)
@@ -87,6 +88,7 @@ def test_resume_choices(tmp_path):
         checkpoint.find_resume("auto", root)
 
 
+@pytest.mark.chaos
 def test_step_directories_without_markers_are_never_written_over(tmp_path):
     from tests.helpers import train
 
@@ -116,6 +118,7 @@ def _cli(*args):
 
 
 @pytest.mark.chaos
+@pytest.mark.heavy
 def test_damaged_checkpoints_are_named_verified_and_passed_over(tmp_path):
     from tests.helpers import train
 
@@ -146,6 +149,7 @@ def test_damaged_checkpoints_are_named_verified_and_passed_over(tmp_path):
     assert f"resumed from {ckpts / 'step_00000002'} at step 2" in (run / "train.log").read_text()
 
 
+@pytest.mark.chaos
 def test_mmtrain_state_is_json_and_a_crafted_pickle_never_runs(tmp_path):
     """mmtrain's per-rank state used to be unpickled on resume: a crafted file ran a shell command."""
     import json

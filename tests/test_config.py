@@ -46,6 +46,7 @@ def test_bad_overrides_name_the_key(override, message):
     assert message in str(e.value)
 
 
+@pytest.mark.chaos
 @pytest.mark.parametrize("override,message", [
     ("train.lr=-1", "key 'train.lr' must be > 0, got -1.0"),
     ("train.grad_clip=-1", "key 'train.grad_clip' must be >= 0, got -1.0"),
@@ -76,6 +77,7 @@ def test_data_section_ranges(tmp_path, override, message):
     assert message in str(e.value)
 
 
+@pytest.mark.chaos
 def test_shards_of_the_wrong_kind_empty_or_without_manifest_fail_before_any_rank_starts(tmp_path):
     from mmtrain.data.synth import synth
 

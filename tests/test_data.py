@@ -351,6 +351,7 @@ def corrupt_one_image(shard):
             tf.addfile(m, io.BytesIO(data))
 
 
+@pytest.mark.chaos
 def test_corrupt_sample_and_truncated_shard_are_counted_then_stop_the_run(tmp_path):
     synth("image-text", str(tmp_path / "d"), 100, max_count=20)
     train = tmp_path / "d" / "train"
@@ -384,6 +385,7 @@ class FailOn:
         return {"key": raw["__key__"]}
 
 
+@pytest.mark.chaos
 def test_a_realistic_corrupt_rate_does_not_stop_the_run_and_a_high_one_does_with_rate_and_count(tmp_path):
     spec = write_plain(tmp_path, "web", [800, 800])
     first = [f"{i:09d}" for i in range(0, 1600, 200)]                  # 8 of 1,600 (0.5%), spread out
@@ -400,6 +402,7 @@ def test_a_realistic_corrupt_rate_does_not_stop_the_run_and_a_high_one_does_with
             next(ld)
 
 
+@pytest.mark.chaos
 def test_a_sample_missing_a_part_is_skipped_and_counted_not_a_crash(tmp_path):
     samples = [{"__key__": f"{i:09d}", "json": {"i": i}, "txt": f"caption {i}"} for i in range(16)]
     del samples[15]["txt"]                                              # the caption lost with the tar's end

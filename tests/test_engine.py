@@ -116,6 +116,7 @@ def test_dead_rank_fails_the_others_quickly(tmp_path):
     assert code != 0 and time.time() - t0 < 60
 
 
+@pytest.mark.chaos
 def test_nonfinite_loss_is_skipped_then_stops_the_run(tmp_path):
     run = tmp_path / "runs" / "nan"
     train(run, ["train.steps=6", "log.every=1", "recipe.inject_nan_at_calls=[3]"], world=1)
@@ -129,6 +130,7 @@ def test_nonfinite_loss_is_skipped_then_stops_the_run(tmp_path):
     assert "3 consecutive non-finite losses (train.max_bad_steps=3)" in log
 
 
+@pytest.mark.chaos
 def test_overflowing_gradients_count_as_bad_steps_and_stop_the_run(tmp_path):
     """lr 1e6: finite losses, but after the first steps the gradients overflow and DeepSpeed skips every
     update; that used to end "done" with exit 0 and train/bad_steps 0."""
