@@ -146,7 +146,7 @@ class ShardStream(IterableDataset):
         while k < len(positions):
             s = bisect.bisect_right(starts, positions[k]) - 1
             end = starts[s] + self.counts[order[s]]
-            mine = [p for p in positions[k:bisect.bisect_left(positions, end, k)]]
+            mine = positions[k:bisect.bisect_left(positions, end, k)]
             k += len(mine)
             try:
                 index = shard_index(self.paths[order[s]])
