@@ -1,15 +1,22 @@
 """`mmtrain train|config|export|data|bench ...`: the command line. Errors in user input exit 2 with one line."""
 from __future__ import annotations
 
-import argparse
-import logging
-import os
 import sys
 
-from mmtrain.config import ConfigError, load_config, to_yaml
-from mmtrain.data.shards import DataError
-from mmtrain.engine.checkpoint import CheckpointError, CheckpointWriteError
-from mmtrain.models.rules import RuleError
+if __name__ == "__main__" and sys.argv[1:2] == ["train"]:
+    # before the slow imports below: a stop signal while a rank starts up is remembered, not fatal
+    from mmtrain.engine import signals
+
+    signals.install()
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+
+from mmtrain.config import ConfigError, load_config, to_yaml  # noqa: E402
+from mmtrain.data.shards import DataError  # noqa: E402
+from mmtrain.engine.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
+from mmtrain.models.rules import RuleError  # noqa: E402
 
 
 def _cmd_config(args) -> int:
@@ -29,6 +36,9 @@ def _cmd_config(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from mmtrain.engine import signals
+
+    signals.current()          # installed at start-up already when run as `python -m mmtrain.cli train`
     cfg = load_config(args.config, args.overrides)
     from mmtrain.engine import dist
     from mmtrain.engine.trainer import train

@@ -27,13 +27,18 @@ def test_train_sh_rejects_a_bad_config_before_launching(tmp_path):
     assert "unknown key 'train.stpes'; did you mean 'train.steps'" in r.stderr
 
 
-def sbatch(tmp_path, run_name, extra_env, overrides):
+def sbatch_command(tmp_path, run_name, extra_env, overrides):
     env = dict(os.environ, PATH=f"{REPO / 'tests/fake_slurm'}:{os.environ['PATH']}", PYTHON=sys.executable,
                SLURM_JOB_ID="777", SLURM_JOB_NODELIST="node[01-02]", FAKE_NTASKS="2",
-               FAKE_REQUEUED=str(tmp_path / "requeued"), OMP_NUM_THREADS="1", **extra_env)
+               FAKE_REQUEUED=str(tmp_path / "requeued"), OMP_NUM_THREADS="1")
+    env = {k: v for k, v in {**env, **extra_env}.items() if v is not None}       # None: unset
     over = [f"run.out_dir={tmp_path / 'runs'}", f"run.name={run_name}", "log.progress=false", *overrides]
-    return subprocess.run(["bash", str(REPO / "slurm/train.sbatch"), str(DEMO), *over], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=240)
+    return ["bash", str(REPO / "slurm/train.sbatch"), str(DEMO), *over], env
+
+
+def sbatch(tmp_path, run_name, extra_env, overrides):
+    cmd, env = sbatch_command(tmp_path, run_name, extra_env, overrides)
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
 
 
 def test_sbatch_requeues_after_signal_and_resumes(tmp_path):
@@ -78,3 +83,56 @@ def test_sigterm_to_train_sh_checkpoints_and_stops_every_rank(tmp_path):
     assert (run / "checkpoints" / "latest").is_file()
     left = subprocess.run(["pgrep", "-f", f"run.name=term"], capture_output=True, text=True).stdout.split()
     assert not left, f"ranks still running: {left}"
+
+
+@pytest.mark.chaos
+@pytest.mark.heavy
+def test_sbatch_leaves_a_cancelled_job_cancelled(tmp_path):
+    """scancel: the ranks checkpoint and exit 85, but the job is CANCELLED: no requeue (it used to
+    go back to PENDING)."""
+    run = tmp_path / "runs" / "cancel"
+    r = sbatch(tmp_path, "cancel", {"FAKE_SIGNAL_AFTER": "step 2/", "FAKE_WATCH": str(run / "train.log"),
+                                    "FAKE_JOB_STATE": "CANCELLED"}, ["train.steps=100000", "log.every=1"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert not (tmp_path / "requeued").exists()
+    assert "checkpointed; not requeueing: JobState=CANCELLED" in (run / "slurm.log").read_text()
+    assert (run / "checkpoints" / "latest").is_file()
+
+
+@pytest.mark.chaos
+@pytest.mark.heavy
+def test_sbatch_passes_a_batch_shell_usr1_to_the_ranks(tmp_path):
+    """--signal=B:USR1@N signals the batch shell alone, which had no trap and died."""
+    import signal
+    import time
+
+    run = tmp_path / "runs" / "b"
+    cmd, env = sbatch_command(tmp_path, "b", {}, ["train.steps=100000", "log.every=1"])
+    p = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 180
+    while time.time() < deadline and "step 2/" not in ((run / "train.log").read_text()
+                                                      if (run / "train.log").exists() else ""):
+        time.sleep(0.3)
+    p.send_signal(signal.SIGUSR1)
+    out = p.communicate(timeout=120)[0].decode()
+    assert p.returncode == 0, out[-3000:]
+    assert (tmp_path / "requeued").read_text().split() == ["777"]
+    assert "SIGUSR1 to the batch shell: passed to the ranks" in (run / "slurm.log").read_text()
+
+
+@pytest.mark.chaos
+@pytest.mark.heavy
+def test_a_signal_during_start_up_checkpoints_and_requeues(tmp_path):
+    """A SIGUSR1 one second after the ranks start (still importing): it used to kill them (exit 138)."""
+    run = tmp_path / "runs" / "early"
+    r = sbatch(tmp_path, "early", {"FAKE_SIGNAL_DELAY": "1"}, ["train.steps=100000"])
+    assert r.returncode == 0, r.stdout + r.stderr + (run / "slurm-777-rank0.log").read_text()[-2000:]
+    assert "stop signal received: checkpointing at step 0" in (run / "train.log").read_text()
+    assert (tmp_path / "requeued").read_text().split() == ["777"]
+
+
+def test_sbatch_gives_ranks_one_thread_per_cpu_slurm_gave_them(tmp_path):
+    r = sbatch(tmp_path, "omp", {"OMP_NUM_THREADS": None, "SLURM_CPUS_PER_TASK": "1",
+                                 "FAKE_ENV_LOG": str(tmp_path / "env")}, ["train.steps=1"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "env").read_text().split() == ["OMP_NUM_THREADS=1"]       # it was always 8

@@ -1,10 +1,11 @@
 import math
+import socket
 
 import pytest
 import torch
 
 from mmtrain.config import load_config
-from mmtrain.engine.dist import first_host, resolve_env
+from mmtrain.engine.dist import first_host, job_port, resolve_env
 from mmtrain.engine.optim import deepspeed_config, param_groups, warmup_cosine
 from tests.helpers import DEMO
 
@@ -46,9 +47,20 @@ def test_deepspeed_config_from_ours():
 
 
 @pytest.mark.parametrize("nodelist,first", [("gpu[003-005,9],cpu1", "gpu003"), ("node7", "node7"),
-                                            ("a-b[10,12]", "a-b10")])
+                                            ("a-b[10,12]", "a-b10"), ("a[01-02]b[1-2]", "a01b1"),
+                                            ("n1,n2", "n1"), ("rack[1-2]-gpu[07,09],x", "rack1-gpu07")])
 def test_first_host_of_slurm_nodelist(nodelist, first):
     assert first_host(nodelist) == first
+
+
+def test_job_ports_stay_below_the_ephemeral_range_and_spread():
+    ports = [job_port(j) for j in range(1000, 1000 + 20000 * 50, 20000)]       # ids 20,000 apart
+    assert all(15000 <= p < 30000 for p in ports) and len(set(ports)) == len(ports)
+    assert len({job_port(j) for j in range(5000, 5100)}) >= 99                  # neighbours rarely collide
+    with socket.socket() as s:                                                   # taken on this host: skipped
+        s.bind(("", job_port(77, 0)))
+        s.listen()
+        assert job_port(77, 0, probe=True) != job_port(77, 0)
 
 
 def test_slurm_variables_map_to_torch_distributed():
@@ -56,10 +68,10 @@ def test_slurm_variables_map_to_torch_distributed():
            "SLURM_JOB_NODELIST": "gpu[12-13]", "SLURM_JOB_ID": "4242"}
     resolve_env(env)
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("5", "16", "1", "gpu12")
-    assert env["MASTER_PORT"] == str(20000 + 4242)
+    assert env["MASTER_PORT"] == str(job_port(4242)) and 15000 <= job_port(4242) < 30000     # below 32768
     requeued = {**{k: v for k, v in env.items() if k.startswith("SLURM_")}, "SLURM_RESTART_COUNT": "2"}
     resolve_env(requeued)                                   # a requeued job does not reuse the old port
-    assert requeued["MASTER_PORT"] == str(20000 + (4242 + 2 * 7919) % 20000)
+    assert requeued["MASTER_PORT"] == str(job_port(4242, 2)) != env["MASTER_PORT"]
     torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
     resolve_env(torchrun)                                   # a launcher's own variables win
     assert (torchrun["RANK"], torchrun["WORLD_SIZE"]) == ("3", "4")

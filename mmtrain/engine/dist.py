@@ -7,6 +7,7 @@ NCCL on GPUs, gloo on CPUs.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import re
@@ -31,15 +32,40 @@ class DistEnv:
 
 
 def first_host(nodelist: str) -> str:
-    """First host of a Slurm nodelist: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
-    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if not m:
+    """First host of a Slurm nodelist: 'gpu[003-005,9],cpu1' -> 'gpu003', 'a[01-02]b[1-2]' -> 'a01b1'."""
+    text, depth, end = nodelist.strip(), 0, None
+    for i, ch in enumerate(text):                   # the first host expression ends at a top-level comma
+        depth += (ch == "[") - (ch == "]")
+        if depth < 0 or (ch == "," and depth == 0):
+            end = i
+            break
+    expr = text[:end]
+    host = re.sub(r"\[([^\[\]]+)\]", lambda m: m.group(1).split(",")[0].split("-")[0], expr)
+    if not host or depth < 0 or any(c in host for c in "[],"):
         raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
-    prefix, _, ranges = m.groups()
-    if not ranges:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    return host
+
+
+PORT_BASE, PORT_SPAN = 15000, 15000           # 15000-29999: below Linux's ephemeral range (32768-60999)
+
+
+def job_port(job: int, restart: int = 0, probe: bool = False) -> int:
+    """The rendezvous port of a Slurm job: a hash of (job id, restart count) into PORT_BASE + [0,
+    PORT_SPAN), so neighbouring or evenly spaced job ids do not collide and a requeued job does not
+    wait for its old port. `probe` (on the master host only: slurm/train.sbatch) moves on to the next
+    port while the chosen one is taken there."""
+    h = int(hashlib.sha256(f"{job}/{restart}".encode()).hexdigest(), 16) % PORT_SPAN
+    for k in range(PORT_SPAN if probe else 1):
+        port = PORT_BASE + (h + k) % PORT_SPAN
+        if not probe:
+            return port
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError(f"no free port in {PORT_BASE}-{PORT_BASE + PORT_SPAN - 1}")
 
 
 def _free_port() -> int:
@@ -58,10 +84,10 @@ def resolve_env(environ=os.environ) -> None:
         environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
         if "MASTER_ADDR" not in environ:
             environ["MASTER_ADDR"] = first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
-        # a port from the job id and restart count (as slurm/train.sbatch): no collision between two
-        # jobs on a node, nor with the old rendezvous port of a requeued job on the same node
+        # slurm/train.sbatch exports the port it probed on the master host; a bare srun gets the same
+        # hash of the job id and restart count on every rank
         job, restart = int(environ.get("SLURM_JOB_ID", "0")), int(environ.get("SLURM_RESTART_COUNT", "0"))
-        environ.setdefault("MASTER_PORT", str(20000 + (job + 7919 * restart) % 20000))
+        environ.setdefault("MASTER_PORT", str(job_port(job, restart)))
     else:
         environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -2,13 +2,12 @@
 
 recipe.step(model, batch) -> named losses; the engine weights and sums them, skips non-finite
 steps, backpropagates, steps, logs, evaluates and checkpoints on schedule, and answers Slurm's
-SIGTERM/SIGUSR1 by checkpointing and exiting with REQUEUE_EXIT_CODE.
+SIGTERM/SIGUSR1 by checkpointing and exiting with REQUEUE_EXIT_CODE (engine/signals.py).
 """
 from __future__ import annotations
 
 import json
 import random
-import signal
 import time
 import warnings
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from mmtrain.config import Config, save_config, to_yaml
-from mmtrain.engine import checkpoint, dist
+from mmtrain.engine import checkpoint, dist, signals
 from mmtrain.engine.losses import combine
 from mmtrain.engine.monitor import Monitor, peak_memory_gib, peak_tflops, setup_logging
 from mmtrain.engine.optim import deepspeed_config, param_groups, scheduler_factory
@@ -37,18 +36,6 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-class _StopFlag:
-    """Set by SIGTERM/SIGUSR1; the loop finishes its step, checkpoints and exits."""
-
-    def __init__(self):
-        self.signum = None
-        for s in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum, frame):
-        self.signum = signum
 
 
 def build_recipe(cfg: Config, env: dist.DistEnv, dtype: torch.dtype, run_dir: Optional[Path] = None):
@@ -156,7 +143,7 @@ def train(cfg: Config) -> int:
                     checkpoint.mark_best(ckpt_root, step, name, value)
                 log.info("best %s so far: %.6g at step %d (checkpoints/best)", name, value, step)
 
-    stop = _StopFlag()
+    stop = signals.current()
     monitor = Monitor(run_dir, env.rank, cfg.train.steps, step, cfg.log.tensorboard, cfg.log.progress)
     peak = peak_tflops(cfg.log.peak_tflops)
     flops_per_sample = recipe.flops_per_sample()
@@ -172,7 +159,16 @@ def train(cfg: Config) -> int:
             best_value = json.loads(info.read_text()).get(cfg.checkpoint.best_metric)
     exit_code = 0
     engine.train()
+
+    def requeue() -> int:
+        log.warning("stop signal received: checkpointing at step %d, exiting for requeue", step)
+        save()
+        stop.ignore_further()
+        return REQUEUE_EXIT_CODE
+
     try:
+        if dist.any_rank(stop.signum is not None, env.device):      # a signal while starting up
+            return requeue()
         while step < cfg.train.steps:
             good = 0
             while good < ga:                     # a non-finite micro-batch is replaced, not counted
@@ -257,9 +253,7 @@ def train(cfg: Config) -> int:
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
                 evaluate()
             if dist.any_rank(stop.signum is not None, env.device):
-                log.warning("stop signal received: checkpointing at step %d, exiting for requeue", step)
-                save()
-                return REQUEUE_EXIT_CODE
+                return requeue()
             if cfg.run.stop_after_steps and step >= cfg.run.stop_after_steps and step < cfg.train.steps:
                 log.info("run.stop_after_steps=%d reached: checkpointing and stopping", cfg.run.stop_after_steps)
                 save()

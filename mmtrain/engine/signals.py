@@ -1,0 +1,44 @@
+"""Stop signals. SIGTERM and SIGUSR1 (what Slurm sends before a time limit, on preemption, or what
+launch/train.sh forwards) ask the run to finish its step, checkpoint and exit for requeue.
+
+`install()` comes first in `mmtrain train`, before the slow imports and the model load, so a
+signal during start-up is remembered (the run checkpoints as soon as it can) instead of killing
+the rank. Once a rank has decided to exit, `StopFlag.ignore_further()` ignores both signals at the
+OS level, which outlives Python's own handlers: a late SIGTERM during interpreter shutdown (srun's
+--kill-on-bad-exit sends one when the first rank exits 85) can no longer turn the exit into 143.
+"""
+from __future__ import annotations
+
+import signal
+from typing import Optional
+
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopFlag:
+    def __init__(self):
+        self.signum: Optional[int] = None
+        for s in SIGNALS:
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def ignore_further(self) -> None:
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+
+
+_current: Optional[StopFlag] = None
+
+
+def install() -> StopFlag:
+    """A fresh flag with its handlers installed (the start of a run)."""
+    global _current
+    _current = StopFlag()
+    return _current
+
+
+def current() -> StopFlag:
+    """The flag of this run (installed now if `install` was not called)."""
+    return _current or install()
