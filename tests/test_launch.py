@@ -81,7 +81,7 @@ def test_sigterm_to_train_sh_checkpoints_and_stops_every_rank(tmp_path):
     assert p.returncode == 85, out[-3000:]                              # the ranks' requeue code
     assert "stop signal received: checkpointing" in (run / "train.log").read_text()
     assert (run / "checkpoints" / "latest").is_file()
-    left = subprocess.run(["pgrep", "-f", f"run.name=term"], capture_output=True, text=True).stdout.split()
+    left = subprocess.run(["pgrep", "-f", "run.name=term"], capture_output=True, text=True).stdout.split()
     assert not left, f"ranks still running: {left}"
 
 
