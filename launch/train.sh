@@ -43,6 +43,7 @@ setsid "$PYTHON" -m deepspeed.launcher.runner "${args[@]}" --master_port "$port"
   --no_local_rank --module mmtrain.cli train "$@" &
 launcher=$!
 signalled=0
+# shellcheck disable=SC2329  # invoked by the trap below
 forward() {
   if (( signalled )); then
     kill -TERM -- "-$launcher" 2>/dev/null || true
@@ -61,6 +62,8 @@ while :; do
   break
 done
 if (( rc > 128 )); then         # it ended just as the signal came: its own status is still there
-  wait "$launcher" 2>/dev/null && rc=0 || { r=$?; (( r != 127 )) && rc=$r; }
+  r=0
+  wait "$launcher" 2>/dev/null || r=$?
+  if (( r != 127 )); then rc=$r; fi
 fi
 exit "$rc"

@@ -301,7 +301,6 @@ def validate(cfg: Config) -> None:
         if broken:
             note = f" ({f.metadata['note']})" if f.metadata.get("note") else ""
             raise ConfigError(f"key '{key}' must be {broken}{note}, got {value!r}")
-    _check_shards(cfg)
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"key 'deepspeed.zero_stage' must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
@@ -313,6 +312,7 @@ def validate(cfg: Config) -> None:
     check = getattr(cfg.recipe, "check", None)
     if check is not None:                      # a recipe's own cross-field rules
         check()
+    _check_shards(cfg)                         # reads the manifests: after the cheaper checks
 
 
 def _check_shards(cfg: Config) -> None:

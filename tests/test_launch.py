@@ -8,7 +8,8 @@ import pytest
 
 from tests.helpers import DEMO, REPO
 
-SCRIPTS = sorted(str(p) for p in [*REPO.glob("launch/*.sh"), *REPO.glob("slurm/*.sbatch"), REPO / ".ci/run"])
+SCRIPTS = sorted(str(p) for p in [*REPO.glob("launch/*.sh"), *REPO.glob("slurm/*.sbatch"), *REPO.glob("slurm/testing/*.sh"),
+                                  REPO / ".ci/run"])
 
 
 def test_scripts_parse_and_pass_shellcheck():
