@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements/ci.txt setup.py | cksum | c
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-all chaos install lint bench clean
+.PHONY: demo test test-all chaos test-slurm install lint bench clean
 
 $(STAMP): requirements/ci.txt setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,15 @@ test: $(STAMP)
 # the fault battery: damaged checkpoints, full disks, signals, overflowing gradients, bad data
 chaos: $(STAMP)
 	$(PY) -m pytest -q --durations=15 -m chaos tests
+
+# slurm/train.sbatch on a real one-node Slurm cluster, brought up and down around the tests
+# (cluster.sh exits 3 when no cluster can run on this machine: then it says why and skips)
+test-slurm: $(STAMP)
+	@conf=$$(bash slurm/testing/cluster.sh up); up=$$?; \
+	  if [ $$up -eq 3 ]; then echo "make test-slurm skipped (see above)"; exit 0; fi; \
+	  if [ $$up -ne 0 ]; then exit $$up; fi; \
+	  eval "$$conf"; $(PY) -m pytest -q --durations=15 -m slurm tests; \
+	  rc=$$?; bash slurm/testing/cluster.sh down; exit $$rc
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q --durations=15 tests

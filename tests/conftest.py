@@ -47,5 +47,6 @@ def stage1_run(tmp_path_factory, tiny_models, image_text_shards):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "heavy: long multi-rank groups (4 ranks, every recipe): `make test-all` only")
+    config.addinivalue_line("markers", "slurm: against a real Slurm cluster (`make test-slurm` starts one)")
     config.addinivalue_line("markers", "chaos: the fault battery (damaged checkpoints, full disks, signals, bad "
                                        "data): `make chaos`")

@@ -1,0 +1,158 @@
+"""slurm/train.sbatch on a real one-node Slurm cluster (`make test-slurm` brings one up with
+slurm/testing/cluster.sh): the toy LM on 2 CPU ranks through real sbatch/srun/scontrol/scancel.
+Skipped unless SLURM_CONF names a running cluster."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import DEMO, REPO, scalars, train
+
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
+    not os.environ.get("SLURM_CONF") or shutil.which("sbatch") is None,
+    reason="no Slurm cluster (make test-slurm starts one)")]
+
+CPU = ["--nodes=1", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1"]
+
+
+def submit(tmp_path, name, sbatch_args=(), overrides=()):
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("OMP_NUM_THREADS", None)
+    out = subprocess.run(["sbatch", "--parsable", *CPU, f"--output={tmp_path}/slurm-%j.out", f"--chdir={REPO}",
+                          f"--job-name={name}", *sbatch_args, str(REPO / "slurm/train.sbatch"), str(DEMO),
+                          f"run.out_dir={tmp_path / 'runs'}", f"run.name={name}", "log.progress=false",
+                          "log.every=1", *overrides], capture_output=True, text=True, env=env, check=True)
+    return out.stdout.strip().split(";")[0]
+
+
+def job(jid):
+    """JobState, Restarts, ExitCode of a job (Slurm keeps finished jobs for MinJobAge)."""
+    text = subprocess.run(["scontrol", "show", "job", jid], capture_output=True, text=True).stdout
+    return dict(re.findall(r"\b(JobState|Restarts|ExitCode)=(\S+)", text))
+
+
+def wait_for(what, timeout=240, every=0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = what()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what.__doc__ or what}")
+
+
+def log_has(run, text):
+    path = run / "train.log"
+    return lambda: path.exists() and text in path.read_text()
+
+
+def start_now_when_requeued(jid, restarts):
+    """A requeued job waits ~2 minutes before it may start; the tests cut that to 5 s (sooner, the
+    old incarnation's credential may still be revoked: "Killing non-startable batch job")."""
+    def requeued():
+        j = job(jid)
+        if j.get("JobState") == "PENDING" and int(j.get("Restarts", 0)) >= restarts:
+            time.sleep(5)
+            subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
+            return j
+        return None
+    return requeued
+
+
+def end(jid):
+    subprocess.run(["scancel", jid], capture_output=True)
+    wait_for(lambda: job(jid).get("JobState") in ("CANCELLED", "COMPLETED", "FAILED"), 60)
+
+
+def test_a_run_trains_to_completion(tmp_path):
+    jid = submit(tmp_path, "done", overrides=["train.steps=10"])
+    state = wait_for(lambda: job(jid).get("JobState") in ("COMPLETED", "FAILED") and job(jid))
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0" and state["Restarts"] == "0"
+    assert "done: 10 steps" in (tmp_path / "runs" / "done" / "train.log").read_text()
+
+
+def test_the_time_limit_signal_requeues_and_the_run_resumes_to_the_same_losses(tmp_path):
+    # ~17-27 steps/s here: a 2-minute limit signalled 110 s ahead (Slurm checks time limits
+    # periodically: the signal came 0-30 s late here) cuts 800 steps into several runs, and
+    # leaves 50 s for the checkpoint before the limit
+    steps = 800
+    args = [f"train.steps={steps}", "checkpoint.every=0", "log.every=1"]
+    jid = submit(tmp_path, "limit", ["--time=2", "--signal=USR1@110"], args)
+    restarts = 0
+    while True:
+        state = wait_for(lambda: (job(jid).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") and job(jid))
+                         or start_now_when_requeued(jid, restarts + 1)(), timeout=300)
+        if state["JobState"] != "PENDING":
+            break
+        restarts += 1
+        assert restarts < 15, "requeued again and again"
+    run = tmp_path / "runs" / "limit"
+    assert state["JobState"] == "COMPLETED" and restarts >= 1, (state, (run / "slurm.log").read_text())
+    assert "stop signal received" in (run / "train.log").read_text()
+    straight = tmp_path / "runs" / "straight"
+    train(straight, args, world=2)
+    chained, once = scalars(run, "loss/total"), scalars(straight, "loss/total")
+    assert sorted(chained) == sorted(once) == list(range(1, steps + 1))
+    assert [chained[s] for s in range(1, steps + 1)] == [once[s] for s in range(1, steps + 1)]
+
+
+def test_scancel_leaves_the_job_cancelled(tmp_path):
+    jid = submit(tmp_path, "cancel", overrides=["train.steps=100000"])
+    run = tmp_path / "runs" / "cancel"
+    wait_for(log_has(run, "step 3/"))
+    subprocess.run(["scancel", jid], check=True)
+    wait_for(lambda: job(jid).get("JobState") == "CANCELLED", 90)
+    time.sleep(5)
+    state = job(jid)
+    assert state["JobState"] == "CANCELLED" and state["Restarts"] == "0"       # not back to PENDING
+    assert "not requeueing: JobState=" in (run / "slurm.log").read_text()
+    assert (run / "checkpoints" / "latest").is_file()
+
+
+def test_an_outside_requeue_resumes_once(tmp_path):
+    jid = submit(tmp_path, "outside", overrides=["train.steps=100000"])
+    run = tmp_path / "runs" / "outside"
+    wait_for(log_has(run, "step 3/"))
+    subprocess.run(["scontrol", "requeue", jid], check=True)
+    wait_for(start_now_when_requeued(jid, 1))
+    wait_for(log_has(run, "resumed from"))
+    assert job(jid)["Restarts"] == "1"
+    end(jid)
+
+
+def test_a_batch_shell_signal_reaches_the_ranks(tmp_path):
+    jid = submit(tmp_path, "bshell", ["--time=1", "--signal=B:USR1@45"], ["train.steps=100000"])
+    run = tmp_path / "runs" / "bshell"
+    wait_for(start_now_when_requeued(jid, 1), timeout=150)
+    log = (run / "slurm.log").read_text()
+    assert "SIGUSR1 to the batch shell: passed to the ranks" in log and "requeueing job" in log
+    end(jid)
+
+
+def test_a_killed_rank_fails_the_job_without_requeue(tmp_path):
+    jid = submit(tmp_path, "killed", overrides=["train.steps=100000"])
+    run = tmp_path / "runs" / "killed"
+    wait_for(log_has(run, "step 3/"))
+    ranks = subprocess.run(["pgrep", "-f", " -m mmtrain.cli train .*run.name=killed"], capture_output=True,
+                           text=True).stdout.split()
+    os.kill(int(ranks[-1]), signal.SIGKILL)
+    state = wait_for(lambda: job(jid).get("JobState") in ("FAILED", "COMPLETED", "CANCELLED", "PENDING") and job(jid),
+                     90)
+    assert state["JobState"] == "FAILED" and state["Restarts"] == "0", state
+
+
+def test_a_signal_while_the_ranks_start_up_checkpoints_and_requeues(tmp_path):
+    jid = submit(tmp_path, "early", overrides=["train.steps=100000"])
+    wait_for(lambda: subprocess.run(["pgrep", "-f", " -m mmtrain.cli train .*run.name=early"],
+                                    capture_output=True).returncode == 0, every=0.1)
+    subprocess.run(["scancel", "--signal=USR1", jid], check=True)                 # still importing
+    wait_for(start_now_when_requeued(jid, 1), timeout=120)
+    assert "stop signal received: checkpointing at step 0" in (tmp_path / "runs" / "early" / "train.log").read_text()
+    end(jid)
