@@ -73,7 +73,10 @@ up() {
   install_packages
   [[ $(id -u) == 0 ]] || cannot "slurmd must run as root here"
   mkdir -p "$dir"
-  [[ -f "$dir/slurmctld.pid" ]] && kill -0 "$(cat "$dir/slurmctld.pid")" 2>/dev/null && { echo "export SLURM_CONF=$conf"; return 0; }
+  if [[ -f "$dir/slurmctld.ours" ]] && [[ "$(ps -o stat= -p "$(cat "$dir/slurmctld.ours")" 2>/dev/null)" == [RS]* ]]; then
+    echo "export SLURM_CONF=$conf"       # already up (ours)
+    return 0
+  fi
   start_munge
   write_conf
   export SLURM_CONF=$conf
@@ -94,7 +97,7 @@ down() {
   for d in slurmd slurmctld; do
     if [[ -f "$dir/$d.ours" ]]; then
       kill "$(cat "$dir/$d.ours")" 2>/dev/null || true
-      rm -f "$dir/$d.ours"
+      rm -f "$dir/$d.ours" "$dir/$d.pid"
     fi
   done
   if [[ -f "$dir/munged.ours" ]]; then
