@@ -89,6 +89,7 @@ def test_resume_choices(tmp_path):
 
 
 @pytest.mark.chaos
+@pytest.mark.heavy
 def test_step_directories_without_markers_are_never_written_over(tmp_path):
     from tests.helpers import train
 

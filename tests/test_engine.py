@@ -164,6 +164,7 @@ def test_best_checkpoint_is_chosen_on_validation_and_kept(tmp_path):
 
 
 @pytest.mark.chaos
+@pytest.mark.heavy
 def test_the_error_that_ends_a_run_is_in_train_log_and_tensorboard_shows_each_step_once(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -132,6 +132,8 @@ def test_a_signal_during_start_up_checkpoints_and_requeues(tmp_path):
     assert (tmp_path / "requeued").read_text().split() == ["777"]
 
 
+@pytest.mark.chaos
+@pytest.mark.heavy
 def test_sbatch_gives_ranks_one_thread_per_cpu_slurm_gave_them(tmp_path):
     r = sbatch(tmp_path, "omp", {"OMP_NUM_THREADS": None, "SLURM_CPUS_PER_TASK": "1",
                                  "FAKE_ENV_LOG": str(tmp_path / "env")}, ["train.steps=1"])
