@@ -21,7 +21,7 @@ demo: $(STAMP)
 
 # the fast suite; `make test-all` adds the heavy groups (pytest marker `heavy`)
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 -m "not heavy" tests
+	$(PY) -m pytest -q --durations=15 -m "not heavy and not slurm" tests
 
 # the fault battery: damaged checkpoints, full disks, signals, overflowing gradients, bad data
 chaos: $(STAMP)
@@ -37,7 +37,7 @@ test-slurm: $(STAMP)
 	  rc=$$?; bash slurm/testing/cluster.sh down; exit $$rc
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=15 -m "not slurm" tests
 
 lint:
 	bash -n launch/*.sh slurm/*.sbatch
