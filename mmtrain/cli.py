@@ -50,6 +50,10 @@ def _cmd_train(args) -> int:
         if log.handlers:       # train.log exists: the reason the run ended goes there too
             log.error("run ended by %s: %s", type(e).__name__, e, exc_info=not isinstance(e, KeyboardInterrupt))
         raise
+    finally:
+        # the run is over: a stop signal now (a time limit's warning as the last step ends) has
+        # nothing left to save and must not turn the exit code into 138 during shutdown
+        signals.current().ignore_further()
     dist.shutdown()
     return code
 

@@ -139,3 +139,15 @@ def test_sbatch_gives_ranks_one_thread_per_cpu_slurm_gave_them(tmp_path):
                                  "FAKE_ENV_LOG": str(tmp_path / "env")}, ["train.steps=1"])
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "env").read_text().split() == ["OMP_NUM_THREADS=1"]       # it was always 8
+
+
+@pytest.mark.chaos
+@pytest.mark.heavy
+def test_a_signal_as_the_run_ends_does_not_fail_the_job(tmp_path):
+    """A time limit's warning that lands while the ranks shut down after the last step (seen on a
+    real cluster: exit 138, job FAILED): the run is complete, the job ends 0."""
+    run = tmp_path / "runs" / "late"
+    r = sbatch(tmp_path, "late", {"FAKE_SIGNAL_AFTER": "done:", "FAKE_WATCH": str(run / "train.log"),
+                                  "FAKE_SIGNAL_REPEAT": "1"}, ["train.steps=3"])
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ranks exited with 0" in (run / "slurm.log").read_text() and not (tmp_path / "requeued").exists()
