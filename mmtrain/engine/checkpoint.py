@@ -132,18 +132,14 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def complete_tags(root: Path):
-    """Tags of complete checkpoints, oldest first."""
-    if not root.is_dir():
-        return []
-    tags = [p.name for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)
-            and (p / "mmtrain.json").is_file()]
-    return sorted(tags)
-
-
 def step_dirs(root: Path):
     """Every step_N directory, complete or not, oldest first."""
     return sorted(p.name for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)) if root.is_dir() else []
+
+
+def complete_tags(root: Path):
+    """Tags of complete checkpoints (their completion marker written), oldest first."""
+    return [t for t in step_dirs(root) if (root / t / "mmtrain.json").is_file()]
 
 
 def save(engine, root: Path, step: int, rank_state: Dict[str, Any], info: Dict[str, Any], keep: int) -> Path:
