@@ -134,13 +134,9 @@ class ShardStream(IterableDataset):
         part = batch[self.rank * self.batch_size * self.grad_accum:][micro * self.batch_size:][:self.batch_size]
         return [w * self.window_steps * self.global_batch + p for p in part]
 
-    def _read(self, positions: List[int], order: List[int], errors: List[str]) -> Dict[int, Any]:
+    def _read(self, positions: List[int], order: List[int], starts: List[int], errors: List[str]) -> Dict[int, Any]:
         """Raw samples at `positions` (sorted), None where a shard lost them; each sample read by seeking to
-        it (`ShardIndex`), so a rank reads only what it uses."""
-        starts, pos = [], 0
-        for i in order:
-            starts.append(pos)
-            pos += self.counts[i]
+        it (`ShardIndex`), so a rank reads only what it uses. Shard order[s] starts at position starts[s]."""
         out: Dict[int, Any] = {}
         k = 0
         while k < len(positions):
@@ -165,13 +161,14 @@ class ShardStream(IterableDataset):
     def _planned(self, mine: range, errors: List[str]) -> Iterator[List[Any]]:
         """Raw samples of each of this worker's batches, in order."""
         order = self._shard_order()
+        starts = [0, *itertools.accumulate(self.counts[i] for i in order)][:-1]     # first position of each
         k = 0
         while k < len(mine):
             group = list(itertools.takewhile(lambda b: self._group(b) == self._group(mine[k]), mine[k:]))
             k += len(group)
             window = self._window(self._group(group[0])) if self.mode == "exact" else None
             batches = [self._positions(b, window) for b in group]
-            raw = self._read(sorted({p for ps in batches for p in ps}), order, errors)
+            raw = self._read(sorted({p for ps in batches for p in ps}), order, starts, errors)
             for ps in batches:
                 yield [raw[p] for p in ps]
 
