@@ -39,7 +39,10 @@ test-slurm: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q --durations=15 -m "not slurm" tests
 
-lint:
+# ruff formats and lints the Python (settings in pyproject.toml); bash -n and shellcheck the scripts
+lint: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 	bash -n launch/*.sh slurm/*.sbatch
 	command -v shellcheck >/dev/null && shellcheck launch/*.sh slurm/*.sbatch || echo "shellcheck not installed: skipped"
 

@@ -22,7 +22,7 @@ setup(
         "pillow>=10",
         "numpy>=1.26",
         "tqdm>=4.66",
-        "nltk>=3.8",          # Porter stemming for the keyphrase metrics
+        "nltk>=3.8",  # Porter stemming for the keyphrase metrics
     ],
     extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": ["mmtrain=mmtrain.cli:main"]},

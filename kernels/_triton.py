@@ -1,4 +1,5 @@
 """When the Triton path can run, and the switches the CPU interpreter needs."""
+
 from __future__ import annotations
 
 import os
@@ -7,6 +8,7 @@ import torch
 
 try:
     import triton  # noqa: F401
+
     HAS_TRITON = True
 except ImportError:  # a CPU-only environment without triton: the torch fallbacks serve
     HAS_TRITON = False

@@ -8,6 +8,7 @@ peers measured in the same run. Shapes are those of ../shared/anchors.md. On a m
 CUDA it runs a tiny smoke pass (correctness of the plumbing only) and says the figures are not
 timings.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,10 @@ def _timed(fn: Callable[[], None], warmup: int, iters: int, cuda: bool) -> Dict[
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return {"ms": statistics.median(times), "peak_extra_gib": (torch.cuda.max_memory_allocated() - base) / 2**30}
+    return {
+        "ms": statistics.median(times),
+        "peak_extra_gib": (torch.cuda.max_memory_allocated() - base) / 2**30,
+    }
 
 
 def _inf_cl() -> Optional[Callable]:
@@ -63,9 +67,14 @@ def _inf_cl() -> Optional[Callable]:
     return loss
 
 
-def bench_contrastive(sizes: List[int], d: int, dtype, device, warmup: int, iters: int) -> List[dict]:
-    impls = {"mmtrain": contrastive_loss, "torch_eager": reference.contrastive_loss,
-             "torch_compile": torch.compile(reference.contrastive_loss)}
+def bench_contrastive(
+    sizes: List[int], d: int, dtype, device, warmup: int, iters: int
+) -> List[dict]:
+    impls = {
+        "mmtrain": contrastive_loss,
+        "torch_eager": reference.contrastive_loss,
+        "torch_compile": torch.compile(reference.contrastive_loss),
+    }
     if (inf := _inf_cl()) is not None:
         impls["inf_cl"] = inf
     rows = []
@@ -74,11 +83,18 @@ def bench_contrastive(sizes: List[int], d: int, dtype, device, warmup: int, iter
         y = F.normalize(torch.randn(b, d, device=device), dim=-1).to(dtype).requires_grad_()
         s = torch.tensor(1 / 0.07, device=device, requires_grad=True)
         for name, fn in impls.items():
-            row = {"kernel": "contrastive", "impl": name, "B": b, "D": d, "dtype": str(dtype).split(".")[-1]}
+            row = {
+                "kernel": "contrastive",
+                "impl": name,
+                "B": b,
+                "D": d,
+                "dtype": str(dtype).split(".")[-1],
+            }
 
-            def step():
+            def step(fn=fn, x=x, y=y, s=s):
                 x.grad = y.grad = s.grad = None
                 fn(x, y, s).backward()
+
             try:
                 row.update(_timed(step, warmup, iters, device.type == "cuda"))
                 row["useful_tflops"] = 6 * b * b * d / (row["ms"] * 1e-3) / 1e12
@@ -103,12 +119,20 @@ def bench_variational(n: int, d: int, dtype, device, warmup: int, iters: int) ->
     minimal_bytes = 11 * n * d * ins[0].element_size()
     rows = []
     for name, fn in impls.items():
-        def step():
+
+        def step(fn=fn):
             for t in ins:
                 t.grad = None
             z, kl = fn()
             torch.autograd.backward([z, kl], [dz, torch.ones_like(kl)])
-        row = {"kernel": "variational", "impl": name, "N": n, "D": d, "dtype": str(dtype).split(".")[-1]}
+
+        row = {
+            "kernel": "variational",
+            "impl": name,
+            "N": n,
+            "D": d,
+            "dtype": str(dtype).split(".")[-1],
+        }
         row.update(_timed(step, warmup, iters, device.type == "cuda"))
         row["effective_tbps"] = minimal_bytes / (row["ms"] * 1e-3) / 1e12
         rows.append(row)
@@ -122,8 +146,17 @@ def ratios(rows: List[dict]) -> dict:
         if r["impl"].startswith("mmtrain") or "ms" not in r:
             continue
         shape = {k: r[k] for k in ("B", "N", "D") if k in r}
-        ours = next((m for m in rows if m["impl"] == "mmtrain" and m["kernel"] == r["kernel"]
-                     and all(m.get(k) == v for k, v in shape.items()) and "ms" in m), None)
+        ours = next(
+            (
+                m
+                for m in rows
+                if m["impl"] == "mmtrain"
+                and m["kernel"] == r["kernel"]
+                and all(m.get(k) == v for k, v in shape.items())
+                and "ms" in m
+            ),
+            None,
+        )
         if ours:
             key = f"{r['kernel']}/{'x'.join(str(v) for v in shape.values())}/{r['impl']}"
             out[key] = round(r["ms"] / ours["ms"], 3)

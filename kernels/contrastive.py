@@ -24,6 +24,7 @@ ranks (`grad_reduction`):
   global gradient.
 The returned value is the global loss on every rank, whatever the reduction.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -39,32 +40,63 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _row_tile(A, start, M, D, stride_am, stride_ad, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                  DOT_FP32: tl.constexpr):
+    def _row_tile(
+        A,
+        start,
+        M,
+        D,
+        stride_am,
+        stride_ad,
+        BLOCK_M: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+    ):
         """Rows start .. start + BLOCK_M of A, whole feature rows (masked tails), ready for tl.dot."""
         offs_m = start + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask_m = offs_m < M
         mask_d = offs_d < D
-        a = tl.load(A + offs_m[:, None] * stride_am + offs_d[None, :] * stride_ad,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        a = tl.load(
+            A + offs_m[:, None] * stride_am + offs_d[None, :] * stride_ad,
+            mask=mask_m[:, None] & mask_d[None, :],
+            other=0.0,
+        )
         if DOT_FP32:
             a = a.to(tl.float32)
         return offs_m, mask_m, offs_d, mask_d, a
 
     @triton.jit
-    def _lse_fwd_kernel(A, B, scale_ptr, row_lse_ptr, col_part_ptr, M, N, D,
-                        stride_am, stride_ad, stride_bn, stride_bd, stride_pm,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                        DOT_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    def _lse_fwd_kernel(
+        A,
+        B,
+        scale_ptr,
+        row_lse_ptr,
+        col_part_ptr,
+        M,
+        N,
+        D,
+        stride_am,
+        stride_ad,
+        stride_bn,
+        stride_bd,
+        stride_pm,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         pid = tl.program_id(0)
-        offs_m, mask_m, offs_d, mask_d, a = _row_tile(A, pid * BLOCK_M, M, D, stride_am, stride_ad, BLOCK_M,
-                                                      BLOCK_D, DOT_FP32)
+        offs_m, mask_m, offs_d, mask_d, a = _row_tile(
+            A, pid * BLOCK_M, M, D, stride_am, stride_ad, BLOCK_M, BLOCK_D, DOT_FP32
+        )
         s = tl.load(scale_ptr).to(tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(0, N, BLOCK_N):
-            offs_n, mask_n, _, _, b = _row_tile(B, start_n, N, D, stride_bn, stride_bd, BLOCK_N, BLOCK_D, DOT_FP32)
+            offs_n, mask_n, _, _, b = _row_tile(
+                B, start_n, N, D, stride_bn, stride_bd, BLOCK_N, BLOCK_D, DOT_FP32
+            )
             logits = tl.dot(a, tl.trans(b), input_precision=PRECISION) * s
             # rows: online log-sum-exp over all columns
             row_logits = tl.where(mask_n[None, :], logits, float("-inf"))
@@ -79,21 +111,45 @@ if HAS_TRITON:
         tl.store(row_lse_ptr + offs_m, m_i + tl.log(l_i), mask=mask_m)
 
     @triton.jit
-    def _softmax_grad_kernel(A, B, scale_ptr, lse_a_ptr, lse_b_ptr, dA, dscale_ptr, coef, M, N, D,
-                             stride_am, stride_ad, stride_bn, stride_bd, stride_gm, stride_gd,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                             DOT_FP32: tl.constexpr, PRECISION: tl.constexpr, WANT_DSCALE: tl.constexpr):
+    def _softmax_grad_kernel(
+        A,
+        B,
+        scale_ptr,
+        lse_a_ptr,
+        lse_b_ptr,
+        dA,
+        dscale_ptr,
+        coef,
+        M,
+        N,
+        D,
+        stride_am,
+        stride_ad,
+        stride_bn,
+        stride_bd,
+        stride_gm,
+        stride_gd,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        PRECISION: tl.constexpr,
+        WANT_DSCALE: tl.constexpr,
+    ):
         """dA = s * G @ B and, optionally, per-row sums of G * (A @ B.T), with
         G_ij = coef * (exp(L_ij - lse_a_i) + exp(L_ij - lse_b_j))."""
         pid = tl.program_id(0)
-        offs_m, mask_m, offs_d, mask_d, a = _row_tile(A, pid * BLOCK_M, M, D, stride_am, stride_ad, BLOCK_M,
-                                                      BLOCK_D, DOT_FP32)
+        offs_m, mask_m, offs_d, mask_d, a = _row_tile(
+            A, pid * BLOCK_M, M, D, stride_am, stride_ad, BLOCK_M, BLOCK_D, DOT_FP32
+        )
         s = tl.load(scale_ptr).to(tl.float32)
         lse_a = tl.load(lse_a_ptr + offs_m, mask=mask_m, other=0.0)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         ds = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(0, N, BLOCK_N):
-            offs_n, mask_n, _, _, b = _row_tile(B, start_n, N, D, stride_bn, stride_bd, BLOCK_N, BLOCK_D, DOT_FP32)
+            offs_n, mask_n, _, _, b = _row_tile(
+                B, start_n, N, D, stride_bn, stride_bd, BLOCK_N, BLOCK_D, DOT_FP32
+            )
             dots = tl.dot(a, tl.trans(b), input_precision=PRECISION)
             logits = dots * s
             lse_b = tl.load(lse_b_ptr + offs_n, mask=mask_n, other=0.0)
@@ -102,13 +158,16 @@ if HAS_TRITON:
             acc += tl.dot(g.to(b.dtype), b, input_precision=PRECISION)
             if WANT_DSCALE:
                 ds += tl.sum(g * dots, 1)
-        tl.store(dA + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
-                 (acc * s).to(dA.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+        tl.store(
+            dA + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
+            (acc * s).to(dA.dtype.element_ty),
+            mask=mask_m[:, None] & mask_d[None, :],
+        )
         if WANT_DSCALE:
             tl.store(dscale_ptr + offs_m, ds, mask=mask_m)
 
 
-MAX_D = 1024          # the kernels hold a whole feature row per tile
+MAX_D = 1024  # the kernels hold a whole feature row per tile
 
 
 def _blocks(d: int) -> Tuple[int, int, int]:
@@ -126,9 +185,26 @@ def _lse_triton(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor):
     grid = (triton.cdiv(m, bm),)
     row = torch.empty(m, device=a.device, dtype=torch.float32)
     part = torch.empty(grid[0], n, device=a.device, dtype=torch.float32)
-    _lse_fwd_kernel[grid](a, b, scale, row, part, m, n, d, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                          part.stride(0), BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-                          DOT_FP32=dot_in_fp32(a.dtype), PRECISION=dot_precision(a.dtype))
+    _lse_fwd_kernel[grid](
+        a,
+        b,
+        scale,
+        row,
+        part,
+        m,
+        n,
+        d,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        part.stride(0),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=bd,
+        DOT_FP32=dot_in_fp32(a.dtype),
+        PRECISION=dot_precision(a.dtype),
+    )
     return row, torch.logsumexp(part, 0)
 
 
@@ -140,10 +216,31 @@ def _softmax_grad_triton(a, b, scale, lse_a, lse_b, coef: float, want_dscale: bo
     # fp32: the target part is subtracted afterwards, and the two nearly cancel for easy pairs
     da = torch.empty(a.shape, device=a.device, dtype=torch.float32)
     ds = torch.empty(m if want_dscale else 1, device=a.device, dtype=torch.float32)
-    _softmax_grad_kernel[grid](a, b, scale, lse_a, lse_b, da, ds, coef, m, n, d,
-                               a.stride(0), a.stride(1), b.stride(0), b.stride(1), da.stride(0), da.stride(1),
-                               BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_FP32=dot_in_fp32(a.dtype),
-                               PRECISION=dot_precision(a.dtype), WANT_DSCALE=want_dscale)
+    _softmax_grad_kernel[grid](
+        a,
+        b,
+        scale,
+        lse_a,
+        lse_b,
+        da,
+        ds,
+        coef,
+        m,
+        n,
+        d,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        da.stride(0),
+        da.stride(1),
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=bd,
+        DOT_FP32=dot_in_fp32(a.dtype),
+        PRECISION=dot_precision(a.dtype),
+        WANT_DSCALE=want_dscale,
+    )
     return da, (ds.sum() if want_dscale else None)
 
 
@@ -168,9 +265,13 @@ def _gather(t: torch.Tensor, group) -> torch.Tensor:
 
 class _Contrastive(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y, scale, label_smoothing: float, group, distributed: bool, grad_reduction: str):
+    def forward(
+        ctx, x, y, scale, label_smoothing: float, group, distributed: bool, grad_reduction: str
+    ):
         fused = use_triton(x, y, scale)
-        lse, grad = (_lse_triton, _softmax_grad_triton) if fused else (_lse_torch, _softmax_grad_torch)
+        lse, grad = (
+            (_lse_triton, _softmax_grad_triton) if fused else (_lse_torch, _softmax_grad_torch)
+        )
         ctx.scale_shape, ctx.scale_dtype = scale.shape, scale.dtype
         scale = scale.detach().float().reshape(())
         if distributed:
@@ -179,7 +280,7 @@ class _Contrastive(torch.autograd.Function):
         else:
             rank, xs, ys = 0, x.detach(), y.detach()
         local, total = x.shape[0], xs.shape[0]
-        row_lse, col_lse_part = lse(x, ys, scale)              # local rows vs every column
+        row_lse, col_lse_part = lse(x, ys, scale)  # local rows vs every column
         if distributed:
             col_lse = torch.logsumexp(_gather(col_lse_part[None], group), 0)
             row_all = _gather(row_lse, group)
@@ -198,8 +299,11 @@ class _Contrastive(torch.autograd.Function):
             dist.all_reduce(loss, group=group)
         ctx.save_for_backward(x, y, xs, ys, scale, row_lse, col_lse, row_all, xsum, ysum, diag)
         ctx.grad_fn_, ctx.mine, ctx.e, ctx.total = grad, mine, e, total
-        # under a data-parallel mean, each rank's share must count world times to sum to the global gradient
-        ctx.grad_mult = dist.get_world_size(group) if distributed and grad_reduction == "mean" else 1
+        # under a data-parallel mean, each rank's share must count world times to sum to the global
+        # gradient
+        ctx.grad_mult = (
+            dist.get_world_size(group) if distributed and grad_reduction == "mean" else 1
+        )
         return loss
 
     @staticmethod
@@ -214,13 +318,26 @@ class _Contrastive(torch.autograd.Function):
         dx = dx - t * ((1 - e) * y.float() + e / total * ysum)
         dy = dy - t * ((1 - e) * x.float() + e / total * xsum)
         ds = ds - 2 * c * ((1 - e) * diag.sum() + e / total * (x.float() @ ysum).sum())
-        return (dx.to(x.dtype), dy.to(y.dtype), ds.reshape(ctx.scale_shape).to(ctx.scale_dtype),
-                None, None, None, None)
+        return (
+            dx.to(x.dtype),
+            dy.to(y.dtype),
+            ds.reshape(ctx.scale_shape).to(ctx.scale_dtype),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                     label_smoothing: float = 0.0, group: Optional[object] = None,
-                     distributed: Optional[bool] = None, grad_reduction: str = "mean") -> torch.Tensor:
+def contrastive_loss(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    label_smoothing: float = 0.0,
+    group: Optional[object] = None,
+    distributed: Optional[bool] = None,
+    grad_reduction: str = "mean",
+) -> torch.Tensor:
     """Symmetric InfoNCE over the (global) batch; `logit_scale` is the multiplier s (exp of CLIP's
     learnable log-scale). `distributed=None` means: gather across `group` when a process group
     with more than one rank is initialised. Same value on every rank. `grad_reduction` says how
@@ -228,10 +345,14 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
     gradients each rank receives are scaled so that this reduction yields the global-batch
     gradient (see the module docstring)."""
     if image.ndim != 2 or image.shape != text.shape:
-        raise ValueError(f"image and text features must both be B x D, got {tuple(image.shape)} and "
-                         f"{tuple(text.shape)}")
+        raise ValueError(
+            f"image and text features must both be B x D, got {tuple(image.shape)} and "
+            f"{tuple(text.shape)}"
+        )
     if image.dtype != text.dtype:
-        raise ValueError(f"image and text features must share a dtype, got {image.dtype} and {text.dtype}")
+        raise ValueError(
+            f"image and text features must share a dtype, got {image.dtype} and {text.dtype}"
+        )
     if logit_scale.numel() != 1:
         raise ValueError(f"logit_scale must hold one value, got shape {tuple(logit_scale.shape)}")
     if not 0.0 <= label_smoothing < 1.0:
@@ -239,19 +360,33 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
     if grad_reduction not in ("mean", "sum"):
         raise ValueError(f"grad_reduction must be 'mean' or 'sum', got {grad_reduction!r}")
     if distributed is None:
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+        distributed = (
+            dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+        )
     if image.shape[1] > MAX_D and use_triton(image):
-        raise ValueError(f"feature dimension {image.shape[1]} > {MAX_D}: project the features first")
-    return _Contrastive.apply(image, text, logit_scale, label_smoothing, group, distributed, grad_reduction)
+        raise ValueError(
+            f"feature dimension {image.shape[1]} > {MAX_D}: project the features first"
+        )
+    return _Contrastive.apply(
+        image, text, logit_scale, label_smoothing, group, distributed, grad_reduction
+    )
 
 
 class ContrastiveLoss(nn.Module):
     """CLIP's loss with its learnable temperature: s = exp(log_scale), clamped to `max_scale`."""
 
-    def __init__(self, init_scale: float = 1 / 0.07, max_scale: float = 100.0, label_smoothing: float = 0.0,
-                 distributed: Optional[bool] = None, group=None, grad_reduction: str = "mean"):
+    def __init__(
+        self,
+        init_scale: float = 1 / 0.07,
+        max_scale: float = 100.0,
+        label_smoothing: float = 0.0,
+        distributed: Optional[bool] = None,
+        group=None,
+        grad_reduction: str = "mean",
+    ):
         super().__init__()
-        # shape (1,), not a 0-d tensor: DeepSpeed's parameter broadcast cannot view 0-d tensors as bytes
+        # shape (1,), not a 0-d tensor: DeepSpeed's parameter broadcast cannot view 0-d tensors as
+        # bytes
         self.log_scale = nn.Parameter(torch.tensor([float(init_scale)]).log())
         self.max_log_scale = float(torch.tensor(max_scale).log())
         self.label_smoothing, self.distributed, self.group = label_smoothing, distributed, group
@@ -259,5 +394,12 @@ class ContrastiveLoss(nn.Module):
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         scale = self.log_scale.clamp(max=self.max_log_scale).exp()
-        return contrastive_loss(image, text, scale, self.label_smoothing, self.group, self.distributed,
-                                self.grad_reduction)
+        return contrastive_loss(
+            image,
+            text,
+            scale,
+            self.label_smoothing,
+            self.group,
+            self.distributed,
+            self.grad_reduction,
+        )

@@ -14,6 +14,7 @@ summed over the last dimension, then mean (or sum) over the rest. `direction="pq
 Both log-variances are clamped to [LOGVAR_MIN, LOGVAR_MAX] first (zero gradient outside),
 which keeps exp() finite in bf16.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,13 +23,16 @@ import torch.nn.functional as F
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 
-def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
-                     label_smoothing: float = 0.0) -> torch.Tensor:
+def contrastive_loss(
+    image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Symmetric InfoNCE; `logit_scale` is the multiplier s (not its log). Computes in fp32."""
     logits = logit_scale.float() * image.float() @ text.float().t()
     target = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, target, label_smoothing=label_smoothing)
-                  + F.cross_entropy(logits.t(), target, label_smoothing=label_smoothing))
+    return 0.5 * (
+        F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+        + F.cross_entropy(logits.t(), target, label_smoothing=label_smoothing)
+    )
 
 
 def gaussian_kl(mu_q, logvar_q, mu_p, logvar_p, direction: str = "qp", reduction: str = "mean"):
@@ -55,6 +59,10 @@ def reparameterize(mu, logvar, eps):
     return (mu.float() + torch.exp(0.5 * lv) * eps.float()).to(mu.dtype)
 
 
-def variational_fusion(mu_q, logvar_q, mu_p, logvar_p, eps, direction: str = "qp", reduction: str = "mean"):
+def variational_fusion(
+    mu_q, logvar_q, mu_p, logvar_p, eps, direction: str = "qp", reduction: str = "mean"
+):
     """(z, kl): the reparameterised posterior sample and the Gaussian KL, as the fused kernel gives."""
-    return reparameterize(mu_q, logvar_q, eps), gaussian_kl(mu_q, logvar_q, mu_p, logvar_p, direction, reduction)
+    return reparameterize(mu_q, logvar_q, eps), gaussian_kl(
+        mu_q, logvar_q, mu_p, logvar_p, direction, reduction
+    )

@@ -15,6 +15,7 @@ fused AdamW. FLOPs are counted by torch's FlopCounterMode, MFU against the 989 T
 spec, like the peer baseline. With --baseline PATH (../shared/baselines/hf_eager_vikdf.py), the
 plain HF-eager composition runs in the same process and a last JSON line gives the ratio.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,16 +41,27 @@ def _time(step, iters: int, warm: int, cuda: bool):
     for _ in range(iters):
         step()
     sync()
-    return (time.perf_counter() - t) / iters, (torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0)
+    return (time.perf_counter() - t) / iters, (
+        torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    )
 
 
-# (vision width, layers, heads, image, patch) (text width, layers, heads) (IQ-Former width, layers, heads) vocab
-SIZES = {"published": ((1024, 24, 16, 224, 14), (768, 12, 12), (768, 12, 12), 49408),
-         "tiny": ((64, 2, 4, 32, 8), (64, 2, 4), (64, 2, 4), 100)}
+# (vision width, layers, heads, image, patch) (text width, layers, heads) (IQ-Former width, layers,
+# heads) vocab
+SIZES = {
+    "published": ((1024, 24, 16, 224, 14), (768, 12, 12), (768, 12, 12), 49408),
+    "tiny": ((64, 2, 4, 32, 8), (64, 2, 4), (64, 2, 4), 100),
+}
 
 
-def stage1(batch: int = 128, iters: int = 5, warm: int = 2, compile_towers: bool = True,
-           size: str = "published", device: str = "cuda") -> dict:
+def stage1(
+    batch: int = 128,
+    iters: int = 5,
+    warm: int = 2,
+    compile_towers: bool = True,
+    size: str = "published",
+    device: str = "cuda",
+) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 
@@ -60,15 +72,51 @@ def stage1(batch: int = 128, iters: int = 5, warm: int = 2, compile_towers: bool
     grid = img // patch
     cuda = device == "cuda"
     dev, dt = torch.device(device), torch.bfloat16 if cuda else torch.float32
-    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=vw, intermediate_size=4 * vw, num_hidden_layers=vl,
-                                              num_attention_heads=vh, image_size=img, patch_size=patch),
-                             ).to(dev, dt).eval().requires_grad_(False)
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=tw, intermediate_size=4 * tw, num_hidden_layers=tl,
-                                        num_attention_heads=th, max_position_embeddings=77, vocab_size=vocab),
-                         ).to(dev, dt).eval().requires_grad_(False)
-    iq = IQFormer(IQFormerConfig(width=w, layers=layers, heads=heads, intermediate=4 * w, num_queries=32,
-                                 cross_attention_every=2, vision_width=vw, text_width=tw))
-    model = Stage1Model(iq, patch=patch, grid=grid, vocab=vocab, tim_dim=256, heads=heads, tim_global=False).to(dev, dt)
+    vision = (
+        CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=vw,
+                intermediate_size=4 * vw,
+                num_hidden_layers=vl,
+                num_attention_heads=vh,
+                image_size=img,
+                patch_size=patch,
+            ),
+        )
+        .to(dev, dt)
+        .eval()
+        .requires_grad_(False)
+    )
+    text = (
+        CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=tw,
+                intermediate_size=4 * tw,
+                num_hidden_layers=tl,
+                num_attention_heads=th,
+                max_position_embeddings=77,
+                vocab_size=vocab,
+            ),
+        )
+        .to(dev, dt)
+        .eval()
+        .requires_grad_(False)
+    )
+    iq = IQFormer(
+        IQFormerConfig(
+            width=w,
+            layers=layers,
+            heads=heads,
+            intermediate=4 * w,
+            num_queries=32,
+            cross_attention_every=2,
+            vision_width=vw,
+            text_width=tw,
+        )
+    )
+    model = Stage1Model(
+        iq, patch=patch, grid=grid, vocab=vocab, tim_dim=256, heads=heads, tim_global=False
+    ).to(dev, dt)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=cuda)
     enc_img = torch.compile(vision) if compile_towers else vision
     enc_txt = torch.compile(text) if compile_towers else text
@@ -86,24 +134,49 @@ def stage1(batch: int = 128, iters: int = 5, warm: int = 2, compile_towers: bool
             vm = enc_img(pixel_values=masked).last_hidden_state
             ti = enc_txt(input_ids=ids, attention_mask=attn).last_hidden_state
             tm = enc_txt(input_ids=ids, attention_mask=attn).last_hidden_state
-        out = model(vi, ti, attn, masked_image_states=vm, masked_text_states=tm, pixels=pixels, scored=scored,
-                    mtm_labels=labels)
+        out = model(
+            vi,
+            ti,
+            attn,
+            masked_image_states=vm,
+            masked_text_states=tm,
+            pixels=pixels,
+            scored=scored,
+            mtm_labels=labels,
+        )
         (0.5 * out["tim"] + 0.2 * out["mim"] + 0.2 * out["mtm"]).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()                                   # compile outside the counted/timed steps
+    step()  # compile outside the counted/timed steps
     with FlopCounterMode(display=False) as fc:
         step()
     flops = fc.get_total_flops()
     s, gib = _time(step, iters, warm, cuda)
-    return {"kind": "stage1_mmtrain", "size": size, "device": device, "B": b, "compiled_towers": compile_towers, "step_ms": round(s * 1e3, 1),
-            "samples_s": round(b / s), "tflops": round(flops / s / 1e12, 1), "mfu_vs_989": round(flops / s / PEAK, 3),
-            "gflop_per_sample": round(flops / b / 1e9, 1), "peak_gib": round(gib, 1)}
+    return {
+        "kind": "stage1_mmtrain",
+        "size": size,
+        "device": device,
+        "B": b,
+        "compiled_towers": compile_towers,
+        "step_ms": round(s * 1e3, 1),
+        "samples_s": round(b / s),
+        "tflops": round(flops / s / 1e12, 1),
+        "mfu_vs_989": round(flops / s / PEAK, 3),
+        "gflop_per_sample": round(flops / b / 1e9, 1),
+        "peak_gib": round(gib, 1),
+    }
 
 
-def fusion(batch: int = 8, text_len: int = 128, iters: int = 5, warm: int = 2, size: str = "published",
-           device: str = "cuda", compile_llm: bool = False) -> dict:
+def fusion(
+    batch: int = 8,
+    text_len: int = 128,
+    iters: int = 5,
+    warm: int = 2,
+    size: str = "published",
+    device: str = "cuda",
+    compile_llm: bool = False,
+) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -113,15 +186,34 @@ def fusion(batch: int = 8, text_len: int = 128, iters: int = 5, warm: int = 2, s
 
     cuda = device == "cuda"
     dev, dt = torch.device(device), torch.bfloat16 if cuda else torch.float32
-    d, layers, heads, ffn, vocab, w, q = ((4096, 32, 32, 11008, 32000, 768, 32) if size == "published"
-                                          else (64, 2, 4, 128, 100, 64, 8))
+    d, layers, heads, ffn, vocab, w, q = (
+        (4096, 32, 32, 11008, 32000, 768, 32)
+        if size == "published"
+        else (64, 2, 4, 128, 100, 64, 8)
+    )
     with dev:
-        llm = LlamaForCausalLM(LlamaConfig(hidden_size=d, intermediate_size=ffn, num_hidden_layers=layers,
-                                           num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab))
+        llm = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=d,
+                intermediate_size=ffn,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                num_key_value_heads=heads,
+                vocab_size=vocab,
+            )
+        )
     llm = llm.to(dt).eval().requires_grad_(False)
-    iq = IQFormer(IQFormerConfig(width=w, layers=12 if size == "published" else 2, heads=12 if size == "published"
-                                 else 4, intermediate=4 * w, num_queries=q, vision_width=1024 if size == "published"
-                                 else 64, text_width=w))
+    iq = IQFormer(
+        IQFormerConfig(
+            width=w,
+            layers=12 if size == "published" else 2,
+            heads=12 if size == "published" else 4,
+            intermediate=4 * w,
+            num_queries=q,
+            vision_width=1024 if size == "published" else 64,
+            text_width=w,
+        )
+    )
     model = FuseModel(BVIF(iq, d, variational=True), llm, llm_trains=False).to(dev, dt)
     model.pad_id, model.eos_id = 0, 2
     if compile_llm:
@@ -130,9 +222,16 @@ def fusion(batch: int = 8, text_len: int = 128, iters: int = 5, warm: int = 2, s
     g = torch.Generator().manual_seed(0)
     text = [torch.randint(3, vocab, (text_len,), generator=g).tolist() for _ in range(batch)]
     instr = [[1] + torch.randint(3, vocab, (8,), generator=g).tolist() for _ in range(batch)]
-    image_states = torch.randn(batch, 257 if size == "published" else 17, iq.config.vision_width, device=dev, dtype=dt)
-    inputs = {"image_states": image_states, "instr": instr, "recon_instr": instr, "text": text,
-              "target": [t + [2] for t in text]}
+    image_states = torch.randn(
+        batch, 257 if size == "published" else 17, iq.config.vision_width, device=dev, dtype=dt
+    )
+    inputs = {
+        "image_states": image_states,
+        "instr": instr,
+        "recon_instr": instr,
+        "text": text,
+        "target": [t + [2] for t in text],
+    }
 
     def step():
         out = model(inputs, phase="fusion")
@@ -145,10 +244,19 @@ def fusion(batch: int = 8, text_len: int = 128, iters: int = 5, warm: int = 2, s
         step()
     flops = fc.get_total_flops()
     s, gib = _time(step, iters, warm, cuda)
-    tokens = batch * ((9 + text_len + q) + (9 + q + text_len + 1))          # both LLM passes
-    return {"kind": "fusion_mmtrain_frozen_llm_replicated", "size": size, "B": batch, "llm_tokens_per_step": tokens,
-            "step_ms": round(s * 1e3, 1), "tok_s": round(tokens / s), "tflops": round(flops / s / 1e12, 2),
-            "mfu_vs_989": round(flops / s / PEAK, 3), "peak_gib": round(gib, 1), "compiled_llm": compile_llm}
+    tokens = batch * ((9 + text_len + q) + (9 + q + text_len + 1))  # both LLM passes
+    return {
+        "kind": "fusion_mmtrain_frozen_llm_replicated",
+        "size": size,
+        "B": batch,
+        "llm_tokens_per_step": tokens,
+        "step_ms": round(s * 1e3, 1),
+        "tok_s": round(tokens / s),
+        "tflops": round(flops / s / 1e12, 2),
+        "mfu_vs_989": round(flops / s / PEAK, 3),
+        "peak_gib": round(gib, 1),
+        "compiled_llm": compile_llm,
+    }
 
 
 def _baseline(path: str, part: str, *args) -> dict:
@@ -161,8 +269,16 @@ def _baseline(path: str, part: str, *args) -> dict:
     return json.loads(buf.getvalue().strip().splitlines()[-1])
 
 
-def _side_by_side(kind: str, ours_fn, part: str, batch: int, baseline: Optional[str], rate: str, target: float,
-                  note: Optional[str] = None) -> int:
+def _side_by_side(
+    kind: str,
+    ours_fn,
+    part: str,
+    batch: int,
+    baseline: Optional[str],
+    rate: str,
+    target: float,
+    note: Optional[str] = None,
+) -> int:
     """Our step, then (with `baseline`) the peer's step `part` in the same process, then their ratio."""
     if not torch.cuda.is_available():
         print(json.dumps({"kind": kind, "skipped": "needs a CUDA GPU (published-size step)"}))
@@ -174,16 +290,34 @@ def _side_by_side(kind: str, ours_fn, part: str, batch: int, baseline: Optional[
         torch.cuda.empty_cache()
         peer = _baseline(baseline, part, batch)
         print(json.dumps(peer), flush=True)
-        ratio = {f"ratio_{rate}_mmtrain_over_hf_eager": round(ours[rate] / peer[rate], 3), "target": target}
+        ratio = {
+            f"ratio_{rate}_mmtrain_over_hf_eager": round(ours[rate] / peer[rate], 3),
+            "target": target,
+        }
         print(json.dumps({**ratio, **({"note": note} if note else {})}))
     return 0
 
 
 def main_fusion(batch: int = 8, compile_llm: bool = False, baseline: Optional[str] = None) -> int:
-    return _side_by_side("fusion_mmtrain", lambda: fusion(batch, compile_llm=compile_llm), "stage2", batch, baseline,
-                         "tok_s", 1.3, "mmtrain's step runs both BVIF directions (two LLM passes)")
+    return _side_by_side(
+        "fusion_mmtrain",
+        lambda: fusion(batch, compile_llm=compile_llm),
+        "stage2",
+        batch,
+        baseline,
+        "tok_s",
+        1.3,
+        "mmtrain's step runs both BVIF directions (two LLM passes)",
+    )
 
 
 def main(batch: int = 128, compile_towers: bool = True, baseline: Optional[str] = None) -> int:
-    return _side_by_side("stage1_mmtrain", lambda: stage1(batch, compile_towers=compile_towers), "stage1", batch,
-                         baseline, "samples_s", 1.5)
+    return _side_by_side(
+        "stage1_mmtrain",
+        lambda: stage1(batch, compile_towers=compile_towers),
+        "stage1",
+        batch,
+        baseline,
+        "samples_s",
+        1.5,
+    )

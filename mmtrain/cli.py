@@ -1,4 +1,7 @@
-"""`mmtrain train|config|export|data|bench ...`: the command line. Errors in user input exit 2 with one line."""
+"""`mmtrain train|config|export|data|bench ...`: the command line.
+
+Errors in user input exit 2 with one line."""
+
 from __future__ import annotations
 
 import sys
@@ -38,17 +41,22 @@ def _cmd_config(args) -> int:
 def _cmd_train(args) -> int:
     from mmtrain.engine import signals
 
-    signals.current()          # installed at start-up already when run as `python -m mmtrain.cli train`
+    signals.current()  # installed at start-up already when run as `python -m mmtrain.cli train`
     cfg = load_config(args.config, args.overrides)
     from mmtrain.engine import dist
     from mmtrain.engine.trainer import train
 
     try:
-        code = train(cfg)      # an exception skips the shutdown: a dead peer would hang its barrier
+        code = train(cfg)  # an exception skips the shutdown: a dead peer would hang its barrier
     except BaseException as e:
         log = logging.getLogger("mmtrain")
-        if log.handlers:       # train.log exists: the reason the run ended goes there too
-            log.error("run ended by %s: %s", type(e).__name__, e, exc_info=not isinstance(e, KeyboardInterrupt))
+        if log.handlers:  # train.log exists: the reason the run ended goes there too
+            log.error(
+                "run ended by %s: %s",
+                type(e).__name__,
+                e,
+                exc_info=not isinstance(e, KeyboardInterrupt),
+            )
         raise
     finally:
         # the run is over: a stop signal now (a time limit's warning as the last step ends) has
@@ -87,7 +95,13 @@ def _cmd_ckpt_verify(args) -> int:
 def _cmd_export(args) -> int:
     from mmtrain.engine.export import export
 
-    out = export(args.run_dir, args.out_dir, tag=args.tag, merge_lora=args.merge_lora, overwrite=args.overwrite)
+    out = export(
+        args.run_dir,
+        args.out_dir,
+        tag=args.tag,
+        merge_lora=args.merge_lora,
+        overwrite=args.overwrite,
+    )
     print(f"exported to {out}")
     return 0
 
@@ -115,10 +129,14 @@ def _cmd_data(args) -> int:
     elif args.data_cmd == "convert":
         from mmtrain.data.convert import convert
 
-        m = convert(args.fmt, args.input, args.out, args.image_root, args, args.max_count, args.max_size)
+        m = convert(
+            args.fmt, args.input, args.out, args.image_root, args, args.max_count, args.max_size
+        )
         r = m["report"]
-        print(f"{args.out}: {m['total']} samples in {len(m['shards'])} shards; skipped {r['skipped']} of "
-              f"{r['read']} records {r['reasons'] or ''}")
+        print(
+            f"{args.out}: {m['total']} samples in {len(m['shards'])} shards; skipped {r['skipped']} of "
+            f"{r['read']} records {r['reasons'] or ''}"
+        )
         for ex in r["examples"][:10]:
             print(f"  skipped {ex['file']}:{ex['line']}: {ex['reason']}")
     elif args.data_cmd == "index":
@@ -129,18 +147,32 @@ def _cmd_data(args) -> int:
     elif args.data_cmd == "fewshot":
         from mmtrain.data.fewshot import fewshot
 
-        relabel = dict(pair.split("=", 1) for pair in args.relabel.split(",")) if args.relabel else None
+        relabel = (
+            dict(pair.split("=", 1) for pair in args.relabel.split(",")) if args.relabel else None
+        )
         m = fewshot(args.src, args.out, args.k, args.task, args.seed, relabel)
-        print(f"{args.out}: {m['total']} samples ({args.k} per {args.task} label)"
-              + (f"; fewer for {m['fewshot']['short']}" if m["fewshot"]["short"] else ""))
+        print(
+            f"{args.out}: {m['total']} samples ({args.k} per {args.task} label)"
+            + (f"; fewer for {m['fewshot']['short']}" if m["fewshot"]["short"] else "")
+        )
     elif args.data_cmd == "inspect":
         from mmtrain.data.shards import iter_shard, resolve
 
         paths, counts, manifest = resolve(args.shards)
         print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}, indent=2))
         for _, sample in iter_shard(paths[0], 0, args.n):
-            print({k: (v[:200].decode("utf-8", "replace") if k in ("json", "txt") else
-                       f"<{len(v)} bytes>" if isinstance(v, bytes) else v) for k, v in sample.items()})
+            print(
+                {
+                    k: (
+                        v[:200].decode("utf-8", "replace")
+                        if k in ("json", "txt")
+                        else f"<{len(v)} bytes>"
+                        if isinstance(v, bytes)
+                        else v
+                    )
+                    for k, v in sample.items()
+                }
+            )
     return 0
 
 
@@ -148,12 +180,15 @@ def _cmd_kdsl(args) -> int:
     from mmtrain.recipes import kdsl
 
     if args.kdsl_cmd == "mine":
-        kdsl.mine(args.small_run, args.out, args.data, args.tasks, args.image_task, args.rescore, args.tag)
+        kdsl.mine(
+            args.small_run, args.out, args.data, args.tasks, args.image_task, args.rescore, args.tag
+        )
     else:
         table = kdsl.seesaw(args.runs, args.split)
         print(table, end="")
         if args.out:
             from pathlib import Path
+
             Path(args.out).write_text(table)
     return 0
 
@@ -179,26 +214,42 @@ def _cmd_bench(args) -> int:
         return main_fusion(args.batch_size, args.compile, args.baseline)
     from mmtrain.data.bench import bench_data
 
-    print(json.dumps(bench_data(args.shards, args.workers, args.batch_size, args.batches, args.size,
-                                not args.no_fast)))
+    print(
+        json.dumps(
+            bench_data(
+                args.shards,
+                args.workers,
+                args.batch_size,
+                args.batches,
+                args.size,
+                not args.no_fast,
+            )
+        )
+    )
     return 0
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")       # models come from local directories only
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local directories only
     p = argparse.ArgumentParser(prog="mmtrain", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    for name, fn, help_ in (("train", _cmd_train, "train a recipe (run under deepspeed/torchrun/srun)"),
-                            ("config", _cmd_config, "print the resolved, validated config")):
+    for name, fn, help_ in (
+        ("train", _cmd_train, "train a recipe (run under deepspeed/torchrun/srun)"),
+        ("config", _cmd_config, "print the resolved, validated config"),
+    ):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("config", help="YAML file (may name base files with `base:`)")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=3e-4")
         sp.set_defaults(fn=fn)
         if name == "config":
-            sp.add_argument("--get", metavar="KEY", help="print one value (a dotted key, or run_dir)")
+            sp.add_argument(
+                "--get", metavar="KEY", help="print one value (a dotted key, or run_dir)"
+            )
 
-    sp = sub.add_parser("export", help="consolidate a checkpoint into safetensors / HF / peft layouts")
+    sp = sub.add_parser(
+        "export", help="consolidate a checkpoint into safetensors / HF / peft layouts"
+    )
     sp.add_argument("run_dir")
     sp.add_argument("out_dir")
     sp.add_argument("--tag", help="checkpoint tag (default: latest)")
@@ -208,43 +259,77 @@ def main(argv=None) -> int:
 
     ck = sub.add_parser("ckpt", help="checkpoints: verify")
     csub = ck.add_subparsers(dest="ckpt_cmd", required=True)
-    sp = csub.add_parser("verify", help="check every checkpoint of a run without loading (or training) it")
+    sp = csub.add_parser(
+        "verify", help="check every checkpoint of a run without loading (or training) it"
+    )
     sp.add_argument("run_dir")
-    sp.add_argument("--deep", action="store_true", help="also read every byte against the archives' CRCs")
+    sp.add_argument(
+        "--deep", action="store_true", help="also read every byte against the archives' CRCs"
+    )
     sp.set_defaults(fn=_cmd_ckpt_verify)
 
-    sp = sub.add_parser("eval", help="score a run's checkpoint on a held-out split (val, or test once at the end)")
+    sp = sub.add_parser(
+        "eval", help="score a run's checkpoint on a held-out split (val, or test once at the end)"
+    )
     sp.add_argument("run_dir")
     sp.add_argument("--split", default="val")
     sp.add_argument("--tag", help="checkpoint tag (default: latest)")
-    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
-                    help="change the run's saved config for this evaluation only (repeatable)")
+    sp.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="change the run's saved config for this evaluation only (repeatable)",
+    )
     sp.set_defaults(fn=_cmd_eval)
 
     data = sub.add_parser("data", help="write, convert and inspect WebDataset shards")
     data.set_defaults(fn=_cmd_data)
     dsub = data.add_subparsers(dest="data_cmd", required=True)
-    sp = dsub.add_parser("synth", help="procedurally drawn data for the demo and tests (train/val/test)")
-    sp.add_argument("--kind", required=True, choices=["image-text", "dialogue", "keyphrase", "intent"])
+    sp = dsub.add_parser(
+        "synth", help="procedurally drawn data for the demo and tests (train/val/test)"
+    )
+    sp.add_argument(
+        "--kind", required=True, choices=["image-text", "dialogue", "keyphrase", "intent"]
+    )
     sp.add_argument("--out", required=True)
     sp.add_argument("--n", type=int, default=1000)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--max-count", type=int, default=1000, help="samples per shard")
     sp = dsub.add_parser("convert", help="shards from a public dataset format")
-    sp.add_argument("--from", dest="fmt", required=True,
-                    choices=["image-caption-jsonl", "coco", "dialogue-jsonl", "keyphrase-lines", "keyphrase-jsonl",
-                             "llava-intent"])
+    sp.add_argument(
+        "--from",
+        dest="fmt",
+        required=True,
+        choices=[
+            "image-caption-jsonl",
+            "coco",
+            "dialogue-jsonl",
+            "keyphrase-lines",
+            "keyphrase-jsonl",
+            "llava-intent",
+        ],
+    )
     sp.add_argument("--input", required=True, nargs="+", help="input file(s)")
-    sp.add_argument("--out", required=True, help="output shard directory (must not exist or be empty)")
-    sp.add_argument("--image-root", help="where image paths are relative to (default: the input's directory)")
+    sp.add_argument(
+        "--out", required=True, help="output shard directory (must not exist or be empty)"
+    )
+    sp.add_argument(
+        "--image-root", help="where image paths are relative to (default: the input's directory)"
+    )
     sp.add_argument("--sep", default="<sep>", help="field separator of keyphrase-lines")
-    sp.add_argument("--rationales", help="JSONL of teacher rationales {'id' or line number, 'rationale'}")
+    sp.add_argument(
+        "--rationales", help="JSONL of teacher rationales {'id' or line number, 'rationale'}"
+    )
     sp.add_argument("--max-count", type=int, default=1000, help="samples per shard")
     sp.add_argument("--max-size", type=float, default=1e9, help="bytes per shard")
     sp = dsub.add_parser("index", help="write manifest.json for shards made elsewhere")
     sp.add_argument("dir")
-    sp.add_argument("--kind", required=True, choices=["image-text", "dialogue", "keyphrase", "intent"])
-    sp = dsub.add_parser("fewshot", help="k examples per label of one task (optionally relabelled) as new shards")
+    sp.add_argument(
+        "--kind", required=True, choices=["image-text", "dialogue", "keyphrase", "intent"]
+    )
+    sp = dsub.add_parser(
+        "fewshot", help="k examples per label of one task (optionally relabelled) as new shards"
+    )
     sp.add_argument("src")
     sp.add_argument("out")
     sp.add_argument("--k", type=int, required=True)
@@ -258,20 +343,37 @@ def main(argv=None) -> int:
     kd = sub.add_parser("kdsl", help="KDSL: mine rules with a small model; the seesaw table")
     kd.set_defaults(fn=_cmd_kdsl)
     ksub = kd.add_subparsers(dest="kdsl_cmd", required=True)
-    sp = ksub.add_parser("mine", help="conditions from a post-trained small model's run, MCTS rules -> OUT/rules.json")
+    sp = ksub.add_parser(
+        "mine",
+        help="conditions from a post-trained small model's run, MCTS rules -> OUT/rules.json",
+    )
     sp.add_argument("small_run", help="a KDSL run of the small MLLM post-trained on --image-task")
-    sp.add_argument("--out", required=True, help="directory for rules.json and the examples' conditions")
-    sp.add_argument("--data", help="shard root with train/ val/ test/ (default: the small run's data)")
+    sp.add_argument(
+        "--out", required=True, help="directory for rules.json and the examples' conditions"
+    )
+    sp.add_argument(
+        "--data", help="shard root with train/ val/ test/ (default: the small run's data)"
+    )
     sp.add_argument("--tasks", nargs="+", default=["scene", "intent"])
-    sp.add_argument("--image-task", default="scene", help="the small model's task whose answer says what the image shows")
-    sp.add_argument("--rescore", help="an existing rules.json to re-score on --data instead of mining")
+    sp.add_argument(
+        "--image-task",
+        default="scene",
+        help="the small model's task whose answer says what the image shows",
+    )
+    sp.add_argument(
+        "--rescore", help="an existing rules.json to re-score on --data instead of mining"
+    )
     sp.add_argument("--tag", help="checkpoint tag of the small run (default: latest)")
-    sp = ksub.add_parser("seesaw", help="weighted F1 per task of several evaluated runs, as a markdown table")
+    sp = ksub.add_parser(
+        "seesaw", help="weighted F1 per task of several evaluated runs, as a markdown table"
+    )
     sp.add_argument("runs", nargs="+", metavar="NAME=RUN_DIR")
     sp.add_argument("--split", default="test")
     sp.add_argument("--out", help="also write the table here")
 
-    models = sub.add_parser("models", help="tiny random models for demos and tests (saved with save_pretrained)")
+    models = sub.add_parser(
+        "models", help="tiny random models for demos and tests (saved with save_pretrained)"
+    )
     msub = models.add_subparsers(dest="models_cmd", required=True)
     sp = msub.add_parser("tiny")
     sp.add_argument("--out", required=True)
@@ -289,12 +391,16 @@ def main(argv=None) -> int:
     sp.add_argument("--size", type=int, default=224)
     sp.add_argument("--no-fast", action="store_true", help="decode JPEGs at full size")
     sp.set_defaults(fn=_cmd_bench)
-    sp = bsub.add_parser("vikdf-stage1", help="samples/s and MFU of a published-size stage-1 step (GPU)")
+    sp = bsub.add_parser(
+        "vikdf-stage1", help="samples/s and MFU of a published-size stage-1 step (GPU)"
+    )
     sp.add_argument("--batch-size", type=int, default=128)
     sp.add_argument("--no-compile", action="store_true", help="run the frozen towers eagerly")
     sp.add_argument("--baseline", help="path of hf_eager_vikdf.py, run side by side for the ratio")
     sp.set_defaults(fn=_cmd_bench)
-    sp = bsub.add_parser("vikdf-fusion", help="tokens/s and MFU of a BVIF fusion step, frozen 7B-shaped LLM (GPU)")
+    sp = bsub.add_parser(
+        "vikdf-fusion", help="tokens/s and MFU of a BVIF fusion step, frozen 7B-shaped LLM (GPU)"
+    )
     sp.add_argument("--batch-size", type=int, default=8)
     sp.add_argument("--compile", action="store_true", help="torch.compile the frozen LLM's forward")
     sp.add_argument("--baseline", help="path of hf_eager_vikdf.py, run side by side for the ratio")
@@ -303,8 +409,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError, RuleError, CheckpointError,
-            CheckpointWriteError) as e:
+    except (
+        ConfigError,
+        DataError,
+        FileNotFoundError,
+        FileExistsError,
+        RuleError,
+        CheckpointError,
+        CheckpointWriteError,
+    ) as e:
         print(f"mmtrain {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

@@ -9,6 +9,7 @@ type, missing paths name the path.
 The `recipe` section is typed by the recipe it names: each recipe declares a dataclass that
 subclasses `RecipeConfig`, so `recipe.lr_scale=...` is checked against that recipe's fields.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,8 +32,14 @@ def choices(*allowed: str, default: str):
     return field(default=default, metadata={"choices": allowed})
 
 
-def bounded(default: Any, ge: Optional[float] = None, gt: Optional[float] = None, le: Optional[float] = None,
-            lt: Optional[float] = None, note: str = ""):
+def bounded(
+    default: Any,
+    ge: Optional[float] = None,
+    gt: Optional[float] = None,
+    le: Optional[float] = None,
+    lt: Optional[float] = None,
+    note: str = "",
+):
     """A number restricted to a range (checked in `validate`, which names key, value and range)."""
     return field(default=default, metadata={"range": (ge, gt, le, lt), "note": note})
 
@@ -40,8 +47,12 @@ def bounded(default: Any, ge: Optional[float] = None, gt: Optional[float] = None
 def _out_of_range(value: Any, bounds) -> Optional[str]:
     """The range `value` breaks, written out (e.g. '> 0'), or None when it is inside."""
     ge, gt, le, lt = bounds
-    rules = [(ge, ">=", lambda v, b: v >= b), (gt, ">", lambda v, b: v > b),
-             (le, "<=", lambda v, b: v <= b), (lt, "<", lambda v, b: v < b)]
+    rules = [
+        (ge, ">=", lambda v, b: v >= b),
+        (gt, ">", lambda v, b: v > b),
+        (le, "<=", lambda v, b: v <= b),
+        (lt, "<", lambda v, b: v < b),
+    ]
     if value is None:
         return None
     if any(b is not None and not ok(value, b) for b, _, ok in rules):
@@ -62,17 +73,21 @@ def shards_field(default: str = ""):
 @dataclass
 class LoraSection:
     """A peft LoRA adapter, shared by every recipe that adapts a transformers model."""
+
     enabled: bool = False
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
     target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    language_only: bool = True      # image-text models: adapt the language model only, never the vision tower
+    language_only: bool = (
+        True  # image-text models: adapt the language model only, never the vision tower
+    )
 
 
 @dataclass
 class RecipeConfig:
     """Base of every recipe's own config; `name` selects the recipe."""
+
     name: str = "toy_lm"
     # Weight of each named loss in the total; a name missing here has weight 1.
     loss_weights: Dict[str, float] = field(default_factory=dict)
@@ -85,9 +100,9 @@ class RecipeConfig:
 @dataclass
 class RunConfig:
     name: str = "run"
-    out_dir: str = "runs"           # the run directory is out_dir/name
+    out_dir: str = "runs"  # the run directory is out_dir/name
     seed: int = 1234
-    resume: str = "auto"            # auto: latest checkpoint if any | never | a checkpoint dir
+    resume: str = "auto"  # auto: latest checkpoint if any | never | a checkpoint dir
     # end this invocation early (checkpointed), e.g. to split a job
     stop_after_steps: Optional[int] = bounded(None, ge=1)
 
@@ -95,16 +110,18 @@ class RunConfig:
 @dataclass
 class TrainConfig:
     # optimizer steps for the whole run (sets the lr schedule)
-    steps: int = bounded(1000, ge=0, note="0: no training, the initial model is saved and evaluated")
-    micro_batch_size: int = bounded(8, ge=1)       # samples per rank per forward
+    steps: int = bounded(
+        1000, ge=0, note="0: no training, the initial model is saved and evaluated"
+    )
+    micro_batch_size: int = bounded(8, ge=1)  # samples per rank per forward
     grad_accum: int = bounded(1, ge=1)
     lr: float = bounded(1e-4, gt=0)
     min_lr_ratio: float = bounded(0.0, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
     warmup_ratio: float = bounded(0.1, ge=0, lt=1)  # fraction of `steps` spent in linear warm-up
-    weight_decay: float = bounded(0.05, ge=0)      # not applied to biases and norm weights
+    weight_decay: float = bounded(0.05, ge=0)  # not applied to biases and norm weights
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = bounded(1e-8, gt=0)
-    grad_clip: float = bounded(1.0, ge=0)          # 0 disables clipping
+    grad_clip: float = bounded(1.0, ge=0)  # 0 disables clipping
     # consecutive non-finite losses or skipped (overflowing) optimizer steps before the run stops
     max_bad_steps: int = bounded(10, ge=1)
 
@@ -127,14 +144,18 @@ class DeepSpeedSection:
 @dataclass
 class DistConfig:
     backend: str = choices("auto", "nccl", "gloo", default="auto")  # auto: nccl on CUDA, else gloo
-    timeout_s: int = bounded(1800, ge=1)  # collective timeout; a dead peer on gloo fails much sooner
+    timeout_s: int = bounded(
+        1800, ge=1
+    )  # collective timeout; a dead peer on gloo fails much sooner
 
 
 @dataclass
 class CheckpointConfig:
     every: int = bounded(1000, ge=0)  # steps between checkpoints (0: only at the end)
-    keep: int = bounded(3, ge=1)      # complete checkpoints kept, newest first (the best one is kept too)
-    best_metric: str = ""           # an evaluation metric (e.g. ppl): checkpoints/best names the best one
+    keep: int = bounded(
+        3, ge=1
+    )  # complete checkpoints kept, newest first (the best one is kept too)
+    best_metric: str = ""  # an evaluation metric (e.g. ppl): checkpoints/best names the best one
     best_mode: str = choices("min", "max", default="min")
 
 
@@ -142,13 +163,13 @@ class CheckpointConfig:
 class LogConfig:
     every: int = bounded(10, ge=1)  # steps between scalar logs
     tensorboard: bool = True
-    progress: bool = True           # progress bar with ETA on rank 0
+    progress: bool = True  # progress bar with ETA on rank 0
     peak_tflops: Optional[float] = None  # per-device peak for MFU; None: looked up by GPU name
 
 
 @dataclass
 class EvalConfig:
-    every: int = bounded(0, ge=0)   # steps between evaluations (0: only at the end)
+    every: int = bounded(0, ge=0)  # steps between evaluations (0: only at the end)
     at_end: bool = True
 
 
@@ -170,6 +191,7 @@ class Config:
 
 # ----------------------------------------------------------------------------- loading
 
+
 def _read_yaml(path: Path, chain: Sequence[Path] = ()) -> DictConfig:
     """Read one YAML file and its bases (paths relative to the file), bases first."""
     path = path.resolve()
@@ -183,7 +205,9 @@ def _read_yaml(path: Path, chain: Sequence[Path] = ()) -> DictConfig:
     except Exception as e:  # yaml's own errors carry line/column
         raise ConfigError(f"cannot parse {path}: {e}") from None
     if not isinstance(node, DictConfig):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(node).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections, got {type(node).__name__}"
+        )
     bases = node.pop("base", None)
     if bases is None:
         return node
@@ -228,15 +252,21 @@ def _merge_checked(schema: DictConfig, update: DictConfig, source: str) -> DictC
         full = str(e.full_key or e.key)
         parent_path, _, leaf = full.rpartition(".")
         parent = OmegaConf.select(schema, parent_path) if parent_path else schema
-        raise ConfigError(f"{source}: unknown key '{full}'{_nearest(parent, leaf, parent_path)}") from None
+        raise ConfigError(
+            f"{source}: unknown key '{full}'{_nearest(parent, leaf, parent_path)}"
+        ) from None
     except ValidationError as e:
         full = str(e.full_key or e.key)
         node = schema
         for part in full.split("."):
             node = node._get_node(part) if isinstance(node, DictConfig) else None
         expected = getattr(node, "_metadata", None)
-        expected = getattr(getattr(expected, "ref_type", None), "__name__", None) or "the schema's type"
-        raise ConfigError(f"{source}: key '{full}' expects {expected}: {e.msg.splitlines()[0]}") from None
+        expected = (
+            getattr(getattr(expected, "ref_type", None), "__name__", None) or "the schema's type"
+        )
+        raise ConfigError(
+            f"{source}: key '{full}' expects {expected}: {e.msg.splitlines()[0]}"
+        ) from None
 
 
 def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> Config:
@@ -264,6 +294,7 @@ def save_config(cfg: Config, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- validation
+
 
 def _walk(obj: Any, prefix: str = ""):
     """Yield (dotted key, dataclass field, value) for every field, depth first."""
@@ -293,7 +324,12 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"key '{key}' must be one of {list(allowed)}, got {value!r}")
         if f.metadata.get("required") and value in (None, ""):
             raise ConfigError(f"key '{key}' is required (a path)")
-        if f.metadata.get("shards") and value and "{" not in str(value) and not Path(str(value)).is_dir():
+        if (
+            f.metadata.get("shards")
+            and value
+            and "{" not in str(value)
+            and not Path(str(value)).is_dir()
+        ):
             raise ConfigError(f"key '{key}': shard directory does not exist: {value}")
         if f.metadata.get("path") and value not in (None, "") and not Path(str(value)).exists():
             raise ConfigError(f"key '{key}': path does not exist: {value}")
@@ -302,22 +338,31 @@ def validate(cfg: Config) -> None:
             note = f" ({f.metadata['note']})" if f.metadata.get("note") else ""
             raise ConfigError(f"key '{key}' must be {broken}{note}, got {value!r}")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"key 'deepspeed.zero_stage' must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
+        raise ConfigError(
+            f"key 'deepspeed.zero_stage' must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}"
+        )
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
-        raise ConfigError(f"key 'train.betas' must hold two numbers in [0, 1), got {cfg.train.betas}")
-    if (cfg.run.resume not in ("auto", "never") and not Path(cfg.run.resume).is_dir()
-            and not (cfg.run_dir / "checkpoints" / cfg.run.resume).is_dir()):
-        raise ConfigError(f"key 'run.resume': expected 'auto', 'never', a checkpoint directory or a tag in "
-                          f"{cfg.run_dir / 'checkpoints'}; path does not exist: {cfg.run.resume}")
+        raise ConfigError(
+            f"key 'train.betas' must hold two numbers in [0, 1), got {cfg.train.betas}"
+        )
+    if (
+        cfg.run.resume not in ("auto", "never")
+        and not Path(cfg.run.resume).is_dir()
+        and not (cfg.run_dir / "checkpoints" / cfg.run.resume).is_dir()
+    ):
+        raise ConfigError(
+            f"key 'run.resume': expected 'auto', 'never', a checkpoint directory or a tag in "
+            f"{cfg.run_dir / 'checkpoints'}; path does not exist: {cfg.run.resume}"
+        )
     check = getattr(cfg.recipe, "check", None)
-    if check is not None:                      # a recipe's own cross-field rules
+    if check is not None:  # a recipe's own cross-field rules
         check()
-    _check_shards(cfg)                         # reads the manifests: after the cheaper checks
+    _check_shards(cfg)  # reads the manifests: after the cheaper checks
 
 
 def _check_shards(cfg: Config) -> None:
     """Every shard set the recipe names has a manifest, samples, and the kind the recipe reads."""
-    from mmtrain.data.shards import DataError, resolve   # late: data modules import this one
+    from mmtrain.data.shards import DataError, resolve  # late: data modules import this one
 
     kind = cfg.recipe.data_kind()
     for key, f, value in _walk(cfg.recipe, "recipe."):
@@ -330,8 +375,10 @@ def _check_shards(cfg: Config) -> None:
         if not sum(counts):
             raise ConfigError(f"key '{key}': {value} holds no samples (its manifest counts 0)")
         if kind and manifest.get("kind") != kind:
-            raise ConfigError(f"key '{key}': {value} holds {manifest.get('kind')!r} shards, but recipe "
-                              f"{cfg.recipe.name} reads {kind!r} shards here")
+            raise ConfigError(
+                f"key '{key}': {value} holds {manifest.get('kind')!r} shards, but recipe "
+                f"{cfg.recipe.name} reads {kind!r} shards here"
+            )
 
 
 def load_run_config(run_dir: str | os.PathLike) -> Config:
@@ -342,5 +389,17 @@ def load_run_config(run_dir: str | os.PathLike) -> Config:
     return load_config(path)
 
 
-__all__ = ["Config", "ConfigError", "LoraSection", "RecipeConfig", "load_config", "load_run_config", "save_config",
-           "to_yaml", "bounded", "choices", "path_field", "shards_field"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "LoraSection",
+    "RecipeConfig",
+    "load_config",
+    "load_run_config",
+    "save_config",
+    "to_yaml",
+    "bounded",
+    "choices",
+    "path_field",
+    "shards_field",
+]

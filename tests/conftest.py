@@ -1,4 +1,5 @@
 """Shared test set-up. TRITON_INTERPRET must be set before any @triton.jit is defined."""
+
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -37,16 +38,36 @@ def stage1_run(tmp_path_factory, tiny_models, image_text_shards):
     root = tmp_path_factory.mktemp("stage1")
     run = root / "runs" / "s1"
     t = tiny_models
-    train(run, [f"recipe.vision_path={t / 'clip'}", f"recipe.text_path={t / 'clip'}", f"recipe.bert_init={t / 'bert'}",
-                f"recipe.data.train={image_text_shards / 'train'}", f"recipe.data.val={image_text_shards / 'val'}",
-                "train.steps=160", "train.warmup_ratio=0.05", "eval.every=0", "checkpoint.every=0",
-                "recipe.image_log_every=50", "log.every=20"], config=REPO / "configs" / "demo" / "vikdf_stage1.yaml")
+    train(
+        run,
+        [
+            f"recipe.vision_path={t / 'clip'}",
+            f"recipe.text_path={t / 'clip'}",
+            f"recipe.bert_init={t / 'bert'}",
+            f"recipe.data.train={image_text_shards / 'train'}",
+            f"recipe.data.val={image_text_shards / 'val'}",
+            "train.steps=160",
+            "train.warmup_ratio=0.05",
+            "eval.every=0",
+            "checkpoint.every=0",
+            "recipe.image_log_every=50",
+            "log.every=20",
+        ],
+        config=REPO / "configs" / "demo" / "vikdf_stage1.yaml",
+    )
     assert main(["export", str(run), str(root / "export")]) == 0
     return run, root / "export"
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "heavy: long multi-rank groups (4 ranks, every recipe): `make test-all` only")
-    config.addinivalue_line("markers", "slurm: against a real Slurm cluster (`make test-slurm` starts one)")
-    config.addinivalue_line("markers", "chaos: the fault battery (damaged checkpoints, full disks, signals, bad "
-                                       "data): `make chaos`")
+    config.addinivalue_line(
+        "markers", "heavy: long multi-rank groups (4 ranks, every recipe): `make test-all` only"
+    )
+    config.addinivalue_line(
+        "markers", "slurm: against a real Slurm cluster (`make test-slurm` starts one)"
+    )
+    config.addinivalue_line(
+        "markers",
+        "chaos: the fault battery (damaged checkpoints, full disks, signals, bad "
+        "data): `make chaos`",
+    )

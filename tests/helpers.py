@@ -1,4 +1,5 @@
 """Launch mmtrain ranks as separate processes, the way `srun` does (one task per rank)."""
+
 from __future__ import annotations
 
 import os
@@ -19,16 +20,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ranks(config: Path, overrides: Sequence[str], logdir: Path, world: int = 2) -> List[subprocess.Popen]:
+def start_ranks(
+    config: Path, overrides: Sequence[str], logdir: Path, world: int = 2
+) -> List[subprocess.Popen]:
     logdir.mkdir(parents=True, exist_ok=True)
     port = str(free_port())
     procs = []
     for rank in range(world):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            OMP_NUM_THREADS="1",
+            PYTHONUNBUFFERED="1",
+        )
         out = open(logdir / f"rank{rank}.log", "ab")
-        procs.append(subprocess.Popen([sys.executable, "-m", "mmtrain.cli", "train", str(config), *overrides],
-                                      env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "mmtrain.cli", "train", str(config), *overrides],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+        )
     return procs
 
 
@@ -45,10 +63,21 @@ def wait_all(procs: List[subprocess.Popen], timeout: float = 240) -> List[int]:
     return codes
 
 
-def train(run_dir: Path, overrides: Sequence[str] = (), world: int = 2, config: Path = DEMO,
-          expect: int = 0, timeout: float = 240) -> List[int]:
+def train(
+    run_dir: Path,
+    overrides: Sequence[str] = (),
+    world: int = 2,
+    config: Path = DEMO,
+    expect: int = 0,
+    timeout: float = 240,
+) -> List[int]:
     """Train to completion; asserts every rank exits with `expect`, showing the logs if not."""
-    over = [f"run.out_dir={run_dir.parent}", f"run.name={run_dir.name}", "log.progress=false", *overrides]
+    over = [
+        f"run.out_dir={run_dir.parent}",
+        f"run.name={run_dir.name}",
+        "log.progress=false",
+        *overrides,
+    ]
     logdir = run_dir.parent / f"{run_dir.name}-logs"
     codes = wait_all(start_ranks(config, over, logdir, world), timeout)
     if any(c != expect for c in codes):
@@ -68,8 +97,23 @@ def scalars(run_dir: Path, tag: str) -> Dict[int, float]:
 def cli_ranks(*args: str, world: int = 2) -> str:
     """`mmtrain ARGS` on `world` ranks (torchrun); asserts success, returns stdout."""
     env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "-m",
-                          "mmtrain.cli", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(world),
+            "-m",
+            "mmtrain.cli",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 

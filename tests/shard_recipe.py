@@ -1,4 +1,5 @@
 """A test recipe that trains through the shard reader: predict an image's colour from its pixels."""
+
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +25,9 @@ class ShardColorConfig(RecipeConfig):
 class ColorNet(nn.Module):
     def __init__(self, size):
         super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * size * size, 32), nn.ReLU(), nn.Linear(32, len(COLORS)))
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(3 * size * size, 32), nn.ReLU(), nn.Linear(32, len(COLORS))
+        )
 
     def forward(self, image, label):
         return {"ce": nn.functional.cross_entropy(self.net(image), label)}
@@ -45,6 +48,7 @@ class ShardColor(Recipe):
             batch = default_collate(items)
             batch["label"] = torch.tensor([colors.index(m["color"]) for m in batch["meta"]])
             return batch
+
         return self.loader(self.cfg.data, self.cfg.data.train, decode, collate)
 
     def step(self, model, batch):

@@ -1,4 +1,5 @@
 """Atomicity of checkpoint saves, with a stand-in engine that can crash mid-save."""
+
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ class FakeEngine:
         self.crash = crash
 
     def save_checkpoint(self, root, tag, save_latest):
-        assert not save_latest                      # the pointer is ours to move, last
+        assert not save_latest  # the pointer is ours to move, last
         d = Path(root) / tag
         d.mkdir(parents=True, exist_ok=True)
         if self.crash:
@@ -50,18 +51,27 @@ def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, 
             (Path(root) / tag).mkdir(parents=True, exist_ok=True)
             raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0")
 
-    with pytest.raises(checkpoint.CheckpointWriteError, match=r"writing checkpoint step_00000020 to .*step_00000020"
-                       r".partial failed \(RuntimeError: .*unexpected pos.*\). .* GiB free there; the previous "
-                       r"checkpoint \(.*step_00000010\) is intact"):
+    with pytest.raises(
+        checkpoint.CheckpointWriteError,
+        match=r"writing checkpoint step_00000020 to .*step_00000020"
+        r".partial failed \(RuntimeError: .*unexpected pos.*\). .* GiB free there; the previous "
+        r"checkpoint \(.*step_00000010\) is intact",
+    ):
         checkpoint.save(FullDisk(), root, 20, {"step": 20}, {"world_size": 1}, 2)
     assert checkpoint.find_resume("auto", root) == (root, "step_00000010")
-    usage = type("Usage", (), {"free": 10})                                # 10 bytes left: known too small
+    usage = type("Usage", (), {"free": 10})  # 10 bytes left: known too small
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage)
-    with pytest.raises(checkpoint.CheckpointWriteError, match=r"not enough disk space for checkpoint step_00000030 in "
-                       r".*: about 0.00 GiB needed \(the size of the last one\), 0.00 GiB free; the previous "
-                       r"checkpoint .* is intact; free space, or lower checkpoint.keep"):
+    with pytest.raises(
+        checkpoint.CheckpointWriteError,
+        match=r"not enough disk space for checkpoint step_00000030 in "
+        r".*: about 0.00 GiB needed \(the size of the last one\), 0.00 GiB free; the previous "
+        r"checkpoint .* is intact; free space, or lower checkpoint.keep",
+    ):
         save(root, 30)
-    assert not (root / "step_00000030.partial").exists() and (root / "latest").read_text() == "step_00000010"
+    assert (
+        not (root / "step_00000030.partial").exists()
+        and (root / "latest").read_text() == "step_00000010"
+    )
 
 
 def test_keep_last_k_and_resave_same_step(tmp_path):
@@ -69,7 +79,7 @@ def test_keep_last_k_and_resave_same_step(tmp_path):
     for s in (1, 2, 3, 4):
         save(root, s, keep=2)
     assert checkpoint.complete_tags(root) == ["step_00000003", "step_00000004"]
-    save(root, 4, keep=2)                      # the same step again (after a crash and resume)
+    save(root, 4, keep=2)  # the same step again (after a crash and resume)
     assert checkpoint.complete_tags(root) == ["step_00000003", "step_00000004"]
 
 
@@ -77,14 +87,16 @@ def test_resume_choices(tmp_path):
     root = tmp_path / "checkpoints"
     assert checkpoint.find_resume("auto", root) is None
     save(root, 5)
-    (root / "step_00000009").mkdir()           # a directory without the completion marker
+    (root / "step_00000009").mkdir()  # a directory without the completion marker
     assert checkpoint.find_resume("auto", root) == (root, "step_00000005")
     assert checkpoint.find_resume("never", root) is None
     assert checkpoint.find_resume(str(root / "step_00000005"), root) == (root, "step_00000005")
     with pytest.raises(FileNotFoundError, match="not a complete mmtrain checkpoint"):
         checkpoint.find_resume(str(root / "step_00000009"), root)
     (root / "latest").write_text("step_00000009")
-    with pytest.raises(FileNotFoundError, match="names 'step_00000009', which is not a complete checkpoint"):
+    with pytest.raises(
+        FileNotFoundError, match="names 'step_00000009', which is not a complete checkpoint"
+    ):
         checkpoint.find_resume("auto", root)
 
 
@@ -103,7 +115,7 @@ def test_step_directories_without_markers_are_never_written_over(tmp_path):
     train(run, ["train.steps=4", "checkpoint.every=2"], world=1, expect=2)
     log = (tmp_path / "runs" / "r-logs" / "rank0.log").read_text()
     assert "holds step_00000002, step_00000004 but no complete checkpoint" in log
-    assert {p: p.stat().st_mtime_ns for p in ckpts.rglob("*") if p.is_file()} == before       # untouched
+    assert {p: p.stat().st_mtime_ns for p in ckpts.rglob("*") if p.is_file()} == before  # untouched
     train(run, ["train.steps=4", "checkpoint.every=2", "run.resume=never"], world=1, expect=2)
     assert {p: p.stat().st_mtime_ns for p in ckpts.rglob("*") if p.is_file()} == before
 
@@ -114,8 +126,12 @@ def _cli(*args):
 
     from tests.helpers import REPO
 
-    return subprocess.run([sys.executable, "-m", "mmtrain.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "mmtrain.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
 
 
 @pytest.mark.chaos
@@ -129,24 +145,33 @@ def test_damaged_checkpoints_are_named_verified_and_passed_over(tmp_path):
     ckpts = run / "checkpoints"
     assert _cli("ckpt", "verify", run).returncode == 0
     optim = next((ckpts / "step_00000004").glob("*optim_states.pt"))
-    optim.write_bytes(optim.read_bytes()[: optim.stat().st_size // 2])          # a truncated optimizer shard
+    optim.write_bytes(
+        optim.read_bytes()[: optim.stat().st_size // 2]
+    )  # a truncated optimizer shard
     out = _cli("ckpt", "verify", run)
     assert out.returncode == 1 and "step_00000002: intact" in out.stdout
     assert f"step_00000004 (latest): DAMAGED: {optim}: damaged" in out.stdout
     train(run, ["train.steps=6", "checkpoint.every=2", "checkpoint.keep=3"], world=1)  # resume=auto
     log = (run / "train.log").read_text()
-    assert f"checkpoint {ckpts / 'step_00000004'} is damaged, passed over for an earlier one: {optim}" in log
+    assert (
+        f"checkpoint {ckpts / 'step_00000004'} is damaged, passed over for an earlier one: {optim}"
+        in log
+    )
     assert f"resumed from {ckpts / 'step_00000002'} at step 2" in log
     state = ckpts / "step_00000006" / "mmtrain_rank00000.json"
-    state.write_text("{garbage")                                                 # a damaged mmtrain state
+    state.write_text("{garbage")  # a damaged mmtrain state
     out = _cli("ckpt", "verify", run)
     assert out.returncode == 1 and f"{state} is damaged" in out.stdout
-    (ckpts / "latest").write_text("step_00000099")                              # a pointer to nothing
+    (ckpts / "latest").write_text("step_00000099")  # a pointer to nothing
     train(run, ["train.steps=8"], world=1, expect=2)
-    assert "names 'step_00000099', which is not a complete checkpoint" in (tmp_path / "runs" / "d-logs" /
-                                                                            "rank0.log").read_text()
-    train(run, ["train.steps=8", "run.resume=step_00000006"], world=1, expect=2)   # named, damaged: refused
-    train(run, ["train.steps=8", "run.resume=step_00000002"], world=1)           # the suggested form works
+    assert (
+        "names 'step_00000099', which is not a complete checkpoint"
+        in (tmp_path / "runs" / "d-logs" / "rank0.log").read_text()
+    )
+    train(
+        run, ["train.steps=8", "run.resume=step_00000006"], world=1, expect=2
+    )  # named, damaged: refused
+    train(run, ["train.steps=8", "run.resume=step_00000002"], world=1)  # the suggested form works
     assert f"resumed from {ckpts / 'step_00000002'} at step 2" in (run / "train.log").read_text()
 
 
@@ -168,7 +193,7 @@ def test_mmtrain_state_is_json_and_a_crafted_pickle_never_runs(tmp_path):
         def __reduce__(self):
             return os.system, (f"touch {tmp_path / 'pwned'}",)
 
-    torch.save({"rng": Payload()}, tag / "mmtrain_rank00000.pt")               # an older mmtrain's file name
+    torch.save({"rng": Payload()}, tag / "mmtrain_rank00000.pt")  # an older mmtrain's file name
     with pytest.raises(CheckpointError, match=r"mmtrain_rank00000.pt cannot be read as data only"):
         read_rank_state(tag, 0)
     with pytest.raises(CheckpointError, match="damaged"):

@@ -1,4 +1,5 @@
 """Shards: writing, the public-format converters, the distributed resumable reader, corruption."""
+
 import io
 import json
 import os
@@ -20,9 +21,17 @@ from mmtrain.data.synth import COLORS, synth
 
 
 def loader(spec, batch=4, rank=0, world=1, workers=0, seed=0, shuffle_buffer=8, grad_accum=1, **kw):
-    return build_loader(DataSection(workers=workers, shuffle_buffer=shuffle_buffer, **kw), str(spec), batch,
-                        SampleDecoder(ImageTransform(resize=32, crop=32), need_image=False), default_collate,
-                        rank=rank, world=world, seed=seed, grad_accum=grad_accum)
+    return build_loader(
+        DataSection(workers=workers, shuffle_buffer=shuffle_buffer, **kw),
+        str(spec),
+        batch,
+        SampleDecoder(ImageTransform(resize=32, crop=32), need_image=False),
+        default_collate,
+        rank=rank,
+        world=world,
+        seed=seed,
+        grad_accum=grad_accum,
+    )
 
 
 def epoch_keys(ld):
@@ -34,21 +43,29 @@ def write_plain(tmp_path, name, counts):
     out = tmp_path / name
     samples = ({"__key__": f"{i:09d}", "json": {"i": i}} for i in range(sum(counts)))
     m = write_shards(samples, out, "dialogue", max_count=max(counts))
-    if [s["samples"] for s in m["shards"]] != counts:          # re-cut to the exact uneven sizes
+    if [s["samples"] for s in m["shards"]] != counts:  # re-cut to the exact uneven sizes
         import shutil
+
         shutil.rmtree(out)
         out.mkdir()
         i = 0
         shards = []
         for n, c in enumerate(counts):
-            write_shards(({"__key__": f"{j:09d}", "json": {"i": j}} for j in range(i, i + c)),
-                         tmp_path / f"part{n}", "dialogue", max_count=c)
+            write_shards(
+                ({"__key__": f"{j:09d}", "json": {"i": j}} for j in range(i, i + c)),
+                tmp_path / f"part{n}",
+                "dialogue",
+                max_count=c,
+            )
             src = tmp_path / f"part{n}" / "dialogue-000000.tar"
             src.rename(out / f"dialogue-{n:06d}.tar")
             shards.append({"name": f"dialogue-{n:06d}.tar", "samples": c})
             i += c
-        (out / "manifest.json").write_text(json.dumps({"schema_version": 1, "kind": "dialogue",
-                                                       "total": sum(counts), "shards": shards}))
+        (out / "manifest.json").write_text(
+            json.dumps(
+                {"schema_version": 1, "kind": "dialogue", "total": sum(counts), "shards": shards}
+            )
+        )
     return out
 
 
@@ -56,8 +73,16 @@ def write_plain(tmp_path, name, counts):
 def test_synth_round_trip_and_truthful_text(tmp_path, kind):
     ms = synth(kind, str(tmp_path / kind), 50, seed=3, max_count=15)
     assert {s: m["total"] for s, m in ms.items()} == {"train": 40, "val": 5, "test": 5}
-    ld = build_loader(DataSection(workers=0), str(tmp_path / kind / "train"), 8,
-                      SampleDecoder(ImageTransform(), need_image=True), default_collate, 0, 1, 0)
+    ld = build_loader(
+        DataSection(workers=0),
+        str(tmp_path / kind / "train"),
+        8,
+        SampleDecoder(ImageTransform(), need_image=True),
+        default_collate,
+        0,
+        1,
+        0,
+    )
     keys, batch = [], None
     for _ in range(ld.steps_per_epoch):
         batch = next(ld)
@@ -73,7 +98,9 @@ def test_synth_round_trip_and_truthful_text(tmp_path, kind):
         assert meta["keyphrases"][2] in meta["text"] and meta["keyphrases"][1] in COLORS
         assert meta["keyphrases"][1] not in meta["text"] and "Answer:" in meta["rationale"]
         metas = [m for b in [next(ld) for _ in range(ld.steps_per_epoch)] for m in b["meta"]]
-        assert 0 < sum(m["keyphrases"][0] not in m["text"] for m in metas) < len(metas)   # some hard posts
+        assert (
+            0 < sum(m["keyphrases"][0] not in m["text"] for m in metas) < len(metas)
+        )  # some hard posts
     else:
         assert meta["scene"] and meta["intent"] and meta["turns"][-1]["role"] == "user"
 
@@ -83,7 +110,10 @@ def test_keyphrase_test_split_has_unseen_keyphrases(tmp_path):
 
     def kps(split):
         ld = loader(tmp_path / "kp" / split, batch=1)
-        return {k for _ in range(ld.steps_per_epoch) for m in next(ld)["meta"] for k in m["keyphrases"]}
+        return {
+            k for _ in range(ld.steps_per_epoch) for m in next(ld)["meta"] for k in m["keyphrases"]
+        }
+
     unseen = kps("test") - kps("train")
     assert {"star", "hexagon"} & unseen
 
@@ -95,10 +125,14 @@ def test_writer_never_writes_into_existing_data_or_leaves_debris(tmp_path):
     with pytest.raises(DataError, match="no valid samples"):
         write_shards(iter([]), tmp_path / "empty", "dialogue")
     assert not (tmp_path / "empty").exists() and not list(tmp_path.glob(".empty*"))
-    assert main(["data", "synth", "--kind", "image-text", "--out", str(tmp_path / "d"), "--n", "5"]) == 2
+    assert (
+        main(["data", "synth", "--kind", "image-text", "--out", str(tmp_path / "d"), "--n", "5"])
+        == 2
+    )
 
 
 # ----------------------------------------------------------------------------- converters
+
 
 def png(path, color=(200, 30, 30)):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +151,7 @@ def check(manifest, written, skipped, reasons):
 
 
 def read_all(spec):
-    ld = loader(spec, batch=1, shuffle_buffer=1)                   # one shard, buffer of 1: file order
+    ld = loader(spec, batch=1, shuffle_buffer=1)  # one shard, buffer of 1: file order
     return [next(ld) for _ in range(ld.steps_per_epoch)]
 
 
@@ -129,12 +163,20 @@ def test_convert_image_caption_jsonl_skips_and_reports(tmp_path):
     png(tmp_path / "img" / "a.png")
     png(tmp_path / "img" / "b.jpg")
     (tmp_path / "img" / "broken.jpg").write_bytes(b"not an image")
-    jsonl(tmp_path / "caps.jsonl", [{"image": "img/a.png", "caption": "a red box"},
-                                    {"image": "img/b.jpg", "caption": "another red box"},
-                                    {"image": "img/missing.jpg", "caption": "x"},
-                                    {"image": "img/broken.jpg", "caption": "y"},
-                                    "{not json", {"image": "img/a.png"}])
-    m = convert("image-caption-jsonl", [str(tmp_path / "caps.jsonl")], str(tmp_path / "out"), opts=Opts)
+    jsonl(
+        tmp_path / "caps.jsonl",
+        [
+            {"image": "img/a.png", "caption": "a red box"},
+            {"image": "img/b.jpg", "caption": "another red box"},
+            {"image": "img/missing.jpg", "caption": "x"},
+            {"image": "img/broken.jpg", "caption": "y"},
+            "{not json",
+            {"image": "img/a.png"},
+        ],
+    )
+    m = convert(
+        "image-caption-jsonl", [str(tmp_path / "caps.jsonl")], str(tmp_path / "out"), opts=Opts
+    )
     check(m, 2, 4, {"missing image", "unreadable image", "malformed JSON", "missing field"})
     ex = {e["line"]: e["reason"] for e in m["report"]["examples"]}
     assert "missing.jpg" in ex[3] and ex[5].startswith("malformed JSON")
@@ -144,22 +186,40 @@ def test_convert_image_caption_jsonl_skips_and_reports(tmp_path):
 
 def test_convert_coco(tmp_path):
     png(tmp_path / "val2017" / "000001.jpg")
-    coco = {"images": [{"id": 1, "file_name": "000001.jpg"}],
-            "annotations": [{"image_id": 1, "caption": "a cat"}, {"image_id": 1, "caption": "a red cat"},
-                            {"image_id": 9, "caption": "orphan"}]}
+    coco = {
+        "images": [{"id": 1, "file_name": "000001.jpg"}],
+        "annotations": [
+            {"image_id": 1, "caption": "a cat"},
+            {"image_id": 1, "caption": "a red cat"},
+            {"image_id": 9, "caption": "orphan"},
+        ],
+    }
     (tmp_path / "captions.json").write_text(json.dumps(coco))
-    m = convert("coco", [str(tmp_path / "captions.json")], str(tmp_path / "out"),
-                image_root=str(tmp_path / "val2017"), opts=Opts)
+    m = convert(
+        "coco",
+        [str(tmp_path / "captions.json")],
+        str(tmp_path / "out"),
+        image_root=str(tmp_path / "val2017"),
+        opts=Opts,
+    )
     check(m, 2, 1, {"unknown image_id"})
     assert sorted(b["text"][0] for b in read_all(tmp_path / "out")) == ["a cat", "a red cat"]
 
 
 def test_convert_dialogue_reddit_and_image_chat(tmp_path):
     png(tmp_path / "images" / "abc123.jpg")
-    jsonl(tmp_path / "d.jsonl", [{"context": ["hi", "what's up?"], "response": "not much"},
-                                 {"image_hash": "images/abc123", "dialog": [["Happy", "nice photo"],
-                                                                           ["Sad", "I miss it"]]},
-                                 {"context": [], "response": "x"}, {"dialog": [["A", "only one"]]}])
+    jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"context": ["hi", "what's up?"], "response": "not much"},
+            {
+                "image_hash": "images/abc123",
+                "dialog": [["Happy", "nice photo"], ["Sad", "I miss it"]],
+            },
+            {"context": [], "response": "x"},
+            {"dialog": [["A", "only one"]]},
+        ],
+    )
     m = convert("dialogue-jsonl", [str(tmp_path / "d.jsonl")], str(tmp_path / "out"), opts=Opts)
     check(m, 2, 2, {"missing field", "malformed dialog"})
     metas = [b["meta"][0] for b in read_all(tmp_path / "out")]
@@ -169,21 +229,36 @@ def test_convert_dialogue_reddit_and_image_chat(tmp_path):
 
 def test_convert_keyphrase_lines_and_jsonl_with_rationales(tmp_path):
     png(tmp_path / "p1.jpg")
-    (tmp_path / "posts.txt").write_text("sunny day at the beach<sep>beach;summer<sep>p1.jpg\n"
-                                        "bad line without fields\n"
-                                        "no kps here<sep> <sep>p1.jpg\n")
-    jsonl(tmp_path / "r.jsonl", [{"id": "1", "rationale": "The photo shows sand. Answer: beach; summer"}])
+    (tmp_path / "posts.txt").write_text(
+        "sunny day at the beach<sep>beach;summer<sep>p1.jpg\n"
+        "bad line without fields\n"
+        "no kps here<sep> <sep>p1.jpg\n"
+    )
+    jsonl(
+        tmp_path / "r.jsonl",
+        [{"id": "1", "rationale": "The photo shows sand. Answer: beach; summer"}],
+    )
     Opts.rationales = str(tmp_path / "r.jsonl")
     try:
-        m = convert("keyphrase-lines", [str(tmp_path / "posts.txt")], str(tmp_path / "lines"), opts=Opts)
+        m = convert(
+            "keyphrase-lines", [str(tmp_path / "posts.txt")], str(tmp_path / "lines"), opts=Opts
+        )
     finally:
         Opts.rationales = None
     check(m, 1, 2, {"malformed line", "missing keyphrases"})
     meta = read_all(tmp_path / "lines")[0]["meta"][0]
-    assert meta == {"text": "sunny day at the beach", "keyphrases": ["beach", "summer"],
-                    "rationale": "The photo shows sand. Answer: beach; summer"}
-    jsonl(tmp_path / "posts.jsonl", [{"text": "t", "keyphrases": "a;b", "image": "p1.jpg"},
-                                     {"text": "u", "keyphrases": ["c"], "image": "p1.jpg", "rationale": "why"}])
+    assert meta == {
+        "text": "sunny day at the beach",
+        "keyphrases": ["beach", "summer"],
+        "rationale": "The photo shows sand. Answer: beach; summer",
+    }
+    jsonl(
+        tmp_path / "posts.jsonl",
+        [
+            {"text": "t", "keyphrases": "a;b", "image": "p1.jpg"},
+            {"text": "u", "keyphrases": ["c"], "image": "p1.jpg", "rationale": "why"},
+        ],
+    )
     m = convert("keyphrase-jsonl", [str(tmp_path / "posts.jsonl")], str(tmp_path / "js"), opts=Opts)
     check(m, 2, 0, set())
     assert [b["meta"][0]["keyphrases"] for b in read_all(tmp_path / "js")] == [["a", "b"], ["c"]]
@@ -191,46 +266,78 @@ def test_convert_keyphrase_lines_and_jsonl_with_rationales(tmp_path):
 
 def test_convert_llava_intent(tmp_path):
     png(tmp_path / "s.png")
-    recs = [{"id": "1", "image": "s.png", "scene": "logistics", "intent": "track_package",
-             "conversations": [{"from": "human", "value": "<image>\nWhere is my parcel?"},
-                               {"from": "gpt", "value": "Let me check."}]},
-            {"id": "2", "image": "s.png", "conversations": [{"from": "human", "value": "hi"}]}]
+    recs = [
+        {
+            "id": "1",
+            "image": "s.png",
+            "scene": "logistics",
+            "intent": "track_package",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhere is my parcel?"},
+                {"from": "gpt", "value": "Let me check."},
+            ],
+        },
+        {"id": "2", "image": "s.png", "conversations": [{"from": "human", "value": "hi"}]},
+    ]
     (tmp_path / "intent.json").write_text(json.dumps(recs))
     m = convert("llava-intent", [str(tmp_path / "intent.json")], str(tmp_path / "out"), opts=Opts)
     check(m, 1, 1, {"missing field"})
     meta = read_all(tmp_path / "out")[0]["meta"][0]
-    assert meta["turns"][0] == {"role": "user", "text": "Where is my parcel?"} and meta["scene"] == "logistics"
+    assert (
+        meta["turns"][0] == {"role": "user", "text": "Where is my parcel?"}
+        and meta["scene"] == "logistics"
+    )
 
 
 def test_convert_with_no_valid_sample_writes_nothing(tmp_path):
     jsonl(tmp_path / "caps.jsonl", [{"image": "nope.jpg", "caption": "x"}])
-    with pytest.raises(DataError, match=r"no valid samples in 1 records .*caps.jsonl:1: missing image"):
-        convert("image-caption-jsonl", [str(tmp_path / "caps.jsonl")], str(tmp_path / "out"), opts=Opts)
+    with pytest.raises(
+        DataError, match=r"no valid samples in 1 records .*caps.jsonl:1: missing image"
+    ):
+        convert(
+            "image-caption-jsonl", [str(tmp_path / "caps.jsonl")], str(tmp_path / "out"), opts=Opts
+        )
     assert not (tmp_path / "out").exists()
-    assert main(["data", "convert", "--from", "coco", "--input", str(tmp_path / "nope.json"),
-                 "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "convert",
+                "--from",
+                "coco",
+                "--input",
+                str(tmp_path / "nope.json"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
 
 
 # ----------------------------------------------------------------------------- reader
 
+
 def test_two_ranks_two_workers_uneven_shards_exact_epoch(tmp_path):
-    spec = write_plain(tmp_path, "uneven", [23, 5, 14])           # 42 samples
+    spec = write_plain(tmp_path, "uneven", [23, 5, 14])  # 42 samples
     per_rank = {}
     for rank in range(2):
         ld = loader(spec, batch=4, rank=rank, world=2, workers=2)
-        assert ld.steps_per_epoch == 5                              # 21 per rank -> 5 batches of 4
+        assert ld.steps_per_epoch == 5  # 21 per rank -> 5 batches of 4
         per_rank[rank] = epoch_keys(ld)
     a, b = per_rank[0], per_rank[1]
     assert len(a) == len(b) == 20 and len(set(a)) == 20 and len(set(b)) == 20
-    assert not set(a) & set(b)                                      # no sample twice in the epoch
+    assert not set(a) & set(b)  # no sample twice in the epoch
 
 
 def _rank_worker(rank, world, port, spec, out):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         ld = loader(spec, batch=3, rank=rank, world=world, workers=2)
         keys = []
-        for _ in range(ld.steps_per_epoch * 2):                     # two epochs, a collective each step
+        for _ in range(ld.steps_per_epoch * 2):  # two epochs, a collective each step
             keys.append(next(ld)["key"])
             dist.all_reduce(torch.ones(1))
         torch.save(keys, os.path.join(out, f"rank{rank}.pt"))
@@ -253,7 +360,7 @@ def test_distributed_ranks_take_equal_steps_without_hanging(tmp_path):
 def test_resume_sees_exactly_the_remaining_batches(tmp_path):
     spec = write_plain(tmp_path, "r", [13, 7, 11])
     straight = loader(spec, batch=3, workers=2, seed=5)
-    want = [next(straight)["key"] for _ in range(17)]               # crosses into epoch 2
+    want = [next(straight)["key"] for _ in range(17)]  # crosses into epoch 2
     first = loader(spec, batch=3, workers=2, seed=5)
     got = [next(first)["key"] for _ in range(7)]
     state = first.state_dict()
@@ -262,7 +369,7 @@ def test_resume_sees_exactly_the_remaining_batches(tmp_path):
     got += [next(resumed)["key"] for _ in range(10)]
     assert got == want
     other = loader(spec, batch=3, workers=2, seed=6)
-    assert [next(other)["key"] for _ in range(3)] != want[:3]       # the seed matters
+    assert [next(other)["key"] for _ in range(3)] != want[:3]  # the seed matters
 
 
 # (world, micro_batch_size, grad_accum, workers): four ways to make a global batch of 8
@@ -271,8 +378,10 @@ LAYOUTS = [(1, 8, 1, 0), (2, 4, 1, 2), (4, 2, 1, 1), (1, 4, 2, 2), (2, 2, 2, 0)]
 
 def global_batches(spec, world, batch, ga, workers, steps, states=None, **kw):
     """The samples of each optimizer step, over all ranks: {step: sorted keys}; and each rank's state."""
-    lds = [loader(spec, batch=batch, rank=r, world=world, workers=workers, grad_accum=ga, seed=3, **kw)
-           for r in range(world)]
+    lds = [
+        loader(spec, batch=batch, rank=r, world=world, workers=workers, grad_accum=ga, seed=3, **kw)
+        for r in range(world)
+    ]
     if states is not None:
         for r, ld in enumerate(lds):
             ld.load_state_dict(ld.reshard_state(states, r, world))
@@ -283,18 +392,22 @@ def global_batches(spec, world, batch, ga, workers, steps, states=None, **kw):
 
 
 def test_global_batches_do_not_depend_on_world_size_accumulation_or_workers(tmp_path):
-    spec = write_plain(tmp_path, "u", [23, 5, 30, 9])              # 67 samples: 8 steps of 8, 3 sit out
-    runs = [global_batches(spec, w, b, ga, wk, 10, shuffle_buffer=20)[0] for w, b, ga, wk in LAYOUTS]
+    spec = write_plain(tmp_path, "u", [23, 5, 30, 9])  # 67 samples: 8 steps of 8, 3 sit out
+    runs = [
+        global_batches(spec, w, b, ga, wk, 10, shuffle_buffer=20)[0] for w, b, ga, wk in LAYOUTS
+    ]
     for other in runs[1:]:
         assert other == runs[0]
     epoch = [k for batch in runs[0][:8] for k in batch]
-    assert len(epoch) == len(set(epoch)) == 64                      # each sample at most once per epoch
-    assert runs[0][8:] != runs[0][:2]                               # epoch 2 is dealt anew
-    assert runs[0][0] != sorted(f"{i:09d}" for i in range(8))       # shuffled, not file order
+    assert len(epoch) == len(set(epoch)) == 64  # each sample at most once per epoch
+    assert runs[0][8:] != runs[0][:2]  # epoch 2 is dealt anew
+    assert runs[0][0] != sorted(f"{i:09d}" for i in range(8))  # shuffled, not file order
 
 
-@pytest.mark.parametrize("before,after", [((2, 4, 1, 2), (1, 8, 1, 0)), ((1, 8, 1, 0), (4, 2, 1, 1)),
-                                          ((2, 4, 1, 2), (1, 4, 2, 2))])
+@pytest.mark.parametrize(
+    "before,after",
+    [((2, 4, 1, 2), (1, 8, 1, 0)), ((1, 8, 1, 0), (4, 2, 1, 1)), ((2, 4, 1, 2), (1, 4, 2, 2))],
+)
 def test_resume_on_another_world_size_continues_the_epoch(tmp_path, before, after):
     spec = write_plain(tmp_path, "u", [23, 5, 30, 9])
     want, _ = global_batches(spec, *before, 11, shuffle_buffer=20)  # crosses into epoch 2
@@ -316,16 +429,18 @@ def test_shard_index_reads_what_webdataset_reads_and_stops_at_a_cut(tmp_path):
         f.truncate(shard.stat().st_size // 2)
     cut = ShardIndex(shard)
     assert 0 < len(cut) < len(streamed) and "cut off" in cut.error
-    assert [s for _, s in cut.read(range(len(cut)))] == streamed[:len(cut)]
+    assert [s for _, s in cut.read(range(len(cut)))] == streamed[: len(cut)]
 
 
 def test_resume_with_another_global_batch_is_refused_by_name(tmp_path):
     spec = write_plain(tmp_path, "u", [40])
     _, states = global_batches(spec, 2, 4, 1, 0, 2)
     ld = loader(spec, batch=4, world=1)
-    with pytest.raises(DataError, match=r"global batch of 8 samples .* this run has 4 .*set train.grad_accum"):
+    with pytest.raises(
+        DataError, match=r"global batch of 8 samples .* this run has 4 .*set train.grad_accum"
+    ):
         ld.load_state_dict(ld.reshard_state(states, 0, 1))
-    same_world = loader(spec, batch=2, rank=0, world=2)                 # the micro-batch alone changed
+    same_world = loader(spec, batch=2, rank=0, world=2)  # the micro-batch alone changed
     with pytest.raises(DataError, match=r"global batch of 8 samples .* this run has 4 "):
         same_world.load_state_dict(states[0])
 
@@ -358,17 +473,29 @@ def test_corrupt_sample_and_truncated_shard_are_counted_then_stop_the_run(tmp_pa
     shards = sorted(train.glob("*.tar"))
     corrupt_one_image(shards[0])
     size = shards[1].stat().st_size
-    with open(shards[1], "r+b") as f:                               # cut a shard in the middle
+    with open(shards[1], "r+b") as f:  # cut a shard in the middle
         f.truncate(size // 2)
     kw = dict(workers=2, shuffle_buffer=4)
     dec = SampleDecoder(ImageTransform(resize=32, crop=32), need_image=True)
-    ld = build_loader(DataSection(max_skip_fraction=0.5, **kw), str(train), 8, dec, default_collate, 0, 1, 0)
+    ld = build_loader(
+        DataSection(max_skip_fraction=0.5, **kw), str(train), 8, dec, default_collate, 0, 1, 0
+    )
     sizes = [next(ld)["image"].shape[0] for _ in range(ld.steps_per_epoch)]
-    assert sizes == [8] * 10                                        # fixed shapes, fixed steps
+    assert sizes == [8] * 10  # fixed shapes, fixed steps
     assert 1 + 5 <= ld.skipped <= 1 + 15 and ld.stats() == {"skipped": ld.skipped, "seen": 80}
-    strict = build_loader(DataSection(max_skip_fraction=0.01, skip_window=8, **kw), str(train), 8, dec,
-                          default_collate, 0, 1, 0)
-    with pytest.raises(DataError, match=r"samples unreadable in .*train \(> data.max_skip_fraction=0.01\)"):
+    strict = build_loader(
+        DataSection(max_skip_fraction=0.01, skip_window=8, **kw),
+        str(train),
+        8,
+        dec,
+        default_collate,
+        0,
+        1,
+        0,
+    )
+    with pytest.raises(
+        DataError, match=r"samples unreadable in .*train \(> data.max_skip_fraction=0.01\)"
+    ):
         for _ in range(10):
             next(strict)
 
@@ -386,18 +513,40 @@ class FailOn:
 
 
 @pytest.mark.chaos
-def test_a_realistic_corrupt_rate_does_not_stop_the_run_and_a_high_one_does_with_rate_and_count(tmp_path):
+def test_a_realistic_corrupt_rate_does_not_stop_the_run_and_a_high_one_does_with_rate_and_count(
+    tmp_path,
+):
     spec = write_plain(tmp_path, "web", [800, 800])
-    first = [f"{i:09d}" for i in range(0, 1600, 200)]                  # 8 of 1,600 (0.5%), spread out
-    ld = build_loader(DataSection(workers=0, shuffle_buffer=64), str(spec), 64, FailOn(first), default_collate,
-                      0, 1, 0)
-    for _ in range(ld.steps_per_epoch):                                 # one in the first batch already
+    first = [f"{i:09d}" for i in range(0, 1600, 200)]  # 8 of 1,600 (0.5%), spread out
+    ld = build_loader(
+        DataSection(workers=0, shuffle_buffer=64),
+        str(spec),
+        64,
+        FailOn(first),
+        default_collate,
+        0,
+        1,
+        0,
+    )
+    for _ in range(ld.steps_per_epoch):  # one in the first batch already
         next(ld)
     assert ld.skipped == 8 and ld.seen == 1600
-    bad = [f"{i:09d}" for i in range(0, 1600, 40)]                     # 40 of 1,600 (2.5%)
-    ld = build_loader(DataSection(workers=0, shuffle_buffer=64), str(spec), 64, FailOn(bad), default_collate, 0, 1, 0)
-    with pytest.raises(DataError, match=r"^1[1-9] of \d+ samples unreadable .*max_skip_fraction=0.01\): 2\.\d+% of the "
-                                        r"samples seen on rank 0, judged over at least data.skip_window=1000"):
+    bad = [f"{i:09d}" for i in range(0, 1600, 40)]  # 40 of 1,600 (2.5%)
+    ld = build_loader(
+        DataSection(workers=0, shuffle_buffer=64),
+        str(spec),
+        64,
+        FailOn(bad),
+        default_collate,
+        0,
+        1,
+        0,
+    )
+    with pytest.raises(
+        DataError,
+        match=r"^1[1-9] of \d+ samples unreadable .*max_skip_fraction=0.01\): 2\.\d+% of the "
+        r"samples seen on rank 0, judged over at least data.skip_window=1000",
+    ):
         for _ in range(ld.steps_per_epoch):
             next(ld)
 
@@ -405,10 +554,18 @@ def test_a_realistic_corrupt_rate_does_not_stop_the_run_and_a_high_one_does_with
 @pytest.mark.chaos
 def test_a_sample_missing_a_part_is_skipped_and_counted_not_a_crash(tmp_path):
     samples = [{"__key__": f"{i:09d}", "json": {"i": i}, "txt": f"caption {i}"} for i in range(16)]
-    del samples[15]["txt"]                                              # the caption lost with the tar's end
+    del samples[15]["txt"]  # the caption lost with the tar's end
     write_shards(iter(samples), tmp_path / "cut", "image-text", max_count=16)
-    ld = build_loader(DataSection(workers=0, shuffle_buffer=1, max_skip_fraction=0.5), str(tmp_path / "cut"), 8,
-                      SampleDecoder(), default_collate, 0, 1, 0)
+    ld = build_loader(
+        DataSection(workers=0, shuffle_buffer=1, max_skip_fraction=0.5),
+        str(tmp_path / "cut"),
+        8,
+        SampleDecoder(),
+        default_collate,
+        0,
+        1,
+        0,
+    )
     batches = [next(ld) for _ in range(ld.steps_per_epoch)]
     assert [len(b["text"]) for b in batches] == [8, 8] and ld.skipped == 1
     assert "000000015" not in [k for b in batches for k in b["key"]]
@@ -443,8 +600,22 @@ def test_image_transform_matches_the_hf_processor(tmp_path):
 
 def test_bench_data_reports_throughput(tmp_path, capsys):
     synth("image-text", str(tmp_path / "d"), 60)
-    assert main(["bench", "data", str(tmp_path / "d" / "train"), "--workers", "0", "--batch-size", "8",
-                 "--batches", "3"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "data",
+                str(tmp_path / "d" / "train"),
+                "--workers",
+                "0",
+                "--batch-size",
+                "8",
+                "--batches",
+                "3",
+            ]
+        )
+        == 0
+    )
     row = json.loads(capsys.readouterr().out)
     assert row["samples_per_s"] > 0 and row["workers"] == 0
 
@@ -454,20 +625,33 @@ def test_engine_trains_from_shards_logs_skips_and_resumes_exactly(tmp_path):
 
     synth("image-text", str(tmp_path / "d"), 150, max_count=40)
     corrupt_one_image(sorted((tmp_path / "d" / "train").glob("*.tar"))[1])
-    common = ["recipe.name=tests.shard_recipe:ShardColor", f"recipe.data.train={tmp_path / 'd' / 'train'}",
-              "recipe.data.workers=2", "recipe.data.max_skip_fraction=0.1", "train.micro_batch_size=8",
-              "train.steps=16", "train.lr=3e-3", "log.every=1", "checkpoint.every=100", "eval.at_end=false",
-              "deepspeed.precision=fp32"]
+    common = [
+        "recipe.name=tests.shard_recipe:ShardColor",
+        f"recipe.data.train={tmp_path / 'd' / 'train'}",
+        "recipe.data.workers=2",
+        "recipe.data.max_skip_fraction=0.1",
+        "train.micro_batch_size=8",
+        "train.steps=16",
+        "train.lr=3e-3",
+        "log.every=1",
+        "checkpoint.every=100",
+        "eval.at_end=false",
+        "deepspeed.precision=fp32",
+    ]
     straight, split = tmp_path / "runs" / "straight", tmp_path / "runs" / "split"
     base = REPO / "configs" / "base.yaml"
     train(straight, common, config=base)
     train(split, common + ["run.stop_after_steps=9"], config=base)
     train(split, common, config=base)
     a, b = scalars(straight, "loss/total"), scalars(split, "loss/total")
-    assert [a[s] for s in range(10, 17)] == [b[s] for s in range(10, 17)]     # 120 // 2 // 8 = 7 steps/epoch
+    assert [a[s] for s in range(10, 17)] == [
+        b[s] for s in range(10, 17)
+    ]  # 120 // 2 // 8 = 7 steps/epoch
     skipped = scalars(straight, "data/skipped")
-    assert skipped[16] >= 1 and skipped == scalars(split, "data/skipped")      # counted, and kept on resume
-    assert scalars(straight, "data/seen")[16] == 16 * 8 * 2                    # summed over both ranks
+    assert skipped[16] >= 1 and skipped == scalars(
+        split, "data/skipped"
+    )  # counted, and kept on resume
+    assert scalars(straight, "data/seen")[16] == 16 * 8 * 2  # summed over both ranks
     assert scalars(straight, "train/epoch")[16] == 2
     assert sum(a[s] for s in range(14, 17)) < sum(a[s] for s in range(1, 4))
 
@@ -483,12 +667,12 @@ def test_reading_leaves_the_training_rng_alone(tmp_path):
 
 
 def test_eval_mode_sees_every_sample_once_with_equal_steps(tmp_path):
-    spec = write_plain(tmp_path, "ev", [13, 10])                    # 23 samples over 2 ranks
+    spec = write_plain(tmp_path, "ev", [13, 10])  # 23 samples over 2 ranks
     seen = []
     for rank in range(2):
         ld = loader(spec, batch=4, rank=rank, world=2, workers=2, mode="eval")
-        assert ld.steps_per_epoch == 3                              # ceil(ceil(23 / 2) / 4)
+        assert ld.steps_per_epoch == 3  # ceil(ceil(23 / 2) / 4)
         batches = [next(ld)["key"] for _ in range(3)]
         assert all(len(b) == 4 for b in batches) and ld.skipped == 0
         seen += [k for b in batches for k in b]
-    assert len(set(seen)) == 23 and len(seen) == 24                 # one repeat fills the last batch
+    assert len(set(seen)) == 23 and len(seen) == 24  # one repeat fills the last batch

@@ -1,4 +1,5 @@
 """The engine end to end on 2 CPU ranks under ZeRO-3 (gloo), launched the way srun does."""
+
 import json
 import signal
 import time
@@ -9,15 +10,22 @@ from safetensors.torch import load_file
 
 from mmtrain.config import load_config
 from mmtrain.engine.trainer import REQUEUE_EXIT_CODE
-from mmtrain.recipes.toy_lm import ToyLM
 from mmtrain.recipes.base import RunContext
+from mmtrain.recipes.toy_lm import ToyLM
 from tests.helpers import DEMO, scalars, start_ranks, train, wait_all
 
 
 def build_recipe_model(cfg):
-    ctx = RunContext(rank=0, world_size=1, device=torch.device("cpu"), dtype=torch.float32,
-                     micro_batch_size=cfg.train.micro_batch_size, seed=cfg.run.seed, run_dir=cfg.run_dir)
-    torch.manual_seed(cfg.run.seed)                   # the engine seeds the same way before building
+    ctx = RunContext(
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        micro_batch_size=cfg.train.micro_batch_size,
+        seed=cfg.run.seed,
+        run_dir=cfg.run_dir,
+    )
+    torch.manual_seed(cfg.run.seed)  # the engine seeds the same way before building
     return ToyLM(cfg.recipe, ctx).build_model()
 
 
@@ -32,16 +40,36 @@ def wait_for(path, text, timeout=120):
 
 def test_zero3_trains_logs_checkpoints_and_exports(tmp_path):
     run = tmp_path / "runs" / "basic"
-    train(run, ["train.steps=30", "checkpoint.every=10", "checkpoint.keep=2", "log.every=5",
-                "eval.every=10", "recipe.freeze_embeddings=true"])
+    train(
+        run,
+        [
+            "train.steps=30",
+            "checkpoint.every=10",
+            "checkpoint.keep=2",
+            "log.every=5",
+            "eval.every=10",
+            "recipe.freeze_embeddings=true",
+        ],
+    )
     loss = scalars(run, "loss/total")
     assert sorted(loss) == [5, 10, 15, 20, 25, 30]
     assert loss[30] < 0.5 * loss[5], loss
-    for tag in ("train/lr", "train/grad_norm", "train/samples_per_s", "train/tokens_per_s",
-                "train/step_time_s", "train/peak_memory_gib", "loss/lm", "eval/loss", "eval/accuracy"):
+    for tag in (
+        "train/lr",
+        "train/grad_norm",
+        "train/samples_per_s",
+        "train/tokens_per_s",
+        "train/step_time_s",
+        "train/peak_memory_gib",
+        "loss/lm",
+        "eval/loss",
+        "eval/accuracy",
+    ):
         assert scalars(run, tag), tag
     evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in evals] == [10, 20, 30] and evals[-1]["accuracy"] > evals[0]["accuracy"]
+    assert [e["step"] for e in evals] == [10, 20, 30] and evals[-1]["accuracy"] > evals[0][
+        "accuracy"
+    ]
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000020", "step_00000030"]
     assert (ckpts / "latest").read_text() == "step_00000030"
@@ -50,23 +78,31 @@ def test_zero3_trains_logs_checkpoints_and_exports(tmp_path):
     assert cfg.recipe.freeze_embeddings and cfg.train.steps == 30
 
     from mmtrain.cli import main
+
     out = tmp_path / "export"
     assert main(["export", str(run), str(out)]) == 0
     state = load_file(out / "model.safetensors")
     init = build_recipe_model(cfg).state_dict()
     emb = "lm.model.embed_tokens.weight"
-    assert torch.equal(state[emb], init[emb])                          # frozen: untouched
+    assert torch.equal(state[emb], init[emb])  # frozen: untouched
     assert not torch.allclose(state["lm.lm_head.weight"], init["lm.lm_head.weight"])  # trained
     from transformers import AutoModelForCausalLM
+
     hf = AutoModelForCausalLM.from_pretrained(out / "lm")
     assert torch.equal(hf.lm_head.weight, state["lm.lm_head.weight"])
-    assert main(["export", str(run), str(out)]) == 2                   # never overwrites silently
+    assert main(["export", str(run), str(out)]) == 2  # never overwrites silently
     assert (out / "model.safetensors").exists()
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    common = ["train.steps=12", "train.grad_accum=2", "recipe.dropout=0.1", "log.every=1",
-              "checkpoint.every=100", "eval.at_end=true"]
+    common = [
+        "train.steps=12",
+        "train.grad_accum=2",
+        "recipe.dropout=0.1",
+        "log.every=1",
+        "checkpoint.every=100",
+        "eval.at_end=true",
+    ]
     straight, split = tmp_path / "runs" / "straight", tmp_path / "runs" / "split"
     train(straight, common)
     train(split, common + ["run.stop_after_steps=6"])
@@ -76,7 +112,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     # debris of a crashed save must not be picked up
     (split / "checkpoints" / "step_00000099.partial").mkdir()
     (split / "checkpoints" / "step_00000100").mkdir()
-    train(split, common)                                               # run.resume=auto
+    train(split, common)  # run.resume=auto
     assert "resumed from" in (split / "train.log").read_text()
     a, b = scalars(straight, "loss/total"), scalars(split, "loss/total")
     assert [a[s] for s in range(7, 13)] == [b[s] for s in range(7, 13)]
@@ -89,8 +125,14 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 def start_long_run(run):
     """Two ranks on a run far too long to finish, returned once they have logged step 3."""
-    over = [f"run.out_dir={run.parent}", f"run.name={run.name}", "log.progress=false", "log.every=1",
-            "train.steps=100000", "checkpoint.every=0"]
+    over = [
+        f"run.out_dir={run.parent}",
+        f"run.name={run.name}",
+        "log.progress=false",
+        "log.every=1",
+        "train.steps=100000",
+        "checkpoint.every=0",
+    ]
     procs = start_ranks(DEMO, over, run.parent / f"{run.name}-logs")
     wait_for(run / "train.log", "step 3/")
     return procs
@@ -99,13 +141,16 @@ def start_long_run(run):
 def test_signal_on_one_rank_checkpoints_all_and_exits_for_requeue(tmp_path):
     run = tmp_path / "runs" / "sig"
     procs = start_long_run(run)
-    procs[1].send_signal(signal.SIGUSR1)                     # Slurm's warning, seen by one rank only
+    procs[1].send_signal(signal.SIGUSR1)  # Slurm's warning, seen by one rank only
     assert wait_all(procs, timeout=60) == [REQUEUE_EXIT_CODE] * 2
     tag = (run / "checkpoints" / "latest").read_text()
     step = json.loads((run / "checkpoints" / tag / "mmtrain.json").read_text())["step"]
     assert step >= 3
     train(run, ["train.steps=100000", f"run.stop_after_steps={step + 2}", "checkpoint.every=0"])
-    assert f"resumed from {run / 'checkpoints' / tag} at step {step}" in (run / "train.log").read_text()
+    assert (
+        f"resumed from {run / 'checkpoints' / tag} at step {step}"
+        in (run / "train.log").read_text()
+    )
 
 
 def test_dead_rank_fails_the_others_quickly(tmp_path):
@@ -122,10 +167,14 @@ def test_nonfinite_loss_is_skipped_then_stops_the_run(tmp_path):
     train(run, ["train.steps=6", "log.every=1", "recipe.inject_nan_at_calls=[3]"], world=1)
     bad = scalars(run, "train/bad_steps")
     assert bad[6] == 1 and bad[1] == 0
-    assert all(v == v for v in scalars(run, "loss/total").values())     # no NaN reached the log
+    assert all(v == v for v in scalars(run, "loss/total").values())  # no NaN reached the log
     run2 = tmp_path / "runs" / "nan2"
-    train(run2, ["train.steps=6", "train.max_bad_steps=3", "recipe.inject_nan_at_calls=[2,3,4,5]"],
-          world=1, expect=1)
+    train(
+        run2,
+        ["train.steps=6", "train.max_bad_steps=3", "recipe.inject_nan_at_calls=[2,3,4,5]"],
+        world=1,
+        expect=1,
+    )
     log = (tmp_path / "runs" / "nan2-logs" / "rank0.log").read_text()
     assert "3 consecutive non-finite losses (train.max_bad_steps=3)" in log
 
@@ -135,32 +184,61 @@ def test_overflowing_gradients_count_as_bad_steps_and_stop_the_run(tmp_path):
     """lr 1e6: finite losses, but after the first steps the gradients overflow and DeepSpeed skips every
     update; that used to end "done" with exit 0 and train/bad_steps 0."""
     run = tmp_path / "runs" / "overflow"
-    train(run, ["train.steps=20", "train.lr=1e6", "train.max_bad_steps=3", "log.every=1"], world=1, expect=1)
+    train(
+        run,
+        ["train.steps=20", "train.lr=1e6", "train.max_bad_steps=3", "log.every=1"],
+        world=1,
+        expect=1,
+    )
     log = (tmp_path / "runs" / "overflow-logs" / "rank0.log").read_text()
-    assert "3 consecutive skipped optimizer steps, the gradients overflowing (train.max_bad_steps=3)" in log
+    assert (
+        "3 consecutive skipped optimizer steps, the gradients overflowing (train.max_bad_steps=3)"
+        in log
+    )
     assert "optimizer step 3 skipped: non-finite gradients" in log and "done:" not in log
     assert max(scalars(run, "train/bad_steps").values()) >= 1
 
 
 def test_best_checkpoint_is_chosen_on_validation_and_kept(tmp_path):
     run = tmp_path / "runs" / "best"
-    # "best" = the highest loss, so that the chosen checkpoint is an early one that keep=1 would prune
-    train(run, ["train.steps=12", "eval.every=3", "checkpoint.every=0", "checkpoint.keep=1",
-                "checkpoint.best_metric=loss", "checkpoint.best_mode=max", "train.lr=3e-3"], world=1)
+    # "best" = the highest loss, so that the chosen checkpoint is an early one that keep=1 would
+    # prune
+    train(
+        run,
+        [
+            "train.steps=12",
+            "eval.every=3",
+            "checkpoint.every=0",
+            "checkpoint.keep=1",
+            "checkpoint.best_metric=loss",
+            "checkpoint.best_mode=max",
+            "train.lr=3e-3",
+        ],
+        world=1,
+    )
     evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     best = max(evals, key=lambda e: e["loss"])
     assert best["step"] == 3 and (run / "checkpoints" / "latest").read_text() == "step_00000012"
     ckpts = run / "checkpoints"
     assert (ckpts / "best").read_text() == f"step_{best['step']:08d}"
     assert json.loads((ckpts / "best.json").read_text())["loss"] == best["loss"]
-    assert (ckpts / f"step_{best['step']:08d}").is_dir()                    # kept despite keep=1
+    assert (ckpts / f"step_{best['step']:08d}").is_dir()  # kept despite keep=1
     import subprocess
     import sys
+
     from tests.helpers import REPO
-    out = subprocess.run([sys.executable, "-m", "mmtrain.cli", "eval", str(run), "--tag", "best"], cwd=REPO,
-                         capture_output=True, text=True, check=True)
+
+    out = subprocess.run(
+        [sys.executable, "-m", "mmtrain.cli", "eval", str(run), "--tag", "best"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result["checkpoint"] == f"step_{best['step']:08d}" and result["loss"] == pytest.approx(best["loss"], rel=1e-5)
+    assert result["checkpoint"] == f"step_{best['step']:08d}" and result["loss"] == pytest.approx(
+        best["loss"], rel=1e-5
+    )
 
 
 @pytest.mark.chaos
@@ -170,12 +248,14 @@ def test_the_error_that_ends_a_run_is_in_train_log_and_tensorboard_shows_each_st
 
     run = tmp_path / "runs" / "crash"
     args = ["train.steps=8", "log.every=1", "checkpoint.every=3", "train.max_bad_steps=2"]
-    train(run, args + ["recipe.inject_nan_at_calls=[6,7]"], world=2, expect=1)   # dies in step 6
+    train(run, args + ["recipe.inject_nan_at_calls=[6,7]"], world=2, expect=1)  # dies in step 6
     log = (run / "train.log").read_text()
     assert "ERROR run ended by TooManyBadSteps: 2 consecutive non-finite losses" in log
-    assert "Traceback" in log and log.count("run ended by TooManyBadSteps") == 2       # both ranks said why
-    assert max(scalars(run, "loss/total")) == 5                     # steps 4, 5 logged past checkpoint 3
-    train(run, args, world=2)                                       # resumed from step 3
+    assert (
+        "Traceback" in log and log.count("run ended by TooManyBadSteps") == 2
+    )  # both ranks said why
+    assert max(scalars(run, "loss/total")) == 5  # steps 4, 5 logged past checkpoint 3
+    train(run, args, world=2)  # resumed from step 3
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss/total")] == list(range(1, 9))

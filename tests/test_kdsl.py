@@ -1,5 +1,6 @@
 """KDSL: rules by hand, then the pipeline on 2 CPU ranks under ZeRO-3 -- decoupled post-training,
 a small model's conditions and MCTS rules, collaborative prediction, few-shot adaptation."""
+
 import json
 
 import pytest
@@ -17,31 +18,53 @@ def test_mcts_finds_the_rule_that_explains_the_labels():
     for i in range(60):
         page = ["logistics", "payment", "product"][i % 3]
         ambiguous = i % 2 == 0
-        conds = {f"image shows {page}", "dialogue contains check" if ambiguous else "dialogue contains cancel",
-                 f"dialogue contains w{i % 7}"}
-        label = {"logistics": "track_package", "payment": "payment_issue", "product": "product_detail"}[page] \
-            if ambiguous else "cancel_order"
+        conds = {
+            f"image shows {page}",
+            "dialogue contains check" if ambiguous else "dialogue contains cancel",
+            f"dialogue contains w{i % 7}",
+        }
+        label = (
+            {"logistics": "track_package", "payment": "payment_issue", "product": "product_detail"}[
+                page
+            ]
+            if ambiguous
+            else "cancel_order"
+        )
         examples.append((conds, label))
     rules = mine_rules("intent", examples, iterations=600, min_support=3, min_precision=0.9, seed=0)
     as_text = {(r.conditions, r.label) for r in rules}
     assert (("dialogue contains cancel",), "cancel_order") in as_text
     assert (("dialogue contains check", "image shows logistics"), "track_package") in as_text
     assert all(r.precision >= 0.9 and r.support >= 3 for r in rules)
-    for r in rules:                                           # precision and support are what they claim
+    for r in rules:  # precision and support are what they claim
         assert score_rule(r.conditions, examples)[1:] == (r.precision, r.support)
 
 
 def test_init_from_without_lora_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="recipe.init_from names saved LoRA adapters"):
-        load_config(CONFIG, [f"recipe.model_path={tmp_path}", f"recipe.data.train={tmp_path}",
-                             f"recipe.data.val={tmp_path}", "recipe.mode=joint", "recipe.lora.enabled=false",
-                             f"recipe.init_from={tmp_path}"])
+        load_config(
+            CONFIG,
+            [
+                f"recipe.model_path={tmp_path}",
+                f"recipe.data.train={tmp_path}",
+                f"recipe.data.val={tmp_path}",
+                "recipe.mode=joint",
+                "recipe.lora.enabled=false",
+                f"recipe.init_from={tmp_path}",
+            ],
+        )
 
 
 def test_rule_file_is_checked_and_collaboration_overrides_or_votes(tmp_path):
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps([{"task": "intent", "if": ["dialogue contains cancel"], "then": "cancel_order"},
-                               {"task": "intent", "if": ["the sky is blue"], "then": "cancel_order"}]))
+    bad.write_text(
+        json.dumps(
+            [
+                {"task": "intent", "if": ["dialogue contains cancel"], "then": "cancel_order"},
+                {"task": "intent", "if": ["the sky is blue"], "then": "cancel_order"},
+            ]
+        )
+    )
     with pytest.raises(RuleError, match=r"rule 1: condition 'the sky is blue'"):
         RuleBase.load(bad)
     bad.write_text(json.dumps([{"task": "intent", "if": ["dialogue contains x"], "then": "fly"}]))
@@ -66,27 +89,37 @@ def intent(tmp_path_factory):
 def test_pipeline_posttrain_mine_collaborate_adapt(intent, tiny_models, tmp_path):
     from mmtrain.cli import main
 
-    data = [f"recipe.model_path={tiny_models / 'qwen2vl'}", f"recipe.data.train={intent / 'intent' / 'train'}",
-            f"recipe.data.val={intent / 'intent' / 'val'}"]
+    data = [
+        f"recipe.model_path={tiny_models / 'qwen2vl'}",
+        f"recipe.data.train={intent / 'intent' / 'train'}",
+        f"recipe.data.val={intent / 'intent' / 'val'}",
+    ]
     large, small = tmp_path / "runs" / "large", tmp_path / "runs" / "small"
     train(large, data + ["train.steps=60"], config=CONFIG)
-    train(small, data + ["train.steps=30", "recipe.tasks=[scene]", "recipe.mode=joint"], config=CONFIG)
+    train(
+        small, data + ["train.steps=30", "recipe.tasks=[scene]", "recipe.mode=joint"], config=CONFIG
+    )
     final = json.loads((large / "eval.jsonl").read_text().splitlines()[-1])
-    assert final["n"] == 40 and final["scene_acc"] > 0.35                     # chance 0.2
+    assert final["n"] == 40 and final["scene_acc"] > 0.35  # chance 0.2
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(large / "tensorboard"))
     acc.Reload()
     assert {"eval/confusion/scene", "eval/confusion/intent"} <= set(acc.Tags()["images"])
 
     # the small model reads conditions; MCTS mines the rule base (a person can read and edit it)
     rules_dir = tmp_path / "rules"
-    printed = cli_ranks("kdsl", "mine", str(small), "--out", str(rules_dir))        # 2 ranks read conditions
+    printed = cli_ranks(
+        "kdsl", "mine", str(small), "--out", str(rules_dir)
+    )  # 2 ranks read conditions
     rules = json.loads((rules_dir / "rules.json").read_text())
     assert rules and all({"task", "if", "then", "precision", "support"} <= set(r) for r in rules)
     assert all(r["precision"] >= 0.8 and r["support"] >= 3 for r in rules)
-    assert printed.count("IF ") == len(rules)                                      # printed once, by rank 0
-    assert {"train", "val", "test"} <= {p.stem.split("_")[1] for p in rules_dir.glob("conditions_*.json")}
-    assert main(["kdsl", "mine", str(small), "--out", str(rules_dir)]) == 2      # never overwrites
+    assert printed.count("IF ") == len(rules)  # printed once, by rank 0
+    assert {"train", "val", "test"} <= {
+        p.stem.split("_")[1] for p in rules_dir.glob("conditions_*.json")
+    }
+    assert main(["kdsl", "mine", str(small), "--out", str(rules_dir)]) == 2  # never overwrites
 
     # collaborative prediction, its mix chosen on the validation split: at least the model alone
     both = eval_ranks(large, "--split", "val", "--set", f"recipe.rules={rules_dir / 'rules.json'}")
@@ -99,36 +132,100 @@ def test_pipeline_posttrain_mine_collaborate_adapt(intent, tiny_models, tmp_path
     hand.mkdir()
     for f in rules_dir.glob("conditions_*.json"):
         (hand / f.name).write_text(f.read_text())
-    (hand / "rules.json").write_text(json.dumps([{"task": "intent", "if": ["dialogue contains cancel"],
-                                                  "then": "cancel_order", "precision": 1.0, "support": 1}]))
-    eval_ranks(large, "--split", "test", "--set", f"recipe.rules={hand / 'rules.json'}", "--set",
-          "recipe.collab.overrides=[0.99]")
-    rows = [json.loads(x) for x in next(large.glob("predictions_test_*.jsonl")).read_text().splitlines()]
+    (hand / "rules.json").write_text(
+        json.dumps(
+            [
+                {
+                    "task": "intent",
+                    "if": ["dialogue contains cancel"],
+                    "then": "cancel_order",
+                    "precision": 1.0,
+                    "support": 1,
+                }
+            ]
+        )
+    )
+    eval_ranks(
+        large,
+        "--split",
+        "test",
+        "--set",
+        f"recipe.rules={hand / 'rules.json'}",
+        "--set",
+        "recipe.collab.overrides=[0.99]",
+    )
+    rows = [
+        json.loads(x) for x in next(large.glob("predictions_test_*.jsonl")).read_text().splitlines()
+    ]
     cancel = [r for r in rows if "cancel" in r["dialogue"].lower()]
-    assert cancel and all(r["probs_rules"]["intent"][1] == 1.0 and r["rules_fired"]["intent"] for r in cancel)
-    assert load_run_config(large).recipe.rules is None          # --set changed the evaluation, not the run
+    assert cancel and all(
+        r["probs_rules"]["intent"][1] == 1.0 and r["rules_fired"]["intent"] for r in cancel
+    )
+    assert load_run_config(large).recipe.rules is None  # --set changed the evaluation, not the run
 
     # few-shot adaptation to a new label set (intents -> domains), then the rules re-scored on it
-    domains = ("track_package=logistics,refund_status=refund,cancel_order=refund,payment_issue=payment,"
-               "ask_price=product,product_detail=product,other_app_issue=other_app")
+    domains = (
+        "track_package=logistics,refund_status=refund,cancel_order=refund,payment_issue=payment,"
+        "ask_price=product,product_detail=product,other_app_issue=other_app"
+    )
     new = tmp_path / "new"
     for split, k in (("train", 4), ("val", 100), ("test", 100)):
-        assert main(["data", "fewshot", str(intent / "intent" / split), str(new / split), "--k", str(k),
-                     "--task", "intent", "--relabel", domains]) == 0
+        assert (
+            main(
+                [
+                    "data",
+                    "fewshot",
+                    str(intent / "intent" / split),
+                    str(new / split),
+                    "--k",
+                    str(k),
+                    "--task",
+                    "intent",
+                    "--relabel",
+                    domains,
+                ]
+            )
+            == 0
+        )
     assert main(["export", str(large), str(tmp_path / "large_x")]) == 0
     adapted = tmp_path / "runs" / "adapted"
-    train(adapted, [f"recipe.model_path={tiny_models / 'qwen2vl'}", f"recipe.data.train={new / 'train'}",
-                    f"recipe.data.val={new / 'val'}", f"recipe.init_from={tmp_path / 'large_x' / 'model'}",
-                    "train.steps=4", "train.micro_batch_size=4"], config=CONFIG)
+    train(
+        adapted,
+        [
+            f"recipe.model_path={tiny_models / 'qwen2vl'}",
+            f"recipe.data.train={new / 'train'}",
+            f"recipe.data.val={new / 'val'}",
+            f"recipe.init_from={tmp_path / 'large_x' / 'model'}",
+            "train.steps=4",
+            "train.micro_batch_size=4",
+        ],
+        config=CONFIG,
+    )
     final = json.loads((adapted / "eval.jsonl").read_text().splitlines()[-1])
     assert "intent_wf1" in final and final["n"] == 40
-    assert main(["kdsl", "mine", str(small), "--data", str(new), "--rescore", str(rules_dir / "rules.json"),
-                 "--out", str(tmp_path / "rules_new")]) == 0
+    assert (
+        main(
+            [
+                "kdsl",
+                "mine",
+                str(small),
+                "--data",
+                str(new),
+                "--rescore",
+                str(rules_dir / "rules.json"),
+                "--out",
+                str(tmp_path / "rules_new"),
+            ]
+        )
+        == 0
+    )
     rescored = json.loads((tmp_path / "rules_new" / "rules.json").read_text())
     old_intents = [r for r in rescored if r["task"] == "intent"]
-    assert len(rescored) == len(rules) and all(r["precision"] == 0.0 for r in old_intents)   # old labels gone
+    assert len(rescored) == len(rules) and all(
+        r["precision"] == 0.0 for r in old_intents
+    )  # old labels gone
 
-    table = tmp_path / "seesaw.md"                   # from the latest test evaluation (the hand rule's)
+    table = tmp_path / "seesaw.md"  # from the latest test evaluation (the hand rule's)
     assert main(["kdsl", "seesaw", f"decoupled={large}", "--out", str(table)]) == 0
     text = table.read_text()
     assert "| decoupled |" in text and "| decoupled + rules |" in text

@@ -1,6 +1,7 @@
 """Fused kernels against their plain-torch references, under the Triton CPU interpreter
 (TRITON_INTERPRET=1, set in conftest): loss and gradients, fp32 tight and bf16 within the
 tolerances documented here, odd shapes, non-contiguous inputs, determinism, 2-rank equivalence."""
+
 import os
 import socket
 
@@ -29,7 +30,7 @@ def close(a, b, dtype):
 def feats(b, d, dtype, seed=0, transpose=False):
     g = torch.Generator().manual_seed(seed)
     x = F.normalize(torch.randn(b, d, generator=g), dim=-1)
-    if transpose:             # the same values through a non-contiguous (column-major) view
+    if transpose:  # the same values through a non-contiguous (column-major) view
         x = x.t().contiguous().t()
     return x.to(dtype).requires_grad_()
 
@@ -54,8 +55,9 @@ def spy(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("b,d,smoothing", [(1, 8, 0.0), (37, 24, 0.0), (70, 33, 0.1), (130, 64, 0.0),
-                                           (65, 100, 0.2)])
+@pytest.mark.parametrize(
+    "b,d,smoothing", [(1, 8, 0.0), (37, 24, 0.0), (70, 33, 0.1), (130, 64, 0.0), (65, 100, 0.2)]
+)
 def test_contrastive_matches_reference(spy, dtype, b, d, smoothing):
     x, y = feats(b, d, dtype, 1), feats(b, d, dtype, 2, transpose=True)
     s = torch.tensor(14.2857, requires_grad=True)
@@ -74,9 +76,9 @@ def test_contrastive_matches_reference(spy, dtype, b, d, smoothing):
 
 def test_contrastive_noncontiguous_strided_views(spy):
     base = feats(80, 48, torch.float32, 3)
-    x = base[::2].detach().requires_grad_()                      # row stride 96
+    x = base[::2].detach().requires_grad_()  # row stride 96
     yfull = feats(40, 96, torch.float32, 4)
-    y = yfull[:, ::2].detach().requires_grad_()                  # column stride 2
+    y = yfull[:, ::2].detach().requires_grad_()  # column stride 2
     assert not x.is_contiguous() or not y.is_contiguous()
     s = torch.tensor(10.0)
     kc.contrastive_loss(x, y, s).backward()
@@ -96,7 +98,7 @@ def test_module_learns_log_scale_and_torch_fallback_agrees(monkeypatch):
     reference.contrastive_loss(x, y, ref_scale.exp()).backward()
     close(g_kernel, ref_scale.grad, torch.float32)
     assert g_kernel.abs() > 0
-    monkeypatch.setattr(kc, "use_triton", lambda *t: False)      # a CPU without the interpreter
+    monkeypatch.setattr(kc, "use_triton", lambda *t: False)  # a CPU without the interpreter
     mod.log_scale.grad = None
     mod(x, y).backward()
     close(mod.log_scale.grad, g_kernel, torch.float32)
@@ -120,9 +122,11 @@ def _free_port():
 
 def _distributed_worker(rank, world, port, smoothing):
     os.environ["TRITON_INTERPRET"] = "1"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
-        total, d = 22, 40                                     # 11 rows per rank
+        total, d = 22, 40  # 11 rows per rank
         X, Y = feats(total, d, torch.float32, 7), feats(total, d, torch.float32, 8)
         s_ref = torch.tensor(12.0, requires_grad=True)
         ref = reference.contrastive_loss(X, Y, s_ref, smoothing)
@@ -134,11 +138,11 @@ def _distributed_worker(rank, world, port, smoothing):
         assert use_triton(x, y, s)
         loss = kc.contrastive_loss(x, y, s, smoothing, grad_reduction="sum")
         loss.backward()
-        close(loss.detach(), ref.detach(), torch.float32)                 # the global loss on every rank
-        close(x.grad, X.grad[mine], torch.float32)                        # "sum": exact global gradients
+        close(loss.detach(), ref.detach(), torch.float32)  # the global loss on every rank
+        close(x.grad, X.grad[mine], torch.float32)  # "sum": exact global gradients
         close(y.grad, Y.grad[mine], torch.float32)
         ds = s.grad.clone()
-        dist.all_reduce(ds)                                               # shares sum to the global one
+        dist.all_reduce(ds)  # shares sum to the global one
         close(ds, s_ref.grad, torch.float32)
     finally:
         dist.destroy_process_group()
@@ -147,8 +151,11 @@ def _distributed_worker(rank, world, port, smoothing):
 def _towers(distributed):
     """Two linear 'towers' into the loss, with CLIP's learnable temperature, seeded alike everywhere."""
     torch.manual_seed(0)
-    return (torch.nn.Linear(24, 16), torch.nn.Linear(24, 16),
-            kc.ContrastiveLoss(init_scale=10.0, distributed=distributed))
+    return (
+        torch.nn.Linear(24, 16),
+        torch.nn.Linear(24, 16),
+        kc.ContrastiveLoss(init_scale=10.0, distributed=distributed),
+    )
 
 
 def _tower_grads(img, txt, loss_mod, a, b):
@@ -160,18 +167,20 @@ def _tower_grads(img, txt, loss_mod, a, b):
 def _data_parallel_worker(rank, world, port):
     """What DeepSpeed/DDP do: each rank its slice of the batch, parameter gradients averaged."""
     os.environ["TRITON_INTERPRET"] = "1"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         g = torch.Generator().manual_seed(5)
         A, B = torch.randn(16, 24, generator=g), torch.randn(16, 24, generator=g)
-        ref_loss, ref = _tower_grads(*_towers(False), A, B)              # one process, the whole batch
+        ref_loss, ref = _tower_grads(*_towers(False), A, B)  # one process, the whole batch
         mine = slice(rank * 16 // world, (rank + 1) * 16 // world)
         loss, got = _tower_grads(*_towers(None), A[mine], B[mine])
         for t in got:
             dist.all_reduce(t)
-            t /= world                                                    # the data-parallel mean
+            t /= world  # the data-parallel mean
         close(loss, ref_loss, torch.float32)
-        for t, r in zip(got, ref):                # weights, biases and the log-scale: global gradients
+        for t, r in zip(got, ref):  # weights, biases and the log-scale: global gradients
             close(t, r, torch.float32)
     finally:
         dist.destroy_process_group()
@@ -190,6 +199,7 @@ def test_contrastive_parameter_gradients_after_data_parallel_mean_equal_one_proc
 
 # ----------------------------------------------------------------------------- variational
 
+
 def stats(shape, dtype, seed=0, transpose=False):
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -202,13 +212,20 @@ def stats(shape, dtype, seed=0, transpose=False):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape,direction,reduction", [((1, 1), "qp", "mean"), ((5, 7, 33), "qp", "mean"),
-                                                       ((9, 1500), "pq", "sum"), ((6, 100), "qp", "none")])
+@pytest.mark.parametrize(
+    "shape,direction,reduction",
+    [
+        ((1, 1), "qp", "mean"),
+        ((5, 7, 33), "qp", "mean"),
+        ((9, 1500), "pq", "sum"),
+        ((6, 100), "qp", "none"),
+    ],
+)
 def test_variational_matches_reference(dtype, shape, direction, reduction):
     ins = stats(shape, dtype, 1, transpose=len(shape) == 2 and shape[0] > 1)
     with torch.no_grad():
-        ins[1][(0,) * len(shape)] = -45.0                # below LOGVAR_MIN: clamped, zero gradient
-        ins[3][(-1,) * len(shape)] = 25.0                # above LOGVAR_MAX
+        ins[1][(0,) * len(shape)] = -45.0  # below LOGVAR_MIN: clamped, zero gradient
+        ins[3][(-1,) * len(shape)] = 25.0  # above LOGVAR_MAX
     eps = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(dtype)
     z, kl = kv.variational_fusion(*ins, eps=eps, direction=direction, reduction=reduction)
     w = torch.randn(shape, generator=torch.Generator().manual_seed(3))
@@ -238,7 +255,9 @@ def test_variational_seeded_backward_uses_the_same_noise():
     mq, lq, mp, lp = stats((16, 50), torch.float32, 5)
     z, kl = kv.variational_fusion(mq, lq, mp, lp, seed=11)
     (z.sum() + kl).backward()
-    eps = ((z - mq) / torch.exp(0.5 * lq.clamp(reference.LOGVAR_MIN, reference.LOGVAR_MAX))).detach()
+    eps = (
+        (z - mq) / torch.exp(0.5 * lq.clamp(reference.LOGVAR_MIN, reference.LOGVAR_MAX))
+    ).detach()
     got = [t.grad for t in (mq, lq, mp, lp)]
     for t in (mq, lq, mp, lp):
         t.grad = None
@@ -260,7 +279,10 @@ def test_variational_rejects_bad_input():
 
 # ----------------------------------------------------------------------------- GPU and packaging
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the native bf16 tensor-core path")
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA: the native bf16 tensor-core path"
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_native_gpu_path_matches_reference(dtype):
     b, d = 4099, 512
@@ -283,12 +305,22 @@ def test_bench_smoke_prints_json_lines():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "kernels.bench"], capture_output=True, text=True, check=True,
-                         env=dict(os.environ, TRITON_INTERPRET="0"), cwd=os.path.dirname(os.path.dirname(__file__)))
+    out = subprocess.run(
+        [sys.executable, "-m", "kernels.bench"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=dict(os.environ, TRITON_INTERPRET="0"),
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert "not timings" in rows[0]["device"]
     impls = {(r["kernel"], r["impl"]) for r in rows[1:-1]}
-    assert {("contrastive", "mmtrain"), ("contrastive", "torch_compile"), ("variational", "mmtrain_seeded")} <= impls
+    assert {
+        ("contrastive", "mmtrain"),
+        ("contrastive", "torch_compile"),
+        ("variational", "mmtrain_seeded"),
+    } <= impls
     assert all(r["ms"] > 0 for r in rows[1:-1])
     assert "contrastive/64x512/torch_eager" in rows[-1]["ratios_peer_ms_over_mmtrain_ms"]
 
@@ -298,4 +330,6 @@ def test_kernels_package_is_standalone():
 
     for f in pathlib.Path(kc.__file__).parent.glob("*.py"):
         for line in f.read_text().splitlines():
-            assert not line.lstrip().startswith(("import mmtrain", "from mmtrain")), f"{f.name}: {line}"
+            assert not line.lstrip().startswith(("import mmtrain", "from mmtrain")), (
+                f"{f.name}: {line}"
+            )

@@ -1,4 +1,5 @@
 """Launch scripts: syntax, shellcheck, and the sbatch requeue flow against stand-ins for srun/scontrol."""
+
 import os
 import shutil
 import subprocess
@@ -8,8 +9,15 @@ import pytest
 
 from tests.helpers import DEMO, REPO
 
-SCRIPTS = sorted(str(p) for p in [*REPO.glob("launch/*.sh"), *REPO.glob("slurm/*.sbatch"), *REPO.glob("slurm/testing/*.sh"),
-                                  REPO / ".ci/run"])
+SCRIPTS = sorted(
+    str(p)
+    for p in [
+        *REPO.glob("launch/*.sh"),
+        *REPO.glob("slurm/*.sbatch"),
+        *REPO.glob("slurm/testing/*.sh"),
+        REPO / ".ci/run",
+    ]
+)
 
 
 def test_scripts_parse_and_pass_shellcheck():
@@ -22,18 +30,35 @@ def test_scripts_parse_and_pass_shellcheck():
 
 
 def test_train_sh_rejects_a_bad_config_before_launching(tmp_path):
-    r = subprocess.run(["bash", str(REPO / "launch/train.sh"), "--cpu", "2", str(DEMO), "train.stpes=3"],
-                       capture_output=True, text=True, env=dict(os.environ, PYTHON=sys.executable), cwd=tmp_path)
+    r = subprocess.run(
+        ["bash", str(REPO / "launch/train.sh"), "--cpu", "2", str(DEMO), "train.stpes=3"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHON=sys.executable),
+        cwd=tmp_path,
+    )
     assert r.returncode == 2
     assert "unknown key 'train.stpes'; did you mean 'train.steps'" in r.stderr
 
 
 def sbatch_command(tmp_path, run_name, extra_env, overrides):
-    env = dict(os.environ, PATH=f"{REPO / 'tests/fake_slurm'}:{os.environ['PATH']}", PYTHON=sys.executable,
-               SLURM_JOB_ID="777", SLURM_JOB_NODELIST="node[01-02]", FAKE_NTASKS="2",
-               FAKE_REQUEUED=str(tmp_path / "requeued"), OMP_NUM_THREADS="1")
-    env = {k: v for k, v in {**env, **extra_env}.items() if v is not None}       # None: unset
-    over = [f"run.out_dir={tmp_path / 'runs'}", f"run.name={run_name}", "log.progress=false", *overrides]
+    env = dict(
+        os.environ,
+        PATH=f"{REPO / 'tests/fake_slurm'}:{os.environ['PATH']}",
+        PYTHON=sys.executable,
+        SLURM_JOB_ID="777",
+        SLURM_JOB_NODELIST="node[01-02]",
+        FAKE_NTASKS="2",
+        FAKE_REQUEUED=str(tmp_path / "requeued"),
+        OMP_NUM_THREADS="1",
+    )
+    env = {k: v for k, v in {**env, **extra_env}.items() if v is not None}  # None: unset
+    over = [
+        f"run.out_dir={tmp_path / 'runs'}",
+        f"run.name={run_name}",
+        "log.progress=false",
+        *overrides,
+    ]
     return ["bash", str(REPO / "slurm/train.sbatch"), str(DEMO), *over], env
 
 
@@ -45,18 +70,27 @@ def sbatch(tmp_path, run_name, extra_env, overrides):
 def test_sbatch_requeues_after_signal_and_resumes(tmp_path):
     run = tmp_path / "runs" / "slurm"
     over = ["train.steps=100000", "log.every=1", "checkpoint.every=0"]
-    r = sbatch(tmp_path, "slurm", {"FAKE_SIGNAL_AFTER": "step 2/", "FAKE_WATCH": str(run / "train.log")}, over)
+    r = sbatch(
+        tmp_path,
+        "slurm",
+        {"FAKE_SIGNAL_AFTER": "step 2/", "FAKE_WATCH": str(run / "train.log")},
+        over,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "requeued").read_text().split() == ["777"]
     assert "ranks exited with 85" in (run / "slurm.log").read_text()
     assert (run / "slurm-777-rank0.log").exists() and (run / "slurm-777-rank1.log").exists()
     step = int((run / "checkpoints" / "latest").read_text().split("_")[1])
     # the requeued job (Slurm counts the restart) resumes where the first one stopped
-    r = sbatch(tmp_path, "slurm", {"SLURM_RESTART_COUNT": "1"},
-               ["train.steps=100000", f"run.stop_after_steps={step + 1}"])
+    r = sbatch(
+        tmp_path,
+        "slurm",
+        {"SLURM_RESTART_COUNT": "1"},
+        ["train.steps=100000", f"run.stop_after_steps={step + 1}"],
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"at step {step}" in (run / "train.log").read_text()
-    assert (tmp_path / "requeued").read_text().split() == ["777"]        # not requeued again
+    assert (tmp_path / "requeued").read_text().split() == ["777"]  # not requeued again
 
 
 @pytest.mark.chaos
@@ -70,19 +104,38 @@ def test_sigterm_to_train_sh_checkpoints_and_stops_every_rank(tmp_path):
 
     run = tmp_path / "runs" / "term"
     env = dict(os.environ, PYTHON=sys.executable, MASTER_PORT=str(free_port()))
-    p = subprocess.Popen(["bash", str(REPO / "launch/train.sh"), "--cpu", "2", str(DEMO), f"run.out_dir={tmp_path / 'runs'}",
-                          "run.name=term", "train.steps=100000", "log.every=1", "checkpoint.every=0",
-                          "log.progress=false"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    p = subprocess.Popen(
+        [
+            "bash",
+            str(REPO / "launch/train.sh"),
+            "--cpu",
+            "2",
+            str(DEMO),
+            f"run.out_dir={tmp_path / 'runs'}",
+            "run.name=term",
+            "train.steps=100000",
+            "log.every=1",
+            "checkpoint.every=0",
+            "log.progress=false",
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 180
-    while time.time() < deadline and "step 3/" not in ((run / "train.log").read_text() if (run / "train.log").exists()
-                                                      else ""):
+    while time.time() < deadline and "step 3/" not in (
+        (run / "train.log").read_text() if (run / "train.log").exists() else ""
+    ):
         time.sleep(0.5)
     p.send_signal(signal.SIGTERM)
     out = p.communicate(timeout=120)[0].decode()
-    assert p.returncode == 85, out[-3000:]                              # the ranks' requeue code
+    assert p.returncode == 85, out[-3000:]  # the ranks' requeue code
     assert "stop signal received: checkpointing" in (run / "train.log").read_text()
     assert (run / "checkpoints" / "latest").is_file()
-    left = subprocess.run(["pgrep", "-f", "run.name=term"], capture_output=True, text=True).stdout.split()
+    left = subprocess.run(
+        ["pgrep", "-f", "run.name=term"], capture_output=True, text=True
+    ).stdout.split()
     assert not left, f"ranks still running: {left}"
 
 
@@ -92,8 +145,16 @@ def test_sbatch_leaves_a_cancelled_job_cancelled(tmp_path):
     """scancel: the ranks checkpoint and exit 85, but the job is CANCELLED: no requeue (it used to
     go back to PENDING)."""
     run = tmp_path / "runs" / "cancel"
-    r = sbatch(tmp_path, "cancel", {"FAKE_SIGNAL_AFTER": "step 2/", "FAKE_WATCH": str(run / "train.log"),
-                                    "FAKE_JOB_STATE": "CANCELLED"}, ["train.steps=100000", "log.every=1"])
+    r = sbatch(
+        tmp_path,
+        "cancel",
+        {
+            "FAKE_SIGNAL_AFTER": "step 2/",
+            "FAKE_WATCH": str(run / "train.log"),
+            "FAKE_JOB_STATE": "CANCELLED",
+        },
+        ["train.steps=100000", "log.every=1"],
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert not (tmp_path / "requeued").exists()
     assert "checkpointed; not requeueing: JobState=CANCELLED" in (run / "slurm.log").read_text()
@@ -111,8 +172,9 @@ def test_sbatch_passes_a_batch_shell_usr1_to_the_ranks(tmp_path):
     cmd, env = sbatch_command(tmp_path, "b", {}, ["train.steps=100000", "log.every=1"])
     p = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 180
-    while time.time() < deadline and "step 2/" not in ((run / "train.log").read_text()
-                                                      if (run / "train.log").exists() else ""):
+    while time.time() < deadline and "step 2/" not in (
+        (run / "train.log").read_text() if (run / "train.log").exists() else ""
+    ):
         time.sleep(0.3)
     p.send_signal(signal.SIGUSR1)
     out = p.communicate(timeout=120)[0].decode()
@@ -127,7 +189,9 @@ def test_a_signal_during_start_up_checkpoints_and_requeues(tmp_path):
     """A SIGUSR1 one second after the ranks start (still importing): it used to kill them (exit 138)."""
     run = tmp_path / "runs" / "early"
     r = sbatch(tmp_path, "early", {"FAKE_SIGNAL_DELAY": "1"}, ["train.steps=100000"])
-    assert r.returncode == 0, r.stdout + r.stderr + (run / "slurm-777-rank0.log").read_text()[-2000:]
+    assert r.returncode == 0, (
+        r.stdout + r.stderr + (run / "slurm-777-rank0.log").read_text()[-2000:]
+    )
     assert "stop signal received: checkpointing at step 0" in (run / "train.log").read_text()
     assert (tmp_path / "requeued").read_text().split() == ["777"]
 
@@ -135,10 +199,18 @@ def test_a_signal_during_start_up_checkpoints_and_requeues(tmp_path):
 @pytest.mark.chaos
 @pytest.mark.heavy
 def test_sbatch_gives_ranks_one_thread_per_cpu_slurm_gave_them(tmp_path):
-    r = sbatch(tmp_path, "omp", {"OMP_NUM_THREADS": None, "SLURM_CPUS_PER_TASK": "1",
-                                 "FAKE_ENV_LOG": str(tmp_path / "env")}, ["train.steps=1"])
+    r = sbatch(
+        tmp_path,
+        "omp",
+        {
+            "OMP_NUM_THREADS": None,
+            "SLURM_CPUS_PER_TASK": "1",
+            "FAKE_ENV_LOG": str(tmp_path / "env"),
+        },
+        ["train.steps=1"],
+    )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert (tmp_path / "env").read_text().split() == ["OMP_NUM_THREADS=1"]       # it was always 8
+    assert (tmp_path / "env").read_text().split() == ["OMP_NUM_THREADS=1"]  # it was always 8
 
 
 @pytest.mark.chaos
@@ -147,7 +219,18 @@ def test_a_signal_as_the_run_ends_does_not_fail_the_job(tmp_path):
     """A time limit's warning that lands while the ranks shut down after the last step (seen on a
     real cluster: exit 138, job FAILED): the run is complete, the job ends 0."""
     run = tmp_path / "runs" / "late"
-    r = sbatch(tmp_path, "late", {"FAKE_SIGNAL_AFTER": "done:", "FAKE_WATCH": str(run / "train.log"),
-                                  "FAKE_SIGNAL_REPEAT": "1"}, ["train.steps=3"])
+    r = sbatch(
+        tmp_path,
+        "late",
+        {
+            "FAKE_SIGNAL_AFTER": "done:",
+            "FAKE_WATCH": str(run / "train.log"),
+            "FAKE_SIGNAL_REPEAT": "1",
+        },
+        ["train.steps=3"],
+    )
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "ranks exited with 0" in (run / "slurm.log").read_text() and not (tmp_path / "requeued").exists()
+    assert (
+        "ranks exited with 0" in (run / "slurm.log").read_text()
+        and not (tmp_path / "requeued").exists()
+    )

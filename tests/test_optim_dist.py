@@ -14,8 +14,8 @@ def test_warmup_then_cosine_to_floor():
     total, warm = 100, 10
     lrs = [warmup_cosine(s, total, warm, 0.1) for s in range(total + 1)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))              # rising warm-up
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))               # falling after
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:10]))  # rising warm-up
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # falling after
     assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lrs[100] == pytest.approx(0.1)
 
@@ -34,46 +34,82 @@ def test_param_groups_skip_decay_on_norms_biases_and_frozen():
 
 
 def test_deepspeed_config_from_ours():
-    cfg = load_config(DEMO, ["deepspeed.zero_stage=3", "train.grad_accum=4", "deepspeed.precision=bf16",
-                             "deepspeed.extra={zero_optimization: {stage3_max_live_parameters: 7}}"])
+    cfg = load_config(
+        DEMO,
+        [
+            "deepspeed.zero_stage=3",
+            "train.grad_accum=4",
+            "deepspeed.precision=bf16",
+            "deepspeed.extra={zero_optimization: {stage3_max_live_parameters: 7}}",
+        ],
+    )
     ds = deepspeed_config(cfg, world_size=8, on_cuda=True)
     assert ds["train_batch_size"] == cfg.train.micro_batch_size * 4 * 8
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
-    assert ds["zero_optimization"]["stage3_max_live_parameters"] == 7        # extra merged deep
-    assert ds["optimizer"]["params"]["torch_adam"] is False                 # fused on CUDA
+    assert ds["zero_optimization"]["stage3_max_live_parameters"] == 7  # extra merged deep
+    assert ds["optimizer"]["params"]["torch_adam"] is False  # fused on CUDA
     assert deepspeed_config(cfg, 1, on_cuda=False)["optimizer"]["params"]["torch_adam"] is True
 
 
-@pytest.mark.parametrize("nodelist,first", [("gpu[003-005,9],cpu1", "gpu003"), ("node7", "node7"),
-                                            ("a-b[10,12]", "a-b10"), ("a[01-02]b[1-2]", "a01b1"),
-                                            ("n1,n2", "n1"), ("rack[1-2]-gpu[07,09],x", "rack1-gpu07")])
+@pytest.mark.parametrize(
+    "nodelist,first",
+    [
+        ("gpu[003-005,9],cpu1", "gpu003"),
+        ("node7", "node7"),
+        ("a-b[10,12]", "a-b10"),
+        ("a[01-02]b[1-2]", "a01b1"),
+        ("n1,n2", "n1"),
+        ("rack[1-2]-gpu[07,09],x", "rack1-gpu07"),
+    ],
+)
 def test_first_host_of_slurm_nodelist(nodelist, first):
     assert first_host(nodelist) == first
 
 
 def test_job_ports_stay_below_the_ephemeral_range_and_spread():
-    ports = [job_port(j) for j in range(1000, 1000 + 20000 * 50, 20000)]       # ids 20,000 apart
+    ports = [job_port(j) for j in range(1000, 1000 + 20000 * 50, 20000)]  # ids 20,000 apart
     assert all(15000 <= p < 30000 for p in ports) and len(set(ports)) == len(ports)
-    assert len({job_port(j) for j in range(5000, 5100)}) >= 99                  # neighbours rarely collide
-    with socket.socket() as s:                                                   # taken on this host: skipped
+    assert len({job_port(j) for j in range(5000, 5100)}) >= 99  # neighbours rarely collide
+    with socket.socket() as s:  # taken on this host: skipped
         s.bind(("", job_port(77, 0)))
         s.listen()
         assert job_port(77, 0, probe=True) != job_port(77, 0)
 
 
 def test_slurm_variables_map_to_torch_distributed():
-    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
-           "SLURM_JOB_NODELIST": "gpu[12-13]", "SLURM_JOB_ID": "4242"}
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "16",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_NODELIST": "gpu[12-13]",
+        "SLURM_JOB_ID": "4242",
+    }
     resolve_env(env)
-    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("5", "16", "1", "gpu12")
-    assert env["MASTER_PORT"] == str(job_port(4242)) and 15000 <= job_port(4242) < 30000     # below 32768
-    requeued = {**{k: v for k, v in env.items() if k.startswith("SLURM_")}, "SLURM_RESTART_COUNT": "2"}
-    resolve_env(requeued)                                   # a requeued job does not reuse the old port
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == (
+        "5",
+        "16",
+        "1",
+        "gpu12",
+    )
+    assert (
+        env["MASTER_PORT"] == str(job_port(4242)) and 15000 <= job_port(4242) < 30000
+    )  # below 32768
+    requeued = {
+        **{k: v for k, v in env.items() if k.startswith("SLURM_")},
+        "SLURM_RESTART_COUNT": "2",
+    }
+    resolve_env(requeued)  # a requeued job does not reuse the old port
     assert requeued["MASTER_PORT"] == str(job_port(4242, 2)) != env["MASTER_PORT"]
-    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
-    resolve_env(torchrun)                                   # a launcher's own variables win
+    torchrun = {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "1",
+    }
+    resolve_env(torchrun)  # a launcher's own variables win
     assert (torchrun["RANK"], torchrun["WORLD_SIZE"]) == ("3", "4")
     single = {}
     resolve_env(single)
@@ -85,6 +121,7 @@ def test_in_process_init_leaves_no_rank_variables_behind(monkeypatch):
     import os
 
     from mmtrain.engine import dist
+
     for k in dist.DIST_VARS:
         monkeypatch.delenv(k, raising=False)
     env = dist.init("gloo", 60)

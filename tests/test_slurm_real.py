@@ -1,6 +1,7 @@
 """slurm/train.sbatch on a real one-node Slurm cluster (`make test-slurm` brings one up with
 slurm/testing/cluster.sh): the toy LM on 2 CPU ranks through real sbatch/srun/scontrol/scancel.
 Skipped unless SLURM_CONF names a running cluster."""
+
 from __future__ import annotations
 
 import os
@@ -15,9 +16,13 @@ import pytest
 
 from tests.helpers import DEMO, REPO, scalars, train
 
-pytestmark = [pytest.mark.slurm, pytest.mark.skipif(
-    not os.environ.get("SLURM_CONF") or shutil.which("sbatch") is None,
-    reason="no Slurm cluster (make test-slurm starts one)")]
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(
+        not os.environ.get("SLURM_CONF") or shutil.which("sbatch") is None,
+        reason="no Slurm cluster (make test-slurm starts one)",
+    ),
+]
 
 CPU = ["--nodes=1", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1"]
 
@@ -25,10 +30,28 @@ CPU = ["--nodes=1", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task
 def submit(tmp_path, name, sbatch_args=(), overrides=()):
     env = dict(os.environ, PYTHON=sys.executable)
     env.pop("OMP_NUM_THREADS", None)
-    out = subprocess.run(["sbatch", "--parsable", *CPU, f"--output={tmp_path}/slurm-%j.out", f"--chdir={REPO}",
-                          f"--job-name={name}", *sbatch_args, str(REPO / "slurm/train.sbatch"), str(DEMO),
-                          f"run.out_dir={tmp_path / 'runs'}", f"run.name={name}", "log.progress=false",
-                          "log.every=1", *overrides], capture_output=True, text=True, env=env, check=True)
+    out = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            *CPU,
+            f"--output={tmp_path}/slurm-%j.out",
+            f"--chdir={REPO}",
+            f"--job-name={name}",
+            *sbatch_args,
+            str(REPO / "slurm/train.sbatch"),
+            str(DEMO),
+            f"run.out_dir={tmp_path / 'runs'}",
+            f"run.name={name}",
+            "log.progress=false",
+            "log.every=1",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
     return out.stdout.strip().split(";")[0]
 
 
@@ -56,13 +79,17 @@ def log_has(run, text):
 def start_now_when_requeued(jid, restarts):
     """A requeued job waits ~2 minutes before it may start; the tests cut that to 5 s (sooner, the
     old incarnation's credential may still be revoked: "Killing non-startable batch job")."""
+
     def requeued():
         j = job(jid)
         if j.get("JobState") == "PENDING" and int(j.get("Restarts", 0)) >= restarts:
             time.sleep(5)
-            subprocess.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True)
+            subprocess.run(
+                ["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True
+            )
             return j
         return None
+
     return requeued
 
 
@@ -74,7 +101,9 @@ def end(jid):
 def test_a_run_trains_to_completion(tmp_path):
     jid = submit(tmp_path, "done", overrides=["train.steps=10"])
     state = wait_for(lambda: job(jid).get("JobState") in ("COMPLETED", "FAILED") and job(jid))
-    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0" and state["Restarts"] == "0"
+    assert (
+        state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0" and state["Restarts"] == "0"
+    )
     assert "done: 10 steps" in (tmp_path / "runs" / "done" / "train.log").read_text()
 
 
@@ -87,14 +116,22 @@ def test_the_time_limit_signal_requeues_and_the_run_resumes_to_the_same_losses(t
     jid = submit(tmp_path, "limit", ["--time=2", "--signal=USR1@110"], args)
     restarts = 0
     while True:
-        state = wait_for(lambda: (job(jid).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") and job(jid))
-                         or start_now_when_requeued(jid, restarts + 1)(), timeout=300)
+        state = wait_for(
+            lambda: (
+                (job(jid).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") and job(jid))
+                or start_now_when_requeued(jid, restarts + 1)()  # noqa: B023 (called at once)
+            ),
+            timeout=300,
+        )
         if state["JobState"] != "PENDING":
             break
         restarts += 1
         assert restarts < 15, "requeued again and again"
     run = tmp_path / "runs" / "limit"
-    assert state["JobState"] == "COMPLETED" and restarts >= 1, (state, (run / "slurm.log").read_text())
+    assert state["JobState"] == "COMPLETED" and restarts >= 1, (
+        state,
+        (run / "slurm.log").read_text(),
+    )
     assert "stop signal received" in (run / "train.log").read_text()
     straight = tmp_path / "runs" / "straight"
     train(straight, args, world=2)
@@ -111,7 +148,7 @@ def test_scancel_leaves_the_job_cancelled(tmp_path):
     wait_for(lambda: job(jid).get("JobState") == "CANCELLED", 90)
     time.sleep(5)
     state = job(jid)
-    assert state["JobState"] == "CANCELLED" and state["Restarts"] == "0"       # not back to PENDING
+    assert state["JobState"] == "CANCELLED" and state["Restarts"] == "0"  # not back to PENDING
     assert "not requeueing: JobState=" in (run / "slurm.log").read_text()
     assert (run / "checkpoints" / "latest").is_file()
 
@@ -140,19 +177,34 @@ def test_a_killed_rank_fails_the_job_without_requeue(tmp_path):
     jid = submit(tmp_path, "killed", overrides=["train.steps=100000"])
     run = tmp_path / "runs" / "killed"
     wait_for(log_has(run, "step 3/"))
-    ranks = subprocess.run(["pgrep", "-f", " -m mmtrain.cli train .*run.name=killed"], capture_output=True,
-                           text=True).stdout.split()
+    ranks = subprocess.run(
+        ["pgrep", "-f", " -m mmtrain.cli train .*run.name=killed"], capture_output=True, text=True
+    ).stdout.split()
     os.kill(int(ranks[-1]), signal.SIGKILL)
-    state = wait_for(lambda: job(jid).get("JobState") in ("FAILED", "COMPLETED", "CANCELLED", "PENDING") and job(jid),
-                     90)
+    state = wait_for(
+        lambda: (
+            job(jid).get("JobState") in ("FAILED", "COMPLETED", "CANCELLED", "PENDING") and job(jid)
+        ),
+        90,
+    )
     assert state["JobState"] == "FAILED" and state["Restarts"] == "0", state
 
 
 def test_a_signal_while_the_ranks_start_up_checkpoints_and_requeues(tmp_path):
     jid = submit(tmp_path, "early", overrides=["train.steps=100000"])
-    wait_for(lambda: subprocess.run(["pgrep", "-f", " -m mmtrain.cli train .*run.name=early"],
-                                    capture_output=True).returncode == 0, every=0.1)
-    subprocess.run(["scancel", "--signal=USR1", jid], check=True)                 # still importing
+    wait_for(
+        lambda: (
+            subprocess.run(
+                ["pgrep", "-f", " -m mmtrain.cli train .*run.name=early"], capture_output=True
+            ).returncode
+            == 0
+        ),
+        every=0.1,
+    )
+    subprocess.run(["scancel", "--signal=USR1", jid], check=True)  # still importing
     wait_for(start_now_when_requeued(jid, 1), timeout=120)
-    assert "stop signal received: checkpointing at step 0" in (tmp_path / "runs" / "early" / "train.log").read_text()
+    assert (
+        "stop signal received: checkpointing at step 0"
+        in (tmp_path / "runs" / "early" / "train.log").read_text()
+    )
     end(jid)

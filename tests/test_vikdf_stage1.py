@@ -1,4 +1,5 @@
 """VIKDF stage 1 on tiny random towers and synthetic image-text shards, 2 CPU ranks under ZeRO-3."""
+
 import json
 import random
 
@@ -24,32 +25,46 @@ def assets(tmp_path_factory, tiny_models, image_text_shards):
 
 def overrides(assets, *extra):
     t = assets / "tiny"
-    return [f"recipe.vision_path={t / 'clip'}", f"recipe.text_path={t / 'clip'}", f"recipe.bert_init={t / 'bert'}",
-            f"recipe.data.train={assets / 'it' / 'train'}", f"recipe.data.val={assets / 'it' / 'val'}", *extra]
+    return [
+        f"recipe.vision_path={t / 'clip'}",
+        f"recipe.text_path={t / 'clip'}",
+        f"recipe.bert_init={t / 'bert'}",
+        f"recipe.data.train={assets / 'it' / 'train'}",
+        f"recipe.data.val={assets / 'it' / 'val'}",
+        *extra,
+    ]
 
 
 def test_stage1_learns_retrieval_beyond_chance_and_exports(stage1_run):
-    run, out = stage1_run                      # 160 steps on 2 ranks (tests/conftest.py)
+    run, out = stage1_run  # 160 steps on 2 ranks (tests/conftest.py)
     final = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
     assert final["n"] == 128
-    assert final["mean_r@1"] >= 2 * final["chance_r@1"], final               # the demo reaches ~20x
+    assert final["mean_r@1"] >= 2 * final["chance_r@1"], final  # the demo reaches ~20x
     assert final["mean_r@10"] >= 3 * 10 * final["chance_r@1"], final
     tim, mim, mtm = (scalars(run, f"loss/{k}") for k in ("tim", "mim", "mtm"))
     assert tim[160] < tim[20] - 0.3 and mim[160] < mim[20] and mtm[160] < mtm[20]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     assert "images/ta_mim" in acc.Tags()["images"]
 
-    iq = IQFormer.from_pretrained(out / "iqformer")                         # no trainer involved
+    iq = IQFormer.from_pretrained(out / "iqformer")  # no trainer involved
     whole = load_file(out / "model.safetensors")
     assert torch.equal(iq.queries, whole["iqformer.queries"])
     assert iq.config.num_queries == 8 and iq(torch.randn(2, 5, 64)).shape == (2, 8, 64)
 
 
 def test_stage1_resumes_exactly(assets, tmp_path):
-    common = overrides(assets, "train.steps=8", "log.every=1", "checkpoint.every=100", "eval.at_end=false",
-                       "recipe.data.workers=2", "train.micro_batch_size=8")
+    common = overrides(
+        assets,
+        "train.steps=8",
+        "log.every=1",
+        "checkpoint.every=100",
+        "eval.at_end=false",
+        "recipe.data.workers=2",
+        "train.micro_batch_size=8",
+    )
     straight, split = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
     train(straight, common, config=CONFIG)
     train(split, common + ["run.stop_after_steps=4"], config=CONFIG)
@@ -61,8 +76,10 @@ def test_stage1_resumes_exactly(assets, tmp_path):
 
 def test_block_masks():
     z, s = block_mask(random.Random(0), grid=16, block=2, ratio=0.6, visible=0.2)
-    assert s.sum() == round(0.6 * 64) * 4                                   # 38 blocks of 2x2 scored
-    assert z.sum() == (38 - int(0.2 * 38)) * 4 and bool((s | ~z).all())     # zeroed is a subset of scored
+    assert s.sum() == round(0.6 * 64) * 4  # 38 blocks of 2x2 scored
+    assert z.sum() == (38 - int(0.2 * 38)) * 4 and bool(
+        (s | ~z).all()
+    )  # zeroed is a subset of scored
     again, _ = block_mask(random.Random(0), 16, 2, 0.6, 0.2)
     assert torch.equal(z, again)
 
@@ -73,35 +90,61 @@ def test_collate_masks_text_but_not_special_tokens(assets):
     tok = AutoTokenizer.from_pretrained(assets / "tiny" / "clip")
     cfg = Stage1Config(max_text_len=12, mtm_prob=0.5)
     collate = Collate(tok, cfg, grid=8, patch=8, seed=0)
-    items = [{"key": f"k{i}", "meta": {}, "text": "two red circles on the left", "image": torch.randn(3, 64, 64)}
-             for i in range(6)]
+    items = [
+        {
+            "key": f"k{i}",
+            "meta": {},
+            "text": "two red circles on the left",
+            "image": torch.randn(3, 64, 64),
+        }
+        for i in range(6)
+    ]
     b = collate(items)
     selected = b["labels"] != -100
-    assert selected.any(1).all()                                            # every caption has a target
-    assert not selected[b["attn"] == 0].any()                                # no padding selected
+    assert selected.any(1).all()  # every caption has a target
+    assert not selected[b["attn"] == 0].any()  # no padding selected
     specials = torch.isin(b["ids"], torch.tensor(tok.all_special_ids))
-    assert not selected[specials].any()                                      # no special token selected
+    assert not selected[specials].any()  # no special token selected
     assert torch.equal(b["labels"][selected], b["ids"][selected])
     replaced = b["masked_ids"] != b["ids"]
     assert (b["masked_ids"][replaced] == tok.mask_token_id).all() and not replaced[~selected].any()
-    zero_pix = (b["masked_pixels"] == 0).all(1)                              # zeroed pixels, all channels
+    zero_pix = (b["masked_pixels"] == 0).all(1)  # zeroed pixels, all channels
     assert zero_pix.any() and not torch.equal(b["masked_pixels"], b["pixels"])
 
 
 def test_iqformer_init_from_bert(assets):
-    assert bert_key_to_qformer("encoder.layer.3.attention.self.query.weight") == \
-        "qformer.encoder.layer.3.attention.attention.query.weight"
-    assert bert_key_to_qformer("encoder.layer.0.output.LayerNorm.bias") == "qformer.encoder.layer.0.output_query.LayerNorm.bias"
-    assert bert_key_to_qformer("encoder.layer.0.attention.output.dense.weight") == \
-        "qformer.encoder.layer.0.attention.output.dense.weight"
+    assert (
+        bert_key_to_qformer("encoder.layer.3.attention.self.query.weight")
+        == "qformer.encoder.layer.3.attention.attention.query.weight"
+    )
+    assert (
+        bert_key_to_qformer("encoder.layer.0.output.LayerNorm.bias")
+        == "qformer.encoder.layer.0.output_query.LayerNorm.bias"
+    )
+    assert (
+        bert_key_to_qformer("encoder.layer.0.attention.output.dense.weight")
+        == "qformer.encoder.layer.0.attention.output.dense.weight"
+    )
     assert bert_key_to_qformer("embeddings.word_embeddings.weight") is None
-    iq = IQFormer(IQFormerConfig(width=64, layers=2, heads=4, intermediate=128, num_queries=4, vision_width=64,
-                                 text_width=64))
+    iq = IQFormer(
+        IQFormerConfig(
+            width=64,
+            layers=2,
+            heads=4,
+            intermediate=128,
+            num_queries=4,
+            vision_width=64,
+            text_width=64,
+        )
+    )
     report = init_from_bert(iq, str(assets / "tiny" / "bert"))
     from transformers import BertModel
+
     bert = BertModel.from_pretrained(assets / "tiny" / "bert")
-    assert torch.equal(iq.state_dict()["qformer.encoder.layer.1.intermediate_query.dense.weight"],
-                       bert.state_dict()["encoder.layer.1.intermediate.dense.weight"])
+    assert torch.equal(
+        iq.state_dict()["qformer.encoder.layer.1.intermediate_query.dense.weight"],
+        bert.state_dict()["encoder.layer.1.intermediate.dense.weight"],
+    )
     assert any("crossattention" in k for k in report["random"]) and "queries" in report["random"]
     assert not any("crossattention" in k for k in report["loaded"])
 
@@ -110,10 +153,12 @@ def test_retrieval_recalls_definition():
     e = torch.eye(4)
     perfect = retrieval_recalls(e, e, ks=(1,))
     assert perfect["i2t_r@1"] == perfect["t2i_r@1"] == 1.0
-    shifted = retrieval_recalls(e, e.roll(1, 0), ks=(1, 2))                 # image i's best text is i+1
+    shifted = retrieval_recalls(e, e.roll(1, 0), ks=(1, 2))  # image i's best text is i+1
     assert shifted["i2t_r@1"] == 0.0
     text = torch.tensor([[1.0, 0.2], [0.9, 0.1], [0.0, 1.0]])
-    image = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    image = torch.nn.functional.normalize(
+        torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), dim=-1
+    )
     r = retrieval_recalls(image, torch.nn.functional.normalize(text, dim=-1), ks=(1,))
     # image 0 = image 1 = (1, 0) both rank text 1 first: image 1 hits, image 0 misses, image 2 hits
     assert r["i2t_r@1"] == pytest.approx(2 / 3)

@@ -1,4 +1,5 @@
 """VIKDF stage 2 (BVIF fusion, dialogue fine-tuning, generation + metrics) on 2 CPU ranks under ZeRO-3."""
+
 import json
 
 import pytest
@@ -18,15 +19,32 @@ def assets(tmp_path_factory, tiny_models):
     (root / "tiny").symlink_to(tiny_models)
     synth("image-text", str(root / "it"), 400, seed=0)
     synth("dialogue", str(root / "dlg"), 400, seed=0)
-    IQFormer(IQFormerConfig(width=64, layers=2, heads=4, intermediate=128, num_queries=8, cross_attention_every=1,
-                            vision_width=64, text_width=64)).save_pretrained(root / "stage1" / "iqformer")
+    IQFormer(
+        IQFormerConfig(
+            width=64,
+            layers=2,
+            heads=4,
+            intermediate=128,
+            num_queries=8,
+            cross_attention_every=1,
+            vision_width=64,
+            text_width=64,
+        )
+    ).save_pretrained(root / "stage1" / "iqformer")
     return root
 
 
 def common(assets, *extra):
     t = assets / "tiny"
-    return [f"recipe.llm_path={t / 'llama'}", f"recipe.vision_path={t / 'clip'}", f"recipe.text_path={t / 'clip'}",
-            f"recipe.stage1={assets / 'stage1'}", "train.micro_batch_size=8", "log.every=1", *extra]
+    return [
+        f"recipe.llm_path={t / 'llama'}",
+        f"recipe.vision_path={t / 'clip'}",
+        f"recipe.text_path={t / 'clip'}",
+        f"recipe.stage1={assets / 'stage1'}",
+        "train.micro_batch_size=8",
+        "log.every=1",
+        *extra,
+    ]
 
 
 def data(assets, kind):
@@ -40,25 +58,48 @@ def test_fusion_logs_each_term_resumes_exactly_and_dialogue_starts_from_it(asset
     train(fusion, args, config=FUSION)
     train(split, args + ["run.stop_after_steps=3"], config=FUSION)
     train(split, args, config=FUSION)
-    for k in ("ce", "recon", "kl"):       # each term logged; equal after a resume, sampled latent included
+    for k in (
+        "ce",
+        "recon",
+        "kl",
+    ):  # each term logged; equal after a resume, sampled latent included
         straight, resumed = scalars(fusion, f"loss/{k}"), scalars(split, f"loss/{k}")
-        assert len(straight) == 6 and [straight[s] for s in (4, 5, 6)] == [resumed[s] for s in (4, 5, 6)], k
+        assert len(straight) == 6 and [straight[s] for s in (4, 5, 6)] == [
+            resumed[s] for s in (4, 5, 6)
+        ], k
     assert "ppl" in json.loads((fusion / "eval.jsonl").read_text().splitlines()[-1])
     from mmtrain.cli import main
+
     assert main(["export", str(fusion), str(tmp_path / "fx")]) == 0
     whole = load_file(tmp_path / "fx" / "model.safetensors")
     assert any(k.startswith("bvif.prior.") for k in whole) and not any(".llm." in k for k in whole)
     dialogue = tmp_path / "runs" / "dialogue"
-    train(dialogue, common(assets, "train.steps=3", f"recipe.init_from={tmp_path / 'fx'}", *data(assets, "dialogue")),
-          config=DIALOGUE)
-    assert "resumed" not in (dialogue / "train.log").read_text() and len(scalars(dialogue, "loss/ce")) == 3
+    train(
+        dialogue,
+        common(
+            assets,
+            "train.steps=3",
+            f"recipe.init_from={tmp_path / 'fx'}",
+            *data(assets, "dialogue"),
+        ),
+        config=DIALOGUE,
+    )
+    assert (
+        "resumed" not in (dialogue / "train.log").read_text()
+        and len(scalars(dialogue, "loss/ce")) == 3
+    )
 
 
 def test_deterministic_form_has_no_latent(assets, tmp_path):
     run = tmp_path / "runs" / "det"
-    train(run, common(assets, "train.steps=3", "recipe.variational=false", *data(assets, "fusion")), config=FUSION)
+    train(
+        run,
+        common(assets, "train.steps=3", "recipe.variational=false", *data(assets, "fusion")),
+        config=FUSION,
+    )
     assert scalars(run, "loss/recon") and scalars(run, "loss/ce")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     assert "loss/kl" not in acc.Tags()["scalars"]
@@ -66,8 +107,15 @@ def test_deterministic_form_has_no_latent(assets, tmp_path):
 
 def test_dialogue_resumes_exactly_with_lora_and_exports_the_adapter(assets, tmp_path):
     lora = "recipe.lora={enabled: true, r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"
-    args = common(assets, "train.steps=6", "checkpoint.every=100", "eval.at_end=false", lora,
-                  "recipe.data.workers=2", *data(assets, "dialogue"))
+    args = common(
+        assets,
+        "train.steps=6",
+        "checkpoint.every=100",
+        "eval.at_end=false",
+        lora,
+        "recipe.data.workers=2",
+        *data(assets, "dialogue"),
+    )
     a, b = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
     train(a, args, config=DIALOGUE)
     train(b, args + ["run.stop_after_steps=3"], config=DIALOGUE)
@@ -75,22 +123,44 @@ def test_dialogue_resumes_exactly_with_lora_and_exports_the_adapter(assets, tmp_
     sa, sb = scalars(a, "loss/ce"), scalars(b, "loss/ce")
     assert [sa[s] for s in (4, 5, 6)] == [sb[s] for s in (4, 5, 6)]
     from mmtrain.cli import main
+
     assert main(["export", str(a), str(tmp_path / "ax")]) == 0
     adapter = load_file(tmp_path / "ax" / "llm" / "adapter_model.safetensors")
     assert adapter and any(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets / "tiny" / "llama"), tmp_path / "ax" / "llm")
+
+    PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(assets / "tiny" / "llama"), tmp_path / "ax" / "llm"
+    )
 
 
 def test_eval_generates_on_two_ranks_and_writes_predictions(assets, tmp_path):
     run = tmp_path / "runs" / "gen"
-    train(run, common(assets, "train.steps=2", *data(assets, "dialogue"),
-                      "recipe.generation={num_beams: 3, no_repeat_ngram_size: 3, max_new_tokens: 8}"), config=DIALOGUE)
+    train(
+        run,
+        common(
+            assets,
+            "train.steps=2",
+            *data(assets, "dialogue"),
+            "recipe.generation={num_beams: 3, no_repeat_ngram_size: 3, max_new_tokens: 8}",
+        ),
+        config=DIALOGUE,
+    )
     result = eval_ranks(run, "--split", "val")
-    assert result["n"] == 40 and {"bleu1", "bleu2", "rougeL", "distinct1", "distinct2", "ppl"} <= set(result)
-    rows = [json.loads(line) for line in (run / "predictions_val_step_00000002.jsonl").read_text().splitlines()]
-    assert len(rows) == 40 and len({r["key"] for r in rows}) == 40        # both ranks' halves, once each
+    assert result["n"] == 40 and {
+        "bleu1",
+        "bleu2",
+        "rougeL",
+        "distinct1",
+        "distinct2",
+        "ppl",
+    } <= set(result)
+    rows = [
+        json.loads(line)
+        for line in (run / "predictions_val_step_00000002.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 40 and len({r["key"] for r in rows}) == 40  # both ranks' halves, once each
     assert all(r["prediction"] is not None and r["reference"] for r in rows)
     assert json.loads((run / "eval_val_step_00000002.json").read_text())["bleu1"] == result["bleu1"]
 
@@ -99,8 +169,11 @@ def test_fusion_bench_step_runs_and_counts_flops():
     from mmtrain.bench_vikdf import fusion
 
     row = fusion(batch=2, text_len=6, iters=1, warm=0, size="tiny", device="cpu")
-    assert row["tok_s"] > 0 and row["tflops"] >= 0 and row["llm_tokens_per_step"] == 2 * ((9 + 6 + 8) + (9 + 8 + 7))
-
+    assert (
+        row["tok_s"] > 0
+        and row["tflops"] >= 0
+        and row["llm_tokens_per_step"] == 2 * ((9 + 6 + 8) + (9 + 8 + 7))
+    )
 
 
 def _dialogue_ppl(overrides, steps: int) -> float:
@@ -113,8 +186,15 @@ def _dialogue_ppl(overrides, steps: int) -> float:
     from mmtrain.recipes.vikdf_fuse import VIKDFFuse
 
     cfg = load_config(str(DIALOGUE), ["recipe.data.workers=0", *overrides])
-    ctx = RunContext(rank=0, world_size=1, device=torch.device("cpu"), dtype=torch.float32, micro_batch_size=16,
-                     seed=0, run_dir=None)
+    ctx = RunContext(
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        micro_batch_size=16,
+        seed=0,
+        run_dir=None,
+    )
     recipe = VIKDFFuse(cfg.recipe, ctx)
     torch.manual_seed(0)
     model, data = recipe.build_model(), recipe.build_data()
@@ -135,9 +215,14 @@ def test_knowledge_matters_image_knowledge_beats_no_knowledge(stage1_run, tiny_m
     perplexity than with input-independent soft prompts (`recipe.knowledge=none`)."""
     synth("dialogue", str(tmp_path / "dlg"), 2000, seed=0)
     t = tiny_models
-    base = [f"recipe.llm_path={t / 'llama'}", f"recipe.vision_path={t / 'clip'}", f"recipe.text_path={t / 'clip'}",
-            f"recipe.stage1={stage1_run[1]}", f"recipe.data.train={tmp_path / 'dlg' / 'train'}",
-            f"recipe.data.val={tmp_path / 'dlg' / 'val'}"]
-    with_image = _dialogue_ppl(base + ["recipe.knowledge=image"], 300)          # measured: ~1.42 vs ~1.52
+    base = [
+        f"recipe.llm_path={t / 'llama'}",
+        f"recipe.vision_path={t / 'clip'}",
+        f"recipe.text_path={t / 'clip'}",
+        f"recipe.stage1={stage1_run[1]}",
+        f"recipe.data.train={tmp_path / 'dlg' / 'train'}",
+        f"recipe.data.val={tmp_path / 'dlg' / 'val'}",
+    ]
+    with_image = _dialogue_ppl(base + ["recipe.knowledge=image"], 300)  # measured: ~1.42 vs ~1.52
     without = _dialogue_ppl(base + ["recipe.knowledge=none"], 300)
     assert with_image < without - 0.02, (with_image, without)

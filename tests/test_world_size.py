@@ -3,6 +3,7 @@
 The fast suite runs the toy LM at 1 and 2 ranks and its resumes 2 -> 1 and 1 -> 2; the heavy
 group (`make test-all`) runs the harness for every recipe at 1, 2 and 4 ranks.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,29 +33,51 @@ def toy(tmp_path_factory):
 
 def test_toy_lm_trains_the_same_on_one_and_two_ranks(toy, tmp_path):
     accum = run_layout(TOY, tmp_path / "runs" / "w1ga2", 1, grad_accum=2)
-    assert_invariant(toy[1], {"2 ranks": toy[2], "1 rank, grad_accum 2": accum}, range(1, 7), LOSS_RTOL,
-                     PARAM_ATOL, tmp_path / "report.json")
-    assert toy[1].losses["lm"][6] < toy[1].losses["lm"][1]          # it trains
+    assert_invariant(
+        toy[1],
+        {"2 ranks": toy[2], "1 rank, grad_accum 2": accum},
+        range(1, 7),
+        LOSS_RTOL,
+        PARAM_ATOL,
+        tmp_path / "report.json",
+    )
+    assert toy[1].losses["lm"][6] < toy[1].losses["lm"][1]  # it trains
 
 
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
 def test_resume_on_another_number_of_ranks_continues_the_same_run(toy, tmp_path, before, after):
     run = tmp_path / "runs" / f"{before}to{after}"
     run_layout(TOY, run, before, extra=["run.stop_after_steps=3"], params=False)
-    resumed = run_layout(TOY, run, after)                             # run.resume=auto, another world size
+    resumed = run_layout(TOY, run, after)  # run.resume=auto, another world size
     log = (run / "train.log").read_text()
-    assert f"checkpoint written by {before} ranks, resumed on {after}" in log and "resumed from" in log
+    assert (
+        f"checkpoint written by {before} ranks, resumed on {after}" in log and "resumed from" in log
+    )
     assert (run / "checkpoints" / "step_00000003" / "universal").is_dir()
-    assert_invariant(toy[after], {f"{before} -> {after} ranks": resumed}, range(4, 7), LOSS_RTOL, PARAM_ATOL,
-                     tmp_path / "report.json")
+    assert_invariant(
+        toy[after],
+        {f"{before} -> {after} ranks": resumed},
+        range(4, 7),
+        LOSS_RTOL,
+        PARAM_ATOL,
+        tmp_path / "report.json",
+    )
 
 
-# ----------------------------------------------------------------------------- every recipe, 1/2/4 ranks
+# ----------------------------------------------------------------------------- every recipe, 1/2/4
+# ranks
+
 
 def invariant_at_1_2_4(case: Case, root, steps=None):
     runs = {w: run_layout(case, root / "runs" / f"w{w}", w) for w in (1, 2, 4)}
-    return runs, assert_invariant(runs[1], {"2 ranks": runs[2], "4 ranks": runs[4]},
-                                  steps or range(1, case.steps + 1), LOSS_RTOL, PARAM_ATOL, root / "report.json")
+    return runs, assert_invariant(
+        runs[1],
+        {"2 ranks": runs[2], "4 ranks": runs[4]},
+        steps or range(1, case.steps + 1),
+        LOSS_RTOL,
+        PARAM_ATOL,
+        root / "report.json",
+    )
 
 
 @pytest.mark.heavy
@@ -65,11 +88,21 @@ def test_toy_lm_at_four_ranks(tmp_path):
 @pytest.mark.heavy
 def test_vikdf_stage1_global_tim_negatives(tmp_path, tiny_models, image_text_shards):
     t = tiny_models
-    case = Case(REPO / "configs" / "demo" / "vikdf_stage1.yaml",
-                [f"recipe.vision_path={t / 'clip'}", f"recipe.text_path={t / 'clip'}", f"recipe.bert_init={t / 'bert'}",
-                 f"recipe.data.train={image_text_shards / 'train'}", f"recipe.data.val={image_text_shards / 'val'}",
-                 "recipe.data.workers=1",
-                 "recipe.image_log_every=0"], global_batch=16, steps=4, losses=("tim", "mim", "mtm"))
+    case = Case(
+        REPO / "configs" / "demo" / "vikdf_stage1.yaml",
+        [
+            f"recipe.vision_path={t / 'clip'}",
+            f"recipe.text_path={t / 'clip'}",
+            f"recipe.bert_init={t / 'bert'}",
+            f"recipe.data.train={image_text_shards / 'train'}",
+            f"recipe.data.val={image_text_shards / 'val'}",
+            "recipe.data.workers=1",
+            "recipe.image_log_every=0",
+        ],
+        global_batch=16,
+        steps=4,
+        losses=("tim", "mim", "mtm"),
+    )
     invariant_at_1_2_4(case, tmp_path)
 
 
@@ -78,8 +111,19 @@ def stage2(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage2ws")
     synth("image-text", str(root / "it"), 200, seed=0)
     synth("dialogue", str(root / "dlg"), 200, seed=0)
-    IQFormer(IQFormerConfig(width=64, layers=2, heads=4, intermediate=128, num_queries=8, cross_attention_every=1,
-                            vision_width=64, text_width=64, dropout=0.0)).save_pretrained(root / "stage1" / "iqformer")
+    IQFormer(
+        IQFormerConfig(
+            width=64,
+            layers=2,
+            heads=4,
+            intermediate=128,
+            num_queries=8,
+            cross_attention_every=1,
+            vision_width=64,
+            text_width=64,
+            dropout=0.0,
+        )
+    ).save_pretrained(root / "stage1" / "iqformer")
     return root
 
 
@@ -88,31 +132,54 @@ def stage2(tmp_path_factory):
 def test_vikdf_fusion_and_dialogue(tmp_path, tiny_models, stage2, phase):
     t = tiny_models
     data = stage2 / ("it" if phase == "fusion" else "dlg")
-    case = Case(REPO / "configs" / "demo" / f"vikdf_{phase}.yaml",
-                [f"recipe.llm_path={t / 'llama'}", f"recipe.vision_path={t / 'clip'}", f"recipe.text_path={t / 'clip'}",
-                 f"recipe.stage1={stage2 / 'stage1'}", f"recipe.data.train={data / 'train'}",
-                 f"recipe.data.val={data / 'val'}", "recipe.data.workers=1"], global_batch=16, steps=4,
-                losses=("ce", "recon", "kl") if phase == "fusion" else ("ce",))
+    case = Case(
+        REPO / "configs" / "demo" / f"vikdf_{phase}.yaml",
+        [
+            f"recipe.llm_path={t / 'llama'}",
+            f"recipe.vision_path={t / 'clip'}",
+            f"recipe.text_path={t / 'clip'}",
+            f"recipe.stage1={stage2 / 'stage1'}",
+            f"recipe.data.train={data / 'train'}",
+            f"recipe.data.val={data / 'val'}",
+            "recipe.data.workers=1",
+        ],
+        global_batch=16,
+        steps=4,
+        losses=("ce", "recon", "kl") if phase == "fusion" else ("ce",),
+    )
     invariant_at_1_2_4(case, tmp_path)
 
 
 @pytest.mark.heavy
 def test_dyncot_dynamic_loss_table_and_decisions(tmp_path, tiny_models):
-    synth("keyphrase", str(tmp_path / "kp"), 100, seed=0)      # 80 training posts: 5 steps an epoch
-    case = Case(REPO / "configs" / "demo" / "dyncot.yaml",
-                [f"recipe.model_path={tiny_models / 'qwen2vl'}", f"recipe.data.train={tmp_path / 'kp' / 'train'}",
-                 f"recipe.data.val={tmp_path / 'kp' / 'val'}",
-                 "recipe.dynamic.warmup_epochs=1"],
-                global_batch=16, steps=7, losses=("sft",))
+    synth("keyphrase", str(tmp_path / "kp"), 100, seed=0)  # 80 training posts: 5 steps an epoch
+    case = Case(
+        REPO / "configs" / "demo" / "dyncot.yaml",
+        [
+            f"recipe.model_path={tiny_models / 'qwen2vl'}",
+            f"recipe.data.train={tmp_path / 'kp' / 'train'}",
+            f"recipe.data.val={tmp_path / 'kp' / 'val'}",
+            "recipe.dynamic.warmup_epochs=1",
+        ],
+        global_batch=16,
+        steps=7,
+        losses=("sft",),
+    )
     runs, _ = invariant_at_1_2_4(case, tmp_path)
-    decisions = {w: [json.loads(line) for line in (r.run / "dynamic_cot.jsonl").read_text().splitlines()]
-                 for w, r in runs.items()}
+    decisions = {
+        w: [json.loads(line) for line in (r.run / "dynamic_cot.jsonl").read_text().splitlines()]
+        for w, r in runs.items()
+    }
     switched = {w: switched_keys(r.run) for w, r in runs.items()}
-    assert 0 < len(switched[1]) < 80 and switched[1] == switched[2] == switched[4]    # the same posts
+    assert 0 < len(switched[1]) < 80 and switched[1] == switched[2] == switched[4]  # the same posts
     for w in (2, 4):
-        assert [d["newly_switched"] for d in decisions[w]] == [d["newly_switched"] for d in decisions[1]]
-        assert [d["gamma"] for d in decisions[w]] == pytest.approx([d["gamma"] for d in decisions[1]], rel=1e-5)
-    assert sum(scalars(runs[1].run, "stats/cot_frac")[s] for s in (6, 7)) > 0       # the decision acts
+        assert [d["newly_switched"] for d in decisions[w]] == [
+            d["newly_switched"] for d in decisions[1]
+        ]
+        assert [d["gamma"] for d in decisions[w]] == pytest.approx(
+            [d["gamma"] for d in decisions[1]], rel=1e-5
+        )
+    assert sum(scalars(runs[1].run, "stats/cot_frac")[s] for s in (6, 7)) > 0  # the decision acts
     # preempted on 2 ranks in the middle of the first epoch, resumed on 4: the loss table of the
     # epoch so far is re-sharded, and the decision at its end is the uninterrupted run's
     run = tmp_path / "runs" / "2to4"
@@ -120,7 +187,14 @@ def test_dyncot_dynamic_loss_table_and_decisions(tmp_path, tiny_models):
     resumed = run_layout(case, run, 4)
     assert "checkpoint written by 2 ranks, resumed on 4" in (run / "train.log").read_text()
     assert switched_keys(run) == switched[1]
-    assert_invariant(runs[4], {"2 -> 4 ranks": resumed}, range(4, 8), LOSS_RTOL, PARAM_ATOL, tmp_path / "resume.json")
+    assert_invariant(
+        runs[4],
+        {"2 -> 4 ranks": resumed},
+        range(4, 8),
+        LOSS_RTOL,
+        PARAM_ATOL,
+        tmp_path / "resume.json",
+    )
 
 
 def switched_keys(run):
@@ -134,8 +208,15 @@ def switched_keys(run):
 @pytest.mark.heavy
 def test_kdsl_per_task_adapters(tmp_path, tiny_models):
     synth("intent", str(tmp_path / "intent"), 100, seed=0)
-    case = Case(REPO / "configs" / "demo" / "kdsl.yaml",
-                [f"recipe.model_path={tiny_models / 'qwen2vl'}", f"recipe.data.train={tmp_path / 'intent' / 'train'}",
-                 f"recipe.data.val={tmp_path / 'intent' / 'val'}"],
-                global_batch=16, steps=4, losses=("scene", "intent"))
+    case = Case(
+        REPO / "configs" / "demo" / "kdsl.yaml",
+        [
+            f"recipe.model_path={tiny_models / 'qwen2vl'}",
+            f"recipe.data.train={tmp_path / 'intent' / 'train'}",
+            f"recipe.data.val={tmp_path / 'intent' / 'val'}",
+        ],
+        global_batch=16,
+        steps=4,
+        losses=("scene", "intent"),
+    )
     invariant_at_1_2_4(case, tmp_path)

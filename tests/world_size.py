@@ -8,6 +8,7 @@ token stream is a function of the global sample index. Runs are fp32 under ZeRO-
 off (per-rank random streams are the one thing that cannot be the same at two world sizes).
 Any recipe uses it: give its config, its overrides and the losses it logs.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,6 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from tests.helpers import scalars, train
-
 
 # Adam divides each gradient element by its own running magnitude: an element whose gradient is
 # tiny (zero in exact arithmetic, as for attention key biases, or a cancellation at initialisation,
@@ -35,30 +35,53 @@ class Case:
     overrides: List[str]
     global_batch: int
     steps: int
-    losses: Sequence[str]                 # the loss names the recipe logs (loss/<name>)
+    losses: Sequence[str]  # the loss names the recipe logs (loss/<name>)
     timeout: float = 600
 
 
 @dataclass
 class Trained:
     run: Path
-    losses: Dict[str, Dict[int, float]]   # loss/<name> -> step -> value
+    losses: Dict[str, Dict[int, float]]  # loss/<name> -> step -> value
     params: Dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def layout_args(case: Case, world: int, grad_accum: int = 1) -> List[str]:
     mb, rest = divmod(case.global_batch, world * grad_accum)
-    assert rest == 0, f"global batch {case.global_batch} does not split over {world} ranks x {grad_accum}"
-    return [f"train.micro_batch_size={mb}", f"train.grad_accum={grad_accum}", f"train.steps={case.steps}",
-            "deepspeed.precision=fp32", "deepspeed.zero_stage=3", f"train.eps={ADAM_EPS}", "log.every=1", "eval.every=0",
-            "eval.at_end=false", "checkpoint.every=1000", "checkpoint.keep=3"]
+    assert rest == 0, (
+        f"global batch {case.global_batch} does not split over {world} ranks x {grad_accum}"
+    )
+    return [
+        f"train.micro_batch_size={mb}",
+        f"train.grad_accum={grad_accum}",
+        f"train.steps={case.steps}",
+        "deepspeed.precision=fp32",
+        "deepspeed.zero_stage=3",
+        f"train.eps={ADAM_EPS}",
+        "log.every=1",
+        "eval.every=0",
+        "eval.at_end=false",
+        "checkpoint.every=1000",
+        "checkpoint.keep=3",
+    ]
 
 
-def run_layout(case: Case, run: Path, world: int, grad_accum: int = 1, extra: Sequence[str] = (),
-               params: bool = True) -> Trained:
+def run_layout(
+    case: Case,
+    run: Path,
+    world: int,
+    grad_accum: int = 1,
+    extra: Sequence[str] = (),
+    params: bool = True,
+) -> Trained:
     """Train `case` on `world` ranks; its logged losses and (exported, fp32) parameters."""
-    train(run, [*case.overrides, *layout_args(case, world, grad_accum), *extra], world=world, config=case.config,
-          timeout=case.timeout)
+    train(
+        run,
+        [*case.overrides, *layout_args(case, world, grad_accum), *extra],
+        world=world,
+        config=case.config,
+        timeout=case.timeout,
+    )
     out = Trained(run, {name: scalars(run, f"loss/{name}") for name in ("total", *case.losses)})
     if params:
         from safetensors.torch import load_file
@@ -77,7 +100,9 @@ def differences(a: Trained, b: Trained, steps: Sequence[int]) -> Tuple[float, fl
     for name, va in a.losses.items():
         vb = b.losses[name]
         for s in steps:
-            assert s in va and s in vb, f"loss/{name} not logged at step {s}: {sorted(va)} / {sorted(vb)}"
+            assert s in va and s in vb, (
+                f"loss/{name} not logged at step {s}: {sorted(va)} / {sorted(vb)}"
+            )
             loss_diff = max(loss_diff, abs(va[s] - vb[s]) / max(abs(va[s]), 1e-6))
     param_diff = 0.0
     if a.params or b.params:
@@ -87,12 +112,21 @@ def differences(a: Trained, b: Trained, steps: Sequence[int]) -> Tuple[float, fl
     return loss_diff, param_diff
 
 
-def assert_invariant(reference: Trained, others: Dict[str, Trained], steps: Sequence[int], loss_rtol: float,
-                     param_atol: float, report: Path) -> Dict[str, Tuple[float, float]]:
+def assert_invariant(
+    reference: Trained,
+    others: Dict[str, Trained],
+    steps: Sequence[int],
+    loss_rtol: float,
+    param_atol: float,
+    report: Path,
+) -> Dict[str, Tuple[float, float]]:
     """Every run in `others` trains as `reference` did; the measured differences go to `report`."""
     measured = {name: differences(reference, t, steps) for name, t in others.items()}
-    report.write_text(json.dumps({k: {"loss_rel": v[0], "param_abs": v[1]} for k, v in measured.items()},
-                                 indent=2))
+    report.write_text(
+        json.dumps(
+            {k: {"loss_rel": v[0], "param_abs": v[1]} for k, v in measured.items()}, indent=2
+        )
+    )
     print(f"world-size invariance, {reference.run.name}:", json.dumps(measured))
     for name, (dl, dp) in measured.items():
         assert dl <= loss_rtol, f"{name}: losses differ by {dl:.3g} (relative) > {loss_rtol}"

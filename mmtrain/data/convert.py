@@ -2,8 +2,9 @@
 
     --from image-caption-jsonl   {"image": path, "caption": text} per line
     --from coco                  COCO captions JSON (images + annotations), one sample per caption
-    --from dialogue-jsonl        {"context": [turns], "response": text, "image"?: path} per line (Reddit
-                                 exports), or Image-Chat's {"image"|"image_hash": ..., "dialog": [[speaker, text], ...]}
+    --from dialogue-jsonl        {"context": [turns], "response": text, "image"?: path} per line
+                                 (Reddit exports), or Image-Chat's {"image"|"image_hash": ...,
+                                 "dialog": [[speaker, text], ...]}
     --from keyphrase-lines       text<sep>kp1;kp2<sep>image per line (the classic MMKP layout)
     --from keyphrase-jsonl       {"text", "keyphrases": [..] | "kp1;kp2", "image", "rationale"?} per line
     --from llava-intent          LLaVA-style conversation JSON: [{"id", "image", "conversations":
@@ -12,6 +13,7 @@ Image paths are relative to --image-root (default: the input file's directory). 
 an unreadable image or a malformed record is skipped and listed in the report (count, reasons,
 first examples with file and line); zero valid samples is an error and writes nothing.
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +44,13 @@ class Report:
             self.examples.append({"file": str(file), "line": line, "reason": reason})
 
     def as_dict(self, written: int) -> Dict[str, Any]:
-        return {"read": self.read, "written": written, "skipped": sum(self.reasons.values()),
-                "reasons": dict(self.reasons), "examples": self.examples}
+        return {
+            "read": self.read,
+            "written": written,
+            "skipped": sum(self.reasons.values()),
+            "reasons": dict(self.reasons),
+            "examples": self.examples,
+        }
 
 
 def load_image(root: Path, rel: Any) -> Tuple[str, bytes]:
@@ -97,13 +104,16 @@ def _record(rec: Any) -> Dict[str, Any]:
 
 # ------------------------------------------------------------------------- per format
 
+
 def image_caption_jsonl(path: Path, root: Path, opts) -> Iterator[Tuple[int, Dict[str, Any]]]:
     for n, rec in _jsonl(path):
+
         def build(rec=rec):
             rec = _record(rec)
             caption = _text(rec, "caption")
             ext, data = load_image(root, rec.get("image"))
             return {ext: data, "txt": caption, "json": {"caption": caption, "image": rec["image"]}}
+
         yield n, build
 
 
@@ -113,23 +123,32 @@ def coco(path: Path, root: Path, opts) -> Iterator[Tuple[int, Dict[str, Any]]]:
         images = {im["id"]: im["file_name"] for im in data["images"]}
         annotations = data["annotations"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DataError(f"{path} is not a COCO captions file (needs 'images' and 'annotations'): {e}") from None
+        raise DataError(
+            f"{path} is not a COCO captions file (needs 'images' and 'annotations'): {e}"
+        ) from None
     for n, ann in enumerate(annotations, 1):
+
         def build(ann=ann):
             ann = _record(ann)
             caption = _text(ann, "caption")
             if ann.get("image_id") not in images:
                 raise Skip(f"unknown image_id: {ann.get('image_id')!r}")
             ext, data = load_image(root, images[ann["image_id"]])
-            return {ext: data, "txt": caption, "json": {"caption": caption, "image": images[ann["image_id"]]}}
+            return {
+                ext: data,
+                "txt": caption,
+                "json": {"caption": caption, "image": images[ann["image_id"]]},
+            }
+
         yield n, build
 
 
 def dialogue_jsonl(path: Path, root: Path, opts) -> Iterator[Tuple[int, Dict[str, Any]]]:
     for n, rec in _jsonl(path):
+
         def build(rec=rec):
             rec = _record(rec)
-            if "dialog" in rec:                                    # Image-Chat
+            if "dialog" in rec:  # Image-Chat
                 turns = [t[-1] if isinstance(t, (list, tuple)) else t for t in rec["dialog"]]
                 if len(turns) < 2 or not all(isinstance(t, str) and t.strip() for t in turns):
                     raise Skip("malformed dialog: needs at least two non-empty turns")
@@ -138,20 +157,29 @@ def dialogue_jsonl(path: Path, root: Path, opts) -> Iterator[Tuple[int, Dict[str
                 context, response = rec.get("context"), _text(rec, "response")
                 if isinstance(context, str):
                     context = [context]
-                if not isinstance(context, list) or not context or not all(isinstance(t, str) for t in context):
+                if (
+                    not isinstance(context, list)
+                    or not context
+                    or not all(isinstance(t, str) for t in context)
+                ):
                     raise Skip("missing field: 'context' must be a non-empty list of turns")
-            sample: Dict[str, Any] = {"json": {"context": [t.strip() for t in context], "response": response.strip()}}
+            sample: Dict[str, Any] = {
+                "json": {"context": [t.strip() for t in context], "response": response.strip()}
+            }
             image = rec.get("image") or rec.get("image_hash")
             if image:
                 if "." not in Path(image).name:
-                    image = image + ".jpg"                           # Image-Chat names images by hash
+                    image = image + ".jpg"  # Image-Chat names images by hash
                 ext, data = load_image(root, image)
                 sample[ext] = data
             return sample
+
         yield n, build
 
 
-def _keyphrase_sample(text: str, kps: Any, image: Any, root: Path, rationale: Optional[str]) -> Dict[str, Any]:
+def _keyphrase_sample(
+    text: str, kps: Any, image: Any, root: Path, rationale: Optional[str]
+) -> Dict[str, Any]:
     if isinstance(kps, str):
         kps = kps.split(";")
     if not isinstance(kps, list):
@@ -172,25 +200,37 @@ def keyphrase_lines(path: Path, root: Path, opts) -> Iterator[Tuple[int, Dict[st
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
+
             def build(line=line, n=n):
                 parts = line.rstrip("\n").split(opts.sep)
                 if len(parts) != 3:
-                    raise Skip(f"malformed line: expected text{opts.sep}keyphrases{opts.sep}image, got {len(parts)} fields")
+                    raise Skip(
+                        f"malformed line: expected text{opts.sep}keyphrases{opts.sep}image, "
+                        f"got {len(parts)} fields"
+                    )
                 text, kps, image = (p.strip() for p in parts)
                 if not text:
                     raise Skip("missing field: empty text")
                 return _keyphrase_sample(text, kps, image, root, rationales.get(str(n)))
+
             yield n, build
 
 
 def keyphrase_jsonl(path: Path, root: Path, opts) -> Iterator[Tuple[int, Dict[str, Any]]]:
     rationales = _rationales(opts.rationales)
     for n, rec in _jsonl(path):
+
         def build(rec=rec, n=n):
             rec = _record(rec)
             rid = str(rec.get("id", n))
-            return _keyphrase_sample(_text(rec, "text"), rec.get("keyphrases"), rec.get("image"), root,
-                                     rec.get("rationale") or rationales.get(rid))
+            return _keyphrase_sample(
+                _text(rec, "text"),
+                rec.get("keyphrases"),
+                rec.get("image"),
+                root,
+                rec.get("rationale") or rationales.get(rid),
+            )
+
         yield n, build
 
 
@@ -202,6 +242,7 @@ def llava_intent(path: Path, root: Path, opts) -> Iterator[Tuple[int, Dict[str, 
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of conversations")
     for n, rec in enumerate(records, 1):
+
         def build(rec=rec):
             rec = _record(rec)
             conv = rec.get("conversations")
@@ -218,6 +259,7 @@ def llava_intent(path: Path, root: Path, opts) -> Iterator[Tuple[int, Dict[str, 
             meta = {"turns": turns, "scene": _text(rec, "scene"), "intent": _text(rec, "intent")}
             ext, data = load_image(root, rec.get("image"))
             return {ext: data, "json": meta}
+
         yield n, build
 
 
@@ -242,8 +284,15 @@ FORMATS: Dict[str, Tuple[str, Callable]] = {
 }
 
 
-def convert(fmt: str, inputs: List[str], out_dir: str, image_root: Optional[str] = None, opts=None,
-            max_count: int = 1000, max_size: float = 1e9) -> Dict[str, Any]:
+def convert(
+    fmt: str,
+    inputs: List[str],
+    out_dir: str,
+    image_root: Optional[str] = None,
+    opts=None,
+    max_count: int = 1000,
+    max_size: float = 1e9,
+) -> Dict[str, Any]:
     """Convert; returns the manifest (its 'report' holds what was skipped and why)."""
     if fmt not in FORMATS:
         raise DataError(f"--from must be one of {sorted(FORMATS)}, got {fmt!r}")
@@ -268,13 +317,26 @@ def convert(fmt: str, inputs: List[str], out_dir: str, image_root: Optional[str]
                 i += 1
 
     try:
-        manifest = write_shards(samples(), out_dir, kind, max_count=max_count, max_size=max_size,
-                                extra={"source": f"convert --from {fmt}", "inputs": [str(Path(f).resolve()) for f in inputs]})
+        manifest = write_shards(
+            samples(),
+            out_dir,
+            kind,
+            max_count=max_count,
+            max_size=max_size,
+            extra={
+                "source": f"convert --from {fmt}",
+                "inputs": [str(Path(f).resolve()) for f in inputs],
+            },
+        )
     except DataError as e:
         if "no valid samples" in str(e):
-            first = "; ".join(f"{x['file']}:{x['line']}: {x['reason']}" for x in report.examples[:3])
-            raise DataError(f"no valid samples in {report.read} records ({dict(report.reasons)}); nothing written. "
-                            f"First problems: {first or 'the input is empty'}") from None
+            first = "; ".join(
+                f"{x['file']}:{x['line']}: {x['reason']}" for x in report.examples[:3]
+            )
+            raise DataError(
+                f"no valid samples in {report.read} records ({dict(report.reasons)}); nothing written. "
+                f"First problems: {first or 'the input is empty'}"
+            ) from None
         raise
     manifest["report"] = report.as_dict(manifest["total"])
     (Path(out_dir) / "manifest.json").write_text(json.dumps(manifest, indent=2))

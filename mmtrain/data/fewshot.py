@@ -4,6 +4,7 @@ Reads a shard set, optionally maps its labels to a new label set (`--relabel old
 intents to coarser domains), keeps k examples per (new) label drawn with a seeded RNG, and writes
 them as a new shard set. A label with fewer than k examples keeps all it has (and is reported).
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,9 @@ from typing import Dict, Optional
 from mmtrain.data.shards import DataError, iter_shard, resolve, write_shards
 
 
-def fewshot(src: str, out: str, k: int, task: str, seed: int = 0, relabel: Optional[Dict[str, str]] = None) -> dict:
+def fewshot(
+    src: str, out: str, k: int, task: str, seed: int = 0, relabel: Optional[Dict[str, str]] = None
+) -> dict:
     if k < 1:
         raise DataError(f"--k must be >= 1, got {k}")
     paths, _, manifest = resolve(src)
@@ -34,7 +37,19 @@ def fewshot(src: str, out: str, k: int, task: str, seed: int = 0, relabel: Optio
             short[label] = len(items)
         chosen += rng.sample(items, min(k, len(items)))
     chosen.sort(key=lambda s: s["__key__"])
-    m = write_shards(iter(chosen), out, manifest.get("kind", "intent"),
-                     extra={"source": str(src), "fewshot": {"k": k, "task": task, "seed": seed,
-                                                            "relabel": relabel or {}, "short": short}})
+    m = write_shards(
+        iter(chosen),
+        out,
+        manifest.get("kind", "intent"),
+        extra={
+            "source": str(src),
+            "fewshot": {
+                "k": k,
+                "task": task,
+                "seed": seed,
+                "relabel": relabel or {},
+                "short": short,
+            },
+        },
+    )
     return m

@@ -6,6 +6,7 @@ processors) and reproduces it with PIL + numpy, matching transformers' PIL image
 (tested). With `fast=True` (default) JPEGs are decoded at a reduced DCT scale when they are at
 least twice the target size (PIL's `draft`), which is most of the decode time for large photos.
 """
+
 from __future__ import annotations
 
 import io
@@ -25,8 +26,8 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 @dataclass
 class ImageTransform:
-    resize: int = 224                 # shortest edge after resizing
-    crop: Optional[int] = 224         # centre crop (None: no crop, resize to resize x resize)
+    resize: int = 224  # shortest edge after resizing
+    crop: Optional[int] = 224  # centre crop (None: no crop, resize to resize x resize)
     mean: Sequence[float] = CLIP_MEAN
     std: Sequence[float] = CLIP_STD
     resample: int = Image.BICUBIC
@@ -34,35 +35,44 @@ class ImageTransform:
     fast: bool = True
 
     @classmethod
-    def from_pretrained(cls, directory: str, fast: bool = True) -> "ImageTransform":
+    def from_pretrained(cls, directory: str, fast: bool = True) -> ImageTransform:
         path = Path(directory) / "preprocessor_config.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: the vision encoder directory needs its processor config")
+            raise FileNotFoundError(
+                f"{path} is missing: the vision encoder directory needs its processor config"
+            )
         c = json.loads(path.read_text())
         size = c.get("size", 224)
         crop = c.get("crop_size") if c.get("do_center_crop", "crop_size" in c) else None
         if isinstance(size, dict):
             resize = size.get("shortest_edge") or size.get("height")
             if "height" in size and "shortest_edge" not in size and crop is None:
-                crop = size["height"]                        # SigLIP: a square resize
+                crop = size["height"]  # SigLIP: a square resize
         else:
             resize = size
         if isinstance(crop, dict):
             crop = crop.get("height")
-        return cls(resize=int(resize), crop=int(crop) if crop else None,
-                   mean=tuple(c.get("image_mean", CLIP_MEAN)), std=tuple(c.get("image_std", CLIP_STD)),
-                   resample=int(c.get("resample", Image.BICUBIC)), rescale=float(c.get("rescale_factor", 1 / 255)),
-                   fast=fast)
+        return cls(
+            resize=int(resize),
+            crop=int(crop) if crop else None,
+            mean=tuple(c.get("image_mean", CLIP_MEAN)),
+            std=tuple(c.get("image_std", CLIP_STD)),
+            resample=int(c.get("resample", Image.BICUBIC)),
+            rescale=float(c.get("rescale_factor", 1 / 255)),
+            fast=fast,
+        )
 
     def decode(self, data: bytes) -> Image.Image:
         im = Image.open(io.BytesIO(data))
         if self.fast and im.format == "JPEG":
-            im.draft("RGB", (self.resize, self.resize))      # only ever reduces to >= the requested size
+            im.draft(
+                "RGB", (self.resize, self.resize)
+            )  # only ever reduces to >= the requested size
         return im.convert("RGB")
 
     def __call__(self, im: Image.Image) -> torch.Tensor:
         w, h = im.size
-        if self.crop is None:                                  # square resize (SigLIP-style)
+        if self.crop is None:  # square resize (SigLIP-style)
             im = im.resize((self.resize, self.resize), self.resample)
         else:
             short, long = (w, h) if w <= h else (h, w)
@@ -79,7 +89,7 @@ class ImageTransform:
 
     def __post_init__(self):
         mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
-        self._offset = mean / self.rescale                    # (x * rescale - mean) / std
+        self._offset = mean / self.rescale  # (x * rescale - mean) / std
         self._gain = self.rescale / std
 
     def load(self, data: bytes) -> torch.Tensor:

@@ -28,6 +28,7 @@ the same batch (fixed batch shapes) and counted; unreadable or truncated shards 
 missing samples too; `data/skipped` reaches the logs, and more than `max_skip_fraction` of the
 samples seen stops the run with an error naming the shards.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -46,12 +47,15 @@ from mmtrain.data.shards import DataError, iter_shard, resolve, shard_index
 @dataclass
 class DataSection:
     """The data part of a recipe's config."""
-    train: str = shards_field()        # shard dir or brace pattern (dir/x-{000000..000009}.tar)
+
+    train: str = shards_field()  # shard dir or brace pattern (dir/x-{000000..000009}.tar)
     val: str = shards_field()
     mode: str = choices("exact", "resampled", "eval", default="exact")
-    workers: int = bounded(2, ge=0)    # DataLoader processes per rank (0: in the training process)
-    shuffle_buffer: int = bounded(1000, ge=1)  # exact: samples per shuffle window; resampled: per-worker buffer
-    steps_per_epoch: Optional[int] = bounded(None, ge=1)   # resampled mode: steps per rank per epoch
+    workers: int = bounded(2, ge=0)  # DataLoader processes per rank (0: in the training process)
+    shuffle_buffer: int = bounded(
+        1000, ge=1
+    )  # exact: samples per shuffle window; resampled: per-worker buffer
+    steps_per_epoch: Optional[int] = bounded(None, ge=1)  # resampled mode: steps per rank per epoch
     # corrupt/unreadable samples tolerated before the run stops, judged over at least
     # `skip_window` samples (a fraction of the first few batches means little)
     max_skip_fraction: float = bounded(0.01, ge=0, le=1)
@@ -74,29 +78,49 @@ def _shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[A
 class ShardStream(IterableDataset):
     """Yields this rank's collated micro-batches for one epoch, starting `start_batch` batches in."""
 
-    def __init__(self, spec: str, batch_size: int, decode: Callable[[dict], Any],
-                 collate: Callable[[List[Any]], Dict[str, Any]], rank: int, world: int, seed: int,
-                 mode: str = "exact", shuffle_buffer: int = 1000, steps_per_epoch: Optional[int] = None,
-                 grad_accum: int = 1):
+    def __init__(
+        self,
+        spec: str,
+        batch_size: int,
+        decode: Callable[[dict], Any],
+        collate: Callable[[List[Any]], Dict[str, Any]],
+        rank: int,
+        world: int,
+        seed: int,
+        mode: str = "exact",
+        shuffle_buffer: int = 1000,
+        steps_per_epoch: Optional[int] = None,
+        grad_accum: int = 1,
+    ):
         self.paths, self.counts, self.manifest = resolve(spec)
         self.spec, self.batch_size, self.decode, self.collate = spec, batch_size, decode, collate
-        self.rank, self.world, self.seed, self.mode, self.shuffle_buffer = rank, world, seed, mode, shuffle_buffer
+        self.rank, self.world, self.seed, self.mode, self.shuffle_buffer = (
+            rank,
+            world,
+            seed,
+            mode,
+            shuffle_buffer,
+        )
         self.grad_accum = grad_accum
         self.global_batch = batch_size * grad_accum * world
         total = sum(self.counts)
         if mode == "exact":
-            self.steps = total // self.global_batch                  # optimizer steps per epoch
+            self.steps = total // self.global_batch  # optimizer steps per epoch
             self.batches_per_epoch = self.steps * grad_accum
             self.window_steps = max(1, -(-shuffle_buffer // self.global_batch))
             if self.steps == 0:
-                raise DataError(f"{spec}: {total} samples cannot fill one global batch of {self.global_batch} "
-                                f"(micro_batch_size {batch_size} x grad_accum {grad_accum} x {world} ranks)")
-        elif mode == "eval":                  # every sample once; the tail padded with repeats
+                raise DataError(
+                    f"{spec}: {total} samples cannot fill one global batch of {self.global_batch} "
+                    f"(micro_batch_size {batch_size} x grad_accum {grad_accum} x {world} ranks)"
+                )
+        elif mode == "eval":  # every sample once; the tail padded with repeats
             self.per_rank = -(-total // world)
             self.batches_per_epoch = -(-self.per_rank // batch_size)
         elif mode == "resampled":
             if not steps_per_epoch:
-                raise DataError("data.mode=resampled needs data.steps_per_epoch (steps per rank per epoch)")
+                raise DataError(
+                    "data.mode=resampled needs data.steps_per_epoch (steps per rank per epoch)"
+                )
             self.batches_per_epoch = steps_per_epoch
         else:
             raise DataError(f"data.mode must be 'exact', 'resampled' or 'eval', got {mode!r}")
@@ -130,11 +154,15 @@ class ShardStream(IterableDataset):
             return pos + [pos[k % len(pos)] for k in range(self.batch_size - len(pos))]
         step, micro = divmod(b, self.grad_accum)
         w, j = divmod(step, self.window_steps)
-        batch = sorted(window[j * self.global_batch:(j + 1) * self.global_batch])
-        part = batch[self.rank * self.batch_size * self.grad_accum:][micro * self.batch_size:][:self.batch_size]
+        batch = sorted(window[j * self.global_batch : (j + 1) * self.global_batch])
+        part = batch[self.rank * self.batch_size * self.grad_accum :][micro * self.batch_size :][
+            : self.batch_size
+        ]
         return [w * self.window_steps * self.global_batch + p for p in part]
 
-    def _read(self, positions: List[int], order: List[int], starts: List[int], errors: List[str]) -> Dict[int, Any]:
+    def _read(
+        self, positions: List[int], order: List[int], starts: List[int], errors: List[str]
+    ) -> Dict[int, Any]:
         """Raw samples at `positions` (sorted), None where a shard lost them; each sample read by seeking to
         it (`ShardIndex`), so a rank reads only what it uses. Shard order[s] starts at position starts[s]."""
         out: Dict[int, Any] = {}
@@ -142,11 +170,11 @@ class ShardStream(IterableDataset):
         while k < len(positions):
             s = bisect.bisect_right(starts, positions[k]) - 1
             end = starts[s] + self.counts[order[s]]
-            mine = positions[k:bisect.bisect_left(positions, end, k)]
+            mine = positions[k : bisect.bisect_left(positions, end, k)]
             k += len(mine)
             try:
                 index = shard_index(self.paths[order[s]])
-            except OSError as e:                      # unreadable: all its samples are lost
+            except OSError as e:  # unreadable: all its samples are lost
                 errors.append(f"{self.paths[order[s]]}: {e}")
                 index = None
             if index is not None:
@@ -155,16 +183,18 @@ class ShardStream(IterableDataset):
                 for idx, sample in index.read(sorted({p - starts[s] for p in mine})):
                     out[starts[s] + idx] = sample
             for p in mine:
-                out.setdefault(p, None)               # lost to a truncated/unreadable shard
+                out.setdefault(p, None)  # lost to a truncated/unreadable shard
         return out
 
     def _planned(self, mine: range, errors: List[str]) -> Iterator[List[Any]]:
         """Raw samples of each of this worker's batches, in order."""
         order = self._shard_order()
-        starts = [0, *itertools.accumulate(self.counts[i] for i in order)][:-1]     # first position of each
+        # the first position of each shard
+        starts = [0, *itertools.accumulate(self.counts[i] for i in order)][:-1]
         k = 0
         while k < len(mine):
-            group = list(itertools.takewhile(lambda b: self._group(b) == self._group(mine[k]), mine[k:]))
+            first = self._group(mine[k])
+            group = list(itertools.takewhile(lambda b, g=first: self._group(b) == g, mine[k:]))
             k += len(group)
             window = self._window(self._group(group[0])) if self.mode == "exact" else None
             batches = [self._positions(b, window) for b in group]
@@ -173,7 +203,9 @@ class ShardStream(IterableDataset):
                 yield [raw[p] for p in ps]
 
     def _resampled(self, worker: int, errors: List[str]) -> Iterator[List[Any]]:
-        rng = random.Random(f"{self.seed}/resampled/{self.rank}/{worker}/{self.epoch}/{self.start_batch}")
+        rng = random.Random(
+            f"{self.seed}/resampled/{self.rank}/{worker}/{self.epoch}/{self.start_batch}"
+        )
 
         def raw():
             while True:
@@ -185,7 +217,9 @@ class ShardStream(IterableDataset):
                 for _ in range(self.counts[i] - got):
                     yield None
 
-        stream = _shuffled(raw(), self.shuffle_buffer, random.Random(f"{self.seed}/buffer/{rng.random()}"))
+        stream = _shuffled(
+            raw(), self.shuffle_buffer, random.Random(f"{self.seed}/buffer/{rng.random()}")
+        )
         while True:
             yield [next(stream) for _ in range(self.batch_size)]
 
@@ -194,7 +228,11 @@ class ShardStream(IterableDataset):
         physical, workers = (info.id, info.num_workers) if info else (0, 1)
         mine = range(self.start_batch + physical, self.batches_per_epoch, workers)
         errors: List[str] = []
-        chunks = self._resampled(physical, errors) if self.mode == "resampled" else self._planned(mine, errors)
+        chunks = (
+            self._resampled(physical, errors)
+            if self.mode == "resampled"
+            else self._planned(mine, errors)
+        )
         skipped = seen = 0
         last_good: Optional[List[Any]] = None
         for _, chunk in zip(mine, chunks):
@@ -208,10 +246,14 @@ class ShardStream(IterableDataset):
                 except Exception as e:  # a corrupt sample: counted, replaced below
                     bad += 1
                     if len(errors) < 5:
-                        errors.append(f"{raw_sample.get('__url__', '?')} sample {raw_sample.get('__key__', '?')}: "
-                                      f"{type(e).__name__}: {e}")
+                        errors.append(
+                            f"{raw_sample.get('__url__', '?')} sample {raw_sample.get('__key__', '?')}: "
+                            f"{type(e).__name__}: {e}"
+                        )
             fields = set().union(*(it.keys() for it in items)) if items else set()
-            for it in [it for it in items if it.keys() != fields]:    # incomplete (e.g. a cut-off tar)
+            for it in [
+                it for it in items if it.keys() != fields
+            ]:  # incomplete (e.g. a cut-off tar)
                 bad += 1
                 items.remove(it)
                 if len(errors) < 5:
@@ -220,25 +262,37 @@ class ShardStream(IterableDataset):
             seen += len(chunk)
             if not items:
                 if last_good is None:
-                    raise DataError(f"rank {self.rank} data worker {physical}: no readable sample in a whole batch "
-                                    f"of {self.spec}; first problems: {errors[:3]}")
+                    raise DataError(
+                        f"rank {self.rank} data worker {physical}: no readable sample in a whole batch "
+                        f"of {self.spec}; first problems: {errors[:3]}"
+                    )
                 items = last_good
             items = items + [items[k % len(items)] for k in range(self.batch_size - len(items))]
             last_good = items
             batch = self.collate(items)
-            batch["_data"] = {"worker": physical, "skipped": skipped, "seen": seen, "errors": errors[:3]}
+            batch["_data"] = {
+                "worker": physical,
+                "skipped": skipped,
+                "seen": seen,
+                "errors": errors[:3],
+            }
             yield batch
 
 
 class ShardLoader:
     """An endless iterator of batches over epochs, whose position is part of the checkpoint."""
 
-    def __init__(self, stream: ShardStream, workers: int = 2, max_skip_fraction: float = 0.01,
-                 skip_window: int = 1000):
+    def __init__(
+        self,
+        stream: ShardStream,
+        workers: int = 2,
+        max_skip_fraction: float = 0.01,
+        skip_window: int = 1000,
+    ):
         self.stream, self.workers, self.max_skip_fraction = stream, workers, max_skip_fraction
         self.skip_window = skip_window
         self.epoch = 0
-        self.position = 0                  # batches consumed in this epoch
+        self.position = 0  # batches consumed in this epoch
         self._skipped_before = self._seen_before = 0
         self._skipped: Dict[int, int] = {}
         self._seen: Dict[int, int] = {}
@@ -256,9 +310,18 @@ class ShardLoader:
         # Its own generator: a DataLoader draws its workers' base seed from the global torch RNG
         # otherwise, and a resumed run (which opens one at its first batch) would shift the
         # training RNG stream (dropout, sampling) against the uninterrupted run.
-        gen = torch.Generator().manual_seed(hash((self.stream.seed, self.epoch, self.position)) % 2**62)
-        self._it = iter(DataLoader(self.stream, batch_size=None, num_workers=self.workers,
-                                   prefetch_factor=4 if self.workers else None, generator=gen))
+        gen = torch.Generator().manual_seed(
+            hash((self.stream.seed, self.epoch, self.position)) % 2**62
+        )
+        self._it = iter(
+            DataLoader(
+                self.stream,
+                batch_size=None,
+                num_workers=self.workers,
+                prefetch_factor=4 if self.workers else None,
+                generator=gen,
+            )
+        )
 
     def __iter__(self):
         return self
@@ -276,11 +339,15 @@ class ShardLoader:
         self._skipped[info["worker"]], self._seen[info["worker"]] = info["skipped"], info["seen"]
         self.position += 1
         skipped, seen = self.skipped, self.seen
-        if skipped > self.max_skip_fraction * max(seen, self.skip_window):   # a rate, once it means something
-            raise DataError(f"{skipped} of {seen} samples unreadable in {self.stream.spec} "
-                            f"(> data.max_skip_fraction={self.max_skip_fraction}): {skipped / seen:.2%} of the samples "
-                            f"seen on rank {self.stream.rank}, judged over at least data.skip_window="
-                            f"{self.skip_window} samples; e.g. {info['errors']}")
+        if skipped > self.max_skip_fraction * max(
+            seen, self.skip_window
+        ):  # a rate, once it means something
+            raise DataError(
+                f"{skipped} of {seen} samples unreadable in {self.stream.spec} "
+                f"(> data.max_skip_fraction={self.max_skip_fraction}): {skipped / seen:.2%} of the samples "
+                f"seen on rank {self.stream.rank}, judged over at least data.skip_window="
+                f"{self.skip_window} samples; e.g. {info['errors']}"
+            )
         return batch
 
     @property
@@ -297,9 +364,17 @@ class ShardLoader:
 
     def state_dict(self) -> Dict[str, Any]:
         st = self.stream
-        return {"epoch": self.epoch, "position": self.position, "workers": self.workers, "mode": st.mode,
-                "world": st.world, "grad_accum": st.grad_accum, "global_batch": st.global_batch,
-                "skipped": self.skipped, "seen": self.seen}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "workers": self.workers,
+            "mode": st.mode,
+            "world": st.world,
+            "grad_accum": st.grad_accum,
+            "global_batch": st.global_batch,
+            "skipped": self.skipped,
+            "seen": self.seen,
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """This rank's saved position. Another number of workers changes nothing (what a batch holds
@@ -307,12 +382,16 @@ class ShardLoader:
         st = self.stream
         if st.mode == "exact" and state.get("global_batch", st.global_batch) != st.global_batch:
             raise DataError(
-                f"{st.spec}: the checkpoint was trained with a global batch of {state['global_batch']} samples "
-                f"({state['world']} ranks x grad_accum {state['grad_accum']}), this run has {st.global_batch} "
+                f"{st.spec}: the checkpoint was trained with a global batch of "
+                f"{state['global_batch']} samples ({state['world']} ranks x grad_accum "
+                f"{state['grad_accum']}), this run has {st.global_batch} "
                 f"({st.world} ranks x micro_batch_size {st.batch_size} x grad_accum {st.grad_accum}): set "
                 f"train.grad_accum (or train.micro_batch_size) so that the global batch stays "
-                f"{state['global_batch']}, and the run continues with exactly the remaining batches")
-        steps = int(state["position"]) // int(state.get("grad_accum", st.grad_accum))   # whole optimizer steps
+                f"{state['global_batch']}, and the run continues with exactly the remaining batches"
+            )
+        steps = int(state["position"]) // int(
+            state.get("grad_accum", st.grad_accum)
+        )  # whole optimizer steps
         self.epoch, self.position = int(state["epoch"]), steps * st.grad_accum
         self._skipped_before, self._seen_before = int(state["skipped"]), int(state["seen"])
         self._skipped, self._seen = {}, {}
@@ -323,22 +402,45 @@ class ShardLoader:
         the same position (they all stood at the same step), the skip counts carried by rank 0."""
         state = dict(states[0])
         if len({(int(s["epoch"]), int(s["position"])) for s in states}) != 1:
-            raise DataError(f"{self.stream.spec}: the saved ranks stand at different data positions "
-                            f"{[(s['epoch'], s['position']) for s in states]}: the checkpoint is inconsistent")
+            raise DataError(
+                f"{self.stream.spec}: the saved ranks stand at different data positions "
+                f"{[(s['epoch'], s['position']) for s in states]}: the checkpoint is inconsistent"
+            )
         state["skipped"] = sum(int(s["skipped"]) for s in states) if rank == 0 else 0
         state["seen"] = sum(int(s["seen"]) for s in states) if rank == 0 else 0
         return state
 
 
-def build_loader(section: DataSection, spec: str, batch_size: int, decode, collate, rank: int, world: int,
-                 seed: int, grad_accum: int = 1) -> ShardLoader:
-    stream = ShardStream(spec, batch_size, decode, collate, rank, world, seed, section.mode,
-                         section.shuffle_buffer, section.steps_per_epoch, grad_accum)
+def build_loader(
+    section: DataSection,
+    spec: str,
+    batch_size: int,
+    decode,
+    collate,
+    rank: int,
+    world: int,
+    seed: int,
+    grad_accum: int = 1,
+) -> ShardLoader:
+    stream = ShardStream(
+        spec,
+        batch_size,
+        decode,
+        collate,
+        rank,
+        world,
+        seed,
+        section.mode,
+        section.shuffle_buffer,
+        section.steps_per_epoch,
+        grad_accum,
+    )
     return ShardLoader(stream, section.workers, section.max_skip_fraction, section.skip_window)
 
 
 class SampleDecoder:
-    """Raw tar sample -> {"key", "meta" (the json), "text" (txt), "image" (tensor, when a transform is given)}."""
+    """Raw tar sample -> {"key", "meta" (the json), "text" (txt), "image" (a tensor, when a
+    transform is given)}."""
 
     def __init__(self, transform=None, need_image: bool = False):
         self.transform, self.need_image = transform, need_image
@@ -371,8 +473,11 @@ def pil_decode(raw: Dict[str, Any]) -> Dict[str, Any]:
     from mmtrain.data.images import image_bytes
 
     data = image_bytes(raw)
-    return {"key": raw["__key__"], "meta": json.loads(raw["json"]) if "json" in raw else {},
-            "image": Image.open(io.BytesIO(data)).convert("RGB") if data is not None else None}
+    return {
+        "key": raw["__key__"],
+        "meta": json.loads(raw["json"]) if "json" in raw else {},
+        "image": Image.open(io.BytesIO(data)).convert("RGB") if data is not None else None,
+    }
 
 
 def split_spec(val_spec: str, split: str) -> str:

@@ -6,6 +6,7 @@ A shard set is a directory of `<prefix>-NNNNNN.tar` files plus `manifest.json`:
 Readers size their epochs from the manifest. Each sample is one tar group sharing a key:
 `<key>.jpg` (image bytes) and/or `<key>.json` (fields of the kind) and, for image-text, `<key>.txt`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,8 +29,14 @@ class DataError(ValueError):
     """Bad data or a bad data path, with a message that names it."""
 
 
-def write_shards(samples: Iterable[Dict[str, Any]], out_dir: str | os.PathLike, kind: str,
-                 max_count: int = 1000, max_size: float = 1e9, extra: Optional[dict] = None) -> dict:
+def write_shards(
+    samples: Iterable[Dict[str, Any]],
+    out_dir: str | os.PathLike,
+    kind: str,
+    max_count: int = 1000,
+    max_size: float = 1e9,
+    extra: Optional[dict] = None,
+) -> dict:
     """Write samples (dicts with `__key__` and extension keys) as shards + manifest.
 
     Written to a temporary directory and renamed into place at the end, so a failure leaves
@@ -45,7 +52,9 @@ def write_shards(samples: Iterable[Dict[str, Any]], out_dir: str | os.PathLike, 
     tmp.mkdir(parents=True)
     counts: Dict[str, int] = {}
     try:
-        with wds.ShardWriter(str(tmp / f"{kind}-%06d.tar"), maxcount=max_count, maxsize=max_size, verbose=0) as w:
+        with wds.ShardWriter(
+            str(tmp / f"{kind}-%06d.tar"), maxcount=max_count, maxsize=max_size, verbose=0
+        ) as w:
             for s in samples:
                 w.write(s)
                 name = Path(w.fname).name
@@ -53,10 +62,15 @@ def write_shards(samples: Iterable[Dict[str, Any]], out_dir: str | os.PathLike, 
         total = sum(counts.values())
         if total == 0:
             raise DataError("no valid samples: nothing was written")
-        manifest = {"schema_version": SCHEMA_VERSION, "kind": kind, "total": total,
-                    "shards": [{"name": n, "samples": c} for n, c in sorted(counts.items())],
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {})}
-        for leftover in tmp.glob("*.tar"):          # ShardWriter may open one more, empty shard
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "kind": kind,
+            "total": total,
+            "shards": [{"name": n, "samples": c} for n, c in sorted(counts.items())],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **(extra or {}),
+        }
+        for leftover in tmp.glob("*.tar"):  # ShardWriter may open one more, empty shard
             if leftover.name not in counts:
                 leftover.unlink()
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -72,15 +86,19 @@ def write_shards(samples: Iterable[Dict[str, Any]], out_dir: str | os.PathLike, 
 def read_manifest(directory: str | os.PathLike) -> dict:
     path = Path(directory) / "manifest.json"
     if not path.is_file():
-        raise DataError(f"{path} is missing: shard directories need a manifest "
-                        f"(written by `mmtrain data synth|convert`, or `mmtrain data index DIR` for other shards)")
+        raise DataError(
+            f"{path} is missing: shard directories need a manifest "
+            f"(written by `mmtrain data synth|convert`, or `mmtrain data index DIR` for other shards)"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON: {e}") from None
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise DataError(f"{path}: schema_version {manifest.get('schema_version')!r}, this mmtrain reads "
-                        f"{SCHEMA_VERSION}")
+        raise DataError(
+            f"{path}: schema_version {manifest.get('schema_version')!r}, this mmtrain reads "
+            f"{SCHEMA_VERSION}"
+        )
     return manifest
 
 
@@ -95,7 +113,10 @@ def resolve(spec: str | os.PathLike) -> Tuple[List[Path], List[int], dict]:
         directory = names[0].parent
         missing = [str(p) for p in names if not p.is_file()]
         if missing:
-            raise DataError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise DataError(
+                f"shard not found: {missing[0]}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
     manifest = read_manifest(directory)
     counts = {s["name"]: int(s["samples"]) for s in manifest["shards"]}
     paths = [directory / n for n in counts] if names is None else names
@@ -107,8 +128,9 @@ def resolve(spec: str | os.PathLike) -> Tuple[List[Path], List[int], dict]:
     return paths, [counts[p.name] for p in paths], manifest
 
 
-def iter_shard(path: Path, start: int = 0, stop: Optional[int] = None,
-               errors: Optional[List[str]] = None) -> Iterator[Tuple[int, Dict[str, Any]]]:
+def iter_shard(
+    path: Path, start: int = 0, stop: Optional[int] = None, errors: Optional[List[str]] = None
+) -> Iterator[Tuple[int, Dict[str, Any]]]:
     """(index in shard, raw sample) for samples start <= index < stop. A truncated or unreadable
     tar ends the shard early with a message appended to `errors` (the caller counts the loss)."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -116,7 +138,7 @@ def iter_shard(path: Path, start: int = 0, stop: Optional[int] = None,
     def handler(exn):
         if errors is not None:
             errors.append(f"{path}: {exn}")
-        return False                                   # stop reading this shard
+        return False  # stop reading this shard
 
     try:
         stream = open(path, "rb")
@@ -141,7 +163,9 @@ class ShardIndex:
 
     def __init__(self, path: Path):
         self.path, self.error = path, None
-        self.samples: List[Tuple[str, List[Tuple[str, int, int]]]] = []     # (key, [(ext, offset, size)])
+        self.samples: List[
+            Tuple[str, List[Tuple[str, int, int]]]
+        ] = []  # (key, [(ext, offset, size)])
         size = path.stat().st_size
         try:
             with tarfile.open(path, "r:") as tf:
@@ -159,7 +183,7 @@ class ShardIndex:
         except (tarfile.TarError, OSError) as e:
             self.error = f"{path}: {e}"
             if self.samples:
-                self.samples.pop()              # the last sample may be incomplete
+                self.samples.pop()  # the last sample may be incomplete
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -207,8 +231,11 @@ def index_shards(directory: str | os.PathLike, kind: str, pattern: str = "*.tar"
     shards = sorted(d.glob(pattern))
     if not shards:
         raise DataError(f"no shards matching {pattern} in {d}")
-    manifest = {"schema_version": SCHEMA_VERSION, "kind": kind,
-                "shards": [{"name": p.name, "samples": count_samples(p)} for p in shards]}
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "kind": kind,
+        "shards": [{"name": p.name, "samples": count_samples(p)} for p in shards],
+    }
     manifest["total"] = sum(s["samples"] for s in manifest["shards"])
     (d / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -10,6 +10,7 @@ pointer intact. The run directory must be on a filesystem every rank sees (as on
 A checkpoint resumed on another number of ranks is first converted, once, to DeepSpeed's
 universal form in `step_N/universal/`, from which any world size loads its own partitions.
 """
+
 from __future__ import annotations
 
 import errno
@@ -40,8 +41,11 @@ def rng_state() -> Dict[str, Any]:
     """This process's random states as plain JSON values (no pickle: a checkpoint cannot run code)."""
     version, keys, gauss = random.getstate()
     name, mt, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(keys), gauss], "numpy": [name, mt.tolist(), pos, has_gauss, cached],
-             "torch": torch.get_rng_state().tolist()}
+    state = {
+        "python": [version, list(keys), gauss],
+        "numpy": [name, mt.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state().tolist(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
@@ -70,12 +74,16 @@ def read_rank_state(tag_dir: Path, rank: int) -> Dict[str, Any]:
     if legacy.is_file():
         from numpy._core.multiarray import _reconstruct
 
-        with torch.serialization.safe_globals([np.ndarray, np.dtype, _reconstruct, type(np.dtype(np.uint32))]):
+        with torch.serialization.safe_globals(
+            [np.ndarray, np.dtype, _reconstruct, type(np.dtype(np.uint32))]
+        ):
             try:
                 state = torch.load(legacy, weights_only=True)
             except Exception as e:
-                raise CheckpointError(f"{legacy} cannot be read as data only ({type(e).__name__}: "
-                                      f"{str(e).splitlines()[0]})") from None
+                raise CheckpointError(
+                    f"{legacy} cannot be read as data only ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0]})"
+                ) from None
         rng = state["rng"]
         rng["numpy"] = [rng["numpy"][0], rng["numpy"][1].tolist(), *rng["numpy"][2:]]
         rng["torch"] = rng["torch"].tolist()
@@ -134,7 +142,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def step_dirs(root: Path):
     """Every step_N directory, complete or not, oldest first."""
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name)) if root.is_dir() else []
+    return (
+        sorted(p.name for p in root.iterdir() if p.is_dir() and TAG_RE.match(p.name))
+        if root.is_dir()
+        else []
+    )
 
 
 def complete_tags(root: Path):
@@ -142,7 +154,9 @@ def complete_tags(root: Path):
     return [t for t in step_dirs(root) if (root / t / "mmtrain.json").is_file()]
 
 
-def save(engine, root: Path, step: int, rank_state: Dict[str, Any], info: Dict[str, Any], keep: int) -> Path:
+def save(
+    engine, root: Path, step: int, rank_state: Dict[str, Any], info: Dict[str, Any], keep: int
+) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint directory."""
     env_rank = int(os.environ.get("RANK", "0"))
     tag = tag_for(step)
@@ -154,24 +168,32 @@ def save(engine, root: Path, step: int, rank_state: Dict[str, Any], info: Dict[s
             shutil.rmtree(partial)
     dist.barrier()
     need, free = space_needed(root), shutil.disk_usage(root).free
-    if dist.any_rank(need > free, torch.device("cpu")):      # every rank stops, or none
-        raise CheckpointWriteError(f"not enough disk space for checkpoint {tag} in {root}: about {need / 2**30:.2f} "
-                                   f"GiB needed (the size of the last one), {free / 2**30:.2f} GiB free; "
-                                   f"{_intact(root)}; free space, or lower checkpoint.keep")
+    if dist.any_rank(need > free, torch.device("cpu")):  # every rank stops, or none
+        raise CheckpointWriteError(
+            f"not enough disk space for checkpoint {tag} in {root}: about {need / 2**30:.2f} "
+            f"GiB needed (the size of the last one), {free / 2**30:.2f} GiB free; "
+            f"{_intact(root)}; free space, or lower checkpoint.keep"
+        )
     try:
         engine.save_checkpoint(str(root), tag=partial_tag, save_latest=False)
         _write_atomic(partial / f"mmtrain_rank{env_rank:05d}.json", json.dumps(rank_state))
-    except (OSError, RuntimeError) as e:         # torch says "iostream error" / "unexpected pos" when full
+    except (OSError, RuntimeError) as e:  # torch says "iostream error" / "unexpected pos" when full
         free = shutil.disk_usage(root).free
-        full = " The disk is full." if free < 2**20 or getattr(e, "errno", None) == errno.ENOSPC else ""
-        raise CheckpointWriteError(f"writing checkpoint {tag} to {partial} failed ({type(e).__name__}: {e}).{full} "
-                                   f"{free / 2**30:.2f} GiB free there; {_intact(root)}") from e
+        full = (
+            " The disk is full."
+            if free < 2**20 or getattr(e, "errno", None) == errno.ENOSPC
+            else ""
+        )
+        raise CheckpointWriteError(
+            f"writing checkpoint {tag} to {partial} failed ({type(e).__name__}: {e}).{full} "
+            f"{free / 2**30:.2f} GiB free there; {_intact(root)}"
+        ) from e
     dist.barrier()
     final = root / tag
     if env_rank == 0:
         # the marker file written last inside the directory: a dir without it is never resumed from
         _write_atomic(partial / "mmtrain.json", json.dumps({"step": step, **info}, indent=2))
-        if final.exists():                      # re-saving a step after a crash-and-resume
+        if final.exists():  # re-saving a step after a crash-and-resume
             shutil.rmtree(final)
         os.replace(partial, final)
         _write_atomic(root / "latest", tag)
@@ -198,7 +220,11 @@ def space_needed(root: Path) -> int:
 
 def _intact(root: Path) -> str:
     latest = read_pointer(root, "latest")
-    return f"the previous checkpoint ({root / latest}) is intact" if latest else "no earlier checkpoint exists"
+    return (
+        f"the previous checkpoint ({root / latest}) is intact"
+        if latest
+        else "no earlier checkpoint exists"
+    )
 
 
 def read_pointer(root: Path, name: str) -> Optional[str]:
@@ -208,51 +234,69 @@ def read_pointer(root: Path, name: str) -> Optional[str]:
 
 def mark_best(root: Path, step: int, metric: str, value: float) -> None:
     """Rank 0: checkpoints/best names the checkpoint of `step` (already saved); best.json says why."""
-    _write_atomic(root / "best.json", json.dumps({"tag": tag_for(step), "step": step, metric: value}, indent=2))
+    _write_atomic(
+        root / "best.json",
+        json.dumps({"tag": tag_for(step), "step": step, metric: value}, indent=2),
+    )
     _write_atomic(root / "best", tag_for(step))
 
 
-def find_resume(resume: str, root: Path, skipped: Optional[List[str]] = None) -> Optional[Tuple[Path, str]]:
+def find_resume(
+    resume: str, root: Path, skipped: Optional[List[str]] = None
+) -> Optional[Tuple[Path, str]]:
     """(checkpoint root, tag) to resume from, or None for a fresh start. With "auto", a damaged newest
     checkpoint is passed over for the newest intact one; `skipped` collects why (to be logged)."""
     if resume == "never":
         return None
     if resume != "auto":
         p = Path(resume)
-        if not p.is_dir() and TAG_RE.match(resume) and (root / resume).is_dir():     # a tag of this run
+        if (
+            not p.is_dir() and TAG_RE.match(resume) and (root / resume).is_dir()
+        ):  # a tag of this run
             p = root / resume
-        if p.name in ("best", "latest") and (p.parent / p.name).is_file():    # a pointer: follow it
+        if p.name in ("best", "latest") and (p.parent / p.name).is_file():  # a pointer: follow it
             p = p.parent / (p.parent / p.name).read_text().strip()
         if not (p / "mmtrain.json").is_file():
-            raise FileNotFoundError(f"run.resume={resume} is not a complete mmtrain checkpoint "
-                                    f"(no mmtrain.json inside)")
+            raise FileNotFoundError(
+                f"run.resume={resume} is not a complete mmtrain checkpoint (no mmtrain.json inside)"
+            )
         problems = verify(p)
         if problems:
-            raise CheckpointError(f"run.resume={resume}: the checkpoint is damaged: {'; '.join(problems[:3])}")
+            raise CheckpointError(
+                f"run.resume={resume}: the checkpoint is damaged: {'; '.join(problems[:3])}"
+            )
         return p.parent, p.name
     latest = root / "latest"
     tags = complete_tags(root)
     if latest.is_file():
         tag = latest.read_text().strip()
         if not (root / tag / "mmtrain.json").is_file():
-            raise FileNotFoundError(f"{latest} names '{tag}', which is not a complete checkpoint in {root}; "
-                                    f"set run.resume to one of {tags or 'none'} or 'never'")
+            raise FileNotFoundError(
+                f"{latest} names '{tag}', which is not a complete checkpoint in {root}; "
+                f"set run.resume to one of {tags or 'none'} or 'never'"
+            )
         tags = [t for t in tags if t <= tag]
     for tag in reversed(tags):
         problems = verify(root / tag)
         if not problems:
             return root, tag
         if skipped is not None:
-            skipped.append(f"checkpoint {root / tag} is damaged, passed over for an earlier one: "
-                           f"{'; '.join(problems[:3])}")
+            skipped.append(
+                f"checkpoint {root / tag} is damaged, passed over for an earlier one: "
+                f"{'; '.join(problems[:3])}"
+            )
     if tags:
-        raise CheckpointError(f"every checkpoint in {root} is damaged ({', '.join(tags)}); "
-                              f"`mmtrain ckpt verify {root.parent}` lists what is wrong")
+        raise CheckpointError(
+            f"every checkpoint in {root} is damaged ({', '.join(tags)}); "
+            f"`mmtrain ckpt verify {root.parent}` lists what is wrong"
+        )
     if step_dirs(root):
         raise FileExistsError(
-            f"{root} holds {', '.join(step_dirs(root))} but no complete checkpoint (no `latest`, no mmtrain.json "
-            f"inside) to resume from: a run started here would write over them. Move them away, or start a new run "
-            f"with run.name=<another name>")
+            f"{root} holds {', '.join(step_dirs(root))} but no complete checkpoint (no `latest`, "
+            f"no mmtrain.json inside) to resume from: a run started here would write over them. "
+            f"Move them away, or start a new run "
+            f"with run.name=<another name>"
+        )
     return None
 
 
@@ -268,14 +312,29 @@ def universal(root: Path, tag: str, rank: int) -> str:
     if rank == 0 and not out.is_dir():
         partial = root / tag / "universal.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        workers = str(max(1, min(8, (os.cpu_count() or 2) // 2)))        # the other ranks wait idle meanwhile
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(root / tag),
-               "--output_folder", str(partial), "--num_extract_workers", workers, "--num_merge_workers", workers]
+        workers = str(
+            max(1, min(8, (os.cpu_count() or 2) // 2))
+        )  # the other ranks wait idle meanwhile
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(root / tag),
+            "--output_folder",
+            str(partial),
+            "--num_extract_workers",
+            workers,
+            "--num_merge_workers",
+            workers,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             shutil.rmtree(partial, ignore_errors=True)
-            raise RuntimeError(f"converting {root / tag} to a universal checkpoint failed ({' '.join(cmd)}):\n"
-                               f"{done.stderr[-2000:]}")
+            raise RuntimeError(
+                f"converting {root / tag} to a universal checkpoint failed ({' '.join(cmd)}):\n"
+                f"{done.stderr[-2000:]}"
+            )
         os.replace(partial, out)
     dist.barrier()
     return f"{tag}/universal"
@@ -288,19 +347,25 @@ def load(engine, root: Path, tag: str, rank: int, world: int) -> List[Dict[str, 
     the optimizer state re-partitioned over this world."""
     old_world = saved_world(root, tag)
     ds_tag = tag if old_world == world else universal(root, tag, rank)
-    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)      # the torch AdamW under ZeRO
+    optimizer = getattr(
+        engine.optimizer, "optimizer", engine.optimizer
+    )  # the torch AdamW under ZeRO
     decay = [g["weight_decay"] for g in optimizer.param_groups]
     try:
-        path, _ = engine.load_checkpoint(str(root), tag=ds_tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+        path, _ = engine.load_checkpoint(
+            str(root), tag=ds_tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     except Exception as e:
-        raise CheckpointError(f"DeepSpeed could not load checkpoint {root / ds_tag} ({type(e).__name__}: {e}); "
-                              f"`mmtrain ckpt verify {root.parent} --deep` checks every file, and "
-                              f"run.resume=<an earlier step_N> resumes from another") from e
+        raise CheckpointError(
+            f"DeepSpeed could not load checkpoint {root / ds_tag} ({type(e).__name__}: {e}); "
+            f"`mmtrain ckpt verify {root.parent} --deep` checks every file, and "
+            f"run.resume=<an earlier step_N> resumes from another"
+        ) from e
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {root / ds_tag}")
     if ds_tag != tag:
-        # Two slips of DeepSpeed's ZeRO-3 universal loader (0.19.8, stage3.py), each changing the run:
+        # Two slips of DeepSpeed's ZeRO-3 universal loader (0.19.8, stage3.py), each changing the
+        # run:
         # every parameter group gets the hyperparameters of the first (biases and norms would be
         # decayed), and every group's Adam state shares one `step` tensor, which AdamW increments in
         # place once per group (bias correction would run ahead).
@@ -309,7 +374,9 @@ def load(engine, root: Path, tag: str, rank: int, world: int) -> List[Dict[str, 
         for st in optimizer.state.values():
             if torch.is_tensor(st.get("step")):
                 st["step"] = st["step"].clone()
-    return [read_rank_state(root / tag, r) for r in ([rank] if old_world == world else range(old_world))]
+    return [
+        read_rank_state(root / tag, r) for r in ([rank] if old_world == world else range(old_world))
+    ]
 
 
 def clean_partials(root: Path) -> None:

@@ -5,6 +5,7 @@
 - A plain `python` run is a world of one.
 NCCL on GPUs, gloo on CPUs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,7 +35,7 @@ class DistEnv:
 def first_host(nodelist: str) -> str:
     """First host of a Slurm nodelist: 'gpu[003-005,9],cpu1' -> 'gpu003', 'a[01-02]b[1-2]' -> 'a01b1'."""
     text, depth, end = nodelist.strip(), 0, None
-    for i, ch in enumerate(text):                   # the first host expression ends at a top-level comma
+    for i, ch in enumerate(text):  # the first host expression ends at a top-level comma
         depth += (ch == "[") - (ch == "]")
         if depth < 0 or (ch == "," and depth == 0):
             end = i
@@ -46,7 +47,7 @@ def first_host(nodelist: str) -> str:
     return host
 
 
-PORT_BASE, PORT_SPAN = 15000, 15000           # 15000-29999: below Linux's ephemeral range (32768-60999)
+PORT_BASE, PORT_SPAN = 15000, 15000  # 15000-29999: below Linux's ephemeral range (32768-60999)
 
 
 def job_port(job: int, restart: int = 0, probe: bool = False) -> int:
@@ -84,9 +85,13 @@ def resolve_env(environ=os.environ) -> None:
         environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
         if "MASTER_ADDR" not in environ:
             environ["MASTER_ADDR"] = first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
-        # slurm/train.sbatch exports the port it probed on the master host; a bare srun gets the same
+        # slurm/train.sbatch exports the port it probed on the master host; a bare srun gets the
+        # same
         # hash of the job id and restart count on every rank
-        job, restart = int(environ.get("SLURM_JOB_ID", "0")), int(environ.get("SLURM_RESTART_COUNT", "0"))
+        job, restart = (
+            int(environ.get("SLURM_JOB_ID", "0")),
+            int(environ.get("SLURM_RESTART_COUNT", "0")),
+        )
         environ.setdefault("MASTER_PORT", str(job_port(job, restart)))
     else:
         environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
@@ -96,7 +101,7 @@ def resolve_env(environ=os.environ) -> None:
     environ.setdefault("MASTER_PORT", "29500")
 
 
-_ADDED_ENV: list = []        # the variables init() set itself, removed again by shutdown()
+_ADDED_ENV: list = []  # the variables init() set itself, removed again by shutdown()
 
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -120,8 +125,13 @@ def init(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
     import deepspeed
 
     if not tdist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=timedelta(seconds=timeout_s), rank=rank, world_size=world)
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            timeout=timedelta(seconds=timeout_s),
+            rank=rank,
+            world_size=world,
+        )
     return DistEnv(rank, world, local, device)
 
 
@@ -131,7 +141,9 @@ def _multi_rank() -> bool:
 
 def _comm_device(t: torch.Tensor) -> torch.device:
     """NCCL needs CUDA tensors; gloo takes them where they are."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else t.device
+    return (
+        torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else t.device
+    )
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ RUN_DIR/eval_<split>_<tag>.json and predictions_<split>_<tag>.jsonl (rank 0).
 Run it under torchrun/deepspeed/srun for several ranks, or plainly for one. `--set key=value`
 changes the saved config for this evaluation only (e.g. `--set recipe.rules=rules/rules.json`).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,11 +35,15 @@ def load_run(run_dir: str, tag: Optional[str] = None, overrides: Sequence[str] =
     return cfg, recipe, model, tag, env
 
 
-def run_eval(run_dir: str, split: str = "val", tag: Optional[str] = None, overrides: Sequence[str] = ()) -> dict:
+def run_eval(
+    run_dir: str, split: str = "val", tag: Optional[str] = None, overrides: Sequence[str] = ()
+) -> dict:
     run = Path(run_dir)
     cfg, recipe, model, tag, env = load_run(run_dir, tag, overrides)
     metrics, rows = recipe.score(model, split)
-    metrics = {k: v for k, v in metrics.items() if not isinstance(v, torch.Tensor)}   # images: TensorBoard only
+    metrics = {
+        k: v for k, v in metrics.items() if not isinstance(v, torch.Tensor)
+    }  # images: TensorBoard only
     result = {"split": split, "checkpoint": tag, **metrics}
     if env.is_main:
         (run / f"eval_{split}_{tag}.json").write_text(json.dumps(result, indent=2))

@@ -9,6 +9,7 @@ Consolidation reads the checkpoint files (DeepSpeed's zero_to_fp32), so it needs
 process group, and LoRA adapters are never empty the way a ZeRO-3 `save_pretrained` of
 un-gathered parameters is.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,9 @@ def consolidated_state_dict(root: Path, tag: str) -> Dict[str, torch.Tensor]:
 
         return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     # ZeRO stage 0: rank 0's model-states file holds the whole module
-    return torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return torch.load(
+        tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )["module"]
 
 
 def find_checkpoint(run_dir: Path, tag: Optional[str], overrides: Sequence[str] = ()):
@@ -39,7 +42,9 @@ def find_checkpoint(run_dir: Path, tag: Optional[str], overrides: Sequence[str] 
         from mmtrain.config import ConfigError, load_config
 
         if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"{run_dir} is not an mmtrain run directory: {run_dir / 'config.yaml'} is missing")
+            raise ConfigError(
+                f"{run_dir} is not an mmtrain run directory: {run_dir / 'config.yaml'} is missing"
+            )
         cfg = load_config(run_dir / "config.yaml", overrides)
     else:
         cfg = load_run_config(run_dir)
@@ -55,12 +60,19 @@ def load_trained(model: torch.nn.Module, root: Path, tag: str) -> None:
     missing, unexpected = model.load_state_dict(consolidated_state_dict(root, tag), strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight") or k.endswith("embed_out.weight")}
     if set(missing) - tied or unexpected:
-        raise RuntimeError(f"checkpoint {root / tag} does not match the recipe's model: "
-                           f"missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        raise RuntimeError(
+            f"checkpoint {root / tag} does not match the recipe's model: "
+            f"missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
 
 
-def export(run_dir: str, out_dir: str, tag: Optional[str] = None, merge_lora: bool = False,
-           overwrite: bool = False) -> Path:
+def export(
+    run_dir: str,
+    out_dir: str,
+    tag: Optional[str] = None,
+    merge_lora: bool = False,
+    overwrite: bool = False,
+) -> Path:
     from peft import PeftModel
     from safetensors.torch import save_file
 
@@ -69,10 +81,16 @@ def export(run_dir: str, out_dir: str, tag: Optional[str] = None, merge_lora: bo
 
     run_dir, out = Path(run_dir), Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; choose a new directory or pass --overwrite")
+        raise FileExistsError(
+            f"{out} exists and is not empty; choose a new directory or pass --overwrite"
+        )
     cfg, root, tag = find_checkpoint(run_dir, tag)
-    recipe = build_recipe(cfg, DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")),
-                          torch.float32, run_dir)
+    recipe = build_recipe(
+        cfg,
+        DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")),
+        torch.float32,
+        run_dir,
+    )
     model = recipe.build_model()
     load_trained(model, root, tag)
 
@@ -81,8 +99,11 @@ def export(run_dir: str, out_dir: str, tag: Optional[str] = None, merge_lora: bo
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     # safetensors refuses shared storage: write independent contiguous copies
-    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
-              str(staging / "model.safetensors"), metadata={"format": "pt", "mmtrain_tag": tag})
+    save_file(
+        {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
+        str(staging / "model.safetensors"),
+        metadata={"format": "pt", "mmtrain_tag": tag},
+    )
     written = {}
     for name, module in recipe.export_modules(model).items():
         module.save_pretrained(str(staging / name))
@@ -91,8 +112,9 @@ def export(run_dir: str, out_dir: str, tag: Optional[str] = None, merge_lora: bo
             module.merge_and_unload().save_pretrained(str(staging / f"{name}-merged"))
             written[f"{name}-merged"] = "hf"
     save_config(cfg, staging / "config.yaml")
-    (staging / "export.json").write_text(json.dumps({"checkpoint": str((root / tag).resolve()),
-                                                     "modules": written}, indent=2))
+    (staging / "export.json").write_text(
+        json.dumps({"checkpoint": str((root / tag).resolve()), "modules": written}, indent=2)
+    )
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)

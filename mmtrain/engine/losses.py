@@ -9,6 +9,7 @@ their tokens 3:1. Such losses come as `GlobalMean(sum, count)`; here each become
 whose average over ranks is sum_global / count_global, the token mean of the global micro-batch
 at any world size. The counts travel in the same all-reduce as the non-finite flag.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Tuple, Union
@@ -18,16 +19,25 @@ import torch
 from mmtrain.recipes.base import GlobalMean
 
 
-def combine(losses: Dict[str, Union[torch.Tensor, GlobalMean]], weight: Callable[[str], float],
-            all_reduce_sum: Callable[[torch.Tensor], torch.Tensor], world: int,
-            device: torch.device) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], bool]:
+def combine(
+    losses: Dict[str, Union[torch.Tensor, GlobalMean]],
+    weight: Callable[[str], float],
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+    world: int,
+    device: torch.device,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], bool]:
     """(weighted total to backpropagate, each loss as this rank's share of its global value, whether
     the total is non-finite on any rank). Collective: every rank calls it with the same loss names."""
     means = sorted(k for k, v in losses.items() if isinstance(v, GlobalMean))
     parts = {k: (v.total if k in means else v) for k, v in losses.items()}
     finite = all(bool(torch.isfinite(v.detach()).all()) for v in parts.values())
-    reduced = all_reduce_sum(torch.tensor([float(not finite)] + [float(losses[k].count) for k in means],
-                                          dtype=torch.float64, device=device)).tolist()
+    reduced = all_reduce_sum(
+        torch.tensor(
+            [float(not finite)] + [float(losses[k].count) for k in means],
+            dtype=torch.float64,
+            device=device,
+        )
+    ).tolist()
     for k, n in zip(means, reduced[1:]):
         parts[k] = parts[k] * (world / n) if n > 0 else parts[k] * 0.0
     total = sum(weight(k) * v for k, v in parts.items())

@@ -1,4 +1,5 @@
 """What a user watches: TensorBoard scalars, a plain log file, a progress bar with ETA (rank 0)."""
+
 from __future__ import annotations
 
 import logging
@@ -11,8 +12,16 @@ from typing import Dict, Optional
 import torch
 
 # dense bf16 tensor-core peak per device, TFLOP/s (vendor spec sheets)
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0,
-               "L40S": 362.0, "A6000": 155.0, "V100": 125.0}
+PEAK_TFLOPS = {
+    "H100": 989.0,
+    "H200": 989.0,
+    "H800": 989.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "A6000": 155.0,
+    "V100": 125.0,
+}
 
 
 def peak_tflops(configured: Optional[float]) -> Optional[float]:
@@ -27,7 +36,7 @@ def peak_tflops(configured: Optional[float]) -> Optional[float]:
 def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux -> GiB (RSS)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux -> GiB (RSS)
 
 
 class _TqdmSafeHandler(logging.StreamHandler):
@@ -50,12 +59,14 @@ def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
     log.setLevel(logging.INFO)
     log.handlers.clear()
     log.propagate = False
-    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    fmt = logging.Formatter(
+        f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"
+    )
     stream = _TqdmSafeHandler()
     stream.setFormatter(fmt)
     stream.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     log.addHandler(stream)
-    fh = logging.FileHandler(run_dir / "train.log")           # rank 0 all of it, other ranks their errors
+    fh = logging.FileHandler(run_dir / "train.log")  # rank 0 all of it, other ranks their errors
     fh.setFormatter(fmt)
     fh.setLevel(logging.INFO if rank == 0 else logging.ERROR)
     log.addHandler(fh)
@@ -65,8 +76,15 @@ def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
 class Monitor:
     """Rank 0 writes; other ranks make the same calls and nothing happens."""
 
-    def __init__(self, run_dir: Path, rank: int, total_steps: int, start_step: int,
-                 tensorboard: bool, progress: bool):
+    def __init__(
+        self,
+        run_dir: Path,
+        rank: int,
+        total_steps: int,
+        start_step: int,
+        tensorboard: bool,
+        progress: bool,
+    ):
         self.active = rank == 0
         self.writer = None
         self.bar = None
@@ -76,12 +94,21 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
 
             # a resumed run drops what a dead run logged past its checkpoint (no step shown twice)
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+            self.writer = SummaryWriter(
+                str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None
+            )
         if progress:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-                            dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+            self.bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=1.0,
+            )
         self._last = time.perf_counter()
 
     def scalars(self, step: int, values: Dict[str, float]) -> None:

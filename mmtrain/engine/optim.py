@@ -1,4 +1,5 @@
 """AdamW parameter groups, the warm-up + cosine schedule, and the DeepSpeed config we generate."""
+
 from __future__ import annotations
 
 import copy
@@ -19,8 +20,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
             continue
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     if not decay and not no_decay:
-        raise RuntimeError("the recipe's model has no trainable parameters (all requires_grad=False)")
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        raise RuntimeError(
+            "the recipe's model has no trainable parameters (all requires_grad=False)"
+        )
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return [g for g in groups if g["params"]]
 
 
@@ -37,7 +43,8 @@ def scheduler_factory(cfg: Config):
 
     def build(optimizer):
         return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: warmup_cosine(s, total, warmup, cfg.train.min_lr_ratio))
+            optimizer, lambda s: warmup_cosine(s, total, warmup, cfg.train.min_lr_ratio)
+        )
 
     return build
 
@@ -45,7 +52,9 @@ def scheduler_factory(cfg: Config):
 def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = (
+            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
     return out
 
 
@@ -59,12 +68,14 @@ def deepspeed_config(cfg: Config, world_size: int, on_cuda: bool) -> Dict[str, A
         "reduce_bucket_size": ds.reduce_bucket_size,
     }
     if ds.zero_stage == 3:
-        zero.update({
-            "stage3_prefetch_bucket_size": ds.prefetch_bucket_size,
-            "stage3_param_persistence_threshold": ds.param_persistence_threshold,
-            # lets `save_16bit_model` and LoRA export gather full weights
-            "stage3_gather_16bit_weights_on_model_save": True,
-        })
+        zero.update(
+            {
+                "stage3_prefetch_bucket_size": ds.prefetch_bucket_size,
+                "stage3_param_persistence_threshold": ds.param_persistence_threshold,
+                # lets `save_16bit_model` and LoRA export gather full weights
+                "stage3_gather_16bit_weights_on_model_save": True,
+            }
+        )
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
     if ds.offload_params and ds.zero_stage == 3:
@@ -77,11 +88,18 @@ def deepspeed_config(cfg: Config, world_size: int, on_cuda: bool) -> Dict[str, A
         "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
-        "optimizer": {"type": "AdamW", "params": {
-            "lr": tr.lr, "betas": list(tr.betas), "eps": tr.eps, "weight_decay": tr.weight_decay,
-            "torch_adam": not use_fused}},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": tr.lr,
+                "betas": list(tr.betas),
+                "eps": tr.eps,
+                "weight_decay": tr.weight_decay,
+                "torch_adam": not use_fused,
+            },
+        },
         "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,           # mmtrain logs; DeepSpeed stays quiet
+        "steps_per_print": 1 << 30,  # mmtrain logs; DeepSpeed stays quiet
         "wall_clock_breakdown": False,
     }
     return _deep_merge(conf, ds.extra)

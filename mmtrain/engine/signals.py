@@ -7,6 +7,7 @@ the rank. Once a rank has decided to exit, `StopFlag.ignore_further()` ignores b
 OS level, which outlives Python's own handlers: a late SIGTERM during interpreter shutdown (srun's
 --kill-on-bad-exit sends one when the first rank exits 85) can no longer turn the exit into 143.
 """
+
 from __future__ import annotations
 
 import signal

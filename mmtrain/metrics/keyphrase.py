@@ -13,6 +13,7 @@ Definitions (the usual ones for keyphrase generation, made explicit):
 - overlap: the fraction of a split's gold keyphrases (occurrences) seen in the training split;
   the paper stresses that public benchmarks overlap train and test far more than production.
 """
+
 from __future__ import annotations
 
 import re
@@ -69,16 +70,32 @@ class KeyphraseF1(Metric):
     update(preds, targets, texts): lists of keyphrase lists and the posts' texts.
     compute(): {"f1@3": ..., "present_f1@3": ..., "unseen_f1@5": ..., "n_absent": ...}.
     """
+
     full_state_update = False
 
-    def __init__(self, ks: Sequence[int] = (1, 3, 5), train_keyphrases: Optional[Iterable[str]] = None, **kwargs):
+    def __init__(
+        self,
+        ks: Sequence[int] = (1, 3, 5),
+        train_keyphrases: Optional[Iterable[str]] = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.ks = tuple(ks)
-        self.seen: Optional[Set[str]] = {normalize(p) for p in train_keyphrases} if train_keyphrases is not None else None
-        self.groups = ["", "present_", "absent_"] + (["seen_", "unseen_"] if self.seen is not None else [])
+        self.seen: Optional[Set[str]] = (
+            {normalize(p) for p in train_keyphrases} if train_keyphrases is not None else None
+        )
+        self.groups = ["", "present_", "absent_"] + (
+            ["seen_", "unseen_"] if self.seen is not None else []
+        )
         for g in self.groups:
-            self.add_state(f"{g}sum", default=torch.zeros(len(self.ks), dtype=torch.float64), dist_reduce_fx="sum")
-            self.add_state(f"{g}n", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(
+                f"{g}sum",
+                default=torch.zeros(len(self.ks), dtype=torch.float64),
+                dist_reduce_fx="sum",
+            )
+            self.add_state(
+                f"{g}n", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum"
+            )
 
     def _filters(self, norm_text: str):
         yield "", lambda p: True
@@ -123,11 +140,11 @@ def parse_generation(text: str, sep: str = ";"):
     rationale = None
     m = re.search(r"<\s*think\s*>(.*?)<\s*/\s*think\s*>", text, flags=re.S | re.I)
     if m:
-        rationale, text = m.group(1).strip(), text[m.end():]
-    elif re.search(r"<\s*think\s*>", text, flags=re.I):          # opened, never closed: all reasoning
+        rationale, text = m.group(1).strip(), text[m.end() :]
+    elif re.search(r"<\s*think\s*>", text, flags=re.I):  # opened, never closed: all reasoning
         rationale, text = re.split(r"<\s*think\s*>", text, maxsplit=1, flags=re.I)[1].strip(), ""
     m = re.search(r"answer\s*:", text, flags=re.I)
     if m:
-        text = text[m.end():]
+        text = text[m.end() :]
     parts = re.split(re.escape(sep) if sep in text else ",", text)
     return rationale, [p.strip(" .\n\t") for p in parts if p.strip(" .\n\t")]

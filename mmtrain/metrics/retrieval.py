@@ -1,4 +1,5 @@
 """Image-text retrieval recall@k (torchmetrics), pair i of the image and text sets being the match."""
+
 from __future__ import annotations
 
 from typing import Dict, Sequence
@@ -16,7 +17,9 @@ def _recall(sim: torch.Tensor, k: int) -> float:
     return float(metric(sim.flatten().float().cpu(), target, indexes=indexes))
 
 
-def retrieval_recalls(image: torch.Tensor, text: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> Dict[str, float]:
+def retrieval_recalls(
+    image: torch.Tensor, text: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> Dict[str, float]:
     """{'i2t_r@k', 't2i_r@k', 'mean_r@k', 'n', 'chance_r@1'} for L2-normalised embeddings."""
     sim = image.float() @ text.float().t()
     out: Dict[str, float] = {"n": float(sim.shape[0]), "chance_r@1": 1.0 / sim.shape[0]}

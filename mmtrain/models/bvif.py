@@ -14,6 +14,7 @@
   reconstruction MSE(mu_p, K), no latent, no KL.
 At dialogue time, with no image, z is the prior's mean (or K_T through the posterior).
 """
+
 from __future__ import annotations
 
 import random
@@ -26,9 +27,16 @@ from torch import nn
 from kernels.variational import variational_fusion
 from mmtrain.models.iqformer import IQFormer
 
-INFERENCE_TEMPLATES = ["Describe what the following knowledge shows:", "Write a caption for this scene:",
-                       "Tell me what you see:"]
-RECONSTRUCTION_TEMPLATES = ["Imagine the scene described here:", "Picture this text:", "What would this look like?"]
+INFERENCE_TEMPLATES = [
+    "Describe what the following knowledge shows:",
+    "Write a caption for this scene:",
+    "Tell me what you see:",
+]
+RECONSTRUCTION_TEMPLATES = [
+    "Imagine the scene described here:",
+    "Picture this text:",
+    "What would this look like?",
+]
 
 
 def pick(templates: Sequence[str], key: str, seed: int) -> str:
@@ -43,7 +51,10 @@ def noise(like: torch.Tensor, eps: Optional[torch.Tensor]) -> torch.Tensor:
 def sample_noise(keys: Sequence[str], shape: Sequence[int], seed: int, draw: int) -> torch.Tensor:
     """Standard normal noise per sample, a function of (seed, draw, sample key) alone: the same
     sample gets the same noise whichever rank or batch it lands in."""
-    gens = [torch.Generator().manual_seed(random.Random(f"{seed}/eps/{draw}/{k}").getrandbits(63)) for k in keys]
+    gens = [
+        torch.Generator().manual_seed(random.Random(f"{seed}/eps/{draw}/{k}").getrandbits(63))
+        for k in keys
+    ]
     return torch.stack([torch.randn(*shape, generator=g) for g in gens])
 
 
@@ -55,11 +66,11 @@ class BVIF(nn.Module):
         w, q = iqformer.config.width, iqformer.config.num_queries
         self.iqformer, self.variational = iqformer, variational
         self.to_llm = nn.Linear(w, d_llm)
-        self.posterior = nn.Linear(w, 2 * w)           # residual mean and log-variance from K
-        self.prior = nn.Linear(d_llm, 2 * w)           # mean and log-variance from the LLM's reading
+        self.posterior = nn.Linear(w, 2 * w)  # residual mean and log-variance from K
+        self.prior = nn.Linear(d_llm, 2 * w)  # mean and log-variance from the LLM's reading
         self.placeholders = nn.Parameter(torch.randn(q, d_llm) * 0.02)
         nn.init.zeros_(self.posterior.weight)
-        with torch.no_grad():                          # start with z ~= K and a small noise
+        with torch.no_grad():  # start with z ~= K and a small noise
             self.posterior.bias.zero_()
             self.posterior.bias[w:] = -4.0
 
@@ -70,8 +81,13 @@ class BVIF(nn.Module):
     def prior_stats(self, states: torch.Tensor):
         return self.prior(states).chunk(2, dim=-1)
 
-    def latent(self, k: torch.Tensor, prior_states: Optional[torch.Tensor], sample: bool = True,
-               eps: Optional[torch.Tensor] = None):
+    def latent(
+        self,
+        k: torch.Tensor,
+        prior_states: Optional[torch.Tensor],
+        sample: bool = True,
+        eps: Optional[torch.Tensor] = None,
+    ):
         """(z, kl or None, mu_p, logvar_p) for knowledge vectors k (B x Q x W); `eps` is the standard
         normal noise of the sample (drawn here when not given)."""
         if not self.variational:
@@ -85,23 +101,30 @@ class BVIF(nn.Module):
         z, kl = variational_fusion(mu_q, lv_q, mu_p, lv_p, eps=eps)
         return z, kl, mu_p, lv_p
 
-    def reconstruction_loss(self, k: torch.Tensor, mu_p: torch.Tensor, lv_p: Optional[torch.Tensor]) -> torch.Tensor:
+    def reconstruction_loss(
+        self, k: torch.Tensor, mu_p: torch.Tensor, lv_p: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         target = k.detach().float()
-        if lv_p is None:                                   # released form: MSE
+        if lv_p is None:  # released form: MSE
             return F.mse_loss(mu_p.float(), target)
         lv = lv_p.float().clamp(-30, 20)
         return (0.5 * (lv + (target - mu_p.float()) ** 2 * torch.exp(-lv))).sum(-1).mean()
 
 
-def embed_segments(embed: nn.Module, segments: List[List[object]], pad_id: int, left_pad: bool = False):
+def embed_segments(
+    embed: nn.Module, segments: List[List[object]], pad_id: int, left_pad: bool = False
+):
     """Batch of sequences made of token-id lists and embedding tensors -> (inputs_embeds, attention mask,
     positions of each segment). Right-padded for training, left-padded for generation."""
     rows, spans = [], []
     for parts in segments:
         pieces, pos, cur = [], [], 0
         for p in parts:
-            t = p if isinstance(p, torch.Tensor) else embed(torch.tensor(p, dtype=torch.long,
-                                                                           device=embed.weight.device))
+            t = (
+                p
+                if isinstance(p, torch.Tensor)
+                else embed(torch.tensor(p, dtype=torch.long, device=embed.weight.device))
+            )
             pieces.append(t.to(embed.weight.dtype))
             pos.append((cur, cur + t.shape[0]))
             cur += t.shape[0]
@@ -113,8 +136,8 @@ def embed_segments(embed: nn.Module, segments: List[List[object]], pad_id: int, 
     mask = torch.zeros(len(rows), n, dtype=torch.long, device=out.device)
     for i, r in enumerate(rows):
         off = n - r.shape[0] if left_pad else 0
-        out[i, off:off + r.shape[0]] = r
-        mask[i, off:off + r.shape[0]] = 1
+        out[i, off : off + r.shape[0]] = r
+        mask[i, off : off + r.shape[0]] = 1
         spans[i] = [(a + off, b + off) for a, b in spans[i]]
     return out, mask, spans
 

@@ -9,6 +9,7 @@
   cross-entropy on the selected positions ("mtm" their mean; "mtm_sum" and "mtm_count" for a mean
   over the selected positions of a whole global batch).
 """
+
 from __future__ import annotations
 
 from typing import Dict
@@ -22,7 +23,9 @@ from mmtrain.models.iqformer import IQFormer
 
 
 def _block(width: int, heads: int) -> nn.TransformerDecoderLayer:
-    block = nn.TransformerDecoderLayer(width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+    block = nn.TransformerDecoderLayer(
+        width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
+    )
     # Zero-initialised cross-attention output (a zero residual branch): at the start the
     # reconstruction heads neither read the knowledge vectors nor push on them. Otherwise their
     # gradients treat K's still-uninformative variation across samples as noise and flatten it
@@ -33,8 +36,17 @@ def _block(width: int, heads: int) -> nn.TransformerDecoderLayer:
 
 
 class Stage1Model(nn.Module):
-    def __init__(self, iqformer: IQFormer, patch: int, grid: int, vocab: int, tim_dim: int = 256,
-                 heads: int = 8, init_scale: float = 1 / 0.07, tim_global: bool = True):
+    def __init__(
+        self,
+        iqformer: IQFormer,
+        patch: int,
+        grid: int,
+        vocab: int,
+        tim_dim: int = 256,
+        heads: int = 8,
+        init_scale: float = 1 / 0.07,
+        tim_global: bool = True,
+    ):
         super().__init__()
         w = iqformer.config.width
         self.iqformer, self.patch, self.grid = iqformer, patch, grid
@@ -56,23 +68,51 @@ class Stage1Model(nn.Module):
 
     def reconstruct(self, masked_image_states: torch.Tensor, k_txt: torch.Tensor) -> torch.Tensor:
         x = self.mim_block(self.mim_in(masked_image_states.to(k_txt.dtype)), k_txt)
-        x = x[:, -self.grid * self.grid:]                               # drop CLS where there is one
+        x = x[:, -self.grid * self.grid :]  # drop CLS where there is one
         x = x.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid)
         return F.pixel_shuffle(self.mim_out(x), self.patch)
 
-    def forward(self, image_states, text_states, text_mask, masked_image_states=None, masked_text_states=None,
-                pixels=None, scored=None, mtm_labels=None, embed_only: bool = False) -> Dict[str, torch.Tensor]:
+    def forward(
+        self,
+        image_states,
+        text_states,
+        text_mask,
+        masked_image_states=None,
+        masked_text_states=None,
+        pixels=None,
+        scored=None,
+        mtm_labels=None,
+        embed_only: bool = False,
+    ) -> Dict[str, torch.Tensor]:
         k_img, k_txt, v, t = self.embed(image_states, text_states, text_mask)
         if embed_only:
             return {"image": v, "text": t}
         tim = self.tim(v.to(k_img.dtype), t.to(k_img.dtype))
         recon = self.reconstruct(masked_image_states, k_txt)
-        pix_mask = scored.repeat_interleave(self.patch, 1).repeat_interleave(self.patch, 2)[:, None].float()
-        mim = ((recon.float() - pixels.float()).abs() * pix_mask).sum() / (pix_mask.sum() * 3).clamp(min=1)
-        h = self.mtm_block(self.mtm_in(masked_text_states.to(k_img.dtype)), k_img,
-                           tgt_key_padding_mask=text_mask == 0)
-        selected = mtm_labels != -100          # the vocabulary head only where a token is scored (~15%)
-        mtm_sum = F.cross_entropy(self.mtm_out(h[selected]).float(), mtm_labels[selected], reduction="sum")
+        pix_mask = (
+            scored.repeat_interleave(self.patch, 1)
+            .repeat_interleave(self.patch, 2)[:, None]
+            .float()
+        )
+        mim = ((recon.float() - pixels.float()).abs() * pix_mask).sum() / (
+            pix_mask.sum() * 3
+        ).clamp(min=1)
+        h = self.mtm_block(
+            self.mtm_in(masked_text_states.to(k_img.dtype)),
+            k_img,
+            tgt_key_padding_mask=text_mask == 0,
+        )
+        selected = mtm_labels != -100  # the vocabulary head only where a token is scored (~15%)
+        mtm_sum = F.cross_entropy(
+            self.mtm_out(h[selected]).float(), mtm_labels[selected], reduction="sum"
+        )
         count = int(selected.sum())
-        return {"tim": tim, "mim": mim, "mtm": mtm_sum / max(1, count), "mtm_sum": mtm_sum, "mtm_count": count,
-                "recon": recon.detach(), "logit_scale": self.tim.log_scale.exp()}
+        return {
+            "tim": tim,
+            "mim": mim,
+            "mtm": mtm_sum / max(1, count),
+            "mtm_sum": mtm_sum,
+            "mtm_count": count,
+            "recon": recon.detach(),
+            "logit_scale": self.tim.log_scale.exp(),
+        }

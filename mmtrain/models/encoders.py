@@ -6,6 +6,7 @@ the DeepSpeed-wrapped model: a frozen tower that fits on every GPU is replicated
 sharded by ZeRO-3, so it is never gathered, never holds optimizer state and never bloats a
 checkpoint; it is reloaded from its directory instead.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,11 +19,17 @@ from torch import nn
 def _quiet_transformers():
     from transformers.utils import logging
 
-    logging.set_verbosity_error()       # load reports list the other tower's weights as unexpected
+    logging.set_verbosity_error()  # load reports list the other tower's weights as unexpected
 
 
 def _tower_classes(path: str) -> Tuple[type, type]:
-    from transformers import AutoConfig, CLIPTextModel, CLIPVisionModel, SiglipTextModel, SiglipVisionModel
+    from transformers import (
+        AutoConfig,
+        CLIPTextModel,
+        CLIPVisionModel,
+        SiglipTextModel,
+        SiglipVisionModel,
+    )
 
     model_type = AutoConfig.from_pretrained(path).model_type
     if model_type.startswith("clip"):
@@ -61,7 +68,7 @@ class FrozenTowers(nn.Module):
         return self.vision.config.image_size
 
     def train(self, mode: bool = True):
-        return super().train(False)                   # always eval: no dropout in a frozen tower
+        return super().train(False)  # always eval: no dropout in a frozen tower
 
     @torch.no_grad()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:

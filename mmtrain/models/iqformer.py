@@ -11,6 +11,7 @@ It is a `PreTrainedModel`: `mmtrain export` writes it with `save_pretrained`, an
 `IQFormer.from_pretrained(dir)` loads it back without the trainer. `init_from_bert` copies a
 local BERT checkpoint's self-attention, layer norms and FFN into it and says what stayed random.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,9 +28,19 @@ log = logging.getLogger("mmtrain")
 class IQFormerConfig(PretrainedConfig):
     model_type = "mmtrain_iqformer"
 
-    def __init__(self, width: int = 768, layers: int = 12, heads: int = 12, intermediate: int = 3072,
-                 num_queries: int = 32, cross_attention_every: int = 2, vision_width: int = 1024,
-                 text_width: int = 768, dropout: float = 0.1, **kwargs):
+    def __init__(
+        self,
+        width: int = 768,
+        layers: int = 12,
+        heads: int = 12,
+        intermediate: int = 3072,
+        num_queries: int = 32,
+        cross_attention_every: int = 2,
+        vision_width: int = 1024,
+        text_width: int = 768,
+        dropout: float = 0.1,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.width, self.layers, self.heads, self.intermediate = width, layers, heads, intermediate
         self.num_queries, self.cross_attention_every = num_queries, cross_attention_every
@@ -44,11 +55,20 @@ class IQFormer(PreTrainedModel):
         super().__init__(config)
         c = config
         self.queries = nn.Parameter(torch.randn(1, c.num_queries, c.width) * 0.02)
-        self.qformer = Blip2QFormerModel(Blip2QFormerConfig(
-            hidden_size=c.width, num_hidden_layers=c.layers, num_attention_heads=c.heads,
-            intermediate_size=c.intermediate, cross_attention_frequency=c.cross_attention_every,
-            encoder_hidden_size=c.width, hidden_dropout_prob=c.dropout, attention_probs_dropout_prob=c.dropout))
-        # projection + LayerNorm per modality (BLIP-2's ln_vision): unit-scale encoder tokens, so that
+        self.qformer = Blip2QFormerModel(
+            Blip2QFormerConfig(
+                hidden_size=c.width,
+                num_hidden_layers=c.layers,
+                num_attention_heads=c.heads,
+                intermediate_size=c.intermediate,
+                cross_attention_frequency=c.cross_attention_every,
+                encoder_hidden_size=c.width,
+                hidden_dropout_prob=c.dropout,
+                attention_probs_dropout_prob=c.dropout,
+            )
+        )
+        # projection + LayerNorm per modality (BLIP-2's ln_vision): unit-scale encoder tokens, so
+        # that
         # cross-attention moves the queries from the first step and K differs across samples
         self.vision_proj = nn.Sequential(nn.Linear(c.vision_width, c.width), nn.LayerNorm(c.width))
         self.text_proj = nn.Sequential(nn.Linear(c.text_width, c.width), nn.LayerNorm(c.width))
@@ -63,8 +83,9 @@ class IQFormer(PreTrainedModel):
     def forward(self, tokens: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Knowledge vectors (B x num_queries x width) from projected encoder tokens."""
         q = self.queries.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
-        return self.qformer(query_embeds=q, encoder_hidden_states=tokens,
-                            encoder_attention_mask=mask).last_hidden_state
+        return self.qformer(
+            query_embeds=q, encoder_hidden_states=tokens, encoder_attention_mask=mask
+        ).last_hidden_state
 
     def project_image(self, image_states: torch.Tensor) -> torch.Tensor:
         return self.vision_proj(image_states.to(self.queries.dtype))
@@ -108,6 +129,11 @@ def init_from_bert(model: IQFormer, bert_path: str) -> Dict[str, List[str]]:
                 own[target].copy_(tensor)
                 loaded.append(target)
     random_ = sorted(set(own) - set(loaded))
-    log.info("IQ-Former from %s: %d tensors loaded, %d start random (%s)", bert_path, len(loaded), len(random_),
-             ", ".join(sorted({re.sub(r'\.\d+\.', '.N.', k) for k in random_})))
+    log.info(
+        "IQ-Former from %s: %d tensors loaded, %d start random (%s)",
+        bert_path,
+        len(loaded),
+        len(random_),
+        ", ".join(sorted({re.sub(r"\.\d+\.", ".N.", k) for k in random_})),
+    )
     return {"loaded": loaded, "random": random_}

@@ -14,6 +14,7 @@ answer tokens only.
   every rank then touches the same parameters in the same order on every step, which ZeRO-3
   needs (its parameter gathers are collectives) when one rank's micro-batch is text-only.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,13 +41,33 @@ def _image_only_processor(path: str):
             cfg = {**json.loads(f.read_text()), **cfg}
     cls_name = cfg.get("processor_class")
     if not cls_name or not hasattr(transformers, cls_name):
-        raise ConfigError(f"{path}: cannot tell the processor class (processor_config.json 'processor_class')")
+        raise ConfigError(
+            f"{path}: cannot tell the processor class (processor_config.json 'processor_class')"
+        )
     base = getattr(transformers, cls_name)
-    cls = type(cls_name, (base,), {"check_argument_for_proper_class": lambda self, name, arg: type(arg)})
-    tok, image_processor = AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
-    kwargs = {k: v for k, v in cfg.items() if k in ("patch_size", "vision_feature_select_strategy", "image_token",
-                                                   "num_additional_image_tokens")}
-    attrs = base.get_attributes() if hasattr(base, "get_attributes") else ["image_processor", "tokenizer"]
+    cls = type(
+        cls_name, (base,), {"check_argument_for_proper_class": lambda self, name, arg: type(arg)}
+    )
+    tok, image_processor = (
+        AutoTokenizer.from_pretrained(path),
+        AutoImageProcessor.from_pretrained(path),
+    )
+    kwargs = {
+        k: v
+        for k, v in cfg.items()
+        if k
+        in (
+            "patch_size",
+            "vision_feature_select_strategy",
+            "image_token",
+            "num_additional_image_tokens",
+        )
+    }
+    attrs = (
+        base.get_attributes()
+        if hasattr(base, "get_attributes")
+        else ["image_processor", "tokenizer"]
+    )
     given = {"image_processor": image_processor, "tokenizer": tok}
     args = {a: given.get(a) for a in attrs}
     return cls(**args, chat_template=tok.chat_template, **kwargs)
@@ -73,49 +94,72 @@ class Prompter:
         head, tail = self.render("x", SENTINEL).split(SENTINEL)
         prompt = self.render("x")
         if not head.startswith(prompt):
-            raise ValueError("the chat template's assistant turn does not extend its generation prompt; "
-                             "answer-only loss needs it to")
-        self.answer_lead = head[len(prompt):]     # template text between the prompt and the answer
-        self.end_of_turn = tail                   # template text after the answer (e.g. '<|im_end|>')
+            raise ValueError(
+                "the chat template's assistant turn does not extend its generation prompt; "
+                "answer-only loss needs it to"
+            )
+        self.answer_lead = head[len(prompt) :]  # template text between the prompt and the answer
+        self.end_of_turn = tail  # template text after the answer (e.g. '<|im_end|>')
 
-    def messages(self, text: str, answer: Optional[str] = None, image: bool = False) -> List[Dict[str, Any]]:
+    def messages(
+        self, text: str, answer: Optional[str] = None, image: bool = False
+    ) -> List[Dict[str, Any]]:
         content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
-        msgs = ([{"role": "system", "content": [{"type": "text", "text": self.system}]}] if self.system else [])
+        msgs = (
+            [{"role": "system", "content": [{"type": "text", "text": self.system}]}]
+            if self.system
+            else []
+        )
         msgs.append({"role": "user", "content": content})
         if answer is not None:
             msgs.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         return msgs
 
     def render(self, text: str, answer: Optional[str] = None, image: bool = False) -> str:
-        return self.proc.apply_chat_template(self.messages(text, answer, image), tokenize=False,
-                                             add_generation_prompt=answer is None)
+        return self.proc.apply_chat_template(
+            self.messages(text, answer, image), tokenize=False, add_generation_prompt=answer is None
+        )
 
     def encode_prompt(self, text: str, image=None) -> Dict[str, torch.Tensor]:
         """One sample's prompt: input_ids and the model's other inputs (pixels, grid, token types)."""
         kw = {"images": [image]} if image is not None else {}
-        enc = self.proc(text=[self.render(text, image=image is not None)], return_tensors="pt",
-                        add_special_tokens=False, **kw)
+        enc = self.proc(
+            text=[self.render(text, image=image is not None)],
+            return_tensors="pt",
+            add_special_tokens=False,
+            **kw,
+        )
         return {k: v for k, v in enc.items()}
 
     def encode_answer(self, answer: str) -> List[int]:
-        return self.tok(self.answer_lead + answer + self.end_of_turn, add_special_tokens=False)["input_ids"]
+        return self.tok(self.answer_lead + answer + self.end_of_turn, add_special_tokens=False)[
+            "input_ids"
+        ]
 
 
-def collate_sequences(prompts: Sequence[Dict[str, torch.Tensor]], answers: Optional[Sequence[List[int]]],
-                      pad_id: int, left_pad: bool = False) -> Dict[str, torch.Tensor]:
+def collate_sequences(
+    prompts: Sequence[Dict[str, torch.Tensor]],
+    answers: Optional[Sequence[List[int]]],
+    pad_id: int,
+    left_pad: bool = False,
+) -> Dict[str, torch.Tensor]:
     """Per-sample prompts (+ answer ids) -> one padded batch. Token-aligned inputs (ids, mask, token
     types) are extended with the answer and padded; the rest (pixels, grids) concatenated."""
     seqs, extras = [], {}
     for i, p in enumerate(prompts):
         n = p["input_ids"].shape[-1]
         ans = list(answers[i]) if answers is not None else []
-        row = {"input_ids": torch.cat([p["input_ids"][0], torch.tensor(ans, dtype=torch.long)]),
-               "attention_mask": torch.ones(n + len(ans), dtype=torch.long),
-               "labels": torch.tensor([-100] * n + ans, dtype=torch.long)}
+        row = {
+            "input_ids": torch.cat([p["input_ids"][0], torch.tensor(ans, dtype=torch.long)]),
+            "attention_mask": torch.ones(n + len(ans), dtype=torch.long),
+            "labels": torch.tensor([-100] * n + ans, dtype=torch.long),
+        }
         for k, v in p.items():
             if k in ("input_ids", "attention_mask"):
                 continue
-            if v.dim() == 2 and v.shape == p["input_ids"].shape:        # token-aligned (mm_token_type_ids)
+            if (
+                v.dim() == 2 and v.shape == p["input_ids"].shape
+            ):  # token-aligned (mm_token_type_ids)
                 row[k] = torch.cat([v[0], torch.zeros(len(ans), dtype=v.dtype)])
             else:
                 extras.setdefault(k, []).append(v)
@@ -169,21 +213,30 @@ class MLLM(nn.Module):
             return
         self._pending = False
         vision_dtype = next(p.dtype for n, p in self._base().named_parameters() if "vis" in n)
-        blank = {k: (v.to(output.device, vision_dtype) if v.is_floating_point() else v.to(output.device))
-                 for k, v in self._blank.items()}
+        blank = {
+            k: (v.to(output.device, vision_dtype) if v.is_floating_point() else v.to(output.device))
+            for k, v in self._blank.items()
+        }
         self._blank_out = _tensor_sum(self._base().get_image_features(**blank))
 
     def _inputs(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         dev = self.model.get_input_embeddings().weight.device
         dtype = next(p.dtype for p in self.parameters() if p.is_floating_point())
-        out = {k: (v.to(dev, dtype) if v.is_floating_point() else v.to(dev)) for k, v in batch.items()
-               if isinstance(v, torch.Tensor) and k != "labels"}
+        out = {
+            k: (v.to(dev, dtype) if v.is_floating_point() else v.to(dev))
+            for k, v in batch.items()
+            if isinstance(v, torch.Tensor) and k != "labels"
+        }
         self._pending = "pixel_values" not in out
         self._blank_out = None
         return out
 
-    def forward(self, batch: Dict[str, torch.Tensor], generate: Optional[Dict[str, Any]] = None,
-                adapter: Optional[str] = None):
+    def forward(
+        self,
+        batch: Dict[str, torch.Tensor],
+        generate: Optional[Dict[str, Any]] = None,
+        adapter: Optional[str] = None,
+    ):
         """Answer-token losses (through one named LoRA adapter, if given); with `generate`
         (generation kwargs), the new tokens instead."""
         with use_adapter(self.model, adapter):
@@ -196,17 +249,26 @@ class MLLM(nn.Module):
         logits = self.model(**inputs).logits
         labels = batch["labels"].to(logits.device)[:, 1:]
         pick = labels != -100
-        ce = torch.nn.functional.cross_entropy(logits[:, :-1][pick].float(), labels[pick], reduction="none")
-        per_token = torch.zeros(labels.shape, dtype=ce.dtype, device=ce.device).masked_scatter(pick, ce)
+        ce = torch.nn.functional.cross_entropy(
+            logits[:, :-1][pick].float(), labels[pick], reduction="none"
+        )
+        per_token = torch.zeros(labels.shape, dtype=ce.dtype, device=ce.device).masked_scatter(
+            pick, ce
+        )
         counts = pick.sum(1).clamp(min=1)
         per_sample = per_token.sum(1) / counts
         loss_sum = ce.sum()
-        if self._blank_out is not None:          # keeps the vision tower in the graph on text-only batches
+        if self._blank_out is not None:  # keeps the vision tower in the graph on text-only batches
             loss_sum = loss_sum + 0.0 * self._blank_out
         tokens = int(pick.sum())
-        return {"loss": loss_sum / max(1, tokens), "loss_sum": loss_sum, "per_sample": per_sample.detach(),
-                "nll_sum": per_token.sum(1).detach(), "tokens": tokens,
-                "flops": self.train_flops(int(inputs["attention_mask"].sum()))}
+        return {
+            "loss": loss_sum / max(1, tokens),
+            "loss_sum": loss_sum,
+            "per_sample": per_sample.detach(),
+            "nll_sum": per_token.sum(1).detach(),
+            "tokens": tokens,
+            "flops": self.train_flops(int(inputs["attention_mask"].sum())),
+        }
 
     def train_flops(self, tokens: int) -> float:
         """Approximate FLOPs of a training step over `tokens` sequence positions (text and image
@@ -218,7 +280,7 @@ class MLLM(nn.Module):
     def generate(self, batch: Dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
         inputs = self._inputs(batch)
         out = self.model.generate(**inputs, **kwargs)
-        return out[:, inputs["input_ids"].shape[1]:]
+        return out[:, inputs["input_ids"].shape[1] :]
 
 
 def blank_image_inputs(processor) -> Dict[str, torch.Tensor]:
@@ -233,13 +295,19 @@ def lora_config(lora: LoraSection):
     from peft import LoraConfig
 
     targets: Any = list(lora.target_modules)
-    if lora.language_only:          # a regex peft matches against the full module name
+    if lora.language_only:  # a regex peft matches against the full module name
         targets = rf"^(?!.*(visual|vision))(.*\.)?({'|'.join(targets)})$"
-    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
+    return LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets
+    )
 
 
-def load_model(path: str, lora: LoraSection, adapters: Sequence[str] = ("default",),
-               init_from: Optional[str] = None) -> nn.Module:
+def load_model(
+    path: str,
+    lora: LoraSection,
+    adapters: Sequence[str] = ("default",),
+    init_from: Optional[str] = None,
+) -> nn.Module:
     """The image-text-to-text model: fully trainable (`lora.enabled` false), or frozen with one
     trainable LoRA adapter per name in `adapters` (KDSL's decoupled post-training gives each task its
     own, so no weight update is shared across tasks). `init_from`: saved adapters to start from."""
@@ -251,22 +319,29 @@ def load_model(path: str, lora: LoraSection, adapters: Sequence[str] = ("default
         return model.requires_grad_(True)
     model.requires_grad_(False)
     if init_from:
-        def where(name: str) -> str:     # peft saves a non-default adapter in a sub-directory of its name
+
+        def where(
+            name: str,
+        ) -> str:  # peft saves a non-default adapter in a sub-directory of its name
             sub = Path(init_from) / name
             if (sub / "adapter_config.json").is_file():
                 return str(sub)
             if (Path(init_from) / "adapter_config.json").is_file():
                 return init_from
-            raise FileNotFoundError(f"recipe.init_from={init_from}: no adapter for '{name}' (adapter_config.json)")
+            raise FileNotFoundError(
+                f"recipe.init_from={init_from}: no adapter for '{name}' (adapter_config.json)"
+            )
 
-        model = PeftModel.from_pretrained(model, where(adapters[0]), adapter_name=adapters[0], is_trainable=True)
+        model = PeftModel.from_pretrained(
+            model, where(adapters[0]), adapter_name=adapters[0], is_trainable=True
+        )
         for name in adapters[1:]:
             model.load_adapter(where(name), adapter_name=name, is_trainable=True)
     else:
         model = get_peft_model(model, lora_config(lora), adapter_name=adapters[0])
         for name in adapters[1:]:
             model.add_adapter(name, lora_config(lora))
-    for n, p in model.named_parameters():     # peft leaves only the active adapter trainable
+    for n, p in model.named_parameters():  # peft leaves only the active adapter trainable
         if "lora_" in n:
             p.requires_grad_(True)
     return model

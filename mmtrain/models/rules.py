@@ -11,6 +11,7 @@ image) or `dialogue contains <word>` (a content word of the customer's last turn
 The rule base is a JSON list of such rules, saved with the run; a person may edit it, and
 `RuleBase.load` checks every rule (naming the one that is wrong) before it is used.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,47 @@ from pathlib import Path
 from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
 
 CONDITION = re.compile(r"^(image shows|dialogue contains) ([a-z0-9_]+)$")
-STOPWORDS = {"a", "an", "the", "i", "me", "my", "you", "your", "is", "are", "it", "this", "that", "to", "for", "of",
-             "on", "in", "with", "and", "or", "can", "do", "does", "what", "there", "here", "please", "have", "be",
-             "about", "going", "want", "hi", "hello", "good", "morning", "how", "help"}
+STOPWORDS = {
+    "a",
+    "an",
+    "the",
+    "i",
+    "me",
+    "my",
+    "you",
+    "your",
+    "is",
+    "are",
+    "it",
+    "this",
+    "that",
+    "to",
+    "for",
+    "of",
+    "on",
+    "in",
+    "with",
+    "and",
+    "or",
+    "can",
+    "do",
+    "does",
+    "what",
+    "there",
+    "here",
+    "please",
+    "have",
+    "be",
+    "about",
+    "going",
+    "want",
+    "hi",
+    "hello",
+    "good",
+    "morning",
+    "how",
+    "help",
+}
 
 
 class RuleError(ValueError):
@@ -33,11 +72,19 @@ class RuleError(ValueError):
 
 
 def dialogue_conditions(text: str) -> Set[str]:
-    return {f"dialogue contains {w}" for w in re.findall(r"[a-z0-9_]+", text.lower()) if w not in STOPWORDS}
+    return {
+        f"dialogue contains {w}"
+        for w in re.findall(r"[a-z0-9_]+", text.lower())
+        if w not in STOPWORDS
+    }
 
 
 def image_conditions(description: str) -> Set[str]:
-    return {f"image shows {w}" for w in re.findall(r"[a-z0-9_]+", description.lower()) if w not in STOPWORDS}
+    return {
+        f"image shows {w}"
+        for w in re.findall(r"[a-z0-9_]+", description.lower())
+        if w not in STOPWORDS
+    }
 
 
 @dataclass
@@ -52,15 +99,24 @@ class Rule:
         return all(c in conds for c in self.conditions)
 
     def to_json(self) -> dict:
-        return {"task": self.task, "if": list(self.conditions), "then": self.label,
-                "precision": round(self.precision, 4), "support": self.support}
+        return {
+            "task": self.task,
+            "if": list(self.conditions),
+            "then": self.label,
+            "precision": round(self.precision, 4),
+            "support": self.support,
+        }
 
     def __str__(self) -> str:
-        return (f"IF {' AND '.join(self.conditions)} THEN {self.task} = {self.label} "
-                f"(precision {self.precision:.2f}, support {self.support})")
+        return (
+            f"IF {' AND '.join(self.conditions)} THEN {self.task} = {self.label} "
+            f"(precision {self.precision:.2f}, support {self.support})"
+        )
 
 
-def score_rule(conditions: Iterable[str], examples: Sequence[Tuple[Set[str], str]]) -> Tuple[str, float, int]:
+def score_rule(
+    conditions: Iterable[str], examples: Sequence[Tuple[Set[str], str]]
+) -> Tuple[str, float, int]:
     """(majority label, precision, support) of a conjunction on (conditions, label) examples."""
     conds = tuple(conditions)
     labels = Counter(label for c, label in examples if all(x in c for x in conds))
@@ -85,8 +141,9 @@ class RuleBase:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: str | Path, labels: Optional[Dict[str, Sequence[str]]] = None) -> "RuleBase":
-        """Read and check a (possibly hand-edited) rule file; `labels` (task -> label set) checks the labels."""
+    def load(cls, path: str | Path, labels: Optional[Dict[str, Sequence[str]]] = None) -> RuleBase:
+        """Read and check a (possibly hand-edited) rule file; `labels` (task -> label set) checks
+        the labels."""
         path = Path(path)
         try:
             raw = json.loads(path.read_text())
@@ -100,24 +157,39 @@ class RuleBase:
         for i, r in enumerate(raw):
             where = f"{path}: rule {i}"
             if not isinstance(r, dict) or not {"task", "if", "then"} <= set(r):
-                raise RuleError(f"{where}: needs 'task', 'if' (a list of conditions) and 'then' (a label)")
+                raise RuleError(
+                    f"{where}: needs 'task', 'if' (a list of conditions) and 'then' (a label)"
+                )
             conds = r["if"] if isinstance(r["if"], list) else [r["if"]]
             if not conds:
                 raise RuleError(f"{where}: 'if' is empty")
             for c in conds:
                 if not isinstance(c, str) or not CONDITION.match(c.strip().lower()):
-                    raise RuleError(f"{where}: condition {c!r} is not 'image shows WORD' or 'dialogue contains WORD'")
+                    raise RuleError(
+                        f"{where}: condition {c!r} is not 'image shows WORD' or 'dialogue contains WORD'"
+                    )
             if labels is not None:
                 if r["task"] not in labels:
-                    raise RuleError(f"{where}: unknown task {r['task']!r} (tasks: {sorted(labels)})")
+                    raise RuleError(
+                        f"{where}: unknown task {r['task']!r} (tasks: {sorted(labels)})"
+                    )
                 if r["then"] not in labels[r["task"]]:
-                    raise RuleError(f"{where}: label {r['then']!r} is not one of the {r['task']} labels "
-                                    f"{sorted(labels[r['task']])}")
-            rules.append(Rule(r["task"], tuple(c.strip().lower() for c in conds), r["then"],
-                              float(r.get("precision", 1.0)), int(r.get("support", 0))))
+                    raise RuleError(
+                        f"{where}: label {r['then']!r} is not one of the {r['task']} labels "
+                        f"{sorted(labels[r['task']])}"
+                    )
+            rules.append(
+                Rule(
+                    r["task"],
+                    tuple(c.strip().lower() for c in conds),
+                    r["then"],
+                    float(r.get("precision", 1.0)),
+                    int(r.get("support", 0)),
+                )
+            )
         return cls(rules)
 
-    def rescore(self, task_examples: Dict[str, Sequence[Tuple[Set[str], str]]]) -> "RuleBase":
+    def rescore(self, task_examples: Dict[str, Sequence[Tuple[Set[str], str]]]) -> RuleBase:
         """Precision and support of every rule on new data (its label kept, as a person wrote it)."""
         out = []
         for r in self.rules:
@@ -133,13 +205,21 @@ class _Node:
 
     def __init__(self, conds: FrozenSet[str], untried: List[str]):
         self.conds, self.untried = conds, untried
-        self.children: Dict[str, "_Node"] = {}
+        self.children: Dict[str, _Node] = {}
         self.visits, self.value = 0, 0.0
 
 
-def mine_rules(task: str, examples: Sequence[Tuple[Set[str], str]], iterations: int = 2000, max_conditions: int = 2,
-               min_support: int = 3, min_precision: float = 0.8, exploration: float = 1.0, seed: int = 0,
-               max_rules: int = 50) -> List[Rule]:
+def mine_rules(
+    task: str,
+    examples: Sequence[Tuple[Set[str], str]],
+    iterations: int = 2000,
+    max_conditions: int = 2,
+    min_support: int = 3,
+    min_precision: float = 0.8,
+    exploration: float = 1.0,
+    seed: int = 0,
+    max_rules: int = 50,
+) -> List[Rule]:
     """Monte Carlo tree search over conjunctions of conditions.
 
     A node is a set of conditions; expanding adds one condition that co-occurs with the examples it
@@ -167,25 +247,30 @@ def mine_rules(task: str, examples: Sequence[Tuple[Set[str], str]], iterations: 
     root = _Node(frozenset(), covered_conditions(frozenset()))
     for _ in range(iterations):
         node, path = root, [root]
-        while not node.untried and node.children and len(node.conds) < max_conditions:   # select
-            node = max(node.children.values(), key=lambda ch: ch.value / (ch.visits or 1) + exploration * math.sqrt(
-                math.log(node.visits + 1) / (ch.visits or 1)))
+        while not node.untried and node.children and len(node.conds) < max_conditions:  # select
+            node = max(
+                node.children.values(),
+                key=lambda ch: (
+                    ch.value / (ch.visits or 1)
+                    + exploration * math.sqrt(math.log(node.visits + 1) / (ch.visits or 1))
+                ),
+            )
             path.append(node)
-        if node.untried and len(node.conds) < max_conditions:                               # expand
+        if node.untried and len(node.conds) < max_conditions:  # expand
             c = node.untried.pop(rng.randrange(len(node.untried)))
             conds = node.conds | {c}
             child = _Node(conds, covered_conditions(conds) if len(conds) < max_conditions else [])
             node.children[c] = child
             node = child
             path.append(node)
-        conds = set(node.conds)                                                              # roll out
+        conds = set(node.conds)  # roll out
         while len(conds) < max_conditions and rng.random() < 0.5:
             options = covered_conditions(frozenset(conds))
             if not options:
                 break
             conds.add(rng.choice(options))
         r = max(reward(node.conds), reward(frozenset(conds)))
-        for p in path:                                                                       # back up
+        for p in path:  # back up
             p.visits += 1
             p.value += r
     candidates = []
@@ -203,8 +288,13 @@ def mine_rules(task: str, examples: Sequence[Tuple[Set[str], str]], iterations: 
     return kept
 
 
-def combine(probs: Sequence[float], labels: Sequence[str], matched: Sequence[Rule], override: float,
-            weight: float) -> List[float]:
+def combine(
+    probs: Sequence[float],
+    labels: Sequence[str],
+    matched: Sequence[Rule],
+    override: float,
+    weight: float,
+) -> List[float]:
     """Collaborative prediction for one example: a matched rule with precision >= `override` decides
     (the most precise one); otherwise the large model's distribution mixed with the rules' vote
     (precision-weighted, normalised) at `weight`."""

@@ -4,13 +4,15 @@ through the same `from_pretrained` path real checkpoints take (nothing is downlo
 `mmtrain models tiny --out DIR` writes DIR/clip (a CLIP with its image processor and a word-level
 tokenizer over the synthetic data's vocabulary), DIR/bert (a BERT to initialise the IQ-Former
 from), DIR/llama (a causal LM with the same tokenizer and a chat template) and DIR/qwen2vl (a
-Qwen2-VL image-text-to-text model with its processor files; `make_tiny_vlm` also writes Llava). The LLM is briefly
-pre-trained on text drawn like the synthetic data (captions, chat-formatted dialogues from
-seeds the data sets do not use; a quarter of the dialogues state what is pictured at the start
-of the user turn, where the soft prompts later sit), as a real frozen LLM would be: fusion then
+Qwen2-VL image-text-to-text model with its processor files; `make_tiny_vlm` also writes Llava).
+The LLM is briefly pre-trained on text drawn like the synthetic data (captions, chat-formatted
+dialogues from seeds the data sets do not use; a quarter of the dialogues state what is pictured
+at the start of the user turn, where the soft prompts later sit), as a real frozen LLM would be:
+fusion then
 has a language model that reads its context (it copies a stated colour and count into its
 answer), and only the pictured facts are left to the knowledge.
 """
+
 from __future__ import annotations
 
 import re
@@ -31,12 +33,18 @@ def synthetic_vocabulary() -> List[str]:
         for i in range(400):
             for split in ("train", "test"):
                 s = gen(random.Random(f"vocab/{kind}/{split}/{i}"), split)
-                words.update(re.findall(r"[a-z_]+|[0-9]+|[^\sa-z0-9_]", str(s.get("txt", "")) + " " +
-                                        str(s.get("json", "")).lower()))
+                words.update(
+                    re.findall(
+                        r"[a-z_]+|[0-9]+|[^\sa-z0-9_]",
+                        str(s.get("txt", "")) + " " + str(s.get("json", "")).lower(),
+                    )
+                )
     return sorted(words)
 
 
-def word_tokenizer(words: List[str], specials_in_template: bool = False, extra_special: List[str] = ()):
+def word_tokenizer(
+    words: List[str], specials_in_template: bool = False, extra_special: List[str] = ()
+):
     """A word-level tokenizer over `words`. By default it wraps text in <s> ... </s> itself (as the
     CLIP/BERT/Llama tokenizers do); with `specials_in_template` only the chat template writes them
     (as Qwen's tokenizers do), so a templated prompt is never closed by an added </s>."""
@@ -44,22 +52,34 @@ def word_tokenizer(words: List[str], specials_in_template: bool = False, extra_s
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    words = sorted(set(words) | {"user", "assistant", "system"})       # the chat template's roles
+    words = sorted(set(words) | {"user", "assistant", "system"})  # the chat template's roles
     vocab = {w: i for i, w in enumerate(SPECIALS + [w for w in words if w not in SPECIALS])}
     tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Split(Regex(r"[a-z_]+|[0-9]+|[^\sa-z0-9_]"), behavior="isolated")])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Split(Regex(r"[a-z_]+|[0-9]+|[^\sa-z0-9_]"), behavior="isolated"),
+        ]
+    )
     if not specials_in_template:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[
-            ("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="<s>",
-                                   eos_token="</s>", mask_token="[MASK]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", special_tokens=[("<s>", vocab["<s>"]), ("</s>", vocab["</s>"])]
+        )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        bos_token="<s>",
+        eos_token="</s>",
+        mask_token="[MASK]",
+    )
     if extra_special:
         fast.add_special_tokens({"additional_special_tokens": list(extra_special)})
-    fast.chat_template = ("{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
-                          "{% if add_generation_prompt %}<s> assistant :{% endif %}")
+    fast.chat_template = (
+        "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+        "{% if add_generation_prompt %}<s> assistant :{% endif %}"
+    )
     return fast
 
 
@@ -76,15 +96,25 @@ def _lm_corpus(tok, n: int = 3000) -> List[str]:
         else:
             d = synth.dialogue(rng, "train")["json"]
             context = "\n".join(d["context"])
-            if i % 4 == 0:      # some dialogues state what is pictured: the LM learns to read its context
+            if (
+                i % 4 == 0
+            ):  # some dialogues state what is pictured: the LM learns to read its context
                 count = synth.COUNT_WORDS[d["count"]]
-                context = f"the picture shows {count} {d['color']} {synth._noun(d['shape'], d['count'])} .\n" + context
-            chat = [{"role": "user", "content": context}, {"role": "assistant", "content": d["response"]}]
+                context = (
+                    f"the picture shows {count} {d['color']} {synth._noun(d['shape'], d['count'])} .\n"
+                    + context
+                )
+            chat = [
+                {"role": "user", "content": context},
+                {"role": "assistant", "content": d["response"]},
+            ]
             texts.append(tok.apply_chat_template(chat, tokenize=False))
     return texts
 
 
-def pretrain_lm(model, tok, steps: int = 1500, batch: int = 32, lr: float = 3e-3, seed: int = 0) -> float:
+def pretrain_lm(
+    model, tok, steps: int = 1500, batch: int = 32, lr: float = 3e-3, seed: int = 0
+) -> float:
     """Language modelling on synthetic-style text; returns the last loss. 1,500 steps (~25 s on 2
     cores): after ~1,000 the model learns to copy the stated facts into its answer (validation
     perplexity of the responses 1.53 without the facts, 1.004 with them), which at 300 steps it
@@ -109,31 +139,75 @@ def pretrain_lm(model, tok, steps: int = 1500, batch: int = 32, lr: float = 3e-3
     return float(loss.detach())
 
 
-def make_tiny(out: str, image_size: int = 64, patch: int = 8, width: int = 64, seed: int = 0) -> Path:
+def make_tiny(
+    out: str, image_size: int = 64, patch: int = 8, width: int = 64, seed: int = 0
+) -> Path:
     import torch
-    from transformers import (BertConfig, BertModel, CLIPConfig, CLIPImageProcessorPil, CLIPModel, LlamaConfig,
-                              LlamaForCausalLM)
+    from transformers import (
+        BertConfig,
+        BertModel,
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     out_dir = Path(out)
     tok = word_tokenizer(synthetic_vocabulary())
     torch.manual_seed(seed)
-    clip = CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
-        vision_config=dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=image_size, patch_size=patch),
-        projection_dim=width))
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config=dict(
+                vocab_size=len(tok),
+                hidden_size=width,
+                intermediate_size=2 * width,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=64,
+                pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+            ),
+            vision_config=dict(
+                hidden_size=width,
+                intermediate_size=2 * width,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=image_size,
+                patch_size=patch,
+            ),
+            projection_dim=width,
+        )
+    )
     clip.save_pretrained(out_dir / "clip")
     tok.save_pretrained(out_dir / "clip")
-    CLIPImageProcessorPil(size={"shortest_edge": image_size},
-                          crop_size={"height": image_size, "width": image_size}).save_pretrained(out_dir / "clip")
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=width, num_hidden_layers=2, num_attention_heads=4,
-                         intermediate_size=2 * width)).save_pretrained(out_dir / "bert")
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
-                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                       max_position_embeddings=256, pad_token_id=tok.pad_token_id,
-                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id))
+    CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(out_dir / "clip")
+    BertModel(
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=2 * width,
+        )
+    ).save_pretrained(out_dir / "bert")
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=256,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     pretrain_lm(llm, tok)
     llm.save_pretrained(out_dir / "llama")
     tok.save_pretrained(out_dir / "llama")
@@ -145,7 +219,8 @@ def make_tiny(out: str, image_size: int = 64, patch: int = 8, width: int = 64, s
 VLM_CHAT_TEMPLATE = (
     "{% for m in messages %}<s> {{ m['role'] }} : {% if m['content'] is string %}{{ m['content'] }}{% else %}"
     "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ IMAGE }}{% else %}{{ c['text'] }}{% endif %}"
-    "{% endfor %}{% endif %} </s> {% endfor %}{% if add_generation_prompt %}<s> assistant :{% endif %}")
+    "{% endfor %}{% endif %} </s> {% endfor %}{% if add_generation_prompt %}<s> assistant :{% endif %}"
+)
 THINK_TOKENS = ["<think>", "</think>"]
 
 
@@ -162,25 +237,60 @@ def make_tiny_vlm(out: str, kind: str = "qwen2_vl", width: int = 64, seed: int =
     torch.manual_seed(seed)
     words = synthetic_vocabulary()
     if kind == "qwen2_vl":
-        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+        from transformers import (
+            Qwen2VLConfig,
+            Qwen2VLForConditionalGeneration,
+            Qwen2VLImageProcessorPil,
+        )
 
-        tok = word_tokenizer(words, specials_in_template=True,
-                             extra_special=["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
+        tok = word_tokenizer(
+            words,
+            specials_in_template=True,
+            extra_special=["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+        )
         tok.add_tokens([AddedToken(t, normalized=False) for t in THINK_TOKENS])
-        ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-                                                         "<|video_pad|>")}
+        ids = {
+            t: tok.convert_tokens_to_ids(t)
+            for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+        }
         cfg = Qwen2VLConfig(
-            text_config=dict(vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                             rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]}, pad_token_id=tok.pad_token_id,
-                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
-            vision_config=dict(depth=2, embed_dim=32, hidden_size=width, num_heads=2, mlp_ratio=2, patch_size=14,
-                               spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+            text_config=dict(
+                vocab_size=len(tok),
+                hidden_size=width,
+                intermediate_size=2 * width,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=512,
+                rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]},
+                pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+            ),
+            vision_config=dict(
+                depth=2,
+                embed_dim=32,
+                hidden_size=width,
+                num_heads=2,
+                mlp_ratio=2,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                in_channels=3,
+            ),
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
         model = Qwen2VLForConditionalGeneration(cfg)
-        image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14,
-                                                   merge_size=2, temporal_patch_size=2)
+        image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=56 * 56,
+            max_pixels=112 * 112,
+            patch_size=14,
+            merge_size=2,
+            temporal_patch_size=2,
+        )
         image = "<|vision_start|><|image_pad|><|vision_end|>"
         processor_class = "Qwen2VLProcessor"
         extra = {}
@@ -191,21 +301,46 @@ def make_tiny_vlm(out: str, kind: str = "qwen2_vl", width: int = 64, seed: int =
         tok.add_tokens([AddedToken(t, normalized=False) for t in THINK_TOKENS])
         size, patch = 32, 8
         cfg = LlavaConfig(
-            vision_config=dict(model_type="clip_vision_model", hidden_size=width, intermediate_size=2 * width,
-                               num_hidden_layers=2, num_attention_heads=4, image_size=size, patch_size=patch,
-                               projection_dim=width),
-            text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=width, intermediate_size=2 * width,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                             max_position_embeddings=512, pad_token_id=tok.pad_token_id,
-                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
-            image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
-            vision_feature_select_strategy="default", image_seq_length=(size // patch) ** 2)
+            vision_config=dict(
+                model_type="clip_vision_model",
+                hidden_size=width,
+                intermediate_size=2 * width,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=size,
+                patch_size=patch,
+                projection_dim=width,
+            ),
+            text_config=dict(
+                model_type="llama",
+                vocab_size=len(tok),
+                hidden_size=width,
+                intermediate_size=2 * width,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                max_position_embeddings=512,
+                pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+            ),
+            image_token_id=tok.convert_tokens_to_ids("<image>"),
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+            image_seq_length=(size // patch) ** 2,
+        )
         model = LlavaForConditionalGeneration(cfg)
-        image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
         image = "<image>"
         processor_class = "LlavaProcessor"
-        extra = {"patch_size": patch, "vision_feature_select_strategy": "default", "image_token": "<image>",
-                 "num_additional_image_tokens": 1}
+        extra = {
+            "patch_size": patch,
+            "vision_feature_select_strategy": "default",
+            "image_token": "<image>",
+            "num_additional_image_tokens": 1,
+        }
     else:
         raise ValueError(f"kind must be qwen2_vl or llava, got {kind!r}")
     tok.chat_template = VLM_CHAT_TEMPLATE.replace("{{ IMAGE }}", image)
@@ -215,5 +350,7 @@ def make_tiny_vlm(out: str, kind: str = "qwen2_vl", width: int = 64, seed: int =
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     image_processor.save_pretrained(out_dir)
-    (out_dir / "processor_config.json").write_text(json.dumps({"processor_class": processor_class, **extra}, indent=2))
+    (out_dir / "processor_config.json").write_text(
+        json.dumps({"processor_class": processor_class, **extra}, indent=2)
+    )
     return out_dir

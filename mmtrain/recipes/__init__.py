@@ -4,6 +4,7 @@ A recipe outside mmtrain is named by its import path, `recipe.name=my_pkg.my_rec
 Recipes are imported lazily so that `mmtrain config` on one recipe never imports another's
 dependencies.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -31,11 +32,15 @@ def recipe_class(name: str):
         from mmtrain.recipes.base import Recipe
 
         if not (isinstance(cls, type) and issubclass(cls, Recipe)):
-            raise ConfigError(f"recipe.name={name} is not a subclass of mmtrain.recipes.base.Recipe")
+            raise ConfigError(
+                f"recipe.name={name} is not a subclass of mmtrain.recipes.base.Recipe"
+            )
         return cls
     if name not in RECIPES:
         near = difflib.get_close_matches(name, RECIPES, n=1)
         hint = f"; did you mean '{near[0]}'?" if near else ""
-        raise ConfigError(f"unknown recipe 'recipe.name={name}'{hint} (known: {', '.join(sorted(RECIPES))})")
+        raise ConfigError(
+            f"unknown recipe 'recipe.name={name}'{hint} (known: {', '.join(sorted(RECIPES))})"
+        )
     module, _, attr = RECIPES[name].partition(":")
     return getattr(importlib.import_module(module), attr)

@@ -4,6 +4,7 @@ A recipe builds its model (frozen parts marked with `requires_grad=False`), its 
 one batch into named losses. It never touches DeepSpeed, the process group, logging or
 checkpoints; the engine never knows which method it trains.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,19 +21,20 @@ from mmtrain.data.reader import DataSection, ShardLoader, build_loader
 @dataclass
 class RunContext:
     """What a recipe may know about the run it is part of."""
+
     rank: int
     world_size: int
     device: torch.device
-    dtype: torch.dtype            # the precision the engine trains in
+    dtype: torch.dtype  # the precision the engine trains in
     micro_batch_size: int
     seed: int
     run_dir: Path
-    grad_accum: int = 1           # micro-batches per optimizer step: the global batch is
-                                  # micro_batch_size x grad_accum x world_size
+    grad_accum: int = 1  # micro-batches per optimizer step: the global batch is
+    # micro_batch_size x grad_accum x world_size
     # Collectives without exposing the process group (see engine.dist); identity in a world of one.
     all_reduce_sum: Any = lambda t: t
-    all_gather: Any = lambda t: t          # concatenates equal-shaped tensors of all ranks along dim 0
-    gather_objects: Any = lambda o: [o]    # every rank's picklable object, in rank order
+    all_gather: Any = lambda t: t  # concatenates equal-shaped tensors of all ranks along dim 0
+    gather_objects: Any = lambda o: [o]  # every rank's picklable object, in rank order
 
 
 @dataclass
@@ -42,23 +44,29 @@ class GlobalMean:
     over all ranks (one all-reduce per micro-step), so the loss is the mean over the items of the
     global micro-batch, whatever the world size. A plain tensor loss is a mean over this rank's
     samples, which is the same thing only when every sample weighs the same (fixed-size terms)."""
+
     total: torch.Tensor
     count: int
 
 
 @dataclass
 class StepOutput:
-    losses: Dict[str, Union[torch.Tensor, GlobalMean]]  # named scalar losses (weighted by the engine)
+    losses: Dict[
+        str, Union[torch.Tensor, GlobalMean]
+    ]  # named scalar losses (weighted by the engine)
     stats: Dict[str, float] = field(default_factory=dict)  # extra scalars to log as they are
-    images: Dict[str, torch.Tensor] = field(default_factory=dict)  # CHW images to log (rank 0, log steps)
-    samples: int = 0                                   # samples in this micro-batch on this rank
-    tokens: int = 0                                    # tokens processed (for tokens/s)
-    flops: Optional[float] = None                      # training FLOPs of this micro-batch, when they vary
-                                                       # per batch (else `Recipe.flops_per_sample`), for MFU
+    images: Dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # CHW images to log (rank 0, log steps)
+    samples: int = 0  # samples in this micro-batch on this rank
+    tokens: int = 0  # tokens processed (for tokens/s)
+    flops: Optional[float] = None  # training FLOPs of this micro-batch, when they vary
+    # per batch (else `Recipe.flops_per_sample`), for MFU
 
 
 class ResumableIterator(Protocol):
     """A data stream whose position is part of the checkpoint."""
+
     def __iter__(self) -> Iterator[Any]: ...
     def __next__(self) -> Any: ...
     def state_dict(self) -> Dict[str, Any]: ...
@@ -71,6 +79,7 @@ class ResumableIterator(Protocol):
 
 class Recipe:
     """Subclass, set `Config`, and implement `build_model`, `build_data` and `step`."""
+
     Config = RecipeConfig
 
     def __init__(self, cfg: RecipeConfig, ctx: RunContext):
@@ -86,8 +95,17 @@ class Recipe:
     def loader(self, section: DataSection, spec: str, decode, collate) -> ShardLoader:
         """This rank's resumable loader over the shards `spec`, sized and dealt for this run."""
         c = self.ctx
-        return build_loader(section, spec, c.micro_batch_size, decode, collate, c.rank, c.world_size, c.seed,
-                            c.grad_accum)
+        return build_loader(
+            section,
+            spec,
+            c.micro_batch_size,
+            decode,
+            collate,
+            c.rank,
+            c.world_size,
+            c.seed,
+            c.grad_accum,
+        )
 
     def step(self, model: nn.Module, batch: Any) -> StepOutput:
         """One micro-batch forward. `model` is callable like the module `build_model` returned."""
@@ -111,7 +129,11 @@ class Recipe:
         from peft import PeftModel
         from transformers import PreTrainedModel
 
-        return {name: m for name, m in model.named_children() if isinstance(m, (PreTrainedModel, PeftModel))}
+        return {
+            name: m
+            for name, m in model.named_children()
+            if isinstance(m, (PreTrainedModel, PeftModel))
+        }
 
     def state_dict(self) -> Dict[str, Any]:
         """What the recipe itself learns while training beyond the weights (e.g. per-sample loss
@@ -125,8 +147,10 @@ class Recipe:
         """This rank's recipe state from the `state_dict()`s every rank of a run on another number of
         ranks saved. Default: identical states carry over; per-rank states must override this."""
         if any(st != states[0] for st in states[1:]):
-            raise RuntimeError(f"recipe {self.cfg.name} keeps per-rank state and does not say how to re-shard "
-                               f"it onto {world} ranks: resume on {len(states)} ranks")
+            raise RuntimeError(
+                f"recipe {self.cfg.name} keeps per-rank state and does not say how to re-shard "
+                f"it onto {world} ranks: resume on {len(states)} ranks"
+            )
         return states[0]
 
     def loss_weight(self, name: str) -> float:

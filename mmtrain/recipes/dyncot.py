@@ -15,6 +15,7 @@ Evaluation generates freely, parses an optional `<think>` rationale and the keyp
 reports F1@1/3/5 (all, present/absent, seen/unseen), how often the model reasons and how many
 tokens it generates, and the split's keyphrase overlap with the training split.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,15 @@ from mmtrain.config import ConfigError, RecipeConfig, choices, path_field
 from mmtrain.data.reader import DataSection, pil_decode, split_spec
 from mmtrain.data.shards import iter_metas
 from mmtrain.metrics.keyphrase import KeyphraseF1, dedupe, normalize, overlap, parse_generation
-from mmtrain.models.mllm import MLLM, LoraSection, Prompter, blank_image_inputs, collate_sequences, load_model, \
-    load_processor
+from mmtrain.models.mllm import (
+    MLLM,
+    LoraSection,
+    Prompter,
+    blank_image_inputs,
+    collate_sequences,
+    load_model,
+    load_processor,
+)
 from mmtrain.recipes.base import GlobalMean, Recipe, StepOutput
 
 log = logging.getLogger("mmtrain")
@@ -39,13 +47,13 @@ log = logging.getLogger("mmtrain")
 
 @dataclass
 class DynamicSection:
-    quantile: Optional[float] = 0.7   # gamma = this quantile of every tracked sample's latest loss
-    gamma: float = 1.0                # the absolute threshold, used when quantile is null
-    patience: int = 1                 # epochs in a row above gamma before a sample switches
-    warmup_epochs: int = 2            # epochs of direct training before the first decision (the first
-                                      # epoch's losses mostly tell when a sample came, not how hard it is)
-    detrend: bool = True              # track each loss minus the running mean training loss when it was
-                                      # seen, so that samples met early in an epoch do not look harder
+    quantile: Optional[float] = 0.7  # gamma = this quantile of every tracked sample's latest loss
+    gamma: float = 1.0  # the absolute threshold, used when quantile is null
+    patience: int = 1  # epochs in a row above gamma before a sample switches
+    warmup_epochs: int = 2  # epochs of direct training before the first decision (the first
+    # epoch's losses mostly tell when a sample came, not how hard it is)
+    detrend: bool = True  # track each loss minus the running mean training loss when it was
+    # seen, so that samples met early in an epoch do not look harder
 
 
 @dataclass
@@ -57,7 +65,9 @@ class GenerationSection:
 @dataclass
 class DynCoTConfig(RecipeConfig):
     name: str = "dyncot"
-    model_path: str = path_field("", required=True)      # local image-text-to-text dir (Qwen2-VL, Llava, ...)
+    model_path: str = path_field(
+        "", required=True
+    )  # local image-text-to-text dir (Qwen2-VL, Llava, ...)
     strategy: str = choices("zero_shot", "sft", "cot", "dynamic", default="sft")
     prompt: str = "Post: {text}\nGive the keyphrases of this post and its image, separated by '; '."
     system: Optional[str] = None
@@ -76,7 +86,9 @@ class DynCoTConfig(RecipeConfig):
     def check(self):
         q = self.dynamic.quantile
         if q is not None and not 0.0 < q < 1.0:
-            raise ConfigError(f"recipe.dynamic.quantile={q} must lie in (0, 1), or be null to use recipe.dynamic.gamma")
+            raise ConfigError(
+                f"recipe.dynamic.quantile={q} must lie in (0, 1), or be null to use recipe.dynamic.gamma"
+            )
         if "{text}" not in self.prompt:
             raise ConfigError("recipe.prompt must contain {text}, where the post's text goes")
 
@@ -86,7 +98,7 @@ def rationale_parts(rationale: str):
     m = list(re.finditer(r"answer\s*:", rationale, flags=re.I))
     if not m:
         return rationale.strip(), rationale
-    return rationale[:m[-1].start()].strip(), rationale[m[-1].end():]
+    return rationale[: m[-1].start()].strip(), rationale[m[-1].end() :]
 
 
 def rationale_is_valid(rationale: str, gold: List[str]) -> bool:
@@ -101,12 +113,12 @@ class HardSampleTracker:
     def __init__(self, cfg: DynamicSection):
         self.cfg = cfg
         self.epoch = 0
-        self.pending: Dict[str, List[float]] = {}     # this rank, this epoch: key -> [sum, count]
-        self.latest: Dict[str, float] = {}            # all ranks: key -> mean loss in its last measured epoch
+        self.pending: Dict[str, List[float]] = {}  # this rank, this epoch: key -> [sum, count]
+        self.latest: Dict[str, float] = {}  # all ranks: key -> mean loss in its last measured epoch
         self.streak: Dict[str, int] = {}
         self.switched: set = set()
         self.history: List[Dict[str, Any]] = []
-        self.running: Optional[float] = None          # EMA of the mean training loss (detrend)
+        self.running: Optional[float] = None  # EMA of the mean training loss (detrend)
 
     def record(self, keys: List[str], losses: List[float], mean: Optional[float] = None) -> None:
         """Track `losses` by key, detrended by the running mean after this step's `mean` (the mean over
@@ -120,7 +132,9 @@ class HardSampleTracker:
             s[0] += float(v) - (self.running if self.cfg.detrend else 0.0)
             s[1] += 1
 
-    def end_epoch(self, all_pending: List[Dict[str, List[float]]], new_epoch: int) -> Dict[str, Any]:
+    def end_epoch(
+        self, all_pending: List[Dict[str, List[float]]], new_epoch: int
+    ) -> Dict[str, Any]:
         """Merge every rank's losses of the epoch (rank order, so every rank decides the same)."""
         merged: Dict[str, List[float]] = {}
         for part in all_pending:
@@ -134,7 +148,11 @@ class HardSampleTracker:
         entry: Dict[str, Any] = {"epoch": finished, "tracked": len(self.latest)}
         if finished + 1 >= self.cfg.warmup_epochs and self.latest:
             values = torch.tensor(sorted(self.latest.values()), dtype=torch.float64)
-            gamma = float(torch.quantile(values, self.cfg.quantile)) if self.cfg.quantile is not None else self.cfg.gamma
+            gamma = (
+                float(torch.quantile(values, self.cfg.quantile))
+                if self.cfg.quantile is not None
+                else self.cfg.gamma
+            )
             newly = []
             for k in sorted(merged):
                 if k in self.switched:
@@ -150,8 +168,15 @@ class HardSampleTracker:
         return entry
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"epoch": self.epoch, "pending": self.pending, "latest": self.latest, "streak": self.streak,
-                "switched": sorted(self.switched), "history": self.history, "running": self.running}
+        return {
+            "epoch": self.epoch,
+            "pending": self.pending,
+            "latest": self.latest,
+            "streak": self.streak,
+            "switched": sorted(self.switched),
+            "history": self.history,
+            "running": self.running,
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.epoch, self.pending = state["epoch"], {k: list(v) for k, v in state["pending"].items()}
@@ -176,14 +201,23 @@ class Collate:
         return direct, f"{c.think[0]} {reasoning} {c.think[1]} {direct}", "ok"
 
     def __call__(self, items: List[Dict[str, Any]]) -> Dict[str, Any]:
-        out: Dict[str, Any] = {"key": [], "prompt": [], "direct": [], "cot": [], "rationale": [], "keyphrases": [],
-                               "text": []}
+        out: Dict[str, Any] = {
+            "key": [],
+            "prompt": [],
+            "direct": [],
+            "cot": [],
+            "rationale": [],
+            "keyphrases": [],
+            "text": [],
+        }
         limit = self.cfg.max_answer_tokens
         for it in items:
             meta = it["meta"]
             direct, cot, status = self.targets(meta)
             out["key"].append(it["key"])
-            out["prompt"].append(self.prompter.encode_prompt(self.cfg.prompt.format(text=meta["text"]), it["image"]))
+            out["prompt"].append(
+                self.prompter.encode_prompt(self.cfg.prompt.format(text=meta["text"]), it["image"])
+            )
             out["direct"].append(self.prompter.encode_answer(direct)[:limit])
             out["cot"].append(self.prompter.encode_answer(cot)[:limit] if cot else None)
             out["rationale"].append(status)
@@ -198,7 +232,7 @@ class DynCoT(Recipe):
     def __init__(self, cfg: DynCoTConfig, ctx):
         super().__init__(cfg, ctx)
         self.tracker = HardSampleTracker(cfg.dynamic)
-        self._step_losses: List[Any] = []       # (key, loss) of this optimizer step's micro-batches
+        self._step_losses: List[Any] = []  # (key, loss) of this optimizer step's micro-batches
         self._micro = 0
 
     def _setup(self):
@@ -237,7 +271,9 @@ class DynCoT(Recipe):
             counts["samples"] += 1
             if meta.get("rationale"):
                 counts["rationales"] += 1
-                counts["rationales_dropped"] += not rationale_is_valid(meta["rationale"], meta["keyphrases"])
+                counts["rationales_dropped"] += not rationale_is_valid(
+                    meta["rationale"], meta["keyphrases"]
+                )
         self._train_scan = {**counts, "keyphrases": kps}
         return self._train_scan
 
@@ -245,13 +281,17 @@ class DynCoT(Recipe):
     def _use_cot(self, key: str, cot: Optional[List[int]]) -> bool:
         if cot is None:
             return False
-        return self.cfg.strategy == "cot" or (self.cfg.strategy == "dynamic" and key in self.tracker.switched)
+        return self.cfg.strategy == "cot" or (
+            self.cfg.strategy == "dynamic" and key in self.tracker.switched
+        )
 
     def step(self, model, batch) -> StepOutput:
         c = self.cfg
         if c.strategy == "zero_shot":
-            raise ConfigError("recipe.strategy=zero_shot trains nothing: run it with train.steps=0 and score it "
-                              "with `mmtrain eval`")
+            raise ConfigError(
+                "recipe.strategy=zero_shot trains nothing: run it with train.steps=0 and score it "
+                "with `mmtrain eval`"
+            )
         epoch = getattr(getattr(self, "train_data", None), "epoch", 0)
         if c.strategy == "dynamic" and epoch != self.tracker.epoch:
             entry = self.tracker.end_epoch(self.ctx.gather_objects(self.tracker.pending), epoch)
@@ -266,20 +306,29 @@ class DynCoT(Recipe):
             direct = [i for i, u in enumerate(use) if not u]
             self._step_losses += [(batch["key"][i], float(out["per_sample"][i])) for i in direct]
             self._micro = (self._micro + 1) % self.ctx.grad_accum
-            if self._micro == 0:                  # the optimizer step is complete on every rank
+            if self._micro == 0:  # the optimizer step is complete on every rank
                 self._record_step()
-        stats = {"cot_frac": sum(use) / len(use),
-                 "rationale_dropped_frac": sum(s == "dropped" for s in batch["rationale"]) / len(use)}
+        stats = {
+            "cot_frac": sum(use) / len(use),
+            "rationale_dropped_frac": sum(s == "dropped" for s in batch["rationale"]) / len(use),
+        }
         if c.strategy == "dynamic":
             stats["switched_frac"] = len(self.tracker.switched) / max(1, len(self.tracker.latest))
-        return StepOutput(losses={"sft": GlobalMean(out["loss_sum"], out["tokens"])}, stats=stats, samples=len(use), tokens=out["tokens"],
-                          flops=out["flops"])
+        return StepOutput(
+            losses={"sft": GlobalMean(out["loss_sum"], out["tokens"])},
+            stats=stats,
+            samples=len(use),
+            tokens=out["tokens"],
+            flops=out["flops"],
+        )
 
     def _record_step(self) -> None:
         """The step's per-sample losses into the tracker, detrended by a running mean of the global
         batch's loss (one all-reduce): the same at any world size."""
         keys, losses = [k for k, _ in self._step_losses], [v for _, v in self._step_losses]
-        total, n = self.ctx.all_reduce_sum(torch.tensor([sum(losses), len(losses)], dtype=torch.float64)).tolist()
+        total, n = self.ctx.all_reduce_sum(
+            torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
+        ).tolist()
         self.tracker.record(keys, losses, total / n if n else None)
         self._step_losses = []
 
@@ -294,7 +343,9 @@ class DynCoT(Recipe):
         trackers = [s["tracker"] for s in states]
         shared = [{k: v for k, v in t.items() if k != "pending"} for t in trackers]
         if any(x != shared[0] for x in shared[1:]):
-            raise RuntimeError("the saved ranks disagree on the dynamic CoT decisions: the checkpoint is inconsistent")
+            raise RuntimeError(
+                "the saved ranks disagree on the dynamic CoT decisions: the checkpoint is inconsistent"
+            )
         pending: Dict[str, List[float]] = {}
         for t in trackers if rank == 0 else []:
             for k, (total, n) in t["pending"].items():
@@ -316,29 +367,56 @@ class DynCoT(Recipe):
         c = self.cfg
         section = DataSection(**{**vars(c.data), "mode": "eval", "shuffle_buffer": 1})
         loader = self._loader(split_spec(self.cfg.data.val, split), section)
-        gen = {"max_new_tokens": c.generation.max_new_tokens, "num_beams": c.generation.num_beams,
-               "do_sample": False, "pad_token_id": self.pad_id, "synced_gpus": self.ctx.world_size > 1}
+        gen = {
+            "max_new_tokens": c.generation.max_new_tokens,
+            "num_beams": c.generation.num_beams,
+            "do_sample": False,
+            "pad_token_id": self.pad_id,
+            "synced_gpus": self.ctx.world_size > 1,
+        }
         tok = self.processor.tokenizer
         rows = []
         for _ in range(loader.steps_per_epoch):
             batch = next(loader)
-            new = model(collate_sequences(batch["prompt"], None, self.pad_id, left_pad=True), generate=gen)
-            for key, text, gold, ids in zip(batch["key"], batch["text"], batch["keyphrases"], new.tolist()):
+            new = model(
+                collate_sequences(batch["prompt"], None, self.pad_id, left_pad=True), generate=gen
+            )
+            for key, text, gold, ids in zip(
+                batch["key"], batch["text"], batch["keyphrases"], new.tolist()
+            ):
                 stop = [i for i, t in enumerate(ids) if t in (tok.eos_token_id, self.pad_id)]
-                ids = ids[:stop[0]] if stop else ids
+                ids = ids[: stop[0]] if stop else ids
                 prediction = tok.decode(ids, skip_special_tokens=True)
                 rationale, kps = parse_generation(prediction, c.separator.strip())
-                rows.append({"key": key, "text": text, "gold": gold, "prediction": kps, "rationale": rationale,
-                             "generated": prediction, "gen_tokens": len(ids)})
-        rows = sorted({r["key"]: r for part in self.ctx.gather_objects(rows) for r in part}.values(),
-                      key=lambda r: r["key"])
+                rows.append(
+                    {
+                        "key": key,
+                        "text": text,
+                        "gold": gold,
+                        "prediction": kps,
+                        "rationale": rationale,
+                        "generated": prediction,
+                        "gen_tokens": len(ids),
+                    }
+                )
+        rows = sorted(
+            {r["key"]: r for part in self.ctx.gather_objects(rows) for r in part}.values(),
+            key=lambda r: r["key"],
+        )
         train_kps = self._scan_train()["keyphrases"]
         metric = KeyphraseF1(train_keyphrases=train_kps)
-        metric.update([r["prediction"] for r in rows], [r["gold"] for r in rows], [r["text"] for r in rows])
+        metric.update(
+            [r["prediction"] for r in rows], [r["gold"] for r in rows], [r["text"] for r in rows]
+        )
         metrics = {k: float(v) for k, v in metric.compute().items()}
-        metrics.update({"n": len(rows), "think_rate": sum(r["rationale"] is not None for r in rows) / max(1, len(rows)),
-                        "mean_gen_tokens": sum(r["gen_tokens"] for r in rows) / max(1, len(rows)),
-                        "kp_overlap_with_train": overlap(train_kps, [k for r in rows for k in r["gold"]])})
+        metrics.update(
+            {
+                "n": len(rows),
+                "think_rate": sum(r["rationale"] is not None for r in rows) / max(1, len(rows)),
+                "mean_gen_tokens": sum(r["gen_tokens"] for r in rows) / max(1, len(rows)),
+                "kp_overlap_with_train": overlap(train_kps, [k for r in rows for k in r["gold"]]),
+            }
+        )
         return metrics, rows
 
     def export_modules(self, model):

@@ -16,6 +16,7 @@ rules.json, beside the conditions of the val/test examples. With `recipe.rules` 
 eval` also predicts collaboratively (rules + the large model), the override threshold and the
 vote weight chosen per task on the validation split.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,15 @@ import torch
 from mmtrain.config import ConfigError, RecipeConfig, choices, path_field
 from mmtrain.data.reader import DataSection, pil_decode, split_spec
 from mmtrain.data.shards import iter_metas
-from mmtrain.models.mllm import (MLLM, LoraSection, Prompter, blank_image_inputs, collate_sequences,
-                                 load_model, load_processor)
+from mmtrain.models.mllm import (
+    MLLM,
+    LoraSection,
+    Prompter,
+    blank_image_inputs,
+    collate_sequences,
+    load_model,
+    load_processor,
+)
 from mmtrain.models.rules import Rule, RuleBase, combine, dialogue_conditions
 from mmtrain.recipes.base import GlobalMean, Recipe, StepOutput
 
@@ -49,22 +57,36 @@ class MiningSection:
 
 @dataclass
 class CollabSection:
-    overrides: List[float] = field(default_factory=lambda: [0.9, 0.95, 0.99, 1.01])   # 1.01: never override
+    overrides: List[float] = field(
+        default_factory=lambda: [0.9, 0.95, 0.99, 1.01]
+    )  # 1.01: never override
     weights: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75])
 
 
 @dataclass
 class KDSLConfig(RecipeConfig):
     name: str = "kdsl"
-    model_path: str = path_field("", required=True)      # local image-text-to-text model dir (Qwen2-VL, ...)
+    model_path: str = path_field(
+        "", required=True
+    )  # local image-text-to-text model dir (Qwen2-VL, ...)
     tasks: List[str] = field(default_factory=lambda: ["scene", "intent"])
     mode: str = choices("decoupled", "joint", default="decoupled")
-    questions: Dict[str, str] = field(default_factory=lambda: {
-        "scene": "What kind of page does the image show?", "intent": "What does the customer want?"})
-    labels: Dict[str, List[str]] = field(default_factory=dict)   # task -> labels; empty: read from the shards
+    questions: Dict[str, str] = field(
+        default_factory=lambda: {
+            "scene": "What kind of page does the image show?",
+            "intent": "What does the customer want?",
+        }
+    )
+    labels: Dict[str, List[str]] = field(
+        default_factory=dict
+    )  # task -> labels; empty: read from the shards
     lora: LoraSection = field(default_factory=LoraSection)
-    init_from: Optional[str] = path_field(None)          # adapters of an earlier run's export (few-shot adaptation)
-    rules: Optional[str] = path_field(None)              # rules.json for collaborative prediction in `mmtrain eval`
+    init_from: Optional[str] = path_field(
+        None
+    )  # adapters of an earlier run's export (few-shot adaptation)
+    rules: Optional[str] = path_field(
+        None
+    )  # rules.json for collaborative prediction in `mmtrain eval`
     mining: MiningSection = field(default_factory=MiningSection)
     collab: CollabSection = field(default_factory=CollabSection)
     data: DataSection = field(default_factory=DataSection)
@@ -74,14 +96,20 @@ class KDSLConfig(RecipeConfig):
 
     def check(self):
         if not self.tasks:
-            raise ConfigError("recipe.tasks is empty: name at least one task (e.g. [scene, intent])")
+            raise ConfigError(
+                "recipe.tasks is empty: name at least one task (e.g. [scene, intent])"
+            )
         missing = [t for t in self.tasks if t not in self.questions]
         if missing:
             raise ConfigError(f"recipe.questions has no question for task(s) {missing}")
         if self.mode == "decoupled" and not self.lora.enabled:
-            raise ConfigError("recipe.mode=decoupled needs recipe.lora.enabled=true (one adapter per task)")
+            raise ConfigError(
+                "recipe.mode=decoupled needs recipe.lora.enabled=true (one adapter per task)"
+            )
         if self.init_from and not self.lora.enabled:
-            raise ConfigError("recipe.init_from names saved LoRA adapters: it needs recipe.lora.enabled=true")
+            raise ConfigError(
+                "recipe.init_from names saved LoRA adapters: it needs recipe.lora.enabled=true"
+            )
 
 
 def dialogue_text(meta: Dict[str, Any]) -> str:
@@ -97,11 +125,18 @@ class Collate:
         self.cfg, self.prompter = cfg, prompter
 
     def __call__(self, items: List[Dict[str, Any]]) -> Dict[str, Any]:
-        out: Dict[str, Any] = {"key": [it["key"] for it in items], "meta": [it["meta"] for it in items],
-                               "prompt": {}}
+        out: Dict[str, Any] = {
+            "key": [it["key"] for it in items],
+            "meta": [it["meta"] for it in items],
+            "prompt": {},
+        }
         for t in self.cfg.tasks:
-            out["prompt"][t] = [self.prompter.encode_prompt(f"{dialogue_text(it['meta'])}\n{self.cfg.questions[t]}",
-                                                            it["image"]) for it in items]
+            out["prompt"][t] = [
+                self.prompter.encode_prompt(
+                    f"{dialogue_text(it['meta'])}\n{self.cfg.questions[t]}", it["image"]
+                )
+                for it in items
+            ]
         return out
 
 
@@ -110,7 +145,11 @@ def weighted_f1(pred: List[int], gold: List[int], n: int) -> float:
 
     if not gold:
         return 0.0
-    return float(multiclass_f1_score(torch.tensor(pred), torch.tensor(gold), num_classes=n, average="weighted"))
+    return float(
+        multiclass_f1_score(
+            torch.tensor(pred), torch.tensor(gold), num_classes=n, average="weighted"
+        )
+    )
 
 
 def confusion_image(pred: List[int], gold: List[int], n: int, cell: int = 12) -> torch.Tensor:
@@ -119,7 +158,9 @@ def confusion_image(pred: List[int], gold: List[int], n: int, cell: int = 12) ->
 
     m = multiclass_confusion_matrix(torch.tensor(pred), torch.tensor(gold), num_classes=n).float()
     m = m / m.sum(1, keepdim=True).clamp(min=1)
-    return m.repeat_interleave(cell, 0).repeat_interleave(cell, 1)[None].expand(3, -1, -1).contiguous()
+    return (
+        m.repeat_interleave(cell, 0).repeat_interleave(cell, 1)[None].expand(3, -1, -1).contiguous()
+    )
 
 
 class KDSL(Recipe):
@@ -133,21 +174,30 @@ class KDSL(Recipe):
         self.prompter = Prompter(self.processor)
         tok = self.processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.labels = {t: list(c.labels[t]) if c.labels.get(t) else self._labels_from_data(t) for t in c.tasks}
-        self.label_ids = {t: {lbl: self.prompter.encode_answer(lbl) for lbl in ls} for t, ls in self.labels.items()}
+        self.labels = {
+            t: list(c.labels[t]) if c.labels.get(t) else self._labels_from_data(t) for t in c.tasks
+        }
+        self.label_ids = {
+            t: {lbl: self.prompter.encode_answer(lbl) for lbl in ls}
+            for t, ls in self.labels.items()
+        }
         for t, ids in self.label_ids.items():
             seen: Dict[tuple, str] = {}
             for lbl, x in ids.items():
                 if tuple(x) in seen:
-                    raise ConfigError(f"labels {seen[tuple(x)]!r} and {lbl!r} of task {t} tokenize alike "
-                                      f"for {c.model_path}: they cannot be told apart")
+                    raise ConfigError(
+                        f"labels {seen[tuple(x)]!r} and {lbl!r} of task {t} tokenize alike "
+                        f"for {c.model_path}: they cannot be told apart"
+                    )
                 seen[tuple(x)] = lbl
 
     def _labels_from_data(self, task: str) -> List[str]:
         labels = set()
         for p, key, meta in iter_metas(self.cfg.data.train):
             if task not in meta:
-                raise ConfigError(f"{p}: sample {key} has no '{task}' label (recipe.tasks={self.cfg.tasks})")
+                raise ConfigError(
+                    f"{p}: sample {key} has no '{task}' label (recipe.tasks={self.cfg.tasks})"
+                )
             labels.add(meta[task])
         return sorted(labels)
 
@@ -155,7 +205,10 @@ class KDSL(Recipe):
         self._setup()
         c = self.cfg
         adapters = list(c.tasks) if c.mode == "decoupled" else ["default"]
-        return MLLM(load_model(c.model_path, c.lora, adapters, c.init_from), blank_image_inputs(self.processor))
+        return MLLM(
+            load_model(c.model_path, c.lora, adapters, c.init_from),
+            blank_image_inputs(self.processor),
+        )
 
     def _adapter(self, task: str) -> Optional[str]:
         return task if self.cfg.mode == "decoupled" else None
@@ -171,19 +224,26 @@ class KDSL(Recipe):
         losses, tokens, flops = {}, 0, 0.0
         for t in self.cfg.tasks:
             answers = [self.label_ids[t][m[t]] for m in batch["meta"]]
-            out = model(collate_sequences(batch["prompt"][t], answers, self.pad_id), adapter=self._adapter(t))
-            losses[t] = GlobalMean(out["loss_sum"], out["tokens"])     # a mean over answer tokens
+            out = model(
+                collate_sequences(batch["prompt"][t], answers, self.pad_id),
+                adapter=self._adapter(t),
+            )
+            losses[t] = GlobalMean(out["loss_sum"], out["tokens"])  # a mean over answer tokens
             tokens += out["tokens"]
             flops += out["flops"]
         return StepOutput(losses=losses, samples=len(batch["key"]), tokens=tokens, flops=flops)
 
     # -- prediction ----------------------------------------------------------------------------
-    def label_probs(self, model, prompts: Sequence[Dict[str, torch.Tensor]], task: str) -> torch.Tensor:
+    def label_probs(
+        self, model, prompts: Sequence[Dict[str, torch.Tensor]], task: str
+    ) -> torch.Tensor:
         """[batch, labels] probabilities: softmax over each label's summed token log-likelihood."""
         labels = self.labels[task]
         reps = [p for p in prompts for _ in labels]
         answers = [self.label_ids[task][lbl] for _ in prompts for lbl in labels]
-        nll = model(collate_sequences(reps, answers, self.pad_id), adapter=self._adapter(task))["nll_sum"]
+        nll = model(collate_sequences(reps, answers, self.pad_id), adapter=self._adapter(task))[
+            "nll_sum"
+        ]
         return torch.softmax(-nll.float().view(len(prompts), len(labels)), dim=1).cpu()
 
     @torch.no_grad()
@@ -196,11 +256,18 @@ class KDSL(Recipe):
             batch = next(loader)
             probs = {t: self.label_probs(model, batch["prompt"][t], t) for t in self.cfg.tasks}
             for i, (key, meta) in enumerate(zip(batch["key"], batch["meta"])):
-                rows.append({"key": key, "dialogue": last_user_turn(meta),
-                             "gold": {t: meta.get(t) for t in self.cfg.tasks},
-                             "probs": {t: probs[t][i].tolist() for t in self.cfg.tasks}})
-        return sorted({r["key"]: r for part in self.ctx.gather_objects(rows) for r in part}.values(),
-                      key=lambda r: r["key"])
+                rows.append(
+                    {
+                        "key": key,
+                        "dialogue": last_user_turn(meta),
+                        "gold": {t: meta.get(t) for t in self.cfg.tasks},
+                        "probs": {t: probs[t][i].tolist() for t in self.cfg.tasks},
+                    }
+                )
+        return sorted(
+            {r["key"]: r for part in self.ctx.gather_objects(rows) for r in part}.values(),
+            key=lambda r: r["key"],
+        )
 
     def _scores(self, rows, probs_key: str = "probs") -> Dict[str, Any]:
         out: Dict[str, Any] = {}
@@ -224,7 +291,9 @@ class KDSL(Recipe):
         metrics: Dict[str, Any] = {"n": len(rows)}
         for k, v in scores.items():
             if k.startswith("_confusion_"):
-                metrics[f"confusion/{k[len('_confusion_'):]}"] = confusion_image(*v)   # an image: TensorBoard
+                metrics[f"confusion/{k[len('_confusion_') :]}"] = confusion_image(
+                    *v
+                )  # an image: TensorBoard
             else:
                 metrics[k] = v
         return metrics
@@ -234,23 +303,35 @@ class KDSL(Recipe):
         """`mmtrain eval`: the model's weighted F1 per task; with `recipe.rules`, also the rules-and-
         model prediction, its parameters chosen on the validation split."""
         self._setup()
-        rules = RuleBase.load(self.cfg.rules, self.labels) if self.cfg.rules else None   # bad rules: fail first
+        rules = (
+            RuleBase.load(self.cfg.rules, self.labels) if self.cfg.rules else None
+        )  # bad rules: fail first
         rows = self.predict(model, split)
-        metrics = {"n": len(rows), **{k: v for k, v in self._scores(rows).items() if not k.startswith("_")}}
+        metrics = {
+            "n": len(rows),
+            **{k: v for k, v in self._scores(rows).items() if not k.startswith("_")},
+        }
         if rules is not None:
             val_rows = rows if split == "val" else self.predict(model, "val")
             params = self.choose_collab(val_rows, self.match_rules(rules, val_rows, "val"))
             self.apply_rules(rows, self.match_rules(rules, rows, split), params)
-            metrics.update({f"{k}_rules": v for k, v in self._scores(rows, "probs_rules").items()
-                            if not k.startswith("_")})
+            metrics.update(
+                {
+                    f"{k}_rules": v
+                    for k, v in self._scores(rows, "probs_rules").items()
+                    if not k.startswith("_")
+                }
+            )
             metrics["collab"] = params
         return metrics, rows
 
     def _conditions(self, split: str) -> Dict[str, List[str]]:
         path = Path(self.cfg.rules).parent / f"conditions_{split}.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: `mmtrain kdsl mine` writes the {split} examples' "
-                                    f"conditions beside the rules")
+            raise FileNotFoundError(
+                f"{path} is missing: `mmtrain kdsl mine` writes the {split} examples' "
+                f"conditions beside the rules"
+            )
         return json.loads(path.read_text())
 
     def match_rules(self, rules: RuleBase, rows, split: str) -> List[Dict[str, List[Rule]]]:
@@ -260,21 +341,32 @@ class KDSL(Recipe):
         matched = []
         for r in rows:
             have = set(conds.get(r["key"], [])) | dialogue_conditions(r["dialogue"])
-            matched.append({t: [x for x in rules.for_task(t) if x.matches(have)] for t in self.cfg.tasks})
+            matched.append(
+                {t: [x for x in rules.for_task(t) if x.matches(have)] for t in self.cfg.tasks}
+            )
             r["rules_fired"] = {t: [str(x) for x in m] for t, m in matched[-1].items()}
         return matched
 
-    def apply_rules(self, rows, matched: List[Dict[str, List[Rule]]], params: Dict[str, Dict[str, float]]) -> None:
+    def apply_rules(
+        self, rows, matched: List[Dict[str, List[Rule]]], params: Dict[str, Dict[str, float]]
+    ) -> None:
         for r, m in zip(rows, matched):
-            r["probs_rules"] = {t: combine(r["probs"][t], self.labels[t], m[t], **params[t]) for t in self.cfg.tasks}
+            r["probs_rules"] = {
+                t: combine(r["probs"][t], self.labels[t], m[t], **params[t]) for t in self.cfg.tasks
+            }
 
-    def choose_collab(self, val_rows, matched: List[Dict[str, List[Rule]]]) -> Dict[str, Dict[str, float]]:
+    def choose_collab(
+        self, val_rows, matched: List[Dict[str, List[Rule]]]
+    ) -> Dict[str, Dict[str, float]]:
         """Per task, the (override threshold, vote weight) with the best validation weighted F1
         (ties: the smaller weight and the higher threshold, i.e. the least rule influence)."""
         best: Dict[str, Dict[str, float]] = {}
         for t in self.cfg.tasks:
-            grid = [(o, w) for w in sorted(self.cfg.collab.weights) for o in sorted(self.cfg.collab.overrides,
-                                                                                     reverse=True)]
+            grid = [
+                (o, w)
+                for w in sorted(self.cfg.collab.weights)
+                for o in sorted(self.cfg.collab.overrides, reverse=True)
+            ]
             scored = []
             for o, w in grid:
                 params = {x: {"override": 2.0, "weight": 0.0} for x in self.cfg.tasks}
@@ -292,8 +384,16 @@ class KDSL(Recipe):
 
 # -- the small model's rules, and the seesaw table ----------------------------------------------
 
-def mine(small_run: str, out_dir: str, data_root: Optional[str] = None, tasks: Sequence[str] = ("scene", "intent"),
-         image_task: str = "scene", rescore: Optional[str] = None, tag: Optional[str] = None) -> Path:
+
+def mine(
+    small_run: str,
+    out_dir: str,
+    data_root: Optional[str] = None,
+    tasks: Sequence[str] = ("scene", "intent"),
+    image_task: str = "scene",
+    rescore: Optional[str] = None,
+    tag: Optional[str] = None,
+) -> Path:
     """Read conditions with a post-trained small model (a KDSL run with `image_task`), then mine rules
     per task on the training split with MCTS, or with `rescore`, re-score an existing rule file on
     it. Writes OUT/rules.json, OUT/conditions_{train,val,test}.json and OUT/mining.json."""
@@ -303,11 +403,15 @@ def mine(small_run: str, out_dir: str, data_root: Optional[str] = None, tasks: S
 
     out = Path(out_dir)
     if (out / "rules.json").exists():
-        raise FileExistsError(f"{out / 'rules.json'} exists: choose another --out (nothing was overwritten)")
+        raise FileExistsError(
+            f"{out / 'rules.json'} exists: choose another --out (nothing was overwritten)"
+        )
     cfg, recipe, model, tag, env = load_run(small_run, tag)
     if image_task not in recipe.cfg.tasks:
-        raise ConfigError(f"the small run {small_run} was post-trained on {recipe.cfg.tasks}, not on "
-                          f"--image-task {image_task}")
+        raise ConfigError(
+            f"the small run {small_run} was post-trained on {recipe.cfg.tasks}, not on "
+            f"--image-task {image_task}"
+        )
     root = Path(data_root) if data_root else Path(recipe.cfg.data.train).parent
     recipe.cfg.tasks = [image_task]
     recipe.cfg.data.train, recipe.cfg.data.val = str(root / "train"), str(root / "val")
@@ -320,11 +424,19 @@ def mine(small_run: str, out_dir: str, data_root: Optional[str] = None, tasks: S
         conditions[split] = {}
         for r in rows:
             seen = labels[max(range(len(labels)), key=lambda j: r["probs"][image_task][j])]
-            conditions[split][r["key"]] = sorted({f"image shows {seen}"} | dialogue_conditions(r["dialogue"]))
+            conditions[split][r["key"]] = sorted(
+                {f"image shows {seen}"} | dialogue_conditions(r["dialogue"])
+            )
         if split == "train":
             metas = {key: meta for _, key, meta in iter_metas(root / "train")}
-            examples = {t: [(set(conditions["train"][k]), metas[k][t]) for k in conditions["train"]
-                            if t in metas[k]] for t in tasks}
+            examples = {
+                t: [
+                    (set(conditions["train"][k]), metas[k][t])
+                    for k in conditions["train"]
+                    if t in metas[k]
+                ]
+                for t in tasks
+            }
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         for split, conds in conditions.items():
@@ -333,14 +445,37 @@ def mine(small_run: str, out_dir: str, data_root: Optional[str] = None, tasks: S
         if rescore:
             base = RuleBase.load(rescore).rescore(examples)
         else:
-            base = RuleBase([r for t in tasks for r in mine_rules(
-                t, examples[t], m.iterations, m.max_conditions, m.min_support, m.min_precision,
-                seed=m.seed, max_rules=m.max_rules)])
+            base = RuleBase(
+                [
+                    r
+                    for t in tasks
+                    for r in mine_rules(
+                        t,
+                        examples[t],
+                        m.iterations,
+                        m.max_conditions,
+                        m.min_support,
+                        m.min_precision,
+                        seed=m.seed,
+                        max_rules=m.max_rules,
+                    )
+                ]
+            )
         base.save(out / "rules.json")
-        (out / "mining.json").write_text(json.dumps({"small_run": str(small_run), "checkpoint": tag,
-                                                     "data": str(root), "rescored": rescore,
-                                                     "examples": {t: len(e) for t, e in examples.items()},
-                                                     "rules": len(base.rules), "mining": vars(m)}, indent=2))
+        (out / "mining.json").write_text(
+            json.dumps(
+                {
+                    "small_run": str(small_run),
+                    "checkpoint": tag,
+                    "data": str(root),
+                    "rescored": rescore,
+                    "examples": {t: len(e) for t, e in examples.items()},
+                    "rules": len(base.rules),
+                    "mining": vars(m),
+                },
+                indent=2,
+            )
+        )
         for r in base.rules:
             print(r)
     dist.shutdown()
@@ -356,7 +491,9 @@ def seesaw(named_runs: Sequence[str], split: str = "test") -> str:
         name, _, run = item.partition("=")
         files = sorted(Path(run).glob(f"eval_{split}_*.json"), key=lambda f: f.stat().st_mtime)
         if not files:
-            raise FileNotFoundError(f"{run}: no eval_{split}_*.json; run `mmtrain eval {run} --split {split}` first")
+            raise FileNotFoundError(
+                f"{run}: no eval_{split}_*.json; run `mmtrain eval {run} --split {split}` first"
+            )
         res = json.loads(files[-1].read_text())
         rows.append((name, {t: res.get(f"{t}_wf1") for t in tasks}))
         if any(f"{t}_wf1_rules" in res for t in tasks):
@@ -364,6 +501,9 @@ def seesaw(named_runs: Sequence[str], split: str = "test") -> str:
     lines.append(f"| setting ({split}) | " + " | ".join(f"{t} weighted F1" for t in tasks) + " |")
     lines.append("|---|" + "---|" * len(tasks))
     for name, vals in rows:
-        lines.append(f"| {name} | " + " | ".join("-" if vals[t] is None else f"{100 * vals[t]:.2f}" for t in tasks)
-                     + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join("-" if vals[t] is None else f"{100 * vals[t]:.2f}" for t in tasks)
+            + " |"
+        )
     return "\n".join(lines) + "\n"

@@ -6,6 +6,7 @@ function of (seed, split, sample index), which makes exact resume testable. The 
 local HF causal-LM directory (`model_path`) or a Llama built from the sizes below, optionally
 wrapped in a peft LoRA adapter.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -21,7 +22,9 @@ from mmtrain.recipes.base import Recipe, StepOutput
 @dataclass
 class ToyLMConfig(RecipeConfig):
     name: str = "toy_lm"
-    model_path: Optional[str] = path_field()  # local HF causal-LM dir; unset: built from sizes below
+    model_path: Optional[str] = (
+        path_field()
+    )  # local HF causal-LM dir; unset: built from sizes below
     vocab_size: int = 64
     hidden_size: int = 64
     num_layers: int = 2
@@ -31,18 +34,34 @@ class ToyLMConfig(RecipeConfig):
     freeze_embeddings: bool = False
     lora: LoraSection = field(default_factory=LoraSection)
     eval_batches: int = 4
-    inject_nan_at_calls: List[int] = field(default_factory=list)  # for fault tests: NaN loss at these micro-steps
+    inject_nan_at_calls: List[int] = field(
+        default_factory=list
+    )  # for fault tests: NaN loss at these micro-steps
 
 
 class TokenStream:
     """Deterministic batches of arithmetic sequences; this rank's slice of a global stream. Optimizer
     step s holds samples s*G .. (s+1)*G - 1 (G = batch x grad_accum x world) whatever the world size."""
 
-    def __init__(self, cfg: ToyLMConfig, seed: int, rank: int, world: int, batch: int, split: str = "train",
-                 grad_accum: int = 1):
-        self.cfg, self.rank, self.world, self.batch, self.grad_accum = cfg, rank, world, batch, grad_accum
+    def __init__(
+        self,
+        cfg: ToyLMConfig,
+        seed: int,
+        rank: int,
+        world: int,
+        batch: int,
+        split: str = "train",
+        grad_accum: int = 1,
+    ):
+        self.cfg, self.rank, self.world, self.batch, self.grad_accum = (
+            cfg,
+            rank,
+            world,
+            batch,
+            grad_accum,
+        )
         self.base_seed = seed * 1_000_003 + (0 if split == "train" else 7_777_777_777)
-        self.position = 0                      # batches this rank has taken
+        self.position = 0  # batches this rank has taken
 
     def sample(self, index: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.base_seed + index)
@@ -65,7 +84,7 @@ class TokenStream:
         self.position = int(state["position"]) // int(state.get("grad_accum", 1)) * self.grad_accum
 
     def reshard_state(self, states, rank: int, world: int):
-        return states[0]                     # every rank stood at the same step
+        return states[0]  # every rank stood at the same step
 
 
 class ToyLMModel(nn.Module):
@@ -83,11 +102,19 @@ def build_causal_lm(cfg: ToyLMConfig) -> nn.Module:
 
     if cfg.model_path:
         return AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=torch.float32)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=4 * cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_heads, max_position_embeddings=max(64, cfg.seq_len),
-        attention_dropout=cfg.dropout, tie_word_embeddings=False))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=4 * cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_heads,
+            max_position_embeddings=max(64, cfg.seq_len),
+            attention_dropout=cfg.dropout,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 class ToyLM(Recipe):
@@ -101,16 +128,24 @@ class ToyLM(Recipe):
         if cfg.lora.enabled:
             from peft import LoraConfig, get_peft_model
 
-            lm = get_peft_model(lm, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
-                                               lora_dropout=cfg.lora.dropout,
-                                               target_modules=list(cfg.lora.target_modules)))
+            lm = get_peft_model(
+                lm,
+                LoraConfig(
+                    r=cfg.lora.r,
+                    lora_alpha=cfg.lora.alpha,
+                    lora_dropout=cfg.lora.dropout,
+                    target_modules=list(cfg.lora.target_modules),
+                ),
+            )
         self._num_params = sum(p.numel() for p in lm.parameters())
         self._calls = 0
         return ToyLMModel(lm)
 
     def build_data(self) -> TokenStream:
         c = self.ctx
-        return TokenStream(self.cfg, c.seed, c.rank, c.world_size, c.micro_batch_size, grad_accum=c.grad_accum)
+        return TokenStream(
+            self.cfg, c.seed, c.rank, c.world_size, c.micro_batch_size, grad_accum=c.grad_accum
+        )
 
     def step(self, model, batch) -> StepOutput:
         ids = batch["input_ids"].to(self.ctx.device)
@@ -124,17 +159,23 @@ class ToyLM(Recipe):
     @torch.no_grad()
     def evaluate(self, model, split: str = "val") -> Dict[str, float]:
         c = self.ctx
-        stream = TokenStream(self.cfg, c.seed, c.rank, c.world_size, c.micro_batch_size, split="val")
-        totals = torch.zeros(3, dtype=torch.float64)     # loss sum, correct, predicted tokens
+        stream = TokenStream(
+            self.cfg, c.seed, c.rank, c.world_size, c.micro_batch_size, split="val"
+        )
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, predicted tokens
         for _ in range(self.cfg.eval_batches):
             ids = next(stream)["input_ids"].to(c.device)
             out = model(ids)
             pred = out["logits"][:, :-1].argmax(-1)
             n = pred.numel()
-            totals += torch.tensor([out["lm"].item() * n, (pred == ids[:, 1:]).sum().item(), n],
-                                   dtype=torch.float64)
+            totals += torch.tensor(
+                [out["lm"].item() * n, (pred == ids[:, 1:]).sum().item(), n], dtype=torch.float64
+            )
         totals = c.all_reduce_sum(totals)
-        return {"loss": totals[0].item() / totals[2].item(), "accuracy": totals[1].item() / totals[2].item()}
+        return {
+            "loss": totals[0].item() / totals[2].item(),
+            "accuracy": totals[1].item() / totals[2].item(),
+        }
 
     def flops_per_sample(self) -> float:
         # 6 N per token (forward 2N, backward 4N); LoRA still back-propagates through activations.

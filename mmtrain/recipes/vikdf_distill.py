@@ -6,6 +6,7 @@ the heads of `mmtrain.models.distill_heads` turn them into the three losses (wei
 Masks are drawn in the data workers from (seed, sample key), so they survive a resume.
 Evaluation: image->text and text->image recall@1/5/10 over the held-out shards, across all ranks.
 """
+
 from __future__ import annotations
 
 import random
@@ -37,22 +38,28 @@ class IQFormerSection:
 @dataclass
 class Stage1Config(RecipeConfig):
     name: str = "vikdf_distill"
-    vision_path: str = path_field("", required=True)  # CLIP/SigLIP directory (vision tower + preprocessor_config.json)
-    text_path: str = path_field("", required=True)    # CLIP/SigLIP directory (text tower + tokenizer); often the same
+    vision_path: str = path_field(
+        "", required=True
+    )  # CLIP/SigLIP directory (vision tower + preprocessor_config.json)
+    text_path: str = path_field(
+        "", required=True
+    )  # CLIP/SigLIP directory (text tower + tokenizer); often the same
     bert_init: Optional[str] = path_field(None)  # BERT directory to initialise the IQ-Former from
     iqformer: IQFormerSection = field(default_factory=IQFormerSection)
     tim_dim: int = 256
-    tim_global: bool = True                 # negatives from the global batch (all ranks); false: local only
-    init_scale: float = 14.285714           # 1 / 0.07
-    head_heads: int = 8                     # attention heads of the TA-MIM / IA-MTM blocks
+    tim_global: bool = True  # negatives from the global batch (all ranks); false: local only
+    init_scale: float = 14.285714  # 1 / 0.07
+    head_heads: int = 8  # attention heads of the TA-MIM / IA-MTM blocks
     mim_ratio: float = 0.6
-    mim_block: int = 2                      # mask blocks of mim_block x mim_block patches
-    mim_visible: float = 0.2                # masked blocks left visible but still scored
+    mim_block: int = 2  # mask blocks of mim_block x mim_block patches
+    mim_visible: float = 0.2  # masked blocks left visible but still scored
     mtm_prob: float = 0.15
-    mtm_replace: float = 0.8                # selected tokens replaced by the mask/end token; the rest kept
+    mtm_replace: float = 0.8  # selected tokens replaced by the mask/end token; the rest kept
     max_text_len: int = 77
-    image_log_every: int = 500              # TA-MIM reconstructions to TensorBoard every N micro-steps
-    loss_weights: Dict[str, float] = field(default_factory=lambda: {"tim": 0.5, "mim": 0.2, "mtm": 0.2})
+    image_log_every: int = 500  # TA-MIM reconstructions to TensorBoard every N micro-steps
+    loss_weights: Dict[str, float] = field(
+        default_factory=lambda: {"tim": 0.5, "mim": 0.2, "mtm": 0.2}
+    )
     data: DataSection = field(default_factory=DataSection)
 
     def data_kind(self) -> str:
@@ -65,7 +72,10 @@ def block_mask(rng: random.Random, grid: int, block: int, ratio: float, visible:
     blocks = list(range(nb * nb))
     masked = rng.sample(blocks, max(1, round(ratio * len(blocks))))
     shown = set(rng.sample(masked, int(visible * len(masked))))
-    zeroed, scored = torch.zeros(grid, grid, dtype=torch.bool), torch.zeros(grid, grid, dtype=torch.bool)
+    zeroed, scored = (
+        torch.zeros(grid, grid, dtype=torch.bool),
+        torch.zeros(grid, grid, dtype=torch.bool),
+    )
     for b in masked:
         r, c = divmod(b, nb)
         sl = (slice(r * block, (r + 1) * block), slice(c * block, (c + 1) * block))
@@ -80,23 +90,36 @@ class Collate:
 
     def __init__(self, tokenizer, cfg: Stage1Config, grid: int, patch: int, seed: int):
         self.tok, self.cfg, self.grid, self.patch, self.seed = tokenizer, cfg, grid, patch, seed
-        self.mask_id = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.eos_token_id
+        self.mask_id = (
+            tokenizer.mask_token_id
+            if tokenizer.mask_token_id is not None
+            else tokenizer.eos_token_id
+        )
         self.special = set(tokenizer.all_special_ids)
 
     def __call__(self, items: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
         batch = default_collate(items)
         texts = batch.get("text") or [m["caption"] for m in batch["meta"]]
-        enc = self.tok(texts, padding="max_length", truncation=True, max_length=self.cfg.max_text_len,
-                       return_tensors="pt")
+        enc = self.tok(
+            texts,
+            padding="max_length",
+            truncation=True,
+            max_length=self.cfg.max_text_len,
+            return_tensors="pt",
+        )
         ids, attn = enc["input_ids"], enc["attention_mask"]
         masked_ids, labels = ids.clone(), torch.full_like(ids, -100)
         zeroed, scored = [], []
         for i, key in enumerate(batch["key"]):
             rng = random.Random(f"{self.seed}/masks/{key}")
-            z, s = block_mask(rng, self.grid, self.cfg.mim_block, self.cfg.mim_ratio, self.cfg.mim_visible)
+            z, s = block_mask(
+                rng, self.grid, self.cfg.mim_block, self.cfg.mim_ratio, self.cfg.mim_visible
+            )
             zeroed.append(z)
             scored.append(s)
-            cand = [j for j in range(ids.shape[1]) if attn[i, j] and int(ids[i, j]) not in self.special]
+            cand = [
+                j for j in range(ids.shape[1]) if attn[i, j] and int(ids[i, j]) not in self.special
+            ]
             if not cand:
                 continue
             chosen = [j for j in cand if rng.random() < self.cfg.mtm_prob] or [rng.choice(cand)]
@@ -105,9 +128,19 @@ class Collate:
                 if rng.random() < self.cfg.mtm_replace:
                     masked_ids[i, j] = self.mask_id
         pixels = batch["image"]
-        pix_zero = torch.stack(zeroed).repeat_interleave(self.patch, 1).repeat_interleave(self.patch, 2)
-        return {"key": batch["key"], "pixels": pixels, "masked_pixels": pixels * (~pix_zero)[:, None],
-                "scored": torch.stack(scored), "ids": ids, "attn": attn, "masked_ids": masked_ids, "labels": labels}
+        pix_zero = (
+            torch.stack(zeroed).repeat_interleave(self.patch, 1).repeat_interleave(self.patch, 2)
+        )
+        return {
+            "key": batch["key"],
+            "pixels": pixels,
+            "masked_pixels": pixels * (~pix_zero)[:, None],
+            "scored": torch.stack(scored),
+            "ids": ids,
+            "attn": attn,
+            "masked_ids": masked_ids,
+            "labels": labels,
+        }
 
 
 class VIKDFDistill(Recipe):
@@ -115,27 +148,47 @@ class VIKDFDistill(Recipe):
 
     def _towers(self) -> FrozenTowers:
         if not hasattr(self, "towers"):
-            self.towers = FrozenTowers(self.cfg.vision_path, self.cfg.text_path).to(self.ctx.device, self.ctx.dtype)
+            self.towers = FrozenTowers(self.cfg.vision_path, self.cfg.text_path).to(
+                self.ctx.device, self.ctx.dtype
+            )
             self.tokenizer = load_tokenizer(self.cfg.text_path)
             self.grid = self.towers.image_size // self.towers.patch_size
         return self.towers
 
     def build_model(self) -> torch.nn.Module:
         towers, c = self._towers(), self.cfg
-        iq = IQFormer(IQFormerConfig(width=c.iqformer.width, layers=c.iqformer.layers, heads=c.iqformer.heads,
-                                     intermediate=c.iqformer.intermediate, num_queries=c.iqformer.num_queries,
-                                     cross_attention_every=c.iqformer.cross_attention_every,
-                                     vision_width=towers.vision_width, text_width=towers.text_width,
-                                     dropout=c.iqformer.dropout))
+        iq = IQFormer(
+            IQFormerConfig(
+                width=c.iqformer.width,
+                layers=c.iqformer.layers,
+                heads=c.iqformer.heads,
+                intermediate=c.iqformer.intermediate,
+                num_queries=c.iqformer.num_queries,
+                cross_attention_every=c.iqformer.cross_attention_every,
+                vision_width=towers.vision_width,
+                text_width=towers.text_width,
+                dropout=c.iqformer.dropout,
+            )
+        )
         if c.bert_init:
             init_from_bert(iq, c.bert_init)
         self._calls = 0
-        return Stage1Model(iq, towers.patch_size, self.grid, len(self.tokenizer), c.tim_dim, c.head_heads,
-                           c.init_scale, c.tim_global)
+        return Stage1Model(
+            iq,
+            towers.patch_size,
+            self.grid,
+            len(self.tokenizer),
+            c.tim_dim,
+            c.head_heads,
+            c.init_scale,
+            c.tim_global,
+        )
 
     def _loader(self, spec: str, section: DataSection):
         towers, c = self._towers(), self.ctx
-        decode = SampleDecoder(ImageTransform.from_pretrained(self.cfg.vision_path), need_image=True)
+        decode = SampleDecoder(
+            ImageTransform.from_pretrained(self.cfg.vision_path), need_image=True
+        )
         collate = Collate(self.tokenizer, self.cfg, self.grid, towers.patch_size, c.seed)
         return self.loader(section, spec, decode, collate)
 
@@ -145,31 +198,51 @@ class VIKDFDistill(Recipe):
     def _encode(self, batch) -> Dict[str, torch.Tensor]:
         t, dev = self.towers, self.ctx.device
         attn = batch["attn"].to(dev)
-        return {"image_states": t.encode_image(batch["pixels"].to(dev)),
-                "text_states": t.encode_text(batch["ids"].to(dev), attn), "text_mask": attn}
+        return {
+            "image_states": t.encode_image(batch["pixels"].to(dev)),
+            "text_states": t.encode_text(batch["ids"].to(dev), attn),
+            "text_mask": attn,
+        }
 
     def step(self, model, batch) -> StepOutput:
         dev, t = self.ctx.device, self.towers
         feats = self._encode(batch)
-        out = model(**feats, masked_image_states=t.encode_image(batch["masked_pixels"].to(dev)),
-                    masked_text_states=t.encode_text(batch["masked_ids"].to(dev), feats["text_mask"]),
-                    pixels=batch["pixels"].to(dev), scored=batch["scored"].to(dev),
-                    mtm_labels=batch["labels"].to(dev))
+        out = model(
+            **feats,
+            masked_image_states=t.encode_image(batch["masked_pixels"].to(dev)),
+            masked_text_states=t.encode_text(batch["masked_ids"].to(dev), feats["text_mask"]),
+            pixels=batch["pixels"].to(dev),
+            scored=batch["scored"].to(dev),
+            mtm_labels=batch["labels"].to(dev),
+        )
         self._calls += 1
         images = {}
-        if self.ctx.rank == 0 and self.cfg.image_log_every and self._calls % self.cfg.image_log_every == 0:
+        if (
+            self.ctx.rank == 0
+            and self.cfg.image_log_every
+            and self._calls % self.cfg.image_log_every == 0
+        ):
             images["ta_mim"] = self._panel(batch, out["recon"])
         n = batch["pixels"].shape[0]
         # TIM: the global-batch loss (kernels.contrastive); TA-MIM: a mean over equal-size samples;
         # IA-MTM: a mean over the selected tokens, which batches hold in varying numbers
-        return StepOutput(losses={"tim": out["tim"], "mim": out["mim"],
-                                  "mtm": GlobalMean(out["mtm_sum"], out["mtm_count"])},
-                          stats={"logit_scale": float(out["logit_scale"].detach())}, samples=n,
-                          tokens=int(batch["attn"].sum()), images=images)
+        return StepOutput(
+            losses={
+                "tim": out["tim"],
+                "mim": out["mim"],
+                "mtm": GlobalMean(out["mtm_sum"], out["mtm_count"]),
+            },
+            stats={"logit_scale": float(out["logit_scale"].detach())},
+            samples=n,
+            tokens=int(batch["attn"].sum()),
+            images=images,
+        )
 
     def _panel(self, batch, recon) -> torch.Tensor:
         """original | masked input | reconstruction, for the first sample, in [0, 1]."""
-        row = torch.cat([batch["pixels"][0], batch["masked_pixels"][0], recon[0].float().cpu()], dim=2)
+        row = torch.cat(
+            [batch["pixels"][0], batch["masked_pixels"][0], recon[0].float().cpu()], dim=2
+        )
         return ((row - row.min()) / (row.max() - row.min()).clamp(min=1e-6)).clamp(0, 1)
 
     @torch.no_grad()
@@ -197,8 +270,9 @@ class VIKDFDistill(Recipe):
         pt = sum(p.numel() for p in t.text.parameters())
         w, q = c.iqformer.width, c.iqformer.num_queries
         layer = 12 * w * w
-        qformer = c.iqformer.layers * layer * q + (c.iqformer.layers // c.iqformer.cross_attention_every) * 2 * w * w * (
-            n_img + c.max_text_len)
+        qformer = c.iqformer.layers * layer * q + (
+            c.iqformer.layers // c.iqformer.cross_attention_every
+        ) * 2 * w * w * (n_img + c.max_text_len)
         heads = 12 * w * w * (n_img + c.max_text_len) + w * len(self.tokenizer) * c.max_text_len
         return 2 * 2 * (pv * n_img + pt * c.max_text_len) + 6 * (2 * qformer + heads)
 
