@@ -144,17 +144,15 @@ class DeepSpeedSection:
 @dataclass
 class DistConfig:
     backend: str = choices("auto", "nccl", "gloo", default="auto")  # auto: nccl on CUDA, else gloo
-    timeout_s: int = bounded(
-        1800, ge=1
-    )  # collective timeout; a dead peer on gloo fails much sooner
+    # collective timeout; a dead peer on gloo fails much sooner
+    timeout_s: int = bounded(1800, ge=1)
 
 
 @dataclass
 class CheckpointConfig:
     every: int = bounded(1000, ge=0)  # steps between checkpoints (0: only at the end)
-    keep: int = bounded(
-        3, ge=1
-    )  # complete checkpoints kept, newest first (the best one is kept too)
+    # complete checkpoints kept, newest first (the best one is kept too)
+    keep: int = bounded(3, ge=1)
     best_metric: str = ""  # an evaluation metric (e.g. ppl): checkpoints/best names the best one
     best_mode: str = choices("min", "max", default="min")
 

@@ -145,9 +145,8 @@ def test_damaged_checkpoints_are_named_verified_and_passed_over(tmp_path):
     ckpts = run / "checkpoints"
     assert _cli("ckpt", "verify", run).returncode == 0
     optim = next((ckpts / "step_00000004").glob("*optim_states.pt"))
-    optim.write_bytes(
-        optim.read_bytes()[: optim.stat().st_size // 2]
-    )  # a truncated optimizer shard
+    # a truncated optimizer shard
+    optim.write_bytes(optim.read_bytes()[: optim.stat().st_size // 2])
     out = _cli("ckpt", "verify", run)
     assert out.returncode == 1 and "step_00000002: intact" in out.stdout
     assert f"step_00000004 (latest): DAMAGED: {optim}: damaged" in out.stdout
@@ -168,9 +167,8 @@ def test_damaged_checkpoints_are_named_verified_and_passed_over(tmp_path):
         "names 'step_00000099', which is not a complete checkpoint"
         in (tmp_path / "runs" / "d-logs" / "rank0.log").read_text()
     )
-    train(
-        run, ["train.steps=8", "run.resume=step_00000006"], world=1, expect=2
-    )  # named, damaged: refused
+    # named, damaged: refused
+    train(run, ["train.steps=8", "run.resume=step_00000006"], world=1, expect=2)
     train(run, ["train.steps=8", "run.resume=step_00000002"], world=1)  # the suggested form works
     assert f"resumed from {ckpts / 'step_00000002'} at step 2" in (run / "train.log").read_text()
 

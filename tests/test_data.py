@@ -98,9 +98,8 @@ def test_synth_round_trip_and_truthful_text(tmp_path, kind):
         assert meta["keyphrases"][2] in meta["text"] and meta["keyphrases"][1] in COLORS
         assert meta["keyphrases"][1] not in meta["text"] and "Answer:" in meta["rationale"]
         metas = [m for b in [next(ld) for _ in range(ld.steps_per_epoch)] for m in b["meta"]]
-        assert (
-            0 < sum(m["keyphrases"][0] not in m["text"] for m in metas) < len(metas)
-        )  # some hard posts
+        # some hard posts
+        assert 0 < sum(m["keyphrases"][0] not in m["text"] for m in metas) < len(metas)
     else:
         assert meta["scene"] and meta["intent"] and meta["turns"][-1]["role"] == "user"
 
@@ -644,13 +643,11 @@ def test_engine_trains_from_shards_logs_skips_and_resumes_exactly(tmp_path):
     train(split, common + ["run.stop_after_steps=9"], config=base)
     train(split, common, config=base)
     a, b = scalars(straight, "loss/total"), scalars(split, "loss/total")
-    assert [a[s] for s in range(10, 17)] == [
-        b[s] for s in range(10, 17)
-    ]  # 120 // 2 // 8 = 7 steps/epoch
+    # 120 // 2 // 8 = 7 steps/epoch
+    assert [a[s] for s in range(10, 17)] == [b[s] for s in range(10, 17)]
     skipped = scalars(straight, "data/skipped")
-    assert skipped[16] >= 1 and skipped == scalars(
-        split, "data/skipped"
-    )  # counted, and kept on resume
+    # counted, and kept on resume
+    assert skipped[16] >= 1 and skipped == scalars(split, "data/skipped")
     assert scalars(straight, "data/seen")[16] == 16 * 8 * 2  # summed over both ranks
     assert scalars(straight, "train/epoch")[16] == 2
     assert sum(a[s] for s in range(14, 17)) < sum(a[s] for s in range(1, 4))

@@ -17,9 +17,8 @@ def test_bleu_rouge_on_a_hand_checked_pair():
 
 def test_bleu_brevity_penalty():
     s = dialogue_scores(["the cat"], ["the cat is on the mat"])
-    assert s["bleu1"] == pytest.approx(
-        2.718281828 ** (1 - 6 / 2), abs=1e-4
-    )  # precision 1, BP exp(1 - r/c)
+    # precision 1, BP exp(1 - r/c)
+    assert s["bleu1"] == pytest.approx(2.718281828 ** (1 - 6 / 2), abs=1e-4)
 
 
 def test_distinct_is_corpus_level_after_normalisation():

@@ -20,9 +20,8 @@ CONFIG = REPO / "configs" / "demo" / "dyncot.yaml"
 
 def test_f1_at_k_divides_precision_by_k_and_stems():
     assert normalize("Running Shoes") == normalize("run shoe") == "run shoe"
-    assert f1_at_k(["a"], ["a", "b"], 3) == pytest.approx(
-        2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2)
-    )  # P = 1/3, not 1
+    # P = 1/3, not 1
+    assert f1_at_k(["a"], ["a", "b"], 3) == pytest.approx(2 * (1 / 3) * (1 / 2) / (1 / 3 + 1 / 2))
     assert f1_at_k(["x", "a", "b"], ["a", "b"], 1) == 0.0
     m = KeyphraseF1(ks=(1, 3), train_keyphrases=["cats", "beach"])
     # text "my cats at the beach": 'cat' and 'beach' present, 'sunset' absent; 'sunset' unseen in

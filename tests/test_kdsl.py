@@ -109,9 +109,8 @@ def test_pipeline_posttrain_mine_collaborate_adapt(intent, tiny_models, tmp_path
 
     # the small model reads conditions; MCTS mines the rule base (a person can read and edit it)
     rules_dir = tmp_path / "rules"
-    printed = cli_ranks(
-        "kdsl", "mine", str(small), "--out", str(rules_dir)
-    )  # 2 ranks read conditions
+    # 2 ranks read conditions
+    printed = cli_ranks("kdsl", "mine", str(small), "--out", str(rules_dir))
     rules = json.loads((rules_dir / "rules.json").read_text())
     assert rules and all({"task", "if", "then", "precision", "support"} <= set(r) for r in rules)
     assert all(r["precision"] >= 0.8 and r["support"] >= 3 for r in rules)
@@ -221,9 +220,8 @@ def test_pipeline_posttrain_mine_collaborate_adapt(intent, tiny_models, tmp_path
     )
     rescored = json.loads((tmp_path / "rules_new" / "rules.json").read_text())
     old_intents = [r for r in rescored if r["task"] == "intent"]
-    assert len(rescored) == len(rules) and all(
-        r["precision"] == 0.0 for r in old_intents
-    )  # old labels gone
+    # old labels gone
+    assert len(rescored) == len(rules) and all(r["precision"] == 0.0 for r in old_intents)
 
     table = tmp_path / "seesaw.md"  # from the latest test evaluation (the hand rule's)
     assert main(["kdsl", "seesaw", f"decoupled={large}", "--out", str(table)]) == 0

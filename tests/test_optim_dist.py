@@ -93,9 +93,8 @@ def test_slurm_variables_map_to_torch_distributed():
         "1",
         "gpu12",
     )
-    assert (
-        env["MASTER_PORT"] == str(job_port(4242)) and 15000 <= job_port(4242) < 30000
-    )  # below 32768
+    # below 32768
+    assert env["MASTER_PORT"] == str(job_port(4242)) and 15000 <= job_port(4242) < 30000
     requeued = {
         **{k: v for k, v in env.items() if k.startswith("SLURM_")},
         "SLURM_RESTART_COUNT": "2",

@@ -65,9 +65,8 @@ class ImageTransform:
     def decode(self, data: bytes) -> Image.Image:
         im = Image.open(io.BytesIO(data))
         if self.fast and im.format == "JPEG":
-            im.draft(
-                "RGB", (self.resize, self.resize)
-            )  # only ever reduces to >= the requested size
+            # only ever reduces to >= the requested size
+            im.draft("RGB", (self.resize, self.resize))
         return im.convert("RGB")
 
     def __call__(self, im: Image.Image) -> torch.Tensor:

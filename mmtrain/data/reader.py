@@ -52,9 +52,8 @@ class DataSection:
     val: str = shards_field()
     mode: str = choices("exact", "resampled", "eval", default="exact")
     workers: int = bounded(2, ge=0)  # DataLoader processes per rank (0: in the training process)
-    shuffle_buffer: int = bounded(
-        1000, ge=1
-    )  # exact: samples per shuffle window; resampled: per-worker buffer
+    # exact: samples per shuffle window; resampled: per-worker buffer
+    shuffle_buffer: int = bounded(1000, ge=1)
     steps_per_epoch: Optional[int] = bounded(None, ge=1)  # resampled mode: steps per rank per epoch
     # corrupt/unreadable samples tolerated before the run stops, judged over at least
     # `skip_window` samples (a fraction of the first few batches means little)
@@ -389,9 +388,8 @@ class ShardLoader:
                 f"train.grad_accum (or train.micro_batch_size) so that the global batch stays "
                 f"{state['global_batch']}, and the run continues with exactly the remaining batches"
             )
-        steps = int(state["position"]) // int(
-            state.get("grad_accum", st.grad_accum)
-        )  # whole optimizer steps
+        # whole optimizer steps
+        steps = int(state["position"]) // int(state.get("grad_accum", st.grad_accum))
         self.epoch, self.position = int(state["epoch"]), steps * st.grad_accum
         self._skipped_before, self._seen_before = int(state["skipped"]), int(state["seen"])
         self._skipped, self._seen = {}, {}

@@ -240,10 +240,11 @@ def scene_image(rng: random.Random, scene: str) -> Image.Image:
             d.ellipse([cx - 12, 152, cx + 12, 176], fill=(30, 30, 30))
         d.line([20, 200, 236, 200], fill=(40, 100, 200), width=4)  # tracking line
     elif scene == "refund":
+        # a back arrow
         d.polygon(
             [(70, 130), (120, 90), (120, 115), (190, 115), (190, 145), (120, 145), (120, 170)],
             fill=(200, 40, 40),
-        )  # a back arrow
+        )
     else:
         for k, x in enumerate((30, 90, 40)):  # chat bubbles
             d.rounded_rectangle(

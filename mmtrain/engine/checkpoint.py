@@ -312,9 +312,8 @@ def universal(root: Path, tag: str, rank: int) -> str:
     if rank == 0 and not out.is_dir():
         partial = root / tag / "universal.partial"
         shutil.rmtree(partial, ignore_errors=True)
-        workers = str(
-            max(1, min(8, (os.cpu_count() or 2) // 2))
-        )  # the other ranks wait idle meanwhile
+        # the other ranks wait idle meanwhile
+        workers = str(max(1, min(8, (os.cpu_count() or 2) // 2)))
         cmd = [
             sys.executable,
             "-m",
@@ -347,9 +346,8 @@ def load(engine, root: Path, tag: str, rank: int, world: int) -> List[Dict[str, 
     the optimizer state re-partitioned over this world."""
     old_world = saved_world(root, tag)
     ds_tag = tag if old_world == world else universal(root, tag, rank)
-    optimizer = getattr(
-        engine.optimizer, "optimizer", engine.optimizer
-    )  # the torch AdamW under ZeRO
+    # the torch AdamW under ZeRO
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
     decay = [g["weight_decay"] for g in optimizer.param_groups]
     try:
         path, _ = engine.load_checkpoint(

@@ -41,9 +41,8 @@ def run_eval(
     run = Path(run_dir)
     cfg, recipe, model, tag, env = load_run(run_dir, tag, overrides)
     metrics, rows = recipe.score(model, split)
-    metrics = {
-        k: v for k, v in metrics.items() if not isinstance(v, torch.Tensor)
-    }  # images: TensorBoard only
+    # images: TensorBoard only
+    metrics = {k: v for k, v in metrics.items() if not isinstance(v, torch.Tensor)}
     result = {"split": split, "checkpoint": tag, **metrics}
     if env.is_main:
         (run / f"eval_{split}_{tag}.json").write_text(json.dumps(result, indent=2))

@@ -51,13 +51,11 @@ class GlobalMean:
 
 @dataclass
 class StepOutput:
-    losses: Dict[
-        str, Union[torch.Tensor, GlobalMean]
-    ]  # named scalar losses (weighted by the engine)
+    # named scalar losses (weighted by the engine)
+    losses: Dict[str, Union[torch.Tensor, GlobalMean]]
     stats: Dict[str, float] = field(default_factory=dict)  # extra scalars to log as they are
-    images: Dict[str, torch.Tensor] = field(
-        default_factory=dict
-    )  # CHW images to log (rank 0, log steps)
+    # CHW images to log (rank 0, log steps)
+    images: Dict[str, torch.Tensor] = field(default_factory=dict)
     samples: int = 0  # samples in this micro-batch on this rank
     tokens: int = 0  # tokens processed (for tokens/s)
     flops: Optional[float] = None  # training FLOPs of this micro-batch, when they vary

@@ -65,9 +65,8 @@ class GenerationSection:
 @dataclass
 class DynCoTConfig(RecipeConfig):
     name: str = "dyncot"
-    model_path: str = path_field(
-        "", required=True
-    )  # local image-text-to-text dir (Qwen2-VL, Llava, ...)
+    # local image-text-to-text dir (Qwen2-VL, Llava, ...)
+    model_path: str = path_field("", required=True)
     strategy: str = choices("zero_shot", "sft", "cot", "dynamic", default="sft")
     prompt: str = "Post: {text}\nGive the keyphrases of this post and its image, separated by '; '."
     system: Optional[str] = None

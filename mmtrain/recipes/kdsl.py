@@ -57,18 +57,16 @@ class MiningSection:
 
 @dataclass
 class CollabSection:
-    overrides: List[float] = field(
-        default_factory=lambda: [0.9, 0.95, 0.99, 1.01]
-    )  # 1.01: never override
+    # 1.01: never override
+    overrides: List[float] = field(default_factory=lambda: [0.9, 0.95, 0.99, 1.01])
     weights: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75])
 
 
 @dataclass
 class KDSLConfig(RecipeConfig):
     name: str = "kdsl"
-    model_path: str = path_field(
-        "", required=True
-    )  # local image-text-to-text model dir (Qwen2-VL, ...)
+    # local image-text-to-text model dir (Qwen2-VL, ...)
+    model_path: str = path_field("", required=True)
     tasks: List[str] = field(default_factory=lambda: ["scene", "intent"])
     mode: str = choices("decoupled", "joint", default="decoupled")
     questions: Dict[str, str] = field(
@@ -77,16 +75,13 @@ class KDSLConfig(RecipeConfig):
             "intent": "What does the customer want?",
         }
     )
-    labels: Dict[str, List[str]] = field(
-        default_factory=dict
-    )  # task -> labels; empty: read from the shards
+    # task -> labels; empty: read from the shards
+    labels: Dict[str, List[str]] = field(default_factory=dict)
     lora: LoraSection = field(default_factory=LoraSection)
-    init_from: Optional[str] = path_field(
-        None
-    )  # adapters of an earlier run's export (few-shot adaptation)
-    rules: Optional[str] = path_field(
-        None
-    )  # rules.json for collaborative prediction in `mmtrain eval`
+    # adapters of an earlier run's export (few-shot adaptation)
+    init_from: Optional[str] = path_field(None)
+    # rules.json for collaborative prediction in `mmtrain eval`
+    rules: Optional[str] = path_field(None)
     mining: MiningSection = field(default_factory=MiningSection)
     collab: CollabSection = field(default_factory=CollabSection)
     data: DataSection = field(default_factory=DataSection)
@@ -291,9 +286,8 @@ class KDSL(Recipe):
         metrics: Dict[str, Any] = {"n": len(rows)}
         for k, v in scores.items():
             if k.startswith("_confusion_"):
-                metrics[f"confusion/{k[len('_confusion_') :]}"] = confusion_image(
-                    *v
-                )  # an image: TensorBoard
+                # an image: TensorBoard
+                metrics[f"confusion/{k[len('_confusion_') :]}"] = confusion_image(*v)
             else:
                 metrics[k] = v
         return metrics
@@ -303,9 +297,8 @@ class KDSL(Recipe):
         """`mmtrain eval`: the model's weighted F1 per task; with `recipe.rules`, also the rules-and-
         model prediction, its parameters chosen on the validation split."""
         self._setup()
-        rules = (
-            RuleBase.load(self.cfg.rules, self.labels) if self.cfg.rules else None
-        )  # bad rules: fail first
+        # bad rules: fail first
+        rules = RuleBase.load(self.cfg.rules, self.labels) if self.cfg.rules else None
         rows = self.predict(model, split)
         metrics = {
             "n": len(rows),

@@ -22,9 +22,8 @@ from mmtrain.recipes.base import Recipe, StepOutput
 @dataclass
 class ToyLMConfig(RecipeConfig):
     name: str = "toy_lm"
-    model_path: Optional[str] = (
-        path_field()
-    )  # local HF causal-LM dir; unset: built from sizes below
+    # local HF causal-LM dir; unset: built from sizes below
+    model_path: Optional[str] = path_field()
     vocab_size: int = 64
     hidden_size: int = 64
     num_layers: int = 2
@@ -34,9 +33,8 @@ class ToyLMConfig(RecipeConfig):
     freeze_embeddings: bool = False
     lora: LoraSection = field(default_factory=LoraSection)
     eval_batches: int = 4
-    inject_nan_at_calls: List[int] = field(
-        default_factory=list
-    )  # for fault tests: NaN loss at these micro-steps
+    # for fault tests: NaN loss at these micro-steps
+    inject_nan_at_calls: List[int] = field(default_factory=list)
 
 
 class TokenStream:

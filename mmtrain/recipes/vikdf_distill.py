@@ -38,12 +38,10 @@ class IQFormerSection:
 @dataclass
 class Stage1Config(RecipeConfig):
     name: str = "vikdf_distill"
-    vision_path: str = path_field(
-        "", required=True
-    )  # CLIP/SigLIP directory (vision tower + preprocessor_config.json)
-    text_path: str = path_field(
-        "", required=True
-    )  # CLIP/SigLIP directory (text tower + tokenizer); often the same
+    # CLIP/SigLIP directory (vision tower + preprocessor_config.json)
+    vision_path: str = path_field("", required=True)
+    # CLIP/SigLIP directory (text tower + tokenizer); often the same
+    text_path: str = path_field("", required=True)
     bert_init: Optional[str] = path_field(None)  # BERT directory to initialise the IQ-Former from
     iqformer: IQFormerSection = field(default_factory=IQFormerSection)
     tim_dim: int = 256

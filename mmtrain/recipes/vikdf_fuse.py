@@ -53,9 +53,8 @@ class FuseConfig(RecipeConfig):
     name: str = "vikdf_fuse"
     phase: str = choices("fusion", "dialogue", default="fusion")
     llm_path: str = path_field("", required=True)  # local HF causal LM (e.g. Llama-2-7b-chat)
-    stage1: str = path_field(
-        "", required=True
-    )  # stage-1 export (holds iqformer/) or an iqformer dir
+    # stage-1 export (holds iqformer/) or an iqformer dir
+    stage1: str = path_field("", required=True)
     vision_path: str = path_field("", required=True)  # the stage-1 towers
     text_path: str = path_field("", required=True)
     init_from: Optional[str] = path_field(None)  # a fusion run's export, to start dialogue from
@@ -420,9 +419,8 @@ class VIKDFFuse(Recipe):
                 {"key": k, "context": c, "reference": r, "prediction": p.strip()}
                 for k, c, r, p in zip(batch["key"], batch["context_text"], batch["response"], texts)
             ]
-        rows = list(
-            {r["key"]: r for part in self.ctx.gather_objects(rows) for r in part}.values()
-        )  # drop repeats
+        # drop repeats
+        rows = list({r["key"]: r for part in self.ctx.gather_objects(rows) for r in part}.values())
         scores = dialogue_scores([r["prediction"] for r in rows], [r["reference"] for r in rows])
         scores["n"] = len(rows)
         return scores, rows
