@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements/ci.txt setup.py | cksum | c
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-all chaos test-slurm install lint bench clean
+.PHONY: demo test test-unit test-all chaos test-slurm install lint bench clean
 
 $(STAMP): requirements/ci.txt setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 # the fast suite; `make test-all` adds the heavy groups (pytest marker `heavy`)
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 -m "not heavy and not slurm" tests
+
+# tests/unit alone: no ranks, no launchers (about a minute)
+test-unit: $(STAMP)
+	$(PY) -m pytest -q --durations=10 -m "not heavy and not slurm" tests/unit
 
 # the fault battery: damaged checkpoints, full disks, signals, overflowing gradients, bad data
 chaos: $(STAMP)

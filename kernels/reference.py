@@ -59,6 +59,14 @@ def reparameterize(mu, logvar, eps):
     return (mu.float() + torch.exp(0.5 * lv) * eps.float()).to(mu.dtype)
 
 
+def gaussian_nll(target, mu, logvar):
+    """Negative log-likelihood of `target` under N(mu, exp(logvar)), up to the constant
+    0.5 * log(2 pi) per dimension: summed over the last dimension, averaged over the rest."""
+    lv = logvar.float().clamp(LOGVAR_MIN, LOGVAR_MAX)
+    nll = 0.5 * (lv + (target.float() - mu.float()) ** 2 * torch.exp(-lv))
+    return nll.sum(-1).mean()
+
+
 def variational_fusion(
     mu_q, logvar_q, mu_p, logvar_p, eps, direction: str = "qp", reduction: str = "mean"
 ):

@@ -16,6 +16,7 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 
+from mmtrain import recipes  # noqa: E402
 from mmtrain.config import ConfigError, load_config, to_yaml  # noqa: E402
 from mmtrain.data.shards import DataError  # noqa: E402
 from mmtrain.engine.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
@@ -176,25 +177,8 @@ def _cmd_data(args) -> int:
     return 0
 
 
-def _cmd_kdsl(args) -> int:
-    from mmtrain.recipes import kdsl
-
-    if args.kdsl_cmd == "mine":
-        kdsl.mine(
-            args.small_run, args.out, args.data, args.tasks, args.image_task, args.rescore, args.tag
-        )
-    else:
-        table = kdsl.seesaw(args.runs, args.split)
-        print(table, end="")
-        if args.out:
-            from pathlib import Path
-
-            Path(args.out).write_text(table)
-    return 0
-
-
 def _cmd_models(args) -> int:
-    from mmtrain.models.tiny import make_tiny
+    from mmtrain.testing.tiny import make_tiny
 
     out = make_tiny(args.out, image_size=args.image_size, width=args.width)
     print(f"tiny models in {out}: clip/ (towers, processor, tokenizer), bert/, llama/, qwen2vl/")
@@ -205,14 +189,14 @@ def _cmd_bench(args) -> int:
     import json
 
     if args.bench_cmd == "vikdf-stage1":
-        from mmtrain.bench_vikdf import main as bench_stage1
+        from mmtrain.bench.vikdf import main as bench_stage1
 
         return bench_stage1(args.batch_size, not args.no_compile, args.baseline)
     if args.bench_cmd == "vikdf-fusion":
-        from mmtrain.bench_vikdf import main_fusion
+        from mmtrain.bench.vikdf import main_fusion
 
         return main_fusion(args.batch_size, args.compile, args.baseline)
-    from mmtrain.data.bench import bench_data
+    from mmtrain.bench.data import bench_data
 
     print(
         json.dumps(
@@ -229,11 +213,8 @@ def _cmd_bench(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local directories only
-    p = argparse.ArgumentParser(prog="mmtrain", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-
+def _add_run_commands(sub) -> None:
+    """train, config, export, ckpt verify, eval."""
     for name, fn, help_ in (
         ("train", _cmd_train, "train a recipe (run under deepspeed/torchrun/srun)"),
         ("config", _cmd_config, "print the resolved, validated config"),
@@ -282,6 +263,9 @@ def main(argv=None) -> int:
     )
     sp.set_defaults(fn=_cmd_eval)
 
+
+def _add_data_commands(sub) -> None:
+    """`mmtrain data synth|convert|index|fewshot|inspect`."""
     data = sub.add_parser("data", help="write, convert and inspect WebDataset shards")
     data.set_defaults(fn=_cmd_data)
     dsub = data.add_subparsers(dest="data_cmd", required=True)
@@ -340,37 +324,9 @@ def main(argv=None) -> int:
     sp.add_argument("shards")
     sp.add_argument("--n", type=int, default=3)
 
-    kd = sub.add_parser("kdsl", help="KDSL: mine rules with a small model; the seesaw table")
-    kd.set_defaults(fn=_cmd_kdsl)
-    ksub = kd.add_subparsers(dest="kdsl_cmd", required=True)
-    sp = ksub.add_parser(
-        "mine",
-        help="conditions from a post-trained small model's run, MCTS rules -> OUT/rules.json",
-    )
-    sp.add_argument("small_run", help="a KDSL run of the small MLLM post-trained on --image-task")
-    sp.add_argument(
-        "--out", required=True, help="directory for rules.json and the examples' conditions"
-    )
-    sp.add_argument(
-        "--data", help="shard root with train/ val/ test/ (default: the small run's data)"
-    )
-    sp.add_argument("--tasks", nargs="+", default=["scene", "intent"])
-    sp.add_argument(
-        "--image-task",
-        default="scene",
-        help="the small model's task whose answer says what the image shows",
-    )
-    sp.add_argument(
-        "--rescore", help="an existing rules.json to re-score on --data instead of mining"
-    )
-    sp.add_argument("--tag", help="checkpoint tag of the small run (default: latest)")
-    sp = ksub.add_parser(
-        "seesaw", help="weighted F1 per task of several evaluated runs, as a markdown table"
-    )
-    sp.add_argument("runs", nargs="+", metavar="NAME=RUN_DIR")
-    sp.add_argument("--split", default="test")
-    sp.add_argument("--out", help="also write the table here")
 
+def _add_tool_commands(sub) -> None:
+    """`mmtrain models tiny` and `mmtrain bench ...`."""
     models = sub.add_parser(
         "models", help="tiny random models for demos and tests (saved with save_pretrained)"
     )
@@ -405,6 +361,18 @@ def main(argv=None) -> int:
     sp.add_argument("--compile", action="store_true", help="torch.compile the frozen LLM's forward")
     sp.add_argument("--baseline", help="path of hf_eager_vikdf.py, run side by side for the ratio")
     sp.set_defaults(fn=_cmd_bench)
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local directories only
+    p = argparse.ArgumentParser(prog="mmtrain", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    _add_run_commands(sub)
+    _add_data_commands(sub)
+    _add_tool_commands(sub)
+    for target in recipes.COMMANDS.values():  # a recipe's own tools (e.g. `mmtrain kdsl`)
+        recipes.load(target)(sub)
 
     args = p.parse_args(argv)
     try:

@@ -22,79 +22,15 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-
-class ConfigError(ValueError):
-    """A configuration problem, with a message that names the key or file at fault."""
-
-
-def choices(*allowed: str, default: str):
-    """A string field restricted to `allowed` (checked in `validate`)."""
-    return field(default=default, metadata={"choices": allowed})
-
-
-def bounded(
-    default: Any,
-    ge: Optional[float] = None,
-    gt: Optional[float] = None,
-    le: Optional[float] = None,
-    lt: Optional[float] = None,
-    note: str = "",
-):
-    """A number restricted to a range (checked in `validate`, which names key, value and range)."""
-    return field(default=default, metadata={"range": (ge, gt, le, lt), "note": note})
-
-
-def _out_of_range(value: Any, bounds) -> Optional[str]:
-    """The range `value` breaks, written out (e.g. '> 0'), or None when it is inside."""
-    ge, gt, le, lt = bounds
-    rules = [
-        (ge, ">=", lambda v, b: v >= b),
-        (gt, ">", lambda v, b: v > b),
-        (le, "<=", lambda v, b: v <= b),
-        (lt, "<", lambda v, b: v < b),
-    ]
-    if value is None:
-        return None
-    if any(b is not None and not ok(value, b) for b, _, ok in rules):
-        return " and ".join(f"{op} {b:g}" for b, op, _ in rules if b is not None)
-    return None
-
-
-def path_field(default: Optional[str] = None, must_exist: bool = True, required: bool = False):
-    """A filesystem path; when set and `must_exist`, it must exist before the run starts."""
-    return field(default=default, metadata={"path": must_exist, "required": required})
-
-
-def shards_field(default: str = ""):
-    """A shard directory or brace pattern; a directory must exist before the run starts."""
-    return field(default=default, metadata={"shards": True})
-
-
-@dataclass
-class LoraSection:
-    """A peft LoRA adapter, shared by every recipe that adapts a transformers model."""
-
-    enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    language_only: bool = (
-        True  # image-text models: adapt the language model only, never the vision tower
-    )
-
-
-@dataclass
-class RecipeConfig:
-    """Base of every recipe's own config; `name` selects the recipe."""
-
-    name: str = "toy_lm"
-    # Weight of each named loss in the total; a name missing here has weight 1.
-    loss_weights: Dict[str, float] = field(default_factory=dict)
-
-    def data_kind(self) -> Optional[str]:
-        """The kind of shards (manifest `kind`) this recipe's data sections must hold; None: any."""
-        return None
+from mmtrain.data.shards import DataError, resolve
+from mmtrain.recipes import recipe_class
+from mmtrain.schema import (
+    ConfigError,
+    RecipeConfig,
+    bounded,
+    choices,
+    out_of_range,
+)
 
 
 @dataclass
@@ -228,8 +164,6 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
 
 
 def _schema_for(recipe_name: str) -> DictConfig:
-    from mmtrain.recipes import recipe_class  # late: recipes import this module
-
     cls = recipe_class(recipe_name)
     return OmegaConf.structured(Config(recipe=cls.Config()))
 
@@ -331,7 +265,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"key '{key}': shard directory does not exist: {value}")
         if f.metadata.get("path") and value not in (None, "") and not Path(str(value)).exists():
             raise ConfigError(f"key '{key}': path does not exist: {value}")
-        broken = _out_of_range(value, f.metadata["range"]) if "range" in f.metadata else None
+        broken = out_of_range(value, f.metadata["range"]) if "range" in f.metadata else None
         if broken:
             note = f" ({f.metadata['note']})" if f.metadata.get("note") else ""
             raise ConfigError(f"key '{key}' must be {broken}{note}, got {value!r}")
@@ -360,8 +294,6 @@ def validate(cfg: Config) -> None:
 
 def _check_shards(cfg: Config) -> None:
     """Every shard set the recipe names has a manifest, samples, and the kind the recipe reads."""
-    from mmtrain.data.shards import DataError, resolve  # late: data modules import this one
-
     kind = cfg.recipe.data_kind()
     for key, f, value in _walk(cfg.recipe, "recipe."):
         if not (f.metadata.get("shards") and value):
@@ -390,14 +322,9 @@ def load_run_config(run_dir: str | os.PathLike) -> Config:
 __all__ = [
     "Config",
     "ConfigError",
-    "LoraSection",
     "RecipeConfig",
     "load_config",
     "load_run_config",
     "save_config",
     "to_yaml",
-    "bounded",
-    "choices",
-    "path_field",
-    "shards_field",
 ]

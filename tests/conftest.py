@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Tiny CLIP/BERT/Llama checkpoints (`mmtrain models tiny`), made once for the whole session."""
-    from mmtrain.models.tiny import make_tiny
+    from mmtrain.testing.tiny import make_tiny
 
     return make_tiny(str(tmp_path_factory.mktemp("models") / "tiny"))
 

@@ -1,15 +1,17 @@
-"""A test recipe that trains through the shard reader: predict an image's colour from its pixels."""
+"""A test recipe that trains through the shard reader: predict an image's colour from its pixels.
+It is also the smallest example of a recipe defined outside mmtrain (`recipe.name=module:Class`)."""
 
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from mmtrain.config import RecipeConfig
 from mmtrain.data.images import ImageTransform
 from mmtrain.data.reader import DataSection, SampleDecoder, default_collate
 from mmtrain.data.synth import COLORS
-from mmtrain.recipes.base import Recipe, StepOutput
+from mmtrain.recipes.base import StepOutput
+from mmtrain.recipes.common import ShardRecipe
+from mmtrain.schema import RecipeConfig
 
 
 @dataclass
@@ -33,23 +35,21 @@ class ColorNet(nn.Module):
         return {"ce": nn.functional.cross_entropy(self.net(image), label)}
 
 
-class ShardColor(Recipe):
+def collate(items):
+    batch = default_collate(items)
+    batch["label"] = torch.tensor([list(COLORS).index(m["color"]) for m in batch["meta"]])
+    return batch
+
+
+class ShardColor(ShardRecipe):
     Config = ShardColorConfig
 
     def build_model(self):
         return ColorNet(self.cfg.image_size)
 
-    def build_data(self):
+    def pipeline(self):
         size = self.cfg.image_size
-        decode = SampleDecoder(ImageTransform(resize=size, crop=size), need_image=True)
-        colors = list(COLORS)
-
-        def collate(items):
-            batch = default_collate(items)
-            batch["label"] = torch.tensor([colors.index(m["color"]) for m in batch["meta"]])
-            return batch
-
-        return self.loader(self.cfg.data, self.cfg.data.train, decode, collate)
+        return SampleDecoder(ImageTransform(resize=size, crop=size), need_image=True), collate
 
     def step(self, model, batch):
         out = model(batch["image"].to(self.ctx.device), batch["label"].to(self.ctx.device))

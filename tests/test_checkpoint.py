@@ -23,7 +23,9 @@ class FakeEngine:
 
 
 def save(root, step, crash=False, keep=2):
-    return checkpoint.save(FakeEngine(crash), root, step, {"step": step}, {"world_size": 1}, keep)
+    return checkpoint.save(
+        FakeEngine(crash), root, step, 0, {"step": step}, {"world_size": 1}, keep
+    )
 
 
 @pytest.mark.chaos
@@ -57,7 +59,7 @@ def test_a_full_disk_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, 
         r".partial failed \(RuntimeError: .*unexpected pos.*\). .* GiB free there; the previous "
         r"checkpoint \(.*step_00000010\) is intact",
     ):
-        checkpoint.save(FullDisk(), root, 20, {"step": 20}, {"world_size": 1}, 2)
+        checkpoint.save(FullDisk(), root, 20, 0, {"step": 20}, {"world_size": 1}, 2)
     assert checkpoint.find_resume("auto", root) == (root, "step_00000010")
     usage = type("Usage", (), {"free": 10})  # 10 bytes left: known too small
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage)

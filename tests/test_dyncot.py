@@ -96,7 +96,7 @@ def test_mllm_loads_trains_answer_tokens_only_and_runs_vision_on_text_only_batch
         load_model,
         load_processor,
     )
-    from mmtrain.models.tiny import make_tiny_vlm
+    from mmtrain.testing.tiny import make_tiny_vlm
 
     d = make_tiny_vlm(str(tmp_path / kind), kind)
     proc = load_processor(str(d))

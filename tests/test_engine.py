@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmtrain.config import load_config
+from mmtrain.engine.build import build_model
 from mmtrain.engine.trainer import REQUEUE_EXIT_CODE
 from mmtrain.recipes.base import RunContext
 from mmtrain.recipes.toy_lm import ToyLM
@@ -25,8 +26,7 @@ def build_recipe_model(cfg):
         seed=cfg.run.seed,
         run_dir=cfg.run_dir,
     )
-    torch.manual_seed(cfg.run.seed)  # the engine seeds the same way before building
-    return ToyLM(cfg.recipe, ctx).build_model()
+    return build_model(ToyLM(cfg.recipe, ctx), cfg.run.seed)  # as the engine builds it
 
 
 def wait_for(path, text, timeout=120):

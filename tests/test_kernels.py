@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import kernels.contrastive as kc
 import kernels.variational as kv
+from tests.helpers import REPO
 from kernels import reference
 from kernels._triton import use_triton
 
@@ -311,7 +312,7 @@ def test_bench_smoke_prints_json_lines():
         text=True,
         check=True,
         env=dict(os.environ, TRITON_INTERPRET="0"),
-        cwd=os.path.dirname(os.path.dirname(__file__)),
+        cwd=REPO,
     )
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert "not timings" in rows[0]["device"]

@@ -164,7 +164,7 @@ def test_retrieval_recalls_definition():
 
 
 def test_stage1_bench_step_runs_and_counts_flops():
-    from mmtrain.bench_vikdf import stage1
+    from mmtrain.bench.vikdf import stage1
 
     row = stage1(batch=4, iters=1, warm=0, compile_towers=False, size="tiny", device="cpu")
     assert row["gflop_per_sample"] > 0 and row["samples_s"] > 0 and row["size"] == "tiny"

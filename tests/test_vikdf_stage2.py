@@ -58,11 +58,12 @@ def test_fusion_logs_each_term_resumes_exactly_and_dialogue_starts_from_it(asset
     train(fusion, args, config=FUSION)
     train(split, args + ["run.stop_after_steps=3"], config=FUSION)
     train(split, args, config=FUSION)
+    # each term logged; equal after a resume, sampled latent included
     for k in (
         "ce",
         "recon",
         "kl",
-    ):  # each term logged; equal after a resume, sampled latent included
+    ):
         straight, resumed = scalars(fusion, f"loss/{k}"), scalars(split, f"loss/{k}")
         assert len(straight) == 6 and [straight[s] for s in (4, 5, 6)] == [
             resumed[s] for s in (4, 5, 6)
@@ -166,7 +167,7 @@ def test_eval_generates_on_two_ranks_and_writes_predictions(assets, tmp_path):
 
 
 def test_fusion_bench_step_runs_and_counts_flops():
-    from mmtrain.bench_vikdf import fusion
+    from mmtrain.bench.vikdf import fusion
 
     row = fusion(batch=2, text_len=6, iters=1, warm=0, size="tiny", device="cpu")
     assert (
@@ -197,6 +198,7 @@ def _dialogue_ppl(overrides, steps: int) -> float:
     )
     recipe = VIKDFFuse(cfg.recipe, ctx)
     torch.manual_seed(0)
+    recipe.setup()
     model, data = recipe.build_model(), recipe.build_data()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     for _ in range(steps):
@@ -206,7 +208,7 @@ def _dialogue_ppl(overrides, steps: int) -> float:
         loss.backward()
         opt.step()
     model.eval()
-    return recipe.evaluate(model)["ppl"]
+    return recipe.evaluate(model).metrics["ppl"]
 
 
 def test_knowledge_matters_image_knowledge_beats_no_knowledge(stage1_run, tiny_models, tmp_path):

@@ -40,8 +40,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmtrain.config import bounded, choices, shards_field
 from mmtrain.data.shards import DataError, iter_shard, resolve, shard_index
+from mmtrain.schema import bounded, choices, shards_field
 
 
 @dataclass
@@ -92,7 +92,10 @@ class ShardStream(IterableDataset):
         grad_accum: int = 1,
     ):
         self.paths, self.counts, self.manifest = resolve(spec)
-        self.spec, self.batch_size, self.decode, self.collate = spec, batch_size, decode, collate
+        self.spec = spec
+        self.batch_size = batch_size
+        self.decode = decode
+        self.collate = collate
         self.rank, self.world, self.seed, self.mode, self.shuffle_buffer = (
             rank,
             world,
@@ -250,9 +253,8 @@ class ShardStream(IterableDataset):
                             f"{type(e).__name__}: {e}"
                         )
             fields = set().union(*(it.keys() for it in items)) if items else set()
-            for it in [
-                it for it in items if it.keys() != fields
-            ]:  # incomplete (e.g. a cut-off tar)
+            # incomplete (e.g. a cut-off tar)
+            for it in [it for it in items if it.keys() != fields]:
                 bad += 1
                 items.remove(it)
                 if len(errors) < 5:
@@ -288,7 +290,9 @@ class ShardLoader:
         max_skip_fraction: float = 0.01,
         skip_window: int = 1000,
     ):
-        self.stream, self.workers, self.max_skip_fraction = stream, workers, max_skip_fraction
+        self.stream = stream
+        self.workers = workers
+        self.max_skip_fraction = max_skip_fraction
         self.skip_window = skip_window
         self.epoch = 0
         self.position = 0  # batches consumed in this epoch
@@ -305,7 +309,8 @@ class ShardLoader:
         self.stream.epoch, self.stream.start_batch = self.epoch, self.position
         self._skipped_before += sum(self._skipped.values())
         self._seen_before += sum(self._seen.values())
-        self._skipped, self._seen = {}, {}
+        self._skipped = {}
+        self._seen = {}
         # Its own generator: a DataLoader draws its workers' base seed from the global torch RNG
         # otherwise, and a resumed run (which opens one at its first batch) would shift the
         # training RNG stream (dropout, sampling) against the uninterrupted run.
@@ -338,9 +343,8 @@ class ShardLoader:
         self._skipped[info["worker"]], self._seen[info["worker"]] = info["skipped"], info["seen"]
         self.position += 1
         skipped, seen = self.skipped, self.seen
-        if skipped > self.max_skip_fraction * max(
-            seen, self.skip_window
-        ):  # a rate, once it means something
+        # a rate, once it means something
+        if skipped > self.max_skip_fraction * max(seen, self.skip_window):
             raise DataError(
                 f"{skipped} of {seen} samples unreadable in {self.stream.spec} "
                 f"(> data.max_skip_fraction={self.max_skip_fraction}): {skipped / seen:.2%} of the samples "
@@ -390,9 +394,12 @@ class ShardLoader:
             )
         # whole optimizer steps
         steps = int(state["position"]) // int(state.get("grad_accum", st.grad_accum))
-        self.epoch, self.position = int(state["epoch"]), steps * st.grad_accum
-        self._skipped_before, self._seen_before = int(state["skipped"]), int(state["seen"])
-        self._skipped, self._seen = {}, {}
+        self.epoch = int(state["epoch"])
+        self.position = steps * st.grad_accum
+        self._skipped_before = int(state["skipped"])
+        self._seen_before = int(state["seen"])
+        self._skipped = {}
+        self._seen = {}
         self._it = None
 
     def reshard_state(self, states: List[Dict[str, Any]], rank: int, world: int) -> Dict[str, Any]:
@@ -441,7 +448,8 @@ class SampleDecoder:
     transform is given)}."""
 
     def __init__(self, transform=None, need_image: bool = False):
-        self.transform, self.need_image = transform, need_image
+        self.transform = transform
+        self.need_image = need_image
 
     def __call__(self, raw: Dict[str, Any]) -> Dict[str, Any]:
         import json

@@ -162,7 +162,8 @@ class ShardIndex:
     shard indexes the samples before the cut; `error` says what was lost."""
 
     def __init__(self, path: Path):
-        self.path, self.error = path, None
+        self.path = path
+        self.error = None
         self.samples: List[
             Tuple[str, List[Tuple[str, int, int]]]
         ] = []  # (key, [(ext, offset, size)])

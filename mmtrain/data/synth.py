@@ -186,9 +186,8 @@ def keyphrase(rng: random.Random, split: str) -> Dict[str, Any]:
         )
     kps = [shape, color, topic]  # topic present, colour absent, shape present unless hard
     seen_color, seen_shape, answer = color, shape, kps
-    if (
-        rng.random() < WRONG_RATIONALE
-    ):  # a teacher's mistake: its answer misses every gold keyphrase
+    # a teacher's mistake: its answer misses every gold keyphrase
+    if rng.random() < WRONG_RATIONALE:
         seen_color = rng.choice([c for c in COLORS if c != color])
         seen_shape = rng.choice([s for s in TRAIN_SHAPES if s != shape])
         answer = [seen_color, seen_shape]

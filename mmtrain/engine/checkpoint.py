@@ -155,14 +155,20 @@ def complete_tags(root: Path):
 
 
 def save(
-    engine, root: Path, step: int, rank_state: Dict[str, Any], info: Dict[str, Any], keep: int
+    engine,
+    root: Path,
+    step: int,
+    rank: int,
+    rank_state: Dict[str, Any],
+    info: Dict[str, Any],
+    keep: int,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final checkpoint directory."""
-    env_rank = int(os.environ.get("RANK", "0"))
+    """Collective: every rank calls it, with its own `rank_state`. Returns the final checkpoint
+    directory."""
     tag = tag_for(step)
     partial_tag = tag + ".partial"
     partial = root / partial_tag
-    if env_rank == 0:
+    if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if partial.exists():
             shutil.rmtree(partial)
@@ -176,7 +182,7 @@ def save(
         )
     try:
         engine.save_checkpoint(str(root), tag=partial_tag, save_latest=False)
-        _write_atomic(partial / f"mmtrain_rank{env_rank:05d}.json", json.dumps(rank_state))
+        _write_atomic(partial / f"mmtrain_rank{rank:05d}.json", json.dumps(rank_state))
     except (OSError, RuntimeError) as e:  # torch says "iostream error" / "unexpected pos" when full
         free = shutil.disk_usage(root).free
         full = (
@@ -190,7 +196,7 @@ def save(
         ) from e
     dist.barrier()
     final = root / tag
-    if env_rank == 0:
+    if rank == 0:
         # the marker file written last inside the directory: a dir without it is never resumed from
         _write_atomic(partial / "mmtrain.json", json.dumps({"step": step, **info}, indent=2))
         if final.exists():  # re-saving a step after a crash-and-resume
@@ -250,9 +256,8 @@ def find_resume(
         return None
     if resume != "auto":
         p = Path(resume)
-        if (
-            not p.is_dir() and TAG_RE.match(resume) and (root / resume).is_dir()
-        ):  # a tag of this run
+        # a tag of this run
+        if not p.is_dir() and TAG_RE.match(resume) and (root / resume).is_dir():
             p = root / resume
         if p.name in ("best", "latest") and (p.parent / p.name).is_file():  # a pointer: follow it
             p = p.parent / (p.parent / p.name).read_text().strip()

@@ -17,19 +17,19 @@ from typing import Optional, Sequence
 import torch
 
 from mmtrain.engine import dist
+from mmtrain.engine.build import DTYPES, build_model, build_recipe
 from mmtrain.engine.export import find_checkpoint, load_trained
-from mmtrain.engine.trainer import DTYPES, build_recipe, seed_all
 
 
 def load_run(run_dir: str, tag: Optional[str] = None, overrides: Sequence[str] = ()):
-    """(config, recipe, model in eval mode, tag) of a run's checkpoint, on this process's device."""
+    """(config, recipe, model in eval mode, tag, dist env) of a run's checkpoint, on this
+    process's device."""
     run = Path(run_dir)
     cfg, root, tag = find_checkpoint(run, tag, overrides)
     env = dist.init(cfg.dist.backend, cfg.dist.timeout_s)
     dtype = DTYPES[cfg.deepspeed.precision] if env.device.type == "cuda" else torch.float32
     recipe = build_recipe(cfg, env, dtype, run)
-    seed_all(cfg.run.seed)
-    model = recipe.build_model()
+    model = build_model(recipe, cfg.run.seed)
     load_trained(model, root, tag)
     model.to(env.device, dtype).eval()
     return cfg, recipe, model, tag, env
@@ -40,14 +40,12 @@ def run_eval(
 ) -> dict:
     run = Path(run_dir)
     cfg, recipe, model, tag, env = load_run(run_dir, tag, overrides)
-    metrics, rows = recipe.score(model, split)
-    # images: TensorBoard only
-    metrics = {k: v for k, v in metrics.items() if not isinstance(v, torch.Tensor)}
-    result = {"split": split, "checkpoint": tag, **metrics}
+    scored = recipe.score(model, split)  # its images go to TensorBoard during training only
+    result = {"split": split, "checkpoint": tag, **scored.metrics}
     if env.is_main:
         (run / f"eval_{split}_{tag}.json").write_text(json.dumps(result, indent=2))
         with open(run / f"predictions_{split}_{tag}.jsonl", "w") as f:
-            for r in rows:
+            for r in scored.rows:
                 f.write(json.dumps(r) + "\n")
     dist.shutdown()
     return result

@@ -21,6 +21,8 @@ import torch
 
 from mmtrain.config import load_run_config, save_config
 from mmtrain.engine import checkpoint
+from mmtrain.engine.build import build_model, build_recipe
+from mmtrain.engine.dist import DistEnv
 
 
 def consolidated_state_dict(root: Path, tag: str) -> Dict[str, torch.Tensor]:
@@ -76,9 +78,6 @@ def export(
     from peft import PeftModel
     from safetensors.torch import save_file
 
-    from mmtrain.engine.dist import DistEnv
-    from mmtrain.engine.trainer import build_recipe
-
     run_dir, out = Path(run_dir), Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(
@@ -91,7 +90,7 @@ def export(
         torch.float32,
         run_dir,
     )
-    model = recipe.build_model()
+    model = build_model(recipe, cfg.run.seed)
     load_trained(model, root, tag)
 
     staging = out.with_name(out.name + ".partial")

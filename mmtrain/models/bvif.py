@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.reference import gaussian_nll, reparameterize
 from kernels.variational import variational_fusion
 from mmtrain.models.iqformer import IQFormer
 
@@ -64,7 +65,8 @@ class BVIF(nn.Module):
     def __init__(self, iqformer: IQFormer, d_llm: int, variational: bool = True):
         super().__init__()
         w, q = iqformer.config.width, iqformer.config.num_queries
-        self.iqformer, self.variational = iqformer, variational
+        self.iqformer = iqformer
+        self.variational = variational
         self.to_llm = nn.Linear(w, d_llm)
         self.posterior = nn.Linear(w, 2 * w)  # residual mean and log-variance from K
         self.prior = nn.Linear(d_llm, 2 * w)  # mean and log-variance from the LLM's reading
@@ -96,7 +98,7 @@ class BVIF(nn.Module):
         mu_q, lv_q = self.posterior_stats(k)
         eps = noise(mu_q, eps) if sample else torch.zeros_like(mu_q)
         if prior_states is None:
-            return mu_q + torch.exp(0.5 * lv_q) * eps, None, None, None
+            return reparameterize(mu_q, lv_q, eps), None, None, None
         mu_p, lv_p = self.prior_stats(prior_states)
         z, kl = variational_fusion(mu_q, lv_q, mu_p, lv_p, eps=eps)
         return z, kl, mu_p, lv_p
@@ -107,8 +109,7 @@ class BVIF(nn.Module):
         target = k.detach().float()
         if lv_p is None:  # released form: MSE
             return F.mse_loss(mu_p.float(), target)
-        lv = lv_p.float().clamp(-30, 20)
-        return (0.5 * (lv + (target - mu_p.float()) ** 2 * torch.exp(-lv))).sum(-1).mean()
+        return gaussian_nll(target, mu_p, lv_p)
 
 
 def embed_segments(

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.contrastive import ContrastiveLoss
+from mmtrain.models.base import EntryPoints
 from mmtrain.models.iqformer import IQFormer
 
 
@@ -35,7 +36,9 @@ def _block(width: int, heads: int) -> nn.TransformerDecoderLayer:
     return block
 
 
-class Stage1Model(nn.Module):
+class Stage1Model(EntryPoints):
+    entry_points = ("losses", "retrieval_embeddings")
+
     def __init__(
         self,
         iqformer: IQFormer,
@@ -49,15 +52,20 @@ class Stage1Model(nn.Module):
     ):
         super().__init__()
         w = iqformer.config.width
-        self.iqformer, self.patch, self.grid = iqformer, patch, grid
-        self.tim_image, self.tim_text = nn.Linear(w, tim_dim), nn.Linear(w, tim_dim)
+        self.iqformer = iqformer
+        self.patch = patch
+        self.grid = grid
+        self.tim_image = nn.Linear(w, tim_dim)
+        self.tim_text = nn.Linear(w, tim_dim)
         self.tim = ContrastiveLoss(init_scale=init_scale, distributed=None if tim_global else False)
         cfg = iqformer.config
         # the heads read the masked tokens through their own projections
         self.mim_in = nn.Sequential(nn.Linear(cfg.vision_width, w), nn.LayerNorm(w))
         self.mtm_in = nn.Sequential(nn.Linear(cfg.text_width, w), nn.LayerNorm(w))
-        self.mim_block, self.mim_out = _block(w, heads), nn.Conv2d(w, patch * patch * 3, 1)
-        self.mtm_block, self.mtm_out = _block(w, heads), nn.Linear(w, vocab)
+        self.mim_block = _block(w, heads)
+        self.mim_out = nn.Conv2d(w, patch * patch * 3, 1)
+        self.mtm_block = _block(w, heads)
+        self.mtm_out = nn.Linear(w, vocab)
 
     def embed(self, image_states: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor):
         k_img = self.iqformer.read_image(image_states)
@@ -72,7 +80,13 @@ class Stage1Model(nn.Module):
         x = x.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid)
         return F.pixel_shuffle(self.mim_out(x), self.patch)
 
-    def forward(
+    @torch.no_grad()
+    def retrieval_embeddings(self, image_states, text_states, text_mask) -> Dict[str, torch.Tensor]:
+        """The normalised image and text embeddings TIM compares (for retrieval evaluation)."""
+        _, _, v, t = self.embed(image_states, text_states, text_mask)
+        return {"image": v, "text": t}
+
+    def losses(
         self,
         image_states,
         text_states,
@@ -82,11 +96,8 @@ class Stage1Model(nn.Module):
         pixels=None,
         scored=None,
         mtm_labels=None,
-        embed_only: bool = False,
     ) -> Dict[str, torch.Tensor]:
         k_img, k_txt, v, t = self.embed(image_states, text_states, text_mask)
-        if embed_only:
-            return {"image": v, "text": t}
         tim = self.tim(v.to(k_img.dtype), t.to(k_img.dtype))
         recon = self.reconstruct(masked_image_states, k_txt)
         pix_mask = (

@@ -42,9 +42,15 @@ class IQFormerConfig(PretrainedConfig):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.width, self.layers, self.heads, self.intermediate = width, layers, heads, intermediate
-        self.num_queries, self.cross_attention_every = num_queries, cross_attention_every
-        self.vision_width, self.text_width, self.dropout = vision_width, text_width, dropout
+        self.width = width
+        self.layers = layers
+        self.heads = heads
+        self.intermediate = intermediate
+        self.num_queries = num_queries
+        self.cross_attention_every = cross_attention_every
+        self.vision_width = vision_width
+        self.text_width = text_width
+        self.dropout = dropout
 
 
 class IQFormer(PreTrainedModel):

@@ -8,11 +8,9 @@ answer tokens only.
 - `Prompter`: messages -> the chat template's prompt, one sample at a time, with the image
   placeholders expanded by the processor; and the template's end-of-turn text after an answer,
   so the target teaches the model to stop the way the template ends a turn.
-- `MLLM`: the trainable module. `forward(batch)` returns the mean answer-token loss and the loss
-  of each sample; `generate(batch)` the new tokens. A batch without images still runs the vision
-  tower, on a blank image, right after the token embedding (where a batch with images runs it):
-  every rank then touches the same parameters in the same order on every step, which ZeRO-3
-  needs (its parameter gathers are collectives) when one rank's micro-batch is text-only.
+- `MLLM`: the trainable module, with entry points `losses` (the answer-token losses) and
+  `generate` (the new tokens). Under ZeRO-3 a text-only batch must still run the vision tower:
+  `mmtrain.parallelize.keep_vision_in_graph` sees to that.
 """
 
 from __future__ import annotations
@@ -24,7 +22,9 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from mmtrain.config import ConfigError, LoraSection
+from mmtrain.models.base import EntryPoints
+from mmtrain.models.lora import LoraSection, apply_lora, use_adapter
+from mmtrain.schema import ConfigError
 
 SENTINEL = "\u2063ANSWER\u2063"
 
@@ -90,7 +90,9 @@ class Prompter:
     """Chat-templated prompts and answers for one model's processor."""
 
     def __init__(self, processor, system: Optional[str] = None):
-        self.proc, self.tok, self.system = processor, processor.tokenizer, system
+        self.proc = processor
+        self.tok = processor.tokenizer
+        self.system = system
         head, tail = self.render("x", SENTINEL).split(SENTINEL)
         prompt = self.render("x")
         if not head.startswith(prompt):
@@ -157,9 +159,8 @@ def collate_sequences(
         for k, v in p.items():
             if k in ("input_ids", "attention_mask"):
                 continue
-            if (
-                v.dim() == 2 and v.shape == p["input_ids"].shape
-            ):  # token-aligned (mm_token_type_ids)
+            # token-aligned (mm_token_type_ids)
+            if v.dim() == 2 and v.shape == p["input_ids"].shape:
                 row[k] = torch.cat([v[0], torch.zeros(len(ans), dtype=v.dtype)])
             else:
                 extras.setdefault(k, []).append(v)
@@ -179,74 +180,42 @@ def collate_sequences(
     return out
 
 
-def _tensor_sum(x) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x.float().sum()
-    if isinstance(x, dict) or hasattr(x, "values"):
-        x = list(x.values())
-    if isinstance(x, (list, tuple)):
-        parts = [_tensor_sum(v) for v in x if v is not None]
-        return sum(parts) if parts else torch.zeros(())
-    return torch.zeros(())
+class MLLM(EntryPoints):
+    """The image-text-to-text model (or its peft wrapper) as one trainable module; entry points
+    `losses` (answer-token losses) and `generate` (new tokens), each through one named LoRA
+    adapter when given."""
 
+    entry_points = ("losses", "generate")
 
-class MLLM(nn.Module):
-    """The image-text-to-text model (or its peft wrapper) as one trainable module."""
-
-    def __init__(self, model: nn.Module, blank_image_inputs: Dict[str, torch.Tensor]):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self._blank = blank_image_inputs
-        self._pending = False
-        self._blank_out: Optional[torch.Tensor] = None
-        self.model.get_input_embeddings().register_forward_hook(self._after_embedding)
         # counted here, before any sharding empties the parameters
         self._n_params = sum(p.numel() for p in model.parameters())
         self._n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
-    def _base(self):
+    def base_model(self) -> nn.Module:
+        """The transformers model under any peft wrapper."""
         m = self.model
         return m.get_base_model() if hasattr(m, "get_base_model") else m
-
-    def _after_embedding(self, module, args, output):
-        if not self._pending:
-            return
-        self._pending = False
-        vision_dtype = next(p.dtype for n, p in self._base().named_parameters() if "vis" in n)
-        blank = {
-            k: (v.to(output.device, vision_dtype) if v.is_floating_point() else v.to(output.device))
-            for k, v in self._blank.items()
-        }
-        self._blank_out = _tensor_sum(self._base().get_image_features(**blank))
 
     def _inputs(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         dev = self.model.get_input_embeddings().weight.device
         dtype = next(p.dtype for p in self.parameters() if p.is_floating_point())
-        out = {
+        return {
             k: (v.to(dev, dtype) if v.is_floating_point() else v.to(dev))
             for k, v in batch.items()
             if isinstance(v, torch.Tensor) and k != "labels"
         }
-        self._pending = "pixel_values" not in out
-        self._blank_out = None
-        return out
 
-    def forward(
-        self,
-        batch: Dict[str, torch.Tensor],
-        generate: Optional[Dict[str, Any]] = None,
-        adapter: Optional[str] = None,
-    ):
-        """Answer-token losses (through one named LoRA adapter, if given); with `generate`
-        (generation kwargs), the new tokens instead."""
+    def losses(
+        self, batch: Dict[str, torch.Tensor], adapter: Optional[str] = None
+    ) -> Dict[str, torch.Tensor]:
+        """The answer tokens' summed loss ("loss_sum") over their count ("tokens"), their mean,
+        each sample's mean ("per_sample") and summed ("nll_sum") loss, and the step's FLOPs."""
         with use_adapter(self.model, adapter):
-            if generate is not None:
-                return self.generate(batch, **generate)
-            return self._losses(batch)
-
-    def _losses(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        inputs = self._inputs(batch)
-        logits = self.model(**inputs).logits
+            inputs = self._inputs(batch)
+            logits = self.model(**inputs).logits
         labels = batch["labels"].to(logits.device)[:, 1:]
         pick = labels != -100
         ce = torch.nn.functional.cross_entropy(
@@ -256,15 +225,12 @@ class MLLM(nn.Module):
             pick, ce
         )
         counts = pick.sum(1).clamp(min=1)
-        per_sample = per_token.sum(1) / counts
         loss_sum = ce.sum()
-        if self._blank_out is not None:  # keeps the vision tower in the graph on text-only batches
-            loss_sum = loss_sum + 0.0 * self._blank_out
         tokens = int(pick.sum())
         return {
             "loss": loss_sum / max(1, tokens),
             "loss_sum": loss_sum,
-            "per_sample": per_sample.detach(),
+            "per_sample": (per_token.sum(1) / counts).detach(),
             "nll_sum": per_token.sum(1).detach(),
             "tokens": tokens,
             "flops": self.train_flops(int(inputs["attention_mask"].sum())),
@@ -277,9 +243,12 @@ class MLLM(nn.Module):
         return float(tokens) * (4 * self._n_params + 2 * self._n_trained)
 
     @torch.no_grad()
-    def generate(self, batch: Dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
-        inputs = self._inputs(batch)
-        out = self.model.generate(**inputs, **kwargs)
+    def generate(
+        self, batch: Dict[str, torch.Tensor], adapter: Optional[str] = None, **kwargs
+    ) -> torch.Tensor:
+        with use_adapter(self.model, adapter):
+            inputs = self._inputs(batch)
+            out = self.model.generate(**inputs, **kwargs)
         return out[:, inputs["input_ids"].shape[1] :]
 
 
@@ -291,17 +260,6 @@ def blank_image_inputs(processor) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
 
 
-def lora_config(lora: LoraSection):
-    from peft import LoraConfig
-
-    targets: Any = list(lora.target_modules)
-    if lora.language_only:  # a regex peft matches against the full module name
-        targets = rf"^(?!.*(visual|vision))(.*\.)?({'|'.join(targets)})$"
-    return LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets
-    )
-
-
 def load_model(
     path: str,
     lora: LoraSection,
@@ -309,63 +267,10 @@ def load_model(
     init_from: Optional[str] = None,
 ) -> nn.Module:
     """The image-text-to-text model: fully trainable (`lora.enabled` false), or frozen with one
-    trainable LoRA adapter per name in `adapters` (KDSL's decoupled post-training gives each task its
-    own, so no weight update is shared across tasks). `init_from`: saved adapters to start from."""
-    from peft import PeftModel, get_peft_model
+    trainable LoRA adapter per name in `adapters` (`apply_lora`). `init_from`: saved adapters."""
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(path)
     if not lora.enabled:
         return model.requires_grad_(True)
-    model.requires_grad_(False)
-    if init_from:
-
-        def where(
-            name: str,
-        ) -> str:  # peft saves a non-default adapter in a sub-directory of its name
-            sub = Path(init_from) / name
-            if (sub / "adapter_config.json").is_file():
-                return str(sub)
-            if (Path(init_from) / "adapter_config.json").is_file():
-                return init_from
-            raise FileNotFoundError(
-                f"recipe.init_from={init_from}: no adapter for '{name}' (adapter_config.json)"
-            )
-
-        model = PeftModel.from_pretrained(
-            model, where(adapters[0]), adapter_name=adapters[0], is_trainable=True
-        )
-        for name in adapters[1:]:
-            model.load_adapter(where(name), adapter_name=name, is_trainable=True)
-    else:
-        model = get_peft_model(model, lora_config(lora), adapter_name=adapters[0])
-        for name in adapters[1:]:
-            model.add_adapter(name, lora_config(lora))
-    for n, p in model.named_parameters():  # peft leaves only the active adapter trainable
-        if "lora_" in n:
-            p.requires_grad_(True)
-    return model
-
-
-class use_adapter:
-    """Route a peft model through one adapter without touching `requires_grad` (peft's
-    `set_adapter` flips it, which an optimizer or DeepSpeed set up earlier would not follow)."""
-
-    def __init__(self, model: nn.Module, name: Optional[str]):
-        self.model, self.name, self.saved = model, name, []
-
-    def __enter__(self):
-        if self.name is None:
-            return self
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for m in self.model.modules():
-            if isinstance(m, BaseTunerLayer):
-                self.saved.append((m, m._active_adapter))
-                m._active_adapter = [self.name]
-        return self
-
-    def __exit__(self, *exc):
-        for m, active in self.saved:
-            m._active_adapter = active
-        self.saved = []
+    return apply_lora(model, lora, adapters, init_from)

@@ -204,9 +204,11 @@ class _Node:
     __slots__ = ("conds", "children", "visits", "value", "untried")
 
     def __init__(self, conds: FrozenSet[str], untried: List[str]):
-        self.conds, self.untried = conds, untried
+        self.conds = conds
+        self.untried = untried
         self.children: Dict[str, _Node] = {}
-        self.visits, self.value = 0, 0.0
+        self.visits = 0
+        self.value = 0.0
 
 
 def mine_rules(
@@ -248,13 +250,7 @@ def mine_rules(
     for _ in range(iterations):
         node, path = root, [root]
         while not node.untried and node.children and len(node.conds) < max_conditions:  # select
-            node = max(
-                node.children.values(),
-                key=lambda ch: (
-                    ch.value / (ch.visits or 1)
-                    + exploration * math.sqrt(math.log(node.visits + 1) / (ch.visits or 1))
-                ),
-            )
+            node = _uct_child(node, exploration)
             path.append(node)
         if node.untried and len(node.conds) < max_conditions:  # expand
             c = node.untried.pop(rng.randrange(len(node.untried)))
@@ -273,10 +269,27 @@ def mine_rules(
         for p in path:  # back up
             p.visits += 1
             p.value += r
-    candidates = []
-    for conds, (label, prec, sup) in cache.items():
-        if conds and sup >= min_support and prec >= min_precision:
-            candidates.append(Rule(task, tuple(sorted(conds)), label, prec, sup))
+    return _best_rules(task, cache, min_support, min_precision, max_rules)
+
+
+def _uct_child(node: _Node, exploration: float) -> _Node:
+    """The child with the best upper confidence bound (UCT)."""
+
+    def bound(ch: _Node) -> float:
+        visits = ch.visits or 1
+        return ch.value / visits + exploration * math.sqrt(math.log(node.visits + 1) / visits)
+
+    return max(node.children.values(), key=bound)
+
+
+def _best_rules(task: str, scored, min_support: int, min_precision: float, max_rules: int):
+    """The scored conjunctions that clear both thresholds, best first, without a rule whose
+    conditions include those of a kept rule with the same label."""
+    candidates = [
+        Rule(task, tuple(sorted(conds)), label, prec, sup)
+        for conds, (label, prec, sup) in scored.items()
+        if conds and sup >= min_support and prec >= min_precision
+    ]
     candidates.sort(key=lambda r: (-r.precision, -r.support, len(r.conditions), r.conditions))
     kept: List[Rule] = []
     for r in candidates:

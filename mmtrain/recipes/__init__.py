@@ -2,13 +2,17 @@
 
 A recipe outside mmtrain is named by its import path, `recipe.name=my_pkg.my_recipe:MyRecipe`.
 Recipes are imported lazily so that `mmtrain config` on one recipe never imports another's
-dependencies.
+dependencies. A recipe with tools of its own adds them to the command line through `COMMANDS`:
+`module:function`, called with the CLI's sub-parsers (the function's module is imported only
+then, and heavy imports inside the commands wait until one runs).
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+
+from mmtrain.schema import ConfigError
 
 RECIPES = {
     "toy_lm": "mmtrain.recipes.toy_lm:ToyLM",
@@ -18,10 +22,19 @@ RECIPES = {
     "kdsl": "mmtrain.recipes.kdsl:KDSL",
 }
 
+COMMANDS = {
+    "kdsl": "mmtrain.recipes.kdsl_tools:add_commands",
+}
+
+
+def load(target: str):
+    """The object a `module:attribute` string names."""
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
 
 def recipe_class(name: str):
     """A registered name, or `package.module:Class` for a recipe that lives outside mmtrain."""
-    from mmtrain.config import ConfigError
 
     if ":" in name:
         module, _, attr = name.partition(":")
@@ -42,5 +55,4 @@ def recipe_class(name: str):
         raise ConfigError(
             f"unknown recipe 'recipe.name={name}'{hint} (known: {', '.join(sorted(RECIPES))})"
         )
-    module, _, attr = RECIPES[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
+    return load(RECIPES[name])

@@ -1,21 +1,31 @@
 """The contract between a training method (a recipe) and the engine.
 
-A recipe builds its model (frozen parts marked with `requires_grad=False`), its data, and turns
-one batch into named losses. It never touches DeepSpeed, the process group, logging or
-checkpoints; the engine never knows which method it trains.
+A recipe builds its model (frozen parts marked with `requires_grad=False`) and its data stream,
+and turns one micro-batch into named losses. It never touches DeepSpeed, the process group,
+logging or checkpoints; the engine never knows which method it trains.
+
+The engine calls, in this order:
+    recipe = Recipe(cfg, ctx); recipe.setup()            # tokenizers, frozen towers, label sets
+    model = recipe.build_model(); data = recipe.build_data()
+    per micro-batch:    recipe.step(model, next(data)) -> StepOutput
+    per optimizer step: recipe.on_step_end()
+    when data.epoch moves on (before that micro-batch's step): recipe.on_epoch_end(finished, new)
+    on schedule:        recipe.evaluate(model) -> EvalResult
+    checkpoints:        recipe.state_dict() / load_state_dict() / reshard_state()
+The hooks are collective: every rank calls them at the same point, so they may all-reduce.
+`mmtrain eval` calls `recipe.score(model, split)` on a plain (unsharded) model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Protocol, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol, Union, runtime_checkable
 
 import torch
 from torch import nn
 
-from mmtrain.config import RecipeConfig
-from mmtrain.data.reader import DataSection, ShardLoader, build_loader
+from mmtrain.schema import RecipeConfig
 
 
 @dataclass
@@ -29,12 +39,14 @@ class RunContext:
     micro_batch_size: int
     seed: int
     run_dir: Path
-    grad_accum: int = 1  # micro-batches per optimizer step: the global batch is
-    # micro_batch_size x grad_accum x world_size
+    # micro-batches per optimizer step: the global batch is micro_batch_size x grad_accum x world
+    grad_accum: int = 1
     # Collectives without exposing the process group (see engine.dist); identity in a world of one.
-    all_reduce_sum: Any = lambda t: t
-    all_gather: Any = lambda t: t  # concatenates equal-shaped tensors of all ranks along dim 0
-    gather_objects: Any = lambda o: [o]  # every rank's picklable object, in rank order
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    # concatenates equal-shaped tensors of all ranks along dim 0
+    all_gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    # every rank's picklable object, in rank order
+    gather_objects: Callable[[Any], List[Any]] = lambda o: [o]
 
 
 @dataclass
@@ -54,20 +66,42 @@ class StepOutput:
     # named scalar losses (weighted by the engine)
     losses: Dict[str, Union[torch.Tensor, GlobalMean]]
     stats: Dict[str, float] = field(default_factory=dict)  # extra scalars to log as they are
-    # CHW images to log (rank 0, log steps)
+    # CHW images in [0, 1] to log (rank 0, log steps)
     images: Dict[str, torch.Tensor] = field(default_factory=dict)
     samples: int = 0  # samples in this micro-batch on this rank
     tokens: int = 0  # tokens processed (for tokens/s)
-    flops: Optional[float] = None  # training FLOPs of this micro-batch, when they vary
-    # per batch (else `Recipe.flops_per_sample`), for MFU
+    # training FLOPs of this micro-batch when they vary per batch (else
+    # `Recipe.flops_per_sample`), for MFU
+    flops: Optional[float] = None
 
 
-class ResumableIterator(Protocol):
-    """A data stream whose position is part of the checkpoint."""
+@dataclass
+class EvalResult:
+    """What an evaluation gives: scalar metrics (reduced over ranks; logged, written to
+    eval.jsonl, used for model selection), CHW images in [0, 1] for TensorBoard (e.g. confusion
+    matrices), and per-sample rows (`mmtrain eval` writes them to predictions_*.jsonl)."""
+
+    metrics: Dict[str, Any] = field(default_factory=dict)
+    images: Dict[str, torch.Tensor] = field(default_factory=dict)
+    rows: List[Dict[str, Any]] = field(default_factory=list)
+
+
+@runtime_checkable
+class DataStream(Protocol):
+    """The training data a recipe's `build_data` returns: endless micro-batches whose position is
+    part of each rank's checkpoint (`mmtrain.data.reader.ShardLoader` is the shard one)."""
+
+    epoch: int  # passes over the data completed before the current batch
 
     def __iter__(self) -> Iterator[Any]: ...
+
     def __next__(self) -> Any: ...
+
+    def stats(self) -> Dict[str, float]:
+        """Cumulative counts to log, summed over ranks by the engine (e.g. skipped samples)."""
+
     def state_dict(self) -> Dict[str, Any]: ...
+
     def load_state_dict(self, state: Dict[str, Any]) -> None: ...
 
     def reshard_state(self, states: List[Dict[str, Any]], rank: int, world: int) -> Dict[str, Any]:
@@ -76,7 +110,8 @@ class ResumableIterator(Protocol):
 
 
 class Recipe:
-    """Subclass, set `Config`, and implement `build_model`, `build_data` and `step`."""
+    """Subclass, set `Config`, and implement `build_model`, `build_data` and `step`; a recipe over
+    shards starts from `mmtrain.recipes.common.ShardRecipe`."""
 
     Config = RecipeConfig
 
@@ -84,55 +119,54 @@ class Recipe:
         self.cfg = cfg
         self.ctx = ctx
 
+    # -- building --------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load what both the model and the data need (tokenizers, frozen towers, label sets)."""
+
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
-    def build_data(self) -> ResumableIterator:
+    def build_data(self) -> DataStream:
         raise NotImplementedError
 
-    def loader(self, section: DataSection, spec: str, decode, collate) -> ShardLoader:
-        """This rank's resumable loader over the shards `spec`, sized and dealt for this run."""
-        c = self.ctx
-        return build_loader(
-            section,
-            spec,
-            c.micro_batch_size,
-            decode,
-            collate,
-            c.rank,
-            c.world_size,
-            c.seed,
-            c.grad_accum,
-        )
-
+    # -- training --------------------------------------------------------------------------
     def step(self, model: nn.Module, batch: Any) -> StepOutput:
         """One micro-batch forward. `model` is callable like the module `build_model` returned."""
         raise NotImplementedError
 
-    def evaluate(self, model: nn.Module, split: str = "val") -> Dict[str, float]:
-        """Metrics on held-out data (`val` during training), already reduced across ranks. Optional."""
-        return {}
+    def on_step_end(self) -> None:
+        """After each optimizer step (collective: every rank calls it)."""
 
-    def score(self, model: nn.Module, split: str):
-        """Everything `mmtrain eval` reports: (metrics, per-sample prediction rows), e.g. generation.
-        Default: the metrics of `evaluate`, no rows."""
-        return self.evaluate(model, split), []
+    def on_epoch_end(self, finished: int, new: int) -> None:
+        """The data stream moved from epoch `finished` to `new` (collective), before the step of
+        the new epoch's first micro-batch."""
+
+    def loss_weight(self, name: str) -> float:
+        return float(self.cfg.loss_weights.get(name, 1.0))
 
     def flops_per_sample(self) -> Optional[float]:
         """Training FLOPs per sample (forward + backward + frozen forwards), for MFU. Optional."""
         return None
+
+    # -- evaluation ------------------------------------------------------------------------
+    def evaluate(self, model: nn.Module, split: str = "val") -> EvalResult:
+        """Held-out metrics during training (`val`), already reduced across ranks. Optional."""
+        return EvalResult()
+
+    def score(self, model: nn.Module, split: str) -> EvalResult:
+        """Everything `mmtrain eval` reports, with per-sample rows (e.g. generations). Default:
+        what `evaluate` gives."""
+        return self.evaluate(model, split)
 
     def export_modules(self, model: nn.Module) -> Dict[str, nn.Module]:
         """Sub-modules `mmtrain export` writes in HF/peft layout; default: HF/peft children."""
         from peft import PeftModel
         from transformers import PreTrainedModel
 
-        return {
-            name: m
-            for name, m in model.named_children()
-            if isinstance(m, (PreTrainedModel, PeftModel))
-        }
+        kinds = (PreTrainedModel, PeftModel)
+        return {name: m for name, m in model.named_children() if isinstance(m, kinds)}
 
+    # -- state beyond the weights ----------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """What the recipe itself learns while training beyond the weights (e.g. per-sample loss
         tables), saved with each rank's checkpoint state. Optional."""
@@ -150,6 +184,3 @@ class Recipe:
                 f"it onto {world} ranks: resume on {len(states)} ranks"
             )
         return states[0]
-
-    def loss_weight(self, name: str) -> float:
-        return float(self.cfg.loss_weights.get(name, 1.0))

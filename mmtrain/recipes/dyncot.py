@@ -18,6 +18,7 @@ tokens it generates, and the split's keyphrase overlap with the training split.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -27,20 +28,16 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from mmtrain.config import ConfigError, RecipeConfig, choices, path_field
-from mmtrain.data.reader import DataSection, pil_decode, split_spec
+from mmtrain.data.reader import DataSection, pil_decode
 from mmtrain.data.shards import iter_metas
 from mmtrain.metrics.keyphrase import KeyphraseF1, dedupe, normalize, overlap, parse_generation
-from mmtrain.models.mllm import (
-    MLLM,
-    LoraSection,
-    Prompter,
-    blank_image_inputs,
-    collate_sequences,
-    load_model,
-    load_processor,
-)
-from mmtrain.recipes.base import GlobalMean, Recipe, StepOutput
+from mmtrain.models.generation import GenerationSection, pad_id
+from mmtrain.models.lora import LoraSection
+from mmtrain.models.mllm import MLLM, Prompter, collate_sequences, load_model, load_processor
+from mmtrain.parallelize import keep_vision_in_graph
+from mmtrain.recipes.base import EvalResult, GlobalMean, StepOutput
+from mmtrain.recipes.common import ShardRecipe, gather_rows
+from mmtrain.schema import ConfigError, RecipeConfig, choices, path_field
 
 log = logging.getLogger("mmtrain")
 
@@ -54,12 +51,6 @@ class DynamicSection:
     # epoch's losses mostly tell when a sample came, not how hard it is)
     detrend: bool = True  # track each loss minus the running mean training loss when it was
     # seen, so that samples met early in an epoch do not look harder
-
-
-@dataclass
-class GenerationSection:
-    max_new_tokens: int = 64
-    num_beams: int = 1
 
 
 @dataclass
@@ -178,9 +169,12 @@ class HardSampleTracker:
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.epoch, self.pending = state["epoch"], {k: list(v) for k, v in state["pending"].items()}
-        self.latest, self.streak = dict(state["latest"]), dict(state["streak"])
-        self.switched, self.history = set(state["switched"]), list(state["history"])
+        self.epoch = state["epoch"]
+        self.pending = {k: list(v) for k, v in state["pending"].items()}
+        self.latest = dict(state["latest"])
+        self.streak = dict(state["streak"])
+        self.switched = set(state["switched"])
+        self.history = list(state["history"])
         self.running = state.get("running")
 
 
@@ -188,7 +182,8 @@ class Collate:
     """Runs in the data workers: the chat-templated prompt (with image) and both possible targets."""
 
     def __init__(self, cfg: DynCoTConfig, prompter: Prompter):
-        self.cfg, self.prompter = cfg, prompter
+        self.cfg = cfg
+        self.prompter = prompter
 
     def targets(self, meta: Dict[str, Any]):
         c = self.cfg
@@ -225,43 +220,34 @@ class Collate:
         return out
 
 
-class DynCoT(Recipe):
+class DynCoT(ShardRecipe):
     Config = DynCoTConfig
 
     def __init__(self, cfg: DynCoTConfig, ctx):
         super().__init__(cfg, ctx)
         self.tracker = HardSampleTracker(cfg.dynamic)
         self._step_losses: List[Any] = []  # (key, loss) of this optimizer step's micro-batches
-        self._micro = 0
 
-    def _setup(self):
-        if not hasattr(self, "processor"):
-            self.processor = load_processor(self.cfg.model_path)
-            self.prompter = Prompter(self.processor, self.cfg.system)
-            self.pad_id = self.processor.tokenizer.pad_token_id
-            if self.pad_id is None:
-                self.pad_id = self.processor.tokenizer.eos_token_id
+    def setup(self) -> None:
+        self.processor = load_processor(self.cfg.model_path)
+        self.prompter = Prompter(self.processor, self.cfg.system)
+        self.pad_id = pad_id(self.processor.tokenizer)
 
     def build_model(self):
-        self._setup()
-        model = load_model(self.cfg.model_path, self.cfg.lora)
-        return MLLM(model, blank_image_inputs(self.processor))
+        model = MLLM(load_model(self.cfg.model_path, self.cfg.lora))
+        return keep_vision_in_graph(model, self.processor)
 
-    def _loader(self, spec: str, section: DataSection):
-        self._setup()
-        return self.loader(section, spec, pil_decode, Collate(self.cfg, self.prompter))
+    def pipeline(self):
+        return pil_decode, Collate(self.cfg, self.prompter)
 
     def build_data(self):
         if self.cfg.strategy != "zero_shot":
-            self.data_stats = self._scan_train()
-            log.info("keyphrase training data: %s", json.dumps(self.data_stats))
-        self.train_data = self._loader(self.cfg.data.train, self.cfg.data)
-        return self.train_data
+            log.info("keyphrase training data: %s", json.dumps(self.train_scan))
+        return super().build_data()
 
-    def _scan_train(self) -> Dict[str, Any]:
+    @functools.cached_property
+    def train_scan(self) -> Dict[str, Any]:
         """Training keyphrases (for seen/unseen and overlap) and the rationale counts, read once."""
-        if hasattr(self, "_train_scan"):
-            return self._train_scan
         kps, counts = [], {"samples": 0, "rationales": 0, "rationales_dropped": 0}
         for _, _, meta in iter_metas(self.cfg.data.train):
             if not meta:
@@ -273,16 +259,14 @@ class DynCoT(Recipe):
                 counts["rationales_dropped"] += not rationale_is_valid(
                     meta["rationale"], meta["keyphrases"]
                 )
-        self._train_scan = {**counts, "keyphrases": kps}
-        return self._train_scan
+        return {**counts, "keyphrases": kps}
 
     # -- training ------------------------------------------------------------------------------
     def _use_cot(self, key: str, cot: Optional[List[int]]) -> bool:
         if cot is None:
             return False
-        return self.cfg.strategy == "cot" or (
-            self.cfg.strategy == "dynamic" and key in self.tracker.switched
-        )
+        strategy = self.cfg.strategy
+        return strategy == "cot" or (strategy == "dynamic" and key in self.tracker.switched)
 
     def step(self, model, batch) -> StepOutput:
         c = self.cfg
@@ -291,45 +275,47 @@ class DynCoT(Recipe):
                 "recipe.strategy=zero_shot trains nothing: run it with train.steps=0 and score it "
                 "with `mmtrain eval`"
             )
-        epoch = getattr(getattr(self, "train_data", None), "epoch", 0)
-        if c.strategy == "dynamic" and epoch != self.tracker.epoch:
-            entry = self.tracker.end_epoch(self.ctx.gather_objects(self.tracker.pending), epoch)
-            log.info("dynamic CoT after epoch %d: %s", entry["epoch"], json.dumps(entry))
-            if self.ctx.rank == 0 and self.ctx.run_dir:
-                with open(Path(self.ctx.run_dir) / "dynamic_cot.jsonl", "a") as f:
-                    f.write(json.dumps(entry) + "\n")
         use = [self._use_cot(k, cot) for k, cot in zip(batch["key"], batch["cot"])]
         answers = [cot if u else d for u, cot, d in zip(use, batch["cot"], batch["direct"])]
-        out = model(collate_sequences(batch["prompt"], answers, self.pad_id))
+        out = model("losses", collate_sequences(batch["prompt"], answers, self.pad_id))
         if c.strategy == "dynamic":
             direct = [i for i, u in enumerate(use) if not u]
             self._step_losses += [(batch["key"][i], float(out["per_sample"][i])) for i in direct]
-            self._micro = (self._micro + 1) % self.ctx.grad_accum
-            if self._micro == 0:  # the optimizer step is complete on every rank
-                self._record_step()
+        n = len(use)
         stats = {
-            "cot_frac": sum(use) / len(use),
-            "rationale_dropped_frac": sum(s == "dropped" for s in batch["rationale"]) / len(use),
+            "cot_frac": sum(use) / n,
+            "rationale_dropped_frac": sum(s == "dropped" for s in batch["rationale"]) / n,
         }
         if c.strategy == "dynamic":
             stats["switched_frac"] = len(self.tracker.switched) / max(1, len(self.tracker.latest))
         return StepOutput(
             losses={"sft": GlobalMean(out["loss_sum"], out["tokens"])},
             stats=stats,
-            samples=len(use),
+            samples=n,
             tokens=out["tokens"],
             flops=out["flops"],
         )
 
-    def _record_step(self) -> None:
+    def on_step_end(self) -> None:
         """The step's per-sample losses into the tracker, detrended by a running mean of the global
         batch's loss (one all-reduce): the same at any world size."""
+        if self.cfg.strategy != "dynamic":
+            return
         keys, losses = [k for k, _ in self._step_losses], [v for _, v in self._step_losses]
-        total, n = self.ctx.all_reduce_sum(
-            torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
-        ).tolist()
+        both = torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
+        total, n = self.ctx.all_reduce_sum(both).tolist()
         self.tracker.record(keys, losses, total / n if n else None)
         self._step_losses = []
+
+    def on_epoch_end(self, finished: int, new: int) -> None:
+        """Every rank's losses of the epoch merged; the samples that stayed hard switch to CoT."""
+        if self.cfg.strategy != "dynamic":
+            return
+        entry = self.tracker.end_epoch(self.ctx.gather_objects(self.tracker.pending), new)
+        log.info("dynamic CoT after epoch %d: %s", entry["epoch"], json.dumps(entry))
+        if self.ctx.rank == 0 and self.ctx.run_dir:
+            with open(Path(self.ctx.run_dir) / "dynamic_cot.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
 
     def state_dict(self) -> Dict[str, Any]:
         return {"tracker": self.tracker.state_dict()} if self.cfg.strategy == "dynamic" else {}
@@ -357,19 +343,35 @@ class DynCoT(Recipe):
             self.tracker.load_state_dict(state["tracker"])
 
     # -- evaluation ------------------------------------------------------------------------------
-    def evaluate(self, model, split: str = "val") -> Dict[str, float]:
-        return self.score(model, split)[0] if self.cfg.data.val else {}
+    def evaluate(self, model, split: str = "val") -> EvalResult:
+        return self.score(model, split) if self.cfg.data.val else EvalResult()
 
     @torch.no_grad()
-    def score(self, model, split: str):
+    def score(self, model, split: str) -> EvalResult:
         """Generate for every post of the split (each rank its part), parse, gather, score."""
-        c = self.cfg
-        section = DataSection(**{**vars(c.data), "mode": "eval", "shuffle_buffer": 1})
-        loader = self._loader(split_spec(self.cfg.data.val, split), section)
+        rows = gather_rows(self.ctx, self._generate(model, split))
+        train_kps = self.train_scan["keyphrases"]
+        metric = KeyphraseF1(train_keyphrases=train_kps)
+        metric.update(
+            [r["prediction"] for r in rows], [r["gold"] for r in rows], [r["text"] for r in rows]
+        )
+        metrics = {k: float(v) for k, v in metric.compute().items()}
+        n = max(1, len(rows))
+        metrics.update(
+            {
+                "n": len(rows),
+                "think_rate": sum(r["rationale"] is not None for r in rows) / n,
+                "mean_gen_tokens": sum(r["gen_tokens"] for r in rows) / n,
+                "kp_overlap_with_train": overlap(train_kps, [k for r in rows for k in r["gold"]]),
+            }
+        )
+        return EvalResult(metrics, rows=rows)
+
+    def _generate(self, model, split: str) -> List[Dict[str, Any]]:
+        """This rank's rows: each post's generation, its rationale and keyphrases parsed."""
+        loader = self.eval_loader(split)
         gen = {
-            "max_new_tokens": c.generation.max_new_tokens,
-            "num_beams": c.generation.num_beams,
-            "do_sample": False,
+            **self.cfg.generation.kwargs(),
             "pad_token_id": self.pad_id,
             "synced_gpus": self.ctx.world_size > 1,
         }
@@ -377,16 +379,13 @@ class DynCoT(Recipe):
         rows = []
         for _ in range(loader.steps_per_epoch):
             batch = next(loader)
-            new = model(
-                collate_sequences(batch["prompt"], None, self.pad_id, left_pad=True), generate=gen
-            )
-            for key, text, gold, ids in zip(
-                batch["key"], batch["text"], batch["keyphrases"], new.tolist()
-            ):
+            prompts = collate_sequences(batch["prompt"], None, self.pad_id, left_pad=True)
+            new = model("generate", prompts, **gen).tolist()
+            for key, text, gold, ids in zip(batch["key"], batch["text"], batch["keyphrases"], new):
                 stop = [i for i, t in enumerate(ids) if t in (tok.eos_token_id, self.pad_id)]
                 ids = ids[: stop[0]] if stop else ids
                 prediction = tok.decode(ids, skip_special_tokens=True)
-                rationale, kps = parse_generation(prediction, c.separator.strip())
+                rationale, kps = parse_generation(prediction, self.cfg.separator.strip())
                 rows.append(
                     {
                         "key": key,
@@ -398,25 +397,7 @@ class DynCoT(Recipe):
                         "gen_tokens": len(ids),
                     }
                 )
-        rows = sorted(
-            {r["key"]: r for part in self.ctx.gather_objects(rows) for r in part}.values(),
-            key=lambda r: r["key"],
-        )
-        train_kps = self._scan_train()["keyphrases"]
-        metric = KeyphraseF1(train_keyphrases=train_kps)
-        metric.update(
-            [r["prediction"] for r in rows], [r["gold"] for r in rows], [r["text"] for r in rows]
-        )
-        metrics = {k: float(v) for k, v in metric.compute().items()}
-        metrics.update(
-            {
-                "n": len(rows),
-                "think_rate": sum(r["rationale"] is not None for r in rows) / max(1, len(rows)),
-                "mean_gen_tokens": sum(r["gen_tokens"] for r in rows) / max(1, len(rows)),
-                "kp_overlap_with_train": overlap(train_kps, [k for r in rows for k in r["gold"]]),
-            }
-        )
-        return metrics, rows
+        return rows
 
     def export_modules(self, model):
         return {"model": model.model}

@@ -15,8 +15,9 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from mmtrain.config import LoraSection, RecipeConfig, path_field
-from mmtrain.recipes.base import Recipe, StepOutput
+from mmtrain.models.lora import LoraSection, apply_lora
+from mmtrain.recipes.base import EvalResult, Recipe, StepOutput
+from mmtrain.schema import RecipeConfig, path_field
 
 
 @dataclass
@@ -60,6 +61,7 @@ class TokenStream:
         )
         self.base_seed = seed * 1_000_003 + (0 if split == "train" else 7_777_777_777)
         self.position = 0  # batches this rank has taken
+        self.epoch = 0  # an endless stream: one epoch
 
     def sample(self, index: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.base_seed + index)
@@ -74,6 +76,9 @@ class TokenStream:
         first = (self.position * self.world + self.rank) * self.batch
         self.position += 1
         return {"input_ids": torch.stack([self.sample(first + i) for i in range(self.batch)])}
+
+    def stats(self):
+        return {}
 
     def state_dict(self):
         return {"position": self.position, "grad_accum": self.grad_accum}
@@ -123,18 +128,7 @@ class ToyLM(Recipe):
         lm = build_causal_lm(cfg)
         if cfg.freeze_embeddings:
             lm.get_input_embeddings().requires_grad_(False)
-        if cfg.lora.enabled:
-            from peft import LoraConfig, get_peft_model
-
-            lm = get_peft_model(
-                lm,
-                LoraConfig(
-                    r=cfg.lora.r,
-                    lora_alpha=cfg.lora.alpha,
-                    lora_dropout=cfg.lora.dropout,
-                    target_modules=list(cfg.lora.target_modules),
-                ),
-            )
+        lm = apply_lora(lm, cfg.lora)
         self._num_params = sum(p.numel() for p in lm.parameters())
         self._calls = 0
         return ToyLMModel(lm)
@@ -155,7 +149,7 @@ class ToyLM(Recipe):
         return StepOutput(losses={"lm": loss}, samples=ids.shape[0], tokens=ids.numel())
 
     @torch.no_grad()
-    def evaluate(self, model, split: str = "val") -> Dict[str, float]:
+    def evaluate(self, model, split: str = "val") -> EvalResult:
         c = self.ctx
         stream = TokenStream(
             self.cfg, c.seed, c.rank, c.world_size, c.micro_batch_size, split="val"
@@ -170,10 +164,8 @@ class ToyLM(Recipe):
                 [out["lm"].item() * n, (pred == ids[:, 1:]).sum().item(), n], dtype=torch.float64
             )
         totals = c.all_reduce_sum(totals)
-        return {
-            "loss": totals[0].item() / totals[2].item(),
-            "accuracy": totals[1].item() / totals[2].item(),
-        }
+        loss, correct, n = totals.tolist()
+        return EvalResult({"loss": loss / n, "accuracy": correct / n})
 
     def flops_per_sample(self) -> float:
         # 6 N per token (forward 2N, backward 4N); LoRA still back-propagates through activations.

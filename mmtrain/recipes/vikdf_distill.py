@@ -15,13 +15,15 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from mmtrain.config import RecipeConfig, path_field
 from mmtrain.data.images import ImageTransform
 from mmtrain.data.reader import DataSection, SampleDecoder, default_collate
+from mmtrain.metrics.retrieval import retrieval_recalls
 from mmtrain.models.distill_heads import Stage1Model
 from mmtrain.models.encoders import FrozenTowers, load_tokenizer
 from mmtrain.models.iqformer import IQFormer, IQFormerConfig, init_from_bert
-from mmtrain.recipes.base import GlobalMean, Recipe, StepOutput
+from mmtrain.recipes.base import EvalResult, GlobalMean, StepOutput
+from mmtrain.recipes.common import ShardRecipe
+from mmtrain.schema import RecipeConfig, path_field
 
 
 @dataclass
@@ -87,7 +89,11 @@ class Collate:
     """Tokenise captions, draw the TA-MIM and IA-MTM masks (per sample, from seed and key)."""
 
     def __init__(self, tokenizer, cfg: Stage1Config, grid: int, patch: int, seed: int):
-        self.tok, self.cfg, self.grid, self.patch, self.seed = tokenizer, cfg, grid, patch, seed
+        self.tok = tokenizer
+        self.cfg = cfg
+        self.grid = grid
+        self.patch = patch
+        self.seed = seed
         self.mask_id = (
             tokenizer.mask_token_id
             if tokenizer.mask_token_id is not None
@@ -141,20 +147,18 @@ class Collate:
         }
 
 
-class VIKDFDistill(Recipe):
+class VIKDFDistill(ShardRecipe):
     Config = Stage1Config
 
-    def _towers(self) -> FrozenTowers:
-        if not hasattr(self, "towers"):
-            self.towers = FrozenTowers(self.cfg.vision_path, self.cfg.text_path).to(
-                self.ctx.device, self.ctx.dtype
-            )
-            self.tokenizer = load_tokenizer(self.cfg.text_path)
-            self.grid = self.towers.image_size // self.towers.patch_size
-        return self.towers
+    def setup(self) -> None:
+        c, ctx = self.cfg, self.ctx
+        self.towers = FrozenTowers(c.vision_path, c.text_path).to(ctx.device, ctx.dtype)
+        self.tokenizer = load_tokenizer(c.text_path)
+        self.grid = self.towers.image_size // self.towers.patch_size
+        self._calls = 0
 
     def build_model(self) -> torch.nn.Module:
-        towers, c = self._towers(), self.cfg
+        towers, c = self.towers, self.cfg
         iq = IQFormer(
             IQFormerConfig(
                 width=c.iqformer.width,
@@ -170,7 +174,6 @@ class VIKDFDistill(Recipe):
         )
         if c.bert_init:
             init_from_bert(iq, c.bert_init)
-        self._calls = 0
         return Stage1Model(
             iq,
             towers.patch_size,
@@ -182,16 +185,12 @@ class VIKDFDistill(Recipe):
             c.tim_global,
         )
 
-    def _loader(self, spec: str, section: DataSection):
-        towers, c = self._towers(), self.ctx
+    def pipeline(self):
         decode = SampleDecoder(
             ImageTransform.from_pretrained(self.cfg.vision_path), need_image=True
         )
-        collate = Collate(self.tokenizer, self.cfg, self.grid, towers.patch_size, c.seed)
-        return self.loader(section, spec, decode, collate)
-
-    def build_data(self):
-        return self._loader(self.cfg.data.train, self.cfg.data)
+        patch = self.towers.patch_size
+        return decode, Collate(self.tokenizer, self.cfg, self.grid, patch, self.ctx.seed)
 
     def _encode(self, batch) -> Dict[str, torch.Tensor]:
         t, dev = self.towers, self.ctx.device
@@ -206,6 +205,7 @@ class VIKDFDistill(Recipe):
         dev, t = self.ctx.device, self.towers
         feats = self._encode(batch)
         out = model(
+            "losses",
             **feats,
             masked_image_states=t.encode_image(batch["masked_pixels"].to(dev)),
             masked_text_states=t.encode_text(batch["masked_ids"].to(dev), feats["text_mask"]),
@@ -244,20 +244,18 @@ class VIKDFDistill(Recipe):
         return ((row - row.min()) / (row.max() - row.min()).clamp(min=1e-6)).clamp(0, 1)
 
     @torch.no_grad()
-    def evaluate(self, model, split: str = "val") -> Dict[str, float]:
-        from mmtrain.metrics.retrieval import retrieval_recalls
-
+    def evaluate(self, model, split: str = "val") -> EvalResult:
+        """Recall@1/5/10 both ways over the split; every rank embeds an equal share, gathered."""
         if not self.cfg.data.val:
-            return {}
-        section = DataSection(**{**vars(self.cfg.data), "mode": "exact", "shuffle_buffer": 1})
-        loader = self._loader(self.cfg.data.val, section)
+            return EvalResult()
+        loader = self.eval_loader(split, mode="exact")
         images, texts = [], []
         for _ in range(loader.steps_per_epoch):
-            out = model(**self._encode(next(loader)), embed_only=True)
+            out = model("retrieval_embeddings", **self._encode(next(loader)))
             images.append(out["image"].float())
             texts.append(out["text"].float())
         img, txt = self.ctx.all_gather(torch.cat(images)), self.ctx.all_gather(torch.cat(texts))
-        return retrieval_recalls(img, txt)
+        return EvalResult(retrieval_recalls(img, txt))
 
     def flops_per_sample(self) -> float:
         """Approximate training FLOPs per sample: frozen forwards (2 images, 2 captions) at 2 FLOPs per

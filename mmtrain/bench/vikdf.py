@@ -30,6 +30,18 @@ import torch
 PEAK = 989e12
 
 
+def _measure(step, iters: int, warm: int, cuda: bool):
+    """(seconds per step, FLOPs of one step, peak GiB): one step to compile outside the counted
+    and timed ones, one under torch's FLOP counter, then `warm` + `iters` timed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step()
+    with FlopCounterMode(display=False) as fc:
+        step()
+    s, gib = _time(step, iters, warm, cuda)
+    return s, fc.get_total_flops(), gib
+
+
 def _time(step, iters: int, warm: int, cuda: bool):
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(warm):
@@ -54,24 +66,11 @@ SIZES = {
 }
 
 
-def stage1(
-    batch: int = 128,
-    iters: int = 5,
-    warm: int = 2,
-    compile_towers: bool = True,
-    size: str = "published",
-    device: str = "cuda",
-) -> dict:
-    from torch.utils.flop_counter import FlopCounterMode
+def _frozen_towers(size: str, dev, dt):
+    """CLIP vision and text towers of `size`, frozen, on `dev` in `dt`."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
 
-    from mmtrain.models.distill_heads import Stage1Model
-    from mmtrain.models.iqformer import IQFormer, IQFormerConfig
-
-    (vw, vl, vh, img, patch), (tw, tl, th), (w, layers, heads), vocab = SIZES[size]
-    grid = img // patch
-    cuda = device == "cuda"
-    dev, dt = torch.device(device), torch.bfloat16 if cuda else torch.float32
+    (vw, vl, vh, img, patch), (tw, tl, th), _, vocab = SIZES[size]
     vision = (
         CLIPVisionModel(
             CLIPVisionConfig(
@@ -102,6 +101,29 @@ def stage1(
         .eval()
         .requires_grad_(False)
     )
+    return vision, text
+
+
+def _stage1_batch(b: int, size: str, dev, dt):
+    """Random images (clean, masked), their scored patches, captions and IA-MTM labels."""
+    (_, _, _, img, patch), _, _, vocab = SIZES[size]
+    grid = img // patch
+    pixels = torch.randn(b, 3, img, img, device=dev, dtype=dt)
+    scored = torch.rand(b, grid, grid, device=dev) < 0.6
+    masked = pixels * (~scored).repeat_interleave(patch, 1).repeat_interleave(patch, 2)[:, None]
+    ids = torch.randint(0, vocab, (b, 77), device=dev)
+    attn = torch.ones_like(ids)
+    labels = torch.where(torch.rand(b, 77, device=dev) < 0.15, ids, torch.full_like(ids, -100))
+    return pixels, masked, scored, ids, attn, labels
+
+
+def _stage1_model(size: str, dev, dt):
+    """The IQ-Former and the stage-1 heads (what trains), at `size`."""
+    from mmtrain.models.distill_heads import Stage1Model
+    from mmtrain.models.iqformer import IQFormer, IQFormerConfig
+
+    (vw, _, _, img, patch), (tw, _, _), (w, layers, heads), vocab = SIZES[size]
+    grid = img // patch
     iq = IQFormer(
         IQFormerConfig(
             width=w,
@@ -114,19 +136,28 @@ def stage1(
             text_width=tw,
         )
     )
-    model = Stage1Model(
+    return Stage1Model(
         iq, patch=patch, grid=grid, vocab=vocab, tim_dim=256, heads=heads, tim_global=False
     ).to(dev, dt)
+
+
+def stage1(
+    batch: int = 128,
+    iters: int = 5,
+    warm: int = 2,
+    compile_towers: bool = True,
+    size: str = "published",
+    device: str = "cuda",
+) -> dict:
+    cuda = device == "cuda"
+    dev, dt = torch.device(device), torch.bfloat16 if cuda else torch.float32
+    vision, text = _frozen_towers(size, dev, dt)
+    model = _stage1_model(size, dev, dt)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=cuda)
     enc_img = torch.compile(vision) if compile_towers else vision
     enc_txt = torch.compile(text) if compile_towers else text
     b = batch
-    pixels = torch.randn(b, 3, img, img, device=dev, dtype=dt)
-    scored = torch.rand(b, grid, grid, device=dev) < 0.6
-    masked = pixels * (~scored).repeat_interleave(patch, 1).repeat_interleave(patch, 2)[:, None]
-    ids = torch.randint(0, vocab, (b, 77), device=dev)
-    attn = torch.ones_like(ids)
-    labels = torch.where(torch.rand(b, 77, device=dev) < 0.15, ids, torch.full_like(ids, -100))
+    pixels, masked, scored, ids, attn, labels = _stage1_batch(b, size, dev, dt)
 
     def step():
         with torch.no_grad():
@@ -135,6 +166,7 @@ def stage1(
             ti = enc_txt(input_ids=ids, attention_mask=attn).last_hidden_state
             tm = enc_txt(input_ids=ids, attention_mask=attn).last_hidden_state
         out = model(
+            "losses",
             vi,
             ti,
             attn,
@@ -148,11 +180,7 @@ def stage1(
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # compile outside the counted/timed steps
-    with FlopCounterMode(display=False) as fc:
-        step()
-    flops = fc.get_total_flops()
-    s, gib = _time(step, iters, warm, cuda)
+    s, flops, gib = _measure(step, iters, warm, cuda)
     return {
         "kind": "stage1_mmtrain",
         "size": size,
@@ -168,24 +196,11 @@ def stage1(
     }
 
 
-def fusion(
-    batch: int = 8,
-    text_len: int = 128,
-    iters: int = 5,
-    warm: int = 2,
-    size: str = "published",
-    device: str = "cuda",
-    compile_llm: bool = False,
-) -> dict:
-    from torch.utils.flop_counter import FlopCounterMode
+def _frozen_llm(size: str, dev, dt):
+    """A Llama-2-7B-shaped (or tiny) causal LM, frozen, and (its width, vocabulary, the
+    IQ-Former's width and queries)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from mmtrain.models.bvif import BVIF
-    from mmtrain.models.iqformer import IQFormer, IQFormerConfig
-    from mmtrain.recipes.vikdf_fuse import FuseModel
-
-    cuda = device == "cuda"
-    dev, dt = torch.device(device), torch.bfloat16 if cuda else torch.float32
     d, layers, heads, ffn, vocab, w, q = (
         (4096, 32, 32, 11008, 32000, 768, 32)
         if size == "published"
@@ -203,6 +218,16 @@ def fusion(
             )
         )
     llm = llm.to(dt).eval().requires_grad_(False)
+    return llm, (d, vocab, w, q)
+
+
+def _fusion_model(llm, size: str, d: int, w: int, q: int, dev, dt):
+    """BVIF around the frozen LLM (replicated, as the recipe runs it without LoRA)."""
+    from mmtrain.models.bvif import BVIF
+    from mmtrain.models.fuse import FuseModel
+    from mmtrain.models.iqformer import IQFormer, IQFormerConfig
+    from mmtrain.parallelize import replicate_frozen
+
     iq = IQFormer(
         IQFormerConfig(
             width=w,
@@ -214,8 +239,25 @@ def fusion(
             text_width=w,
         )
     )
-    model = FuseModel(BVIF(iq, d, variational=True), llm, llm_trains=False).to(dev, dt)
-    model.pad_id, model.eos_id = 0, 2
+    model = FuseModel(BVIF(iq, d, variational=True), llm, pad_id=0, eos_id=2)
+    return replicate_frozen(model, "llm").to(dev, dt)
+
+
+def fusion(
+    batch: int = 8,
+    text_len: int = 128,
+    iters: int = 5,
+    warm: int = 2,
+    size: str = "published",
+    device: str = "cuda",
+    compile_llm: bool = False,
+) -> dict:
+
+    cuda = device == "cuda"
+    dev, dt = torch.device(device), torch.bfloat16 if cuda else torch.float32
+    llm, (d, vocab, w, q) = _frozen_llm(size, dev, dt)
+    model = _fusion_model(llm, size, d, w, q, dev, dt)
+    iq = model.bvif.iqformer
     if compile_llm:
         model.llm.forward = torch.compile(model.llm.forward)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=cuda)
@@ -234,16 +276,12 @@ def fusion(
     }
 
     def step():
-        out = model(inputs, phase="fusion")
+        out = model("fusion_losses", inputs)
         (out["ce"] + 0.5 * out["recon"] + 0.1 * out["kl"]).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()
-    with FlopCounterMode(display=False) as fc:
-        step()
-    flops = fc.get_total_flops()
-    s, gib = _time(step, iters, warm, cuda)
+    s, flops, gib = _measure(step, iters, warm, cuda)
     tokens = batch * ((9 + text_len + q) + (9 + q + text_len + 1))  # both LLM passes
     return {
         "kind": "fusion_mmtrain_frozen_llm_replicated",

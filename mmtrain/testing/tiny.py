@@ -96,9 +96,8 @@ def _lm_corpus(tok, n: int = 3000) -> List[str]:
         else:
             d = synth.dialogue(rng, "train")["json"]
             context = "\n".join(d["context"])
-            if (
-                i % 4 == 0
-            ):  # some dialogues state what is pictured: the LM learns to read its context
+            # some dialogues state what is pictured: the LM learns to read its context
+            if i % 4 == 0:
                 count = synth.COUNT_WORDS[d["count"]]
                 context = (
                     f"the picture shows {count} {d['color']} {synth._noun(d['shape'], d['count'])} .\n"
@@ -139,23 +138,9 @@ def pretrain_lm(
     return float(loss.detach())
 
 
-def make_tiny(
-    out: str, image_size: int = 64, patch: int = 8, width: int = 64, seed: int = 0
-) -> Path:
-    import torch
-    from transformers import (
-        BertConfig,
-        BertModel,
-        CLIPConfig,
-        CLIPImageProcessorPil,
-        CLIPModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
+def _save_tiny_clip(out_dir: Path, tok, width: int, image_size: int, patch: int) -> None:
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-    out_dir = Path(out)
-    tok = word_tokenizer(synthetic_vocabulary())
-    torch.manual_seed(seed)
     clip = CLIPModel(
         CLIPConfig(
             text_config=dict(
@@ -185,15 +170,11 @@ def make_tiny(
     CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     ).save_pretrained(out_dir / "clip")
-    BertModel(
-        BertConfig(
-            vocab_size=len(tok),
-            hidden_size=width,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=2 * width,
-        )
-    ).save_pretrained(out_dir / "bert")
+
+
+def _tiny_llama(tok, width: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     llm = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=len(tok),
@@ -208,6 +189,29 @@ def make_tiny(
             eos_token_id=tok.eos_token_id,
         )
     )
+    return llm
+
+
+def make_tiny(
+    out: str, image_size: int = 64, patch: int = 8, width: int = 64, seed: int = 0
+) -> Path:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    out_dir = Path(out)
+    tok = word_tokenizer(synthetic_vocabulary())
+    torch.manual_seed(seed)
+    _save_tiny_clip(out_dir, tok, width, image_size, patch)
+    BertModel(
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=2 * width,
+        )
+    ).save_pretrained(out_dir / "bert")
+    llm = _tiny_llama(tok, width)
     pretrain_lm(llm, tok)
     llm.save_pretrained(out_dir / "llama")
     tok.save_pretrained(out_dir / "llama")
@@ -224,125 +228,136 @@ VLM_CHAT_TEMPLATE = (
 THINK_TOKENS = ["<think>", "</think>"]
 
 
+def _tiny_qwen2_vl(words, width: int):
+    """(tokenizer, model, image processor, image placeholder, processor class, extra settings)."""
+    from tokenizers import AddedToken
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+    )
+
+    tok = word_tokenizer(
+        words,
+        specials_in_template=True,
+        extra_special=["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+    )
+    tok.add_tokens([AddedToken(t, normalized=False) for t in THINK_TOKENS])
+    ids = {
+        t: tok.convert_tokens_to_ids(t)
+        for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+    }
+    cfg = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]},
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        vision_config=dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=width,
+            num_heads=2,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            in_channels=3,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = Qwen2VLForConditionalGeneration(cfg)
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=56 * 56,
+        max_pixels=112 * 112,
+        patch_size=14,
+        merge_size=2,
+        temporal_patch_size=2,
+    )
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    processor_class = "Qwen2VLProcessor"
+    extra = {}
+    return tok, model, image_processor, image, processor_class, extra
+
+
+def _tiny_llava(words, width: int):
+    """(tokenizer, model, image processor, image placeholder, processor class, extra settings)."""
+    from tokenizers import AddedToken
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration
+
+    tok = word_tokenizer(words, specials_in_template=True, extra_special=["<image>"])
+    tok.add_tokens([AddedToken(t, normalized=False) for t in THINK_TOKENS])
+    size, patch = 32, 8
+    cfg = LlavaConfig(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=size,
+            patch_size=patch,
+            projection_dim=width,
+        ),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=len(tok),
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=512,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        image_seq_length=(size // patch) ** 2,
+    )
+    model = LlavaForConditionalGeneration(cfg)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+    )
+    image = "<image>"
+    processor_class = "LlavaProcessor"
+    extra = {
+        "patch_size": patch,
+        "vision_feature_select_strategy": "default",
+        "image_token": "<image>",
+        "num_additional_image_tokens": 1,
+    }
+    return tok, model, image_processor, image, processor_class, extra
+
+
 def make_tiny_vlm(out: str, kind: str = "qwen2_vl", width: int = 64, seed: int = 0) -> Path:
     """A tiny image-text-to-text model with its processor files, in the layout of a hub checkpoint:
     `qwen2_vl` (Qwen2-VL: dynamic-resolution patches, M-RoPE) or `llava` (CLIP tower + projector + Llama)."""
     import json
 
     import torch
-    from tokenizers import AddedToken
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     words = synthetic_vocabulary()
-    if kind == "qwen2_vl":
-        from transformers import (
-            Qwen2VLConfig,
-            Qwen2VLForConditionalGeneration,
-            Qwen2VLImageProcessorPil,
-        )
-
-        tok = word_tokenizer(
-            words,
-            specials_in_template=True,
-            extra_special=["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
-        )
-        tok.add_tokens([AddedToken(t, normalized=False) for t in THINK_TOKENS])
-        ids = {
-            t: tok.convert_tokens_to_ids(t)
-            for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
-        }
-        cfg = Qwen2VLConfig(
-            text_config=dict(
-                vocab_size=len(tok),
-                hidden_size=width,
-                intermediate_size=2 * width,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=512,
-                rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]},
-                pad_token_id=tok.pad_token_id,
-                bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id,
-            ),
-            vision_config=dict(
-                depth=2,
-                embed_dim=32,
-                hidden_size=width,
-                num_heads=2,
-                mlp_ratio=2,
-                patch_size=14,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                in_channels=3,
-            ),
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
-        )
-        model = Qwen2VLForConditionalGeneration(cfg)
-        image_processor = Qwen2VLImageProcessorPil(
-            min_pixels=56 * 56,
-            max_pixels=112 * 112,
-            patch_size=14,
-            merge_size=2,
-            temporal_patch_size=2,
-        )
-        image = "<|vision_start|><|image_pad|><|vision_end|>"
-        processor_class = "Qwen2VLProcessor"
-        extra = {}
-    elif kind == "llava":
-        from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration
-
-        tok = word_tokenizer(words, specials_in_template=True, extra_special=["<image>"])
-        tok.add_tokens([AddedToken(t, normalized=False) for t in THINK_TOKENS])
-        size, patch = 32, 8
-        cfg = LlavaConfig(
-            vision_config=dict(
-                model_type="clip_vision_model",
-                hidden_size=width,
-                intermediate_size=2 * width,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                image_size=size,
-                patch_size=patch,
-                projection_dim=width,
-            ),
-            text_config=dict(
-                model_type="llama",
-                vocab_size=len(tok),
-                hidden_size=width,
-                intermediate_size=2 * width,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=4,
-                max_position_embeddings=512,
-                pad_token_id=tok.pad_token_id,
-                bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id,
-            ),
-            image_token_id=tok.convert_tokens_to_ids("<image>"),
-            vision_feature_layer=-1,
-            vision_feature_select_strategy="default",
-            image_seq_length=(size // patch) ** 2,
-        )
-        model = LlavaForConditionalGeneration(cfg)
-        image_processor = CLIPImageProcessorPil(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-        )
-        image = "<image>"
-        processor_class = "LlavaProcessor"
-        extra = {
-            "patch_size": patch,
-            "vision_feature_select_strategy": "default",
-            "image_token": "<image>",
-            "num_additional_image_tokens": 1,
-        }
-    else:
+    builders = {"qwen2_vl": _tiny_qwen2_vl, "llava": _tiny_llava}
+    if kind not in builders:
         raise ValueError(f"kind must be qwen2_vl or llava, got {kind!r}")
+    tok, model, image_processor, image, processor_class, extra = builders[kind](words, width)
     tok.chat_template = VLM_CHAT_TEMPLATE.replace("{{ IMAGE }}", image)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id

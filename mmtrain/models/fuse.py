@@ -1,0 +1,124 @@
+"""`FuseModel`: BVIF (mmtrain.models.bvif) around an LLM, the module VIKDF stage 2 trains.
+
+Entry points (called as `model("fusion_losses", batch)`, see mmtrain.models.base):
+- `fusion_losses(batch, sample)`: image-text pairs; contextual inference (CE on the caption from
+  soft prompts), knowledge reconstruction and KL(q || p);
+- `dialogue_losses(batch, knowledge, sample)`: CE on the response, the soft prompts (from
+  `knowledge`: prior, text, image or none) right after the chat template's opening;
+- `generate(batch, knowledge, **generation kwargs)`: the response's new tokens.
+`sample=False` takes the latent's mean instead of a draw (evaluation).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from kernels.reference import reparameterize
+from mmtrain.models.base import EntryPoints
+from mmtrain.models.bvif import BVIF, embed_segments, labels_for, noise
+
+
+class FuseModel(EntryPoints):
+    """The BVIF parts and the LLM (frozen, or carrying a LoRA adapter)."""
+
+    entry_points = ("fusion_losses", "dialogue_losses", "generate")
+
+    def __init__(self, bvif: BVIF, llm: nn.Module, pad_id: int, eos_id: int):
+        super().__init__()
+        self.bvif = bvif
+        self.llm = llm
+        self.pad_id = pad_id
+        self.eos_id = eos_id
+
+    def _embed(self):
+        return self.llm.get_input_embeddings()
+
+    def _prior_states(self, instr: List[List[int]], text: List[List[int]]) -> torch.Tensor:
+        """The LLM's last hidden states at the placeholders after an instruction and the text."""
+        ph = self.bvif.placeholders
+        parts = [[a, b, ph] for a, b in zip(instr, text)]
+        embeds, mask, spans = embed_segments(self._embed(), parts, self.pad_id)
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
+        h = out.hidden_states[-1]
+        return torch.stack([h[i, s[2][0] : s[2][1]] for i, s in enumerate(spans)])
+
+    def _lm_loss(
+        self, parts: List[List[Any]], target_segment: int, targets: List[List[int]]
+    ) -> Dict[str, Any]:
+        """Cross-entropy of the target segment: summed ("ce_sum") over its "ce_count" tokens, their
+        mean ("ce"), and each sample's summed NLL ("nll", detached)."""
+        embeds, mask, spans = embed_segments(self._embed(), parts, self.pad_id)
+        labels = labels_for(spans, mask, targets, target_segment)[:, 1:]
+        logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()
+        tok = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
+        )
+        count = int((labels != -100).sum())
+        return {
+            "ce": tok.sum() / max(1, count),
+            "ce_sum": tok.sum(),
+            "ce_count": count,
+            "nll": tok.sum(1).detach(),
+        }
+
+    def fusion_losses(self, batch: Dict[str, Any], sample: bool = True) -> Dict[str, Any]:
+        b = self.bvif
+        k = b.iqformer.read_image(batch["image_states"])
+        prior_states = self._prior_states(batch["recon_instr"], batch["text"])
+        z, kl, mu_p, lv_p = b.latent(k, prior_states, sample=sample, eps=batch.get("eps"))
+        soft = b.to_llm(z)
+        parts = [[i, s, t] for i, s, t in zip(batch["instr"], soft, batch["target"])]
+        out = self._lm_loss(parts, 2, batch["target"])
+        out["recon"] = b.reconstruction_loss(k, mu_p, lv_p)
+        if kl is not None:
+            out["kl"] = kl
+        return out
+
+    def soft_prompts(self, batch: Dict[str, Any], knowledge: str, sample: bool) -> torch.Tensor:
+        """The soft prompts of a dialogue batch, from the knowledge source `knowledge`."""
+        b, eps = self.bvif, batch.get("eps")
+        if knowledge == "none":  # input-independent soft prompts (no knowledge)
+            return b.to_llm(b.iqformer.queries[0]).expand(len(batch["key"]), -1, -1)
+        if knowledge == "prior":
+            prior_states = self._prior_states(batch["recon_instr"], batch["context"])
+            mu_p, lv_p = b.prior_stats(prior_states)
+            sampled = sample and b.variational
+            return b.to_llm(reparameterize(mu_p, lv_p, noise(mu_p, eps)) if sampled else mu_p)
+        if knowledge == "image":
+            k = b.iqformer.read_image(batch["image_states"])
+        else:
+            k = b.iqformer.read_text(batch["text_states"], batch["text_mask"])
+        return b.to_llm(b.latent(k, None, sample=sample, eps=eps)[0])
+
+    def dialogue_losses(
+        self, batch: Dict[str, Any], knowledge: str, sample: bool = True
+    ) -> Dict[str, Any]:
+        soft = self.soft_prompts(batch, knowledge, sample)
+        segments = zip(batch["prefix"], soft, batch["middle"], batch["target"])
+        return self._lm_loss([list(s) for s in segments], 3, batch["target"])
+
+    def generate(self, batch: Dict[str, Any], knowledge: str, **generation: Any) -> torch.Tensor:
+        soft = self.soft_prompts(batch, knowledge, sample=False)
+        parts = [[p, s, m] for p, s, m in zip(batch["prefix"], soft, batch["middle"])]
+        embeds, mask, _ = embed_segments(self._embed(), parts, self.pad_id, left_pad=True)
+        return self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+            **generation,
+        )
+
+
+def load_bvif_state(bvif: BVIF, export_dir: Optional[str]) -> None:
+    """The `bvif.*` tensors of a fusion run's export (model.safetensors), into `bvif`."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(export_dir) / "model.safetensors"))
+    prefix = "bvif."
+    bvif.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})

@@ -1,0 +1,92 @@
+"""What data parallelism under ZeRO-3 asks of a model, kept apart from the models themselves.
+
+A recipe builds its model plainly, then applies what its parallel layout needs:
+
+- `replicate_frozen(model, name)`: a frozen sub-module every rank keeps whole (BVIF's LLM
+  without LoRA). ZeRO-3 partitions the parameters of registered sub-modules and gathers them
+  around every forward; a frozen module used whole on every rank is faster replicated, and it
+  stays out of checkpoints. The attribute still reads `model.<name>`.
+- `keep_vision_in_graph(mllm, processor)`: ZeRO-3's parameter gathers are collectives, so every
+  rank must touch the same parameters in the same order on every step. When one rank's
+  micro-batch is text-only, the vision tower would be skipped there; this runs it on a small
+  blank image right after the token embedding (where a batch with images runs it) and keeps its
+  output in the loss at weight 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+
+def replicate_frozen(model: nn.Module, name: str) -> nn.Module:
+    """Unregister sub-module `name` (frozen) so ZeRO-3 never partitions it; returns `model`."""
+    child = model._modules.pop(name)
+    if any(p.requires_grad for p in child.parameters()):
+        raise ValueError(f"replicate_frozen: {name} has trainable parameters")
+    object.__setattr__(model, name, child)
+    return model
+
+
+def blank_image_inputs(processor) -> Dict[str, torch.Tensor]:
+    """The vision inputs of one small blank image, for text-only batches."""
+    from PIL import Image
+
+    enc = processor.image_processor(images=[Image.new("RGB", (56, 56))], return_tensors="pt")
+    return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
+
+
+def _tensor_sum(x) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.float().sum()
+    if isinstance(x, dict) or hasattr(x, "values"):
+        x = list(x.values())
+    if isinstance(x, (list, tuple)):
+        parts = [_tensor_sum(v) for v in x if v is not None]
+        return sum(parts) if parts else torch.zeros(())
+    return torch.zeros(())
+
+
+class _VisionTouch:
+    """The hooks of `keep_vision_in_graph` and what they share within one forward."""
+
+    def __init__(self, mllm: nn.Module, blank: Dict[str, torch.Tensor]):
+        self.mllm = mllm
+        self.blank = blank
+        self.pending = False
+        self.out = None
+
+    def before_forward(self, module, args, kwargs):
+        batch = args[1] if len(args) > 1 else kwargs.get("batch", {})
+        self.pending = "pixel_values" not in batch
+        self.out = None
+
+    def after_embedding(self, module, args, output):
+        if not self.pending:
+            return
+        self.pending = False
+        base = self.mllm.base_model()
+        vision_dtype = next(p.dtype for n, p in base.named_parameters() if "vis" in n)
+        blank = {
+            k: (v.to(output.device, vision_dtype) if v.is_floating_point() else v.to(output.device))
+            for k, v in self.blank.items()
+        }
+        self.out = _tensor_sum(base.get_image_features(**blank))
+
+    def after_forward(self, module, args, kwargs, output: Any):
+        if self.out is not None and isinstance(output, dict) and "loss_sum" in output:
+            output["loss_sum"] = output["loss_sum"] + 0.0 * self.out
+            output["loss"] = output["loss"] + 0.0 * self.out
+        self.out = None
+        return output
+
+
+def keep_vision_in_graph(mllm: nn.Module, processor) -> nn.Module:
+    """Hooks on an `MLLM` that run its vision tower on text-only batches; returns `mllm`."""
+    touch = _VisionTouch(mllm, blank_image_inputs(processor))
+    mllm.register_forward_pre_hook(touch.before_forward, with_kwargs=True)
+    mllm.model.get_input_embeddings().register_forward_hook(touch.after_embedding)
+    mllm.register_forward_hook(touch.after_forward, with_kwargs=True)
+    return mllm
