@@ -13,9 +13,9 @@ import torch.nn.functional as F
 
 import kernels.contrastive as kc
 import kernels.variational as kv
-from tests.helpers import REPO
 from kernels import reference
 from kernels._triton import use_triton
+from tests.helpers import REPO
 
 # bf16: inputs carry ~3 significant digits; the kernels accumulate in fp32, so the errors are the
 # rounding of inputs/outputs. Relative to the largest value of each tensor:
