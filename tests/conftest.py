@@ -28,6 +28,15 @@ def image_text_shards(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def stage1_assets(tmp_path_factory, tiny_models, image_text_shards):
+    """The tiny models and the image-text shards in one directory, as the stage-1 configs name them."""
+    root = tmp_path_factory.mktemp("vikdf")
+    (root / "tiny").symlink_to(tiny_models)
+    (root / "it").symlink_to(image_text_shards)
+    return root
+
+
 @pytest.fixture(scope="session")
 def stage1_run(tmp_path_factory, tiny_models, image_text_shards):
     """A VIKDF stage-1 run (160 steps, 2 ranks) and its export, for the tests that need a trained

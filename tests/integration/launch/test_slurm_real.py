@@ -24,6 +24,7 @@ pytestmark = [
     ),
 ]
 
+
 CPU = ["--nodes=1", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1"]
 
 

@@ -11,15 +11,18 @@ import json
 import pytest
 
 from mmtrain.data.synth import synth
-from mmtrain.models.iqformer import IQFormer, IQFormerConfig
 from tests.helpers import DEMO, REPO, scalars
+from tests.support.stage2 import stage2_assets
 from tests.world_size import Case, assert_invariant, run_layout
 
 # Tolerances: fp32 throughout; the same sums are taken in another order at another world size
 # (ZeRO's reduce-scatter, the global contrastive loss's gathers), so the last bits differ; Adam
 # turns those into parameter differences of up to ~1e-5 after a few steps at lr ~2e-3.
 LOSS_RTOL = 1e-5
+
+
 PARAM_ATOL = 1e-4
+
 
 TOY = Case(DEMO, ["recipe.dropout=0.0"], global_batch=16, steps=6, losses=("lm",))
 
@@ -64,10 +67,6 @@ def test_resume_on_another_number_of_ranks_continues_the_same_run(toy, tmp_path,
     )
 
 
-# ----------------------------------------------------------------------------- every recipe, 1/2/4
-# ranks
-
-
 def invariant_at_1_2_4(case: Case, root, steps=None):
     runs = {w: run_layout(case, root / "runs" / f"w{w}", w) for w in (1, 2, 4)}
     return runs, assert_invariant(
@@ -109,22 +108,7 @@ def test_vikdf_stage1_global_tim_negatives(tmp_path, tiny_models, image_text_sha
 @pytest.fixture(scope="module")
 def stage2(tmp_path_factory):
     root = tmp_path_factory.mktemp("stage2ws")
-    synth("image-text", str(root / "it"), 200, seed=0)
-    synth("dialogue", str(root / "dlg"), 200, seed=0)
-    IQFormer(
-        IQFormerConfig(
-            width=64,
-            layers=2,
-            heads=4,
-            intermediate=128,
-            num_queries=8,
-            cross_attention_every=1,
-            vision_width=64,
-            text_width=64,
-            dropout=0.0,
-        )
-    ).save_pretrained(root / "stage1" / "iqformer")
-    return root
+    return stage2_assets(root, 200, dropout=0.0)
 
 
 @pytest.mark.heavy

@@ -1,15 +1,9 @@
 """Shards: writing, the public-format converters, the distributed resumable reader, corruption."""
 
-import io
 import json
-import os
-import socket
-import tarfile
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from PIL import Image
 
 from mmtrain.cli import main
@@ -18,55 +12,11 @@ from mmtrain.data.images import ImageTransform
 from mmtrain.data.reader import DataSection, SampleDecoder, build_loader, default_collate
 from mmtrain.data.shards import DataError, read_manifest, write_shards
 from mmtrain.data.synth import COLORS, synth
-
-
-def loader(spec, batch=4, rank=0, world=1, workers=0, seed=0, shuffle_buffer=8, grad_accum=1, **kw):
-    return build_loader(
-        DataSection(workers=workers, shuffle_buffer=shuffle_buffer, **kw),
-        str(spec),
-        batch,
-        SampleDecoder(ImageTransform(resize=32, crop=32), need_image=False),
-        default_collate,
-        rank=rank,
-        world=world,
-        seed=seed,
-        grad_accum=grad_accum,
-    )
+from tests.support.shards import corrupt_one_image, loader, write_plain
 
 
 def epoch_keys(ld):
     return [k for _ in range(ld.steps_per_epoch) for k in next(ld)["key"]]
-
-
-def write_plain(tmp_path, name, counts):
-    """A shard set of tiny text samples with the given per-shard counts."""
-    out = tmp_path / name
-    samples = ({"__key__": f"{i:09d}", "json": {"i": i}} for i in range(sum(counts)))
-    m = write_shards(samples, out, "dialogue", max_count=max(counts))
-    if [s["samples"] for s in m["shards"]] != counts:  # re-cut to the exact uneven sizes
-        import shutil
-
-        shutil.rmtree(out)
-        out.mkdir()
-        i = 0
-        shards = []
-        for n, c in enumerate(counts):
-            write_shards(
-                ({"__key__": f"{j:09d}", "json": {"i": j}} for j in range(i, i + c)),
-                tmp_path / f"part{n}",
-                "dialogue",
-                max_count=c,
-            )
-            src = tmp_path / f"part{n}" / "dialogue-000000.tar"
-            src.rename(out / f"dialogue-{n:06d}.tar")
-            shards.append({"name": f"dialogue-{n:06d}.tar", "samples": c})
-            i += c
-        (out / "manifest.json").write_text(
-            json.dumps(
-                {"schema_version": 1, "kind": "dialogue", "total": sum(counts), "shards": shards}
-            )
-        )
-    return out
 
 
 @pytest.mark.parametrize("kind", ["image-text", "dialogue", "keyphrase", "intent"])
@@ -128,9 +78,6 @@ def test_writer_never_writes_into_existing_data_or_leaves_debris(tmp_path):
         main(["data", "synth", "--kind", "image-text", "--out", str(tmp_path / "d"), "--n", "5"])
         == 2
     )
-
-
-# ----------------------------------------------------------------------------- converters
 
 
 def png(path, color=(200, 30, 30)):
@@ -314,9 +261,6 @@ def test_convert_with_no_valid_sample_writes_nothing(tmp_path):
     )
 
 
-# ----------------------------------------------------------------------------- reader
-
-
 def test_two_ranks_two_workers_uneven_shards_exact_epoch(tmp_path):
     spec = write_plain(tmp_path, "uneven", [23, 5, 14])  # 42 samples
     per_rank = {}
@@ -327,33 +271,6 @@ def test_two_ranks_two_workers_uneven_shards_exact_epoch(tmp_path):
     a, b = per_rank[0], per_rank[1]
     assert len(a) == len(b) == 20 and len(set(a)) == 20 and len(set(b)) == 20
     assert not set(a) & set(b)  # no sample twice in the epoch
-
-
-def _rank_worker(rank, world, port, spec, out):
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
-        ld = loader(spec, batch=3, rank=rank, world=world, workers=2)
-        keys = []
-        for _ in range(ld.steps_per_epoch * 2):  # two epochs, a collective each step
-            keys.append(next(ld)["key"])
-            dist.all_reduce(torch.ones(1))
-        torch.save(keys, os.path.join(out, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_distributed_ranks_take_equal_steps_without_hanging(tmp_path):
-    spec = write_plain(tmp_path, "uneven", [17, 2, 9])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank_worker, args=(2, port, str(spec), str(tmp_path)), nprocs=2, join=True)
-    k0, k1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
-    assert len(k0) == len(k1) == 8
-    first = [k for b in k0[:4] + k1[:4] for k in b]
-    assert len(first) == len(set(first)) == 24
 
 
 def test_resume_sees_exactly_the_remaining_batches(tmp_path):
@@ -452,17 +369,6 @@ def test_resampled_mode_fixed_steps(tmp_path):
     assert ld.epoch == 0 and next(ld) and ld.epoch == 1
     with pytest.raises(DataError, match="needs data.steps_per_epoch"):
         loader(spec, mode="resampled")
-
-
-def corrupt_one_image(shard):
-    with tarfile.open(shard) as tf:
-        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
-    with tarfile.open(shard, "w") as tf:
-        for i, (m, data) in enumerate(members):
-            if m.name.endswith(".jpg") and i < 3:
-                data = b"\xff\xd8garbage"
-            m.size = len(data)
-            tf.addfile(m, io.BytesIO(data))
 
 
 @pytest.mark.chaos
@@ -617,40 +523,6 @@ def test_bench_data_reports_throughput(tmp_path, capsys):
     )
     row = json.loads(capsys.readouterr().out)
     assert row["samples_per_s"] > 0 and row["workers"] == 0
-
-
-def test_engine_trains_from_shards_logs_skips_and_resumes_exactly(tmp_path):
-    from tests.helpers import REPO, scalars, train
-
-    synth("image-text", str(tmp_path / "d"), 150, max_count=40)
-    corrupt_one_image(sorted((tmp_path / "d" / "train").glob("*.tar"))[1])
-    common = [
-        "recipe.name=tests.shard_recipe:ShardColor",
-        f"recipe.data.train={tmp_path / 'd' / 'train'}",
-        "recipe.data.workers=2",
-        "recipe.data.max_skip_fraction=0.1",
-        "train.micro_batch_size=8",
-        "train.steps=16",
-        "train.lr=3e-3",
-        "log.every=1",
-        "checkpoint.every=100",
-        "eval.at_end=false",
-        "deepspeed.precision=fp32",
-    ]
-    straight, split = tmp_path / "runs" / "straight", tmp_path / "runs" / "split"
-    base = REPO / "configs" / "base.yaml"
-    train(straight, common, config=base)
-    train(split, common + ["run.stop_after_steps=9"], config=base)
-    train(split, common, config=base)
-    a, b = scalars(straight, "loss/total"), scalars(split, "loss/total")
-    # 120 // 2 // 8 = 7 steps/epoch
-    assert [a[s] for s in range(10, 17)] == [b[s] for s in range(10, 17)]
-    skipped = scalars(straight, "data/skipped")
-    # counted, and kept on resume
-    assert skipped[16] >= 1 and skipped == scalars(split, "data/skipped")
-    assert scalars(straight, "data/seen")[16] == 16 * 8 * 2  # summed over both ranks
-    assert scalars(straight, "train/epoch")[16] == 2
-    assert sum(a[s] for s in range(14, 17)) < sum(a[s] for s in range(1, 4))
 
 
 def test_reading_leaves_the_training_rng_alone(tmp_path):

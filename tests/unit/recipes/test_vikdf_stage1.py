@@ -1,77 +1,13 @@
 """VIKDF stage 1 on tiny random towers and synthetic image-text shards, 2 CPU ranks under ZeRO-3."""
 
-import json
 import random
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from mmtrain.metrics.retrieval import retrieval_recalls
 from mmtrain.models.iqformer import IQFormer, IQFormerConfig, bert_key_to_qformer, init_from_bert
 from mmtrain.recipes.vikdf_distill import Collate, Stage1Config, block_mask
-from tests.helpers import REPO, scalars, train
-
-CONFIG = REPO / "configs" / "demo" / "vikdf_stage1.yaml"
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory, tiny_models, image_text_shards):
-    root = tmp_path_factory.mktemp("vikdf")
-    (root / "tiny").symlink_to(tiny_models)
-    (root / "it").symlink_to(image_text_shards)
-    return root
-
-
-def overrides(assets, *extra):
-    t = assets / "tiny"
-    return [
-        f"recipe.vision_path={t / 'clip'}",
-        f"recipe.text_path={t / 'clip'}",
-        f"recipe.bert_init={t / 'bert'}",
-        f"recipe.data.train={assets / 'it' / 'train'}",
-        f"recipe.data.val={assets / 'it' / 'val'}",
-        *extra,
-    ]
-
-
-def test_stage1_learns_retrieval_beyond_chance_and_exports(stage1_run):
-    run, out = stage1_run  # 160 steps on 2 ranks (tests/conftest.py)
-    final = json.loads((run / "eval.jsonl").read_text().splitlines()[-1])
-    assert final["n"] == 128
-    assert final["mean_r@1"] >= 2 * final["chance_r@1"], final  # the demo reaches ~20x
-    assert final["mean_r@10"] >= 3 * 10 * final["chance_r@1"], final
-    tim, mim, mtm = (scalars(run, f"loss/{k}") for k in ("tim", "mim", "mtm"))
-    assert tim[160] < tim[20] - 0.3 and mim[160] < mim[20] and mtm[160] < mtm[20]
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run / "tensorboard"))
-    acc.Reload()
-    assert "images/ta_mim" in acc.Tags()["images"]
-
-    iq = IQFormer.from_pretrained(out / "iqformer")  # no trainer involved
-    whole = load_file(out / "model.safetensors")
-    assert torch.equal(iq.queries, whole["iqformer.queries"])
-    assert iq.config.num_queries == 8 and iq(torch.randn(2, 5, 64)).shape == (2, 8, 64)
-
-
-def test_stage1_resumes_exactly(assets, tmp_path):
-    common = overrides(
-        assets,
-        "train.steps=8",
-        "log.every=1",
-        "checkpoint.every=100",
-        "eval.at_end=false",
-        "recipe.data.workers=2",
-        "train.micro_batch_size=8",
-    )
-    straight, split = tmp_path / "runs" / "a", tmp_path / "runs" / "b"
-    train(straight, common, config=CONFIG)
-    train(split, common + ["run.stop_after_steps=4"], config=CONFIG)
-    train(split, common, config=CONFIG)
-    for k in ("loss/tim", "loss/mim", "loss/mtm"):
-        a, b = scalars(straight, k), scalars(split, k)
-        assert [a[s] for s in range(5, 9)] == [b[s] for s in range(5, 9)], k
 
 
 def test_block_masks():
@@ -83,10 +19,10 @@ def test_block_masks():
     assert torch.equal(z, again)
 
 
-def test_collate_masks_text_but_not_special_tokens(assets):
+def test_collate_masks_text_but_not_special_tokens(stage1_assets):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(assets / "tiny" / "clip")
+    tok = AutoTokenizer.from_pretrained(stage1_assets / "tiny" / "clip")
     cfg = Stage1Config(max_text_len=12, mtm_prob=0.5)
     collate = Collate(tok, cfg, grid=8, patch=8, seed=0)
     items = [
@@ -111,7 +47,7 @@ def test_collate_masks_text_but_not_special_tokens(assets):
     assert zero_pix.any() and not torch.equal(b["masked_pixels"], b["pixels"])
 
 
-def test_iqformer_init_from_bert(assets):
+def test_iqformer_init_from_bert(stage1_assets):
     assert (
         bert_key_to_qformer("encoder.layer.3.attention.self.query.weight")
         == "qformer.encoder.layer.3.attention.attention.query.weight"
@@ -136,10 +72,10 @@ def test_iqformer_init_from_bert(assets):
             text_width=64,
         )
     )
-    report = init_from_bert(iq, str(assets / "tiny" / "bert"))
+    report = init_from_bert(iq, str(stage1_assets / "tiny" / "bert"))
     from transformers import BertModel
 
-    bert = BertModel.from_pretrained(assets / "tiny" / "bert")
+    bert = BertModel.from_pretrained(stage1_assets / "tiny" / "bert")
     assert torch.equal(
         iq.state_dict()["qformer.encoder.layer.1.intermediate_query.dense.weight"],
         bert.state_dict()["encoder.layer.1.intermediate.dense.weight"],

@@ -6,10 +6,12 @@ import pytest
 from safetensors.torch import load_file
 
 from mmtrain.data.synth import synth
-from mmtrain.models.iqformer import IQFormer, IQFormerConfig
 from tests.helpers import REPO, eval_ranks, scalars, train
+from tests.support.stage2 import stage2_assets
 
 FUSION = REPO / "configs" / "demo" / "vikdf_fusion.yaml"
+
+
 DIALOGUE = REPO / "configs" / "demo" / "vikdf_dialogue.yaml"
 
 
@@ -17,21 +19,7 @@ DIALOGUE = REPO / "configs" / "demo" / "vikdf_dialogue.yaml"
 def assets(tmp_path_factory, tiny_models):
     root = tmp_path_factory.mktemp("stage2")
     (root / "tiny").symlink_to(tiny_models)
-    synth("image-text", str(root / "it"), 400, seed=0)
-    synth("dialogue", str(root / "dlg"), 400, seed=0)
-    IQFormer(
-        IQFormerConfig(
-            width=64,
-            layers=2,
-            heads=4,
-            intermediate=128,
-            num_queries=8,
-            cross_attention_every=1,
-            vision_width=64,
-            text_width=64,
-        )
-    ).save_pretrained(root / "stage1" / "iqformer")
-    return root
+    return stage2_assets(root, 400)
 
 
 def common(assets, *extra):
@@ -164,17 +152,6 @@ def test_eval_generates_on_two_ranks_and_writes_predictions(assets, tmp_path):
     assert len(rows) == 40 and len({r["key"] for r in rows}) == 40  # both ranks' halves, once each
     assert all(r["prediction"] is not None and r["reference"] for r in rows)
     assert json.loads((run / "eval_val_step_00000002.json").read_text())["bleu1"] == result["bleu1"]
-
-
-def test_fusion_bench_step_runs_and_counts_flops():
-    from mmtrain.bench.vikdf import fusion
-
-    row = fusion(batch=2, text_len=6, iters=1, warm=0, size="tiny", device="cpu")
-    assert (
-        row["tok_s"] > 0
-        and row["tflops"] >= 0
-        and row["llm_tokens_per_step"] == 2 * ((9 + 6 + 8) + (9 + 8 + 7))
-    )
 
 
 def _dialogue_ppl(overrides, steps: int) -> float:

@@ -1,0 +1,1 @@
+"""What several test modules share (shards, a stand-in engine, kernel comparisons)."""
