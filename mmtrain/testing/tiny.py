@@ -172,24 +172,27 @@ def _save_tiny_clip(out_dir: Path, tok, width: int, image_size: int, patch: int)
     ).save_pretrained(out_dir / "clip")
 
 
+def _decoder(tok, width: int, positions: int, **extra) -> dict:
+    """A two-layer decoder's config over `tok` (Llama, or a VLM's language model)."""
+    config = dict(
+        vocab_size=len(tok),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=positions,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    return {**config, **extra}
+
+
 def _tiny_llama(tok, width: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    llm = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=256,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-    )
-    return llm
+    return LlamaForCausalLM(LlamaConfig(**_decoder(tok, width, positions=256)))
 
 
 def make_tiny(
@@ -248,18 +251,12 @@ def _tiny_qwen2_vl(words, width: int):
         for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
     }
     cfg = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=len(tok),
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=2,
-            num_attention_heads=4,
+        text_config=_decoder(
+            tok,
+            width,
+            positions=512,
             num_key_value_heads=2,
-            max_position_embeddings=512,
             rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]},
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
         ),
         vision_config=dict(
             depth=2,
@@ -310,19 +307,7 @@ def _tiny_llava(words, width: int):
             patch_size=patch,
             projection_dim=width,
         ),
-        text_config=dict(
-            model_type="llama",
-            vocab_size=len(tok),
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=512,
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-        ),
+        text_config=dict(model_type="llama", **_decoder(tok, width, positions=512)),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
