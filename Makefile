@@ -7,12 +7,16 @@ export HF_HUB_OFFLINE := 1
 
 .PHONY: demo test test-unit test-all chaos test-slurm install lint bench clean
 
+# One venv for every target, installed once (again only when the pins change), quietly: its log
+# is $(VENV)/install.log, shown when the install fails.
 $(STAMP): requirements/ci.txt setup.py
-	test -x $(PY) || python3 -m venv $(VENV)
-	# one pip command, torch pinned in it: takes the CPU torch on disk instead of a CUDA build
-	$(PY) -m pip install -q -r requirements/ci.txt
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	rm -f $(VENV)/.installed-* && touch $@
+	@echo "make: installing the pinned environment into $(VENV) (about a minute)"
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@# one pip command, torch pinned in it: takes the CPU torch on disk instead of a CUDA build
+	@{ $(PY) -m pip install -q -r requirements/ci.txt && \
+	   $(PY) -m pip install -q --no-deps --no-build-isolation -e . ; } > $(VENV)/install.log 2>&1 || \
+	  { tail -n 25 $(VENV)/install.log; echo "make: the install failed (log: $(VENV)/install.log); retry with: make install"; exit 1; }
+	@rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
 

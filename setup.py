@@ -23,6 +23,7 @@ setup(
         "numpy>=1.26",
         "tqdm>=4.66",
         "nltk>=3.8",  # Porter stemming for the keyphrase metrics
+        "matplotlib>=3.7",  # labelled confusion-matrix figures (torchmetrics' plotting)
     ],
     extras_require={"test": ["pytest>=8"]},
     entry_points={"console_scripts": ["mmtrain=mmtrain.cli:main"]},

@@ -3,6 +3,7 @@
 #   launch/train.sh CONFIG [key=value ...]            all visible GPUs
 #   launch/train.sh --gpus 4 CONFIG [key=value ...]   the first 4 GPUs
 #   launch/train.sh --cpu 2 CONFIG [key=value ...]    2 CPU ranks (gloo), no GPU needed
+# A pipeline (a YAML file with a top-level `stages:`) runs all its stages in one launch.
 # The config is validated before any rank starts, so a typo fails in seconds.
 set -euo pipefail
 
@@ -20,6 +21,8 @@ while [[ $# -gt 0 ]]; do
 done
 [[ $# -ge 1 ]] || usage
 PYTHON=${PYTHON:-python}
+command=train
+if grep -q '^stages:' "$1" 2>/dev/null; then command=pipeline; fi
 
 "$PYTHON" -m mmtrain.cli config "$@" > /dev/null
 
@@ -40,7 +43,7 @@ fi
 # launcher exits at once on SIGTERM and its ranks train on, orphaned. A second signal stops
 # everything at once.
 setsid "$PYTHON" -m deepspeed.launcher.runner "${args[@]}" --master_port "$port" \
-  --no_local_rank --module mmtrain.cli train "$@" &
+  --no_local_rank --module mmtrain.cli "$command" "$@" &
 launcher=$!
 signalled=0
 # shellcheck disable=SC2329  # invoked by the trap below
@@ -50,7 +53,7 @@ forward() {
   else
     signalled=1
     echo "launch/train.sh: stop signal: the ranks checkpoint and exit (a second signal stops them at once)" >&2
-    pkill -USR1 -g "$launcher" -f " -m mmtrain[.]cli train" || true      # the ranks, not the launcher
+    pkill -USR1 -g "$launcher" -f " -m mmtrain[.]cli (train|pipeline)" || true   # the ranks, not the launcher
   fi
 }
 trap forward TERM INT USR1

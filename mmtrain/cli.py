@@ -1,4 +1,4 @@
-"""`mmtrain train|config|export|data|bench ...`: the command line.
+"""`mmtrain train|pipeline|config|eval|export|data|bench ...`: the command line.
 
 Errors in user input exit 2 with one line."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-if __name__ == "__main__" and sys.argv[1:2] == ["train"]:
+if __name__ == "__main__" and sys.argv[1:2] in (["train"], ["pipeline"]):
     # before the slow imports below: a stop signal while a rank starts up is remembered, not fatal
     from mmtrain.engine import signals
 
@@ -24,6 +24,18 @@ from mmtrain.models.rules import RuleError  # noqa: E402
 
 
 def _cmd_config(args) -> int:
+    from mmtrain.pipeline import Pipeline, is_pipeline
+
+    if is_pipeline(args.config):
+        pipeline = Pipeline(args.config, args.overrides)
+        pipeline.check()
+        if args.get == "run_dir":
+            print(pipeline.root)
+        elif args.get:
+            raise ConfigError(f"--get {args.get}: a pipeline answers only --get run_dir")
+        else:
+            print(pipeline.describe(), end="")
+        return 0
     cfg = load_config(args.config, args.overrides)
     if args.get == "run_dir":
         print(cfg.run_dir)
@@ -39,25 +51,19 @@ def _cmd_config(args) -> int:
     return 0
 
 
-def _cmd_train(args) -> int:
-    from mmtrain.engine import signals
+def _until_done(work) -> int:
+    """Run `work()` (training, a pipeline) to its exit code; the reason it failed, if it did, goes
+    to train.log too; then the orderly shutdown of the process group."""
+    from mmtrain.engine import dist, signals
 
     signals.current()  # installed at start-up already when run as `python -m mmtrain.cli train`
-    cfg = load_config(args.config, args.overrides)
-    from mmtrain.engine import dist
-    from mmtrain.engine.trainer import train
-
     try:
-        code = train(cfg)  # an exception skips the shutdown: a dead peer would hang its barrier
+        code = work()  # an exception skips the shutdown: a dead peer would hang its barrier
     except BaseException as e:
         log = logging.getLogger("mmtrain")
         if log.handlers:  # train.log exists: the reason the run ended goes there too
-            log.error(
-                "run ended by %s: %s",
-                type(e).__name__,
-                e,
-                exc_info=not isinstance(e, KeyboardInterrupt),
-            )
+            trace = not isinstance(e, KeyboardInterrupt)
+            log.error("run ended by %s: %s", type(e).__name__, e, exc_info=trace)
         raise
     finally:
         # the run is over: a stop signal now (a time limit's warning as the last step ends) has
@@ -65,6 +71,24 @@ def _cmd_train(args) -> int:
         signals.current().ignore_further()
     dist.shutdown()
     return code
+
+
+def _cmd_train(args) -> int:
+    from mmtrain.engine.trainer import train
+
+    cfg = load_config(args.config, args.overrides)
+    return _until_done(lambda: train(cfg))
+
+
+def _cmd_pipeline(args) -> int:
+    from mmtrain.pipeline import Pipeline
+
+    pipeline = Pipeline(args.config, args.overrides)
+    pipeline.check()  # every stage's config, before any process group starts
+    from mmtrain.engine import dist
+
+    say = (lambda line: print(line, flush=True)) if dist.is_main() else (lambda line: None)
+    return _until_done(lambda: pipeline.run(say))
 
 
 def _cmd_ckpt_verify(args) -> int:
@@ -110,9 +134,11 @@ def _cmd_export(args) -> int:
 def _cmd_eval(args) -> int:
     import json
 
+    from mmtrain.engine import dist
     from mmtrain.engine.evaluate import run_eval
 
     result = run_eval(args.run_dir, args.split, args.tag, args.set or ())
+    dist.shutdown()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
     return 0
@@ -217,7 +243,12 @@ def _add_run_commands(sub) -> None:
     """train, config, export, ckpt verify, eval."""
     for name, fn, help_ in (
         ("train", _cmd_train, "train a recipe (run under deepspeed/torchrun/srun)"),
-        ("config", _cmd_config, "print the resolved, validated config"),
+        (
+            "pipeline",
+            _cmd_pipeline,
+            "run a pipeline of stages in one launch (see mmtrain/pipeline.py)",
+        ),
+        ("config", _cmd_config, "print the resolved, validated config (or a pipeline's stages)"),
     ):
         sp = sub.add_parser(name, help=help_)
         sp.add_argument("config", help="YAML file (may name base files with `base:`)")
@@ -363,8 +394,24 @@ def _add_tool_commands(sub) -> None:
     sp.set_defaults(fn=_cmd_bench)
 
 
+def _quiet_libraries() -> None:
+    """What libraries print that a user can do nothing about, turned off at its source, each by
+    the library's own switch or by category and module (never every warning):
+    - transformers' "Loading weights" / "Writing model shards" bars, one per from_pretrained or
+      save_pretrained on every rank: transformers' own switch;
+    - DeepSpeed's notice that it chose the CPU accelerator (on a machine without GPUs, the only
+      choice), logged at WARNING by deepspeed.accelerator on every rank and every start."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logging.getLogger("DeepSpeed").addFilter(
+        lambda r: "Setting accelerator to CPU" not in r.getMessage()
+    )
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local directories only
+    _quiet_libraries()
     p = argparse.ArgumentParser(prog="mmtrain", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 

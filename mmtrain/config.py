@@ -98,6 +98,8 @@ class LogConfig:
     every: int = bounded(10, ge=1)  # steps between scalar logs
     tensorboard: bool = True
     progress: bool = True  # progress bar with ETA on rank 0
+    # log lines on the terminal too (rank 0); false: train.log only, warnings still shown
+    console: bool = True
     peak_tflops: Optional[float] = None  # per-device peak for MFU; None: looked up by GPU name
 
 
@@ -201,8 +203,13 @@ def _merge_checked(schema: DictConfig, update: DictConfig, source: str) -> DictC
         ) from None
 
 
-def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> Config:
-    """Load, merge and validate a run configuration; raises `ConfigError` naming the problem."""
+def load_config(
+    path: Optional[str | os.PathLike] = None,
+    overrides: Sequence[str] = (),
+    pending: Sequence[str] = (),
+) -> Config:
+    """Load, merge and validate a run configuration; raises `ConfigError` naming the problem.
+    `pending`: paths a pipeline's earlier stages will write (see `validate`)."""
     file_node = _read_yaml(Path(path)) if path else OmegaConf.create()
     over_node = _parse_overrides(overrides)
     raw = OmegaConf.merge(file_node, over_node)
@@ -211,7 +218,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
     merged = _merge_checked(schema, file_node, f"config {path}" if path else "config")
     merged = _merge_checked(merged, over_node, "command-line override")
     cfg: Config = OmegaConf.to_object(merged)
-    validate(cfg)
+    validate(cfg, pending)
     return cfg
 
 
@@ -248,8 +255,15 @@ def _absolute_paths(obj: Any) -> None:
             setattr(obj, f.name, os.path.abspath(str(value)))
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, pending: Sequence[str] = ()) -> None:
+    """Every rule of the schema; `pending`: absolute paths an earlier pipeline stage will write
+    (a path under one of them need not exist yet)."""
     _absolute_paths(cfg)
+
+    def missing(value) -> bool:
+        later = any(os.path.abspath(str(value)).startswith(os.path.abspath(p)) for p in pending)
+        return not later and not Path(str(value)).exists()
+
     for key, f, value in _walk(cfg):
         allowed = f.metadata.get("choices")
         if allowed and value not in allowed:
@@ -263,7 +277,7 @@ def validate(cfg: Config) -> None:
             and not Path(str(value)).is_dir()
         ):
             raise ConfigError(f"key '{key}': shard directory does not exist: {value}")
-        if f.metadata.get("path") and value not in (None, "") and not Path(str(value)).exists():
+        if f.metadata.get("path") and value not in (None, "") and missing(value):
             raise ConfigError(f"key '{key}': path does not exist: {value}")
         broken = out_of_range(value, f.metadata["range"]) if "range" in f.metadata else None
         if broken:

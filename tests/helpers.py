@@ -21,8 +21,9 @@ def free_port() -> int:
 
 
 def start_ranks(
-    config: Path, overrides: Sequence[str], logdir: Path, world: int = 2
+    config: Path, overrides: Sequence[str], logdir: Path, world: int = 2, command: str = "train"
 ) -> List[subprocess.Popen]:
+    """`mmtrain COMMAND CONFIG OVERRIDES` as `world` rank processes; logs in logdir/rank*.log."""
     logdir.mkdir(parents=True, exist_ok=True)
     port = str(free_port())
     procs = []
@@ -40,7 +41,7 @@ def start_ranks(
         out = open(logdir / f"rank{rank}.log", "ab")
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-m", "mmtrain.cli", "train", str(config), *overrides],
+                [sys.executable, "-m", "mmtrain.cli", command, str(config), *overrides],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

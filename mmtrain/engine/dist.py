@@ -179,6 +179,14 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item() > 0)
 
 
+def is_main() -> bool:
+    """Rank 0, or the only process; before the process group starts, as the launcher says
+    (RANK from deepspeed/torchrun, SLURM_PROCID from srun)."""
+    if tdist.is_initialized():
+        return tdist.get_rank() == 0
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+
+
 def barrier() -> None:
     if tdist.is_initialized():
         tdist.barrier()

@@ -47,5 +47,4 @@ def run_eval(
         with open(run / f"predictions_{split}_{tag}.jsonl", "w") as f:
             for r in scored.rows:
                 f.write(json.dumps(r) + "\n")
-    dist.shutdown()
     return result

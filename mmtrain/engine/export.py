@@ -12,7 +12,10 @@ un-gathered parameters is.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Dict, Optional, Sequence
@@ -30,7 +33,11 @@ def consolidated_state_dict(root: Path, tag: str) -> Dict[str, torch.Tensor]:
     if list(tag_dir.glob("*optim_states.pt")) and list(tag_dir.glob("zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        # DeepSpeed's converter prints what it reads, a few lines per checkpoint, to stdout
+        with contextlib.redirect_stdout(io.StringIO()) as said:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        logging.getLogger("mmtrain").info("%s", said.getvalue().strip())
+        return state
     # ZeRO stage 0: rank 0's model-states file holds the whole module
     return torch.load(
         tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False

@@ -54,17 +54,21 @@ class _TqdmSafeHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def setup_logging(run_dir: Path, rank: int) -> logging.Logger:
+def setup_logging(run_dir: Path, rank: int, console: bool = True) -> logging.Logger:
+    """The "mmtrain" logger: rank 0 to the terminal (INFO, or WARNING without `console`) and to
+    run_dir/train.log; other ranks their warnings to the terminal and errors to train.log."""
     log = logging.getLogger("mmtrain")
     log.setLevel(logging.INFO)
-    log.handlers.clear()
+    for h in list(log.handlers):  # a run before this one in the same process (a pipeline)
+        h.close()
+        log.removeHandler(h)
     log.propagate = False
     fmt = logging.Formatter(
         f"%(asctime)s [rank{rank}] %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"
     )
     stream = _TqdmSafeHandler()
     stream.setFormatter(fmt)
-    stream.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    stream.setLevel(logging.INFO if rank == 0 and console else logging.WARNING)
     log.addHandler(stream)
     fh = logging.FileHandler(run_dir / "train.log")  # rank 0 all of it, other ranks their errors
     fh.setFormatter(fmt)

@@ -45,6 +45,7 @@ class Trainer:
         self.run_dir = cfg.run_dir
         self.ckpt_root = self.run_dir / "checkpoints"
         self.step = 0
+        self.finished = False  # every step trained (not stopped early by a signal or a split)
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> int:
@@ -71,6 +72,7 @@ class Trainer:
                 if self.checkpointer.due(self.step):
                     self.checkpointer.save(self.step)
             self.checkpointer.save_unless_saved(self.step)
+            self.finished = True
             if cfg.eval.at_end:
                 self._evaluate()
             self.log.info(
@@ -234,7 +236,7 @@ class Trainer:
             save_config(self.cfg, self.run_dir / "config.yaml")
             checkpoint.clean_partials(self.ckpt_root)
         dist.barrier()
-        self.log = setup_logging(self.run_dir, env.rank)
+        self.log = setup_logging(self.run_dir, env.rank, self.cfg.log.console)
         self.log.info(
             "run directory: %s (world size %d, device %s)\nresolved config:\n%s",
             self.run_dir.resolve(),

@@ -11,6 +11,7 @@ Entry points (called as `model("fusion_losses", batch)`, see mmtrain.models.base
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -104,13 +105,17 @@ class FuseModel(EntryPoints):
         soft = self.soft_prompts(batch, knowledge, sample=False)
         parts = [[p, s, m] for p, s, m in zip(batch["prefix"], soft, batch["middle"])]
         embeds, mask, _ = embed_segments(self._embed(), parts, self.pad_id, left_pad=True)
-        return self.llm.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            pad_token_id=self.pad_id,
-            eos_token_id=self.eos_id,
-            **generation,
-        )
+        with warnings.catch_warnings():
+            # transformers notes that from embeddings alone, no_repeat_ngram_size can only see
+            # the new tokens: here the prompt holds soft prompts, so that is the intent
+            warnings.filterwarnings("ignore", "Passing `no_repeat_ngram_size`", UserWarning)
+            return self.llm.generate(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                pad_token_id=self.pad_id,
+                eos_token_id=self.eos_id,
+                **generation,
+            )
 
 
 def load_bvif_state(bvif: BVIF, export_dir: Optional[str]) -> None:

@@ -2,9 +2,9 @@
 
 A recipe outside mmtrain is named by its import path, `recipe.name=my_pkg.my_recipe:MyRecipe`.
 Recipes are imported lazily so that `mmtrain config` on one recipe never imports another's
-dependencies. A recipe with tools of its own adds them to the command line through `COMMANDS`:
-`module:function`, called with the CLI's sub-parsers (the function's module is imported only
-then, and heavy imports inside the commands wait until one runs).
+dependencies. A recipe with tools of its own adds them to the command line through `COMMANDS`
+(`module:function`, called with the CLI's sub-parsers) and to pipelines through `STAGES`
+(`module:StageKind`, see mmtrain/pipeline.py).
 """
 
 from __future__ import annotations
@@ -24,6 +24,12 @@ RECIPES = {
 
 COMMANDS = {
     "kdsl": "mmtrain.recipes.kdsl_tools:add_commands",
+}
+
+# Pipeline stage kinds a recipe adds (mmtrain/pipeline.py): `module:StageKind`.
+STAGES = {
+    "mine": "mmtrain.recipes.kdsl_tools:MINE",
+    "seesaw": "mmtrain.recipes.kdsl_tools:SEESAW",
 }
 
 

@@ -29,6 +29,7 @@ import torch
 
 from mmtrain.data.reader import DataSection, pil_decode
 from mmtrain.data.shards import iter_metas
+from mmtrain.metrics.figures import confusion_figure, figure_image
 from mmtrain.models.generation import pad_id
 from mmtrain.models.lora import LoraSection
 from mmtrain.models.mllm import MLLM, Prompter, collate_sequences, load_model, load_processor
@@ -144,17 +145,6 @@ def weighted_f1(pred: List[int], gold: List[int], n: int) -> float:
     )
 
 
-def confusion_image(pred: List[int], gold: List[int], n: int, cell: int = 12) -> torch.Tensor:
-    """Row-normalised confusion matrix (rows: gold, columns: predicted) as a CHW image in [0, 1]."""
-    from torchmetrics.functional.classification import multiclass_confusion_matrix
-
-    m = multiclass_confusion_matrix(torch.tensor(pred), torch.tensor(gold), num_classes=n).float()
-    m = m / m.sum(1, keepdim=True).clamp(min=1)
-    return (
-        m.repeat_interleave(cell, 0).repeat_interleave(cell, 1)[None].expand(3, -1, -1).contiguous()
-    )
-
-
 class KDSL(ShardRecipe):
     Config = KDSLConfig
 
@@ -253,7 +243,8 @@ class KDSL(ShardRecipe):
             gold = [labels.index(r["gold"][t]) for r in keep]
             out.metrics[f"{t}_wf1"] = weighted_f1(pred, gold, len(labels))
             out.metrics[f"{t}_acc"] = sum(p == g for p, g in zip(pred, gold)) / max(1, len(gold))
-            out.images[f"confusion/{t}"] = confusion_image(pred, gold, len(labels))
+            figure = confusion_figure(pred, gold, labels, f"{t} ({len(gold)} examples)")
+            out.images[f"confusion/{t}"] = figure_image(figure)
         return out
 
     @torch.no_grad()

@@ -12,6 +12,7 @@ from mmtrain.data.shards import iter_metas
 from mmtrain.engine import dist
 from mmtrain.engine.evaluate import load_run
 from mmtrain.models.rules import RuleBase, dialogue_conditions, mine_rules
+from mmtrain.pipeline import StageKind
 from mmtrain.schema import ConfigError
 
 Conditions = Dict[str, Dict[str, List[str]]]  # split -> sample key -> conditions
@@ -109,7 +110,7 @@ def mine(
         (out / "mining.json").write_text(json.dumps(report, indent=2))
         for r in base.rules:
             print(r)
-    dist.shutdown()
+    dist.barrier()
     return out / "rules.json"
 
 
@@ -142,6 +143,7 @@ def _run(args) -> int:
         mine(
             args.small_run, args.out, args.data, args.tasks, args.image_task, args.rescore, args.tag
         )
+        dist.shutdown()
         return 0
     table = seesaw(args.runs, args.split)
     print(table, end="")
@@ -176,3 +178,47 @@ def add_commands(sub) -> None:
     sp.add_argument("runs", nargs="+", metavar="NAME=RUN_DIR")
     sp.add_argument("--split", default="test")
     sp.add_argument("--out", help="also write the table here")
+
+
+# -- as pipeline stages (mmtrain/pipeline.py) ----------------------------------------------------
+def _mine_stage(stage, pipeline, check: bool) -> Dict[str, Any]:
+    """`{mine: SMALL_STAGE, tasks: [...], image_task: scene, data: DIR}`: rules.json in the
+    stage's directory, from the small model trained by stage SMALL_STAGE."""
+    import shutil
+
+    small = pipeline.stage(str(stage.spec["mine"]), stage)
+    if check:
+        return {}
+    if dist.is_main() and stage.dir.exists():  # a mining that stopped half-way
+        shutil.rmtree(stage.dir)
+    dist.barrier()
+    spec = stage.spec
+    tasks = list(spec.get("tasks") or ("scene", "intent"))
+    path = mine(
+        str(small.dir), str(stage.dir), spec.get("data"), tasks, spec.get("image_task", "scene")
+    )
+    rules = RuleBase.load(str(path)).rules if dist.is_main() else []
+    shown = "\n".join(str(r) for r in rules[:5])
+    return {
+        "rules": len(rules),
+        "text": f"{shown}\n... {len(rules)} rules in {path}" if rules else "",
+    }
+
+
+def _seesaw_stage(stage, pipeline, check: bool) -> Dict[str, Any]:
+    """`{seesaw: {LABEL: STAGE, ...}, split: test}`: the table of the stages' latest evaluations
+    on `split`, written to seesaw.md in the stage's directory."""
+    runs = {label: pipeline.stage(str(name), stage) for label, name in stage.spec["seesaw"].items()}
+    if check:
+        return {}
+    table = seesaw(
+        [f"{label}={run.dir}" for label, run in runs.items()], stage.spec.get("split", "test")
+    )
+    if dist.is_main():
+        stage.dir.mkdir(parents=True, exist_ok=True)
+        (stage.dir / "seesaw.md").write_text(table)
+    return {"text": table}
+
+
+MINE = StageKind(_mine_stage, keys=("tasks", "image_task", "data"))
+SEESAW = StageKind(_seesaw_stage, keys=("split",))

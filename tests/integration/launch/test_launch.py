@@ -1,5 +1,6 @@
 """Launch scripts: syntax, shellcheck, and the sbatch requeue flow against stand-ins for srun/scontrol."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -234,3 +235,45 @@ def test_a_signal_as_the_run_ends_does_not_fail_the_job(tmp_path):
         "ranks exited with 0" in (run / "slurm.log").read_text()
         and not (tmp_path / "requeued").exists()
     )
+
+
+def test_sbatch_runs_a_pipeline_and_a_requeued_job_resumes_its_stage(tmp_path):
+    """A pipeline under slurm/train.sbatch: the time-limit signal stops the running stage
+    (checkpointed, exit 85, requeued); the requeued job skips nothing it has not finished and
+    resumes that stage, then runs the rest."""
+    root = tmp_path / "runs" / "chain"
+    pipeline = tmp_path / "chain.yaml"
+    pipeline.write_text(
+        f"name: chain\nout_dir: {tmp_path / 'runs'}\n"
+        "set: [train.steps=100000, log.every=1, checkpoint.every=0, eval.at_end=false]\n"
+        f"stages:\n  first: {{train: {DEMO}}}\n  val: {{eval: first, split: val}}\n"
+    )
+    env = dict(
+        os.environ,
+        PATH=f"{REPO / 'tests/fake_slurm'}:{os.environ['PATH']}",
+        PYTHON=sys.executable,
+        SLURM_JOB_ID="777",
+        SLURM_JOB_NODELIST="node[01-02]",
+        FAKE_NTASKS="2",
+        FAKE_REQUEUED=str(tmp_path / "requeued"),
+        OMP_NUM_THREADS="1",
+    )
+    cmd = ["bash", str(REPO / "slurm/train.sbatch"), str(pipeline)]
+    watch = {"FAKE_SIGNAL_AFTER": "step 2/", "FAKE_WATCH": str(root / "first" / "train.log")}
+    r = subprocess.run(
+        cmd, env={**env, **watch}, cwd=REPO, capture_output=True, text=True, timeout=240
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "requeued").read_text().split() == ["777"]
+    assert "[1/2] first (train): stopped (exit 85)" in (root / "slurm-777-rank0.log").read_text()
+    step = int((root / "first" / "checkpoints" / "latest").read_text().split("_")[1])
+    again = [*cmd, f"set=[train.steps={step + 2},log.every=1,eval.at_end=false]"]
+    env["SLURM_RESTART_COUNT"] = "1"
+    r = subprocess.run(again, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (
+        f"resumed from {root / 'first' / 'checkpoints'}"
+        in (root / "first" / "train.log").read_text()
+    )
+    assert list(json.loads((root / "pipeline.json").read_text())["done"]) == ["first", "val"]
+    assert (tmp_path / "requeued").read_text().split() == ["777"]  # not requeued again

@@ -4,6 +4,7 @@ Skipped unless SLURM_CONF names a running cluster."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -209,3 +210,30 @@ def test_a_signal_while_the_ranks_start_up_checkpoints_and_requeues(tmp_path):
         in (tmp_path / "runs" / "early" / "train.log").read_text()
     )
     end(jid)
+
+
+def test_a_pipeline_runs_every_stage_in_one_allocation(tmp_path):
+    pipeline = tmp_path / "chain.yaml"
+    pipeline.write_text(
+        f"name: chain\nout_dir: {tmp_path / 'runs'}\n"
+        "set: [train.steps=6, log.progress=false, eval.at_end=false]\n"
+        f"stages:\n  first: {{train: {DEMO}, export: true}}\n"
+        "  second: {train: "
+        + str(DEMO)
+        + ', set: ["recipe.model_path=${stages.first.export}/lm"]}\n'
+        "  val: {eval: second, split: val, show: [accuracy]}\n"
+    )
+    env = dict(os.environ, PYTHON=sys.executable)
+    env.pop("OMP_NUM_THREADS", None)
+    out = subprocess.run(
+        ["sbatch", "--parsable", *CPU, f"--output={tmp_path}/slurm-%j.out", f"--chdir={REPO}",
+         "--job-name=chain", str(REPO / "slurm/train.sbatch"), str(pipeline)],
+        capture_output=True, text=True, env=env, check=True,
+    )  # fmt: skip
+    jid = out.stdout.strip().split(";")[0]
+    state = wait_for(lambda: job(jid).get("JobState") in ("COMPLETED", "FAILED") and job(jid))
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", state
+    root = tmp_path / "runs" / "chain"
+    done = json.loads((root / "pipeline.json").read_text())["done"]
+    assert list(done) == ["first", "second", "val"]
+    assert "[3/3] val (eval):" in (root / f"slurm-{jid}-rank0.log").read_text()
