@@ -57,11 +57,13 @@ class _VisionTouch:
         self.blank = blank
         self.pending = False
         self.out = None
+        self.ran_blank = False  # whether the last forward ran the tower on the blank image
 
     def before_forward(self, module, args, kwargs):
         batch = args[1] if len(args) > 1 else kwargs.get("batch", {})
         self.pending = "pixel_values" not in batch
         self.out = None
+        self.ran_blank = False
 
     def after_embedding(self, module, args, output):
         if not self.pending:
@@ -74,6 +76,7 @@ class _VisionTouch:
             for k, v in self.blank.items()
         }
         self.out = _tensor_sum(base.get_image_features(**blank))
+        self.ran_blank = True
 
     def after_forward(self, module, args, kwargs, output: Any):
         if self.out is not None and isinstance(output, dict) and "loss_sum" in output:
@@ -86,6 +89,7 @@ class _VisionTouch:
 def keep_vision_in_graph(mllm: nn.Module, processor) -> nn.Module:
     """Hooks on an `MLLM` that run its vision tower on text-only batches; returns `mllm`."""
     touch = _VisionTouch(mllm, blank_image_inputs(processor))
+    mllm.vision_touch = touch  # not a module: what the last forward did, for tests and debugging
     mllm.register_forward_pre_hook(touch.before_forward, with_kwargs=True)
     mllm.model.get_input_embeddings().register_forward_hook(touch.after_embedding)
     mllm.register_forward_hook(touch.after_forward, with_kwargs=True)

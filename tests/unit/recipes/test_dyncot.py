@@ -75,20 +75,14 @@ def test_tracker_switches_samples_above_gamma_for_patience_epochs():
 def test_mllm_loads_trains_answer_tokens_only_and_runs_vision_on_text_only_batches(tmp_path, kind):
     from PIL import Image
 
-    from mmtrain.models.mllm import (
-        MLLM,
-        LoraSection,
-        Prompter,
-        blank_image_inputs,
-        collate_sequences,
-        load_model,
-        load_processor,
-    )
+    from mmtrain.models.lora import LoraSection
+    from mmtrain.models.mllm import MLLM, Prompter, collate_sequences, load_model, load_processor
+    from mmtrain.parallelize import keep_vision_in_graph
     from mmtrain.testing.tiny import make_tiny_vlm
 
     d = make_tiny_vlm(str(tmp_path / kind), kind)
     proc = load_processor(str(d))
-    model = MLLM(load_model(str(d), LoraSection(enabled=False)), blank_image_inputs(proc))
+    model = keep_vision_in_graph(MLLM(load_model(str(d), LoraSection(enabled=False))), proc)
     pr = Prompter(proc)
     with_image = pr.encode_prompt(
         "post : some circle art", Image.new("RGB", (200, 150), (220, 40, 40))
@@ -100,13 +94,13 @@ def test_mllm_loads_trains_answer_tokens_only_and_runs_vision_on_text_only_batch
     )
     assert (batch["labels"] != -100).sum(1).tolist() == [len(answer)] * 2  # loss on the answer only
     assert batch["labels"][0, with_image["input_ids"].shape[1] :][: len(answer)].tolist() == answer
-    out = model(batch)
-    assert out["per_sample"].shape == (2,) and model._blank_out is None
+    out = model("losses", batch)
+    assert out["per_sample"].shape == (2,) and not model.vision_touch.ran_blank
     out["loss"].backward()
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
-    out = model(collate_sequences([text_only], [answer], proc.tokenizer.pad_token_id))
-    assert model._blank_out is not None  # the vision tower ran on the blank image
+    out = model("losses", collate_sequences([text_only], [answer], proc.tokenizer.pad_token_id))
+    assert model.vision_touch.ran_blank  # the vision tower ran on the blank image
     out["loss"].backward()
     # the same parameters get gradients as on a batch with images: ZeRO-3's reductions line up
     assert {n for n, p in model.named_parameters() if p.grad is not None} == with_grad
