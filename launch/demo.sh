@@ -41,26 +41,31 @@ fi
 
 parts=("$@")
 (( ${#parts[@]} )) || parts=(vikdf dyncot kdsl)
-stamp=$(date +%Y%m%d-%H%M%S)
+pipelines=()
 for part in "${parts[@]}"; do
-  pipeline=configs/demo/pipelines/$part.yaml
-  [[ -f $pipeline ]] || { echo "unknown demo part '$part' (known: vikdf dyncot kdsl)" >&2; exit 2; }
-  root=$(mm config --get run_dir "$pipeline" name="demo_${part}_$stamp")
-  mkdir -p "$root"
-  : > "$root/pipeline.log"
-  # the launch's output to launch.log; the pipeline's own lines (pipeline.log) as they come
-  bash launch/train.sh --cpu 2 "$pipeline" name="demo_${part}_$stamp" log.progress=false \
-    > "$root/launch.log" 2>&1 &
-  launch=$!
-  tail -n +1 -f --pid="$launch" "$root/pipeline.log" | sed -u 's/^[^ ]* [^ ]* //'
-  rc=0
-  wait "$launch" || rc=$?
-  if (( rc != 0 )); then
-    grep -v "^\[20" "$root/launch.log" | tail -n 30 >&2
-    echo "demo: the $part pipeline failed (exit $rc; log: $root/launch.log)" >&2
-    exit "$rc"
-  fi
+  [[ -f configs/demo/pipelines/$part.yaml ]] || { echo "unknown demo part '$part' (known: vikdf dyncot kdsl)" >&2; exit 2; }
+  pipelines+=("configs/demo/pipelines/$part.yaml")
 done
+out=runs/demo_$(date +%Y%m%d-%H%M%S)
+mkdir -p "$out"
+for part in "${parts[@]}"; do  # configs/demo/pipelines/<part>.yaml names itself <part>
+  mkdir -p "$out/$part"
+  : > "$out/$part/pipeline.log"
+done
+# every pipeline in one launch (the ranks start once); its output to launch.log
+bash launch/train.sh --cpu 2 "${pipelines[@]}" out_dir="$out" log.progress=false > "$out/launch.log" 2>&1 &
+launch=$!
+for part in "${parts[@]}"; do  # each pipeline's own lines, as they come
+  tail -n +1 -f --pid="$launch" "$out/$part/pipeline.log" | sed -u 's/^[^ ]* [^ ]* //' &
+done
+rc=0
+wait "$launch" || rc=$?
+wait
+if (( rc != 0 )); then
+  grep -v "^\[20" "$out/launch.log" | tail -n 30 >&2
+  echo "demo: failed (exit $rc; log: $out/launch.log)" >&2
+  exit "$rc"
+fi
 echo
-echo "runs: runs/demo_*_$stamp/<stage>/ (config.yaml, train.log, eval.jsonl, checkpoints/, tensorboard/)"
-echo "TensorBoard: bash launch/tensorboard.sh runs   (then open http://localhost:6006)"
+echo "runs: $out/<method>/<stage>/ (config.yaml, train.log, eval.jsonl, checkpoints/, tensorboard/)"
+echo "TensorBoard: bash launch/tensorboard.sh $out   (then open http://localhost:6006)"

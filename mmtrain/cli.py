@@ -23,18 +23,30 @@ from mmtrain.engine.checkpoint import CheckpointError, CheckpointWriteError  # n
 from mmtrain.models.rules import RuleError  # noqa: E402
 
 
+def _pipelines(args):
+    """The pipelines named on the command line (several run one after another in one launch),
+    read and checked; the `key=value` arguments apply to each."""
+    from mmtrain.pipeline import Pipeline
+
+    files = [args.config, *[o for o in args.overrides if "=" not in o]]
+    overrides = [o for o in args.overrides if "=" in o]
+    pipelines = [Pipeline(f, overrides) for f in files]
+    for p in pipelines:
+        p.check()  # every stage's config, before any process group starts
+    return pipelines
+
+
 def _cmd_config(args) -> int:
-    from mmtrain.pipeline import Pipeline, is_pipeline
+    from mmtrain.pipeline import is_pipeline
 
     if is_pipeline(args.config):
-        pipeline = Pipeline(args.config, args.overrides)
-        pipeline.check()
+        pipelines = _pipelines(args)
         if args.get == "run_dir":
-            print(pipeline.root)
+            print(pipelines[0].root)
         elif args.get:
             raise ConfigError(f"--get {args.get}: a pipeline answers only --get run_dir")
         else:
-            print(pipeline.describe(), end="")
+            print("".join(p.describe() for p in pipelines), end="")
         return 0
     cfg = load_config(args.config, args.overrides)
     if args.get == "run_dir":
@@ -81,14 +93,19 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_pipeline(args) -> int:
-    from mmtrain.pipeline import Pipeline
-
-    pipeline = Pipeline(args.config, args.overrides)
-    pipeline.check()  # every stage's config, before any process group starts
     from mmtrain.engine import dist
 
+    pipelines = _pipelines(args)
     say = (lambda line: print(line, flush=True)) if dist.is_main() else (lambda line: None)
-    return _until_done(lambda: pipeline.run(say))
+
+    def run_all() -> int:
+        for p in pipelines:
+            code = p.run(say)
+            if code != 0:
+                return code
+        return 0
+
+    return _until_done(run_all)
 
 
 def _cmd_ckpt_verify(args) -> int:
@@ -246,7 +263,7 @@ def _add_run_commands(sub) -> None:
         (
             "pipeline",
             _cmd_pipeline,
-            "run a pipeline of stages in one launch (see mmtrain/pipeline.py)",
+            "run pipelines of stages in one launch: PIPELINE [PIPELINE ...] [key=value ...]",
         ),
         ("config", _cmd_config, "print the resolved, validated config (or a pipeline's stages)"),
     ):

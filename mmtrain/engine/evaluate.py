@@ -35,13 +35,29 @@ def load_run(run_dir: str, tag: Optional[str] = None, overrides: Sequence[str] =
     return cfg, recipe, model, tag, env
 
 
+def to_tensorboard(run: Path, split: str, tag: str, scored) -> None:
+    """The scores and figures (e.g. confusion matrices) in the run's TensorBoard, as
+    `<split>/<name>` at the checkpoint's step."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    step = int(tag.rsplit("_", 1)[-1]) if tag.startswith("step_") else 0
+    with SummaryWriter(str(run / "tensorboard")) as writer:
+        for k, v in scored.metrics.items():
+            if isinstance(v, (int, float)):
+                writer.add_scalar(f"{split}/{k}", v, step)
+        for k, img in scored.images.items():
+            writer.add_image(f"{split}/{k}", img, step)
+
+
 def run_eval(
     run_dir: str, split: str = "val", tag: Optional[str] = None, overrides: Sequence[str] = ()
 ) -> dict:
     run = Path(run_dir)
     cfg, recipe, model, tag, env = load_run(run_dir, tag, overrides)
-    scored = recipe.score(model, split)  # its images go to TensorBoard during training only
+    scored = recipe.score(model, split)
     result = {"split": split, "checkpoint": tag, **scored.metrics}
+    if env.is_main and cfg.log.tensorboard:
+        to_tensorboard(run, split, tag, scored)
     if env.is_main:
         (run / f"eval_{split}_{tag}.json").write_text(json.dumps(result, indent=2))
         with open(run / f"predictions_{split}_{tag}.jsonl", "w") as f:

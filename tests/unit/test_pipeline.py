@@ -98,3 +98,19 @@ def test_command_line_overrides_change_the_pipeline_or_go_to_every_train_stage(t
     first = p.stages[0]
     assert p.train_overrides(first)[:2] == ["train.steps=4", "train.lr=0.5"]
     assert p.stages[2].spec["split"] == "test"
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted((DEMO.parents[1] / "pipelines").glob("*.yaml"))
+    + sorted(DEMO.parent.glob("pipelines/*.yaml")),
+    ids=lambda p: f"{p.parent.parent.name}/{p.name}",
+)
+def test_the_shipped_pipelines_read_and_name_only_earlier_stages(path):
+    p = Pipeline(path)
+    for stage in p.stages:
+        if stage.kind == "train":
+            assert p.config_path(stage).is_file(), stage.name
+        elif stage.kind == "eval":
+            p.stage(str(stage.spec["eval"]), stage)
+    assert is_pipeline(path)
