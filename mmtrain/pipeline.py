@@ -51,16 +51,6 @@ KEYS = {"train": ("export",), "eval": ("split", "tag")}
 
 
 @dataclass
-class StageKind:
-    """A stage kind a recipe adds: `run(stage, pipeline, check)` checks the stage's references
-    (`check=True`, before anything runs) or runs it and returns its figures (a "text" figure is
-    printed whole, e.g. a table); `keys`: the stage's own YAML keys besides the kind's."""
-
-    run: Callable[..., Dict[str, Any]]
-    keys: Sequence[str] = ()
-
-
-@dataclass
 class Stage:
     name: str
     kind: str

@@ -23,13 +23,13 @@ RECIPES = {
 }
 
 COMMANDS = {
-    "kdsl": "mmtrain.recipes.kdsl_tools:add_commands",
+    "kdsl": "mmtrain.tools.kdsl:add_commands",
 }
 
 # Pipeline stage kinds a recipe adds (mmtrain/pipeline.py): `module:StageKind`.
 STAGES = {
-    "mine": "mmtrain.recipes.kdsl_tools:MINE",
-    "seesaw": "mmtrain.recipes.kdsl_tools:SEESAW",
+    "mine": "mmtrain.tools.kdsl:MINE",
+    "seesaw": "mmtrain.tools.kdsl:SEESAW",
 }
 
 

@@ -9,7 +9,7 @@ task is `recipe.tasks=[intent]`. Prediction scores every label of a task (its to
 log-likelihood, softmax over the labels); evaluation reports weighted F1 per task and logs each
 confusion matrix to TensorBoard.
 
-Rules (`mmtrain kdsl mine`: mmtrain/recipes/kdsl_tools.py, mmtrain/models/rules.py): a small
+Rules (`mmtrain kdsl mine`: mmtrain/tools/kdsl.py, mmtrain/models/rules.py): a small
 MLLM post-trained the same way reads each example's image (its predicted scene: `image shows
 logistics`), the dialogue gives `dialogue contains WORD` conditions, and MCTS mines `IF ... THEN
 label` rules per task into rules.json, beside the conditions of the val/test examples. With

@@ -134,7 +134,9 @@ FORBIDDEN = {
     "mmtrain.data": ("mmtrain.engine", "mmtrain.recipes", "mmtrain.models", "mmtrain.config"),
     "mmtrain.metrics": ("mmtrain.engine", "mmtrain.recipes", "mmtrain.models"),
     "mmtrain.parallelize": ("mmtrain",),
-    "mmtrain.engine": ("mmtrain.cli",),
+    "mmtrain.engine": ("mmtrain.cli", "mmtrain.pipeline", "mmtrain.tools"),
+    "mmtrain.recipes": ("mmtrain.engine", "mmtrain.cli", "mmtrain.pipeline", "mmtrain.tools"),
+    "mmtrain.config": ("mmtrain.engine", "mmtrain.cli", "mmtrain.pipeline", "mmtrain.tools"),
 }
 
 

@@ -12,7 +12,7 @@ from mmtrain.data.shards import iter_metas
 from mmtrain.engine import dist
 from mmtrain.engine.evaluate import load_run
 from mmtrain.models.rules import RuleBase, dialogue_conditions, mine_rules
-from mmtrain.pipeline import StageKind
+from mmtrain.recipes.base import StageKind
 from mmtrain.schema import ConfigError
 
 Conditions = Dict[str, Dict[str, List[str]]]  # split -> sample key -> conditions
