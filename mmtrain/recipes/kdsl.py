@@ -233,8 +233,8 @@ class KDSL(ShardRecipe):
                 )
         return gather_rows(self.ctx, rows)
 
-    def _scores(self, rows, probs_key: str = "probs") -> EvalResult:
-        """Weighted F1 and accuracy per task, and each task's confusion matrix as an image."""
+    def _scores(self, rows, probs_key: str = "probs", figures: bool = False) -> EvalResult:
+        """Weighted F1 and accuracy per task; with `figures`, each task's confusion matrix."""
         out = EvalResult()
         for t in self.cfg.tasks:
             labels = self.labels[t]
@@ -243,8 +243,9 @@ class KDSL(ShardRecipe):
             gold = [labels.index(r["gold"][t]) for r in keep]
             out.metrics[f"{t}_wf1"] = weighted_f1(pred, gold, len(labels))
             out.metrics[f"{t}_acc"] = sum(p == g for p, g in zip(pred, gold)) / max(1, len(gold))
-            figure = confusion_figure(pred, gold, labels, f"{t} ({len(gold)} examples)")
-            out.images[f"confusion/{t}"] = figure_image(figure)
+            if figures:
+                figure = confusion_figure(pred, gold, labels, f"{t} ({len(gold)} examples)")
+                out.images[f"confusion/{t}"] = figure_image(figure)
         return out
 
     @torch.no_grad()
@@ -252,7 +253,7 @@ class KDSL(ShardRecipe):
         if not self.cfg.data.val:
             return EvalResult()
         rows = self.predict(model, split)
-        scores = self._scores(rows)
+        scores = self._scores(rows, figures=True)
         return EvalResult({"n": len(rows), **scores.metrics}, scores.images)
 
     @torch.no_grad()
@@ -262,7 +263,7 @@ class KDSL(ShardRecipe):
         # bad rules: fail first
         rules = RuleBase.load(self.cfg.rules, self.labels) if self.cfg.rules else None
         rows = self.predict(model, split)
-        scores = self._scores(rows)
+        scores = self._scores(rows, figures=True)
         metrics = {"n": len(rows), **scores.metrics}
         if rules is not None:
             val_rows = rows if split == "val" else self.predict(model, "val")

@@ -237,6 +237,7 @@ def test_a_signal_as_the_run_ends_does_not_fail_the_job(tmp_path):
     )
 
 
+@pytest.mark.heavy  # make test-all: keeps `make test` under 10 minutes
 def test_sbatch_runs_a_pipeline_and_a_requeued_job_resumes_its_stage(tmp_path):
     """A pipeline under slurm/train.sbatch: the time-limit signal stops the running stage
     (checkpointed, exit 85, requeued); the requeued job skips nothing it has not finished and

@@ -60,6 +60,7 @@ def test_dynamic_switches_some_samples_and_resume_keeps_the_loss_table(kp, tiny_
     assert all(cot[s] == 0 for s in range(1, 31)) and sum(cot[s] for s in range(31, 37)) > 0
 
 
+@pytest.mark.heavy  # make test-all: keeps `make test` under 10 minutes
 def test_sft_beats_zero_shot_and_cot_trains_on_filtered_rationales(kp, tiny_models, tmp_path):
     zero = tmp_path / "runs" / "zero"
     train(

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -43,6 +44,7 @@ def test_stage1_learns_retrieval_beyond_chance_and_exports(stage1_run):
     assert iq.config.num_queries == 8 and iq(torch.randn(2, 5, 64)).shape == (2, 8, 64)
 
 
+@pytest.mark.heavy  # make test-all: keeps `make test` under 10 minutes
 def test_stage1_resumes_exactly(stage1_assets, tmp_path):
     common = overrides(
         stage1_assets,

@@ -94,6 +94,7 @@ def test_deterministic_form_has_no_latent(assets, tmp_path):
     assert "loss/kl" not in acc.Tags()["scalars"]
 
 
+@pytest.mark.heavy  # make test-all: keeps `make test` under 10 minutes
 def test_dialogue_resumes_exactly_with_lora_and_exports_the_adapter(assets, tmp_path):
     lora = "recipe.lora={enabled: true, r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"
     args = common(
