@@ -21,7 +21,7 @@ $(STAMP): requirements/ci.txt setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	PYTHON=$(PY) bash launch/demo.sh
+	@PYTHON=$(PY) bash launch/demo.sh
 
 # the fast suite; `make test-all` adds the heavy groups (pytest marker `heavy`)
 test: $(STAMP)

@@ -186,6 +186,7 @@ class Pipeline:
                 continue
             t0 = time.perf_counter()
             code, figures = self._run_stage(stage)
+            _release_memory()  # the stage's engine, model and optimizer, before the next builds its own
             if code != 0 or figures is None:
                 say(f"{head}: stopped (exit {code}); the next launch resumes it")
                 return code
@@ -297,3 +298,13 @@ def _figures(figures: Dict[str, Any], show: Sequence[str]) -> str:
         return ""
     text = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in picked]
     return ": " + ", ".join(text)
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
