@@ -121,6 +121,33 @@ def bert_key_to_qformer(name: str) -> Optional[str]:
     return f"qformer.encoder.layer.{i}.{rest}"
 
 
+BERT_SHAPE = {  # IQ-Former config field -> BERT config.json key
+    "width": "hidden_size",
+    "layers": "num_hidden_layers",
+    "heads": "num_attention_heads",
+    "intermediate": "intermediate_size",
+}
+
+
+def bert_shape_mismatch(shape: Dict[str, int], bert_path: str) -> Optional[str]:
+    """What differs between an IQ-Former shape (width, layers, heads, intermediate) and the BERT
+    in `bert_path` (its config.json), written out; None when they match. A mismatched BERT would
+    initialise nothing, silently leaving the IQ-Former random."""
+    import json
+    from pathlib import Path
+
+    config = Path(bert_path) / "config.json"
+    if not config.is_file():
+        return f"{bert_path} has no config.json (not a Hugging Face BERT directory)"
+    bert = json.loads(config.read_text())
+    theirs = {k: bert.get(v) for k, v in BERT_SHAPE.items()}
+    if all(shape[k] == theirs[k] for k in BERT_SHAPE):
+        return None
+    say = lambda d: ", ".join(f"{k} {d[k]}" for k in BERT_SHAPE)  # noqa: E731
+    fix = " ".join(f"recipe.iqformer.{k}={theirs[k]}" for k in BERT_SHAPE)
+    return f"the BERT in {bert_path} has {say(theirs)}; the IQ-Former has {say(shape)}: set {fix}"
+
+
 def init_from_bert(model: IQFormer, bert_path: str) -> Dict[str, List[str]]:
     """Copy matching tensors from a local BERT checkpoint; returns {'loaded': [...], 'random': [...]}."""
     from transformers import BertModel

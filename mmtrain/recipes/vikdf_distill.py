@@ -20,10 +20,16 @@ from mmtrain.data.reader import DataSection, SampleDecoder, default_collate
 from mmtrain.metrics.retrieval import retrieval_recalls
 from mmtrain.models.distill_heads import Stage1Model
 from mmtrain.models.encoders import FrozenTowers, load_tokenizer
-from mmtrain.models.iqformer import IQFormer, IQFormerConfig, init_from_bert
+from mmtrain.models.iqformer import (
+    BERT_SHAPE,
+    IQFormer,
+    IQFormerConfig,
+    bert_shape_mismatch,
+    init_from_bert,
+)
 from mmtrain.recipes.base import EvalResult, GlobalMean, StepOutput
 from mmtrain.recipes.common import ShardRecipe
-from mmtrain.schema import RecipeConfig, path_field
+from mmtrain.schema import ConfigError, RecipeConfig, path_field
 
 
 @dataclass
@@ -64,6 +70,13 @@ class Stage1Config(RecipeConfig):
 
     def data_kind(self) -> str:
         return "image-text"
+
+    def check(self) -> None:
+        if self.bert_init:
+            shape = {k: getattr(self.iqformer, k) for k in BERT_SHAPE}
+            problem = bert_shape_mismatch(shape, self.bert_init)
+            if problem:
+                raise ConfigError(f"recipe.bert_init: {problem}, or drop recipe.bert_init")
 
 
 def block_mask(rng: random.Random, grid: int, block: int, ratio: float, visible: float):

@@ -1,6 +1,7 @@
 """VIKDF stage 1 on tiny random towers and synthetic image-text shards, 2 CPU ranks under ZeRO-3."""
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,3 +105,34 @@ def test_stage1_bench_step_runs_and_counts_flops():
 
     row = stage1(batch=4, iters=1, warm=0, compile_towers=False, size="tiny", device="cpu")
     assert row["gflop_per_sample"] > 0 and row["samples_s"] > 0 and row["size"] == "tiny"
+
+
+def test_a_bert_of_another_shape_is_refused_before_training(stage1_assets, tmp_path):
+    """It used to load nothing and train a random IQ-Former, saying so only at INFO."""
+    from transformers import BertConfig
+
+    from mmtrain.config import ConfigError, load_config
+
+    BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    ).save_pretrained(tmp_path / "bert32")
+    a = stage1_assets
+    paths = [
+        f"recipe.vision_path={a / 'tiny' / 'clip'}",
+        f"recipe.text_path={a / 'tiny' / 'clip'}",
+        f"recipe.data.train={a / 'it' / 'train'}",
+        f"recipe.data.val={a / 'it' / 'val'}",
+    ]
+    config = Path(__file__).resolve().parents[3] / "configs" / "demo" / "vikdf_stage1.yaml"
+    with pytest.raises(
+        ConfigError,
+        match=r"recipe.bert_init: the BERT in .*bert32 has width 32, layers 2, heads 4, "
+        r"intermediate 64; the IQ-Former has width 64, layers 2, heads 4, intermediate 128: set "
+        r"recipe.iqformer.width=32 recipe.iqformer.layers=2 recipe.iqformer.heads=4 "
+        r"recipe.iqformer.intermediate=64",
+    ):
+        load_config(config, [*paths, f"recipe.bert_init={tmp_path / 'bert32'}"])
+    shaped = [f"recipe.iqformer.{k}={v}" for k, v in [("width", 32), ("intermediate", 64)]]
+    cfg = load_config(config, [*paths, f"recipe.bert_init={tmp_path / 'bert32'}", *shaped])
+    assert cfg.recipe.iqformer.width == 32  # the suggested fix is accepted
+    load_config(config, [*paths, f"recipe.bert_init={a / 'tiny' / 'bert'}"])  # the tiny BERT fits
