@@ -28,7 +28,7 @@ from mmtrain.models.iqformer import (
     init_from_bert,
 )
 from mmtrain.recipes.base import EvalResult, GlobalMean, StepOutput
-from mmtrain.recipes.common import ShardRecipe
+from mmtrain.recipes.common import ShardRecipe, gather_rows
 from mmtrain.schema import ConfigError, RecipeConfig, path_field
 
 
@@ -258,16 +258,20 @@ class VIKDFDistill(ShardRecipe):
 
     @torch.no_grad()
     def evaluate(self, model, split: str = "val") -> EvalResult:
-        """Recall@1/5/10 both ways over the split; every rank embeds an equal share, gathered."""
+        """Recall@1/5/10 both ways over every pair of the split: each rank embeds its share, the
+        pairs are gathered by key (a pair the loader repeated to even out the ranks counts once)."""
         if not self.cfg.data.val:
             return EvalResult()
-        loader = self.eval_loader(split, mode="exact")
-        images, texts = [], []
+        loader = self.eval_loader(split)
+        rows = []
         for _ in range(loader.steps_per_epoch):
-            out = model("retrieval_embeddings", **self._encode(next(loader)))
-            images.append(out["image"].float())
-            texts.append(out["text"].float())
-        img, txt = self.ctx.all_gather(torch.cat(images)), self.ctx.all_gather(torch.cat(texts))
+            batch = next(loader)
+            out = model("retrieval_embeddings", **self._encode(batch))
+            pairs = zip(batch["key"], out["image"].float().cpu(), out["text"].float().cpu())
+            rows += [{"key": k, "image": i, "text": t} for k, i, t in pairs]
+        rows = gather_rows(self.ctx, rows)
+        img = torch.stack([r["image"] for r in rows])
+        txt = torch.stack([r["text"] for r in rows])
         return EvalResult(retrieval_recalls(img, txt))
 
     def flops_per_sample(self) -> float:

@@ -100,6 +100,14 @@ def test_retrieval_recalls_definition():
     assert r["i2t_r@1"] == pytest.approx(2 / 3)
 
 
+def test_tied_scores_never_count_as_retrieved_in_either_direction():
+    same = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    r = retrieval_recalls(same, same, ks=(1, 2))
+    # pairs 0 and 1 are identical: each one's match ties with the other candidate
+    assert r["i2t_r@1"] == r["t2i_r@1"] == pytest.approx(1 / 3)
+    assert r["i2t_r@2"] == r["t2i_r@2"] == 1.0
+
+
 def test_stage1_bench_step_runs_and_counts_flops():
     from mmtrain.bench.vikdf import stage1
 
