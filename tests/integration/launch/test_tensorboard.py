@@ -4,8 +4,10 @@ confusion matrices are listed and load as images; the server answers on localhos
 
 import io
 import json
+import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -68,6 +70,7 @@ def test_tensorboard_serves_scalars_reconstructions_and_labelled_confusion_matri
         ["bash", str(REPO / "launch/tensorboard.sh"), str(logdir), str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHON": sys.executable},
     )
     try:
         deadline, runs = time.time() + 120, []
