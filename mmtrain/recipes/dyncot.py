@@ -24,7 +24,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -95,6 +95,15 @@ def rationale_is_valid(rationale: str, gold: List[str]) -> bool:
     """False when the rationale's final answer misses every gold keyphrase (after stemming)."""
     answer = f" {normalize(rationale_parts(rationale)[1])} "
     return any(f" {g} " in answer for g in dedupe(gold))
+
+
+def until_stop(ids: List[int], stops) -> Tuple[List[int], bool]:
+    """The generated ids before the first stop token, and whether there was none: the generation
+    ran into the length limit (`recipe.generation.max_new_tokens`) and its answer may be cut."""
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[:i], False
+    return ids, True
 
 
 class HardSampleTracker:
@@ -362,6 +371,8 @@ class DynCoT(ShardRecipe):
                 "n": len(rows),
                 "think_rate": sum(r["rationale"] is not None for r in rows) / n,
                 "mean_gen_tokens": sum(r["gen_tokens"] for r in rows) / n,
+                # generations still going at generation.max_new_tokens: their answer may be cut
+                "hit_length_limit": sum(r["hit_length_limit"] for r in rows),
                 "kp_overlap_with_train": overlap(train_kps, [k for r in rows for k in r["gold"]]),
             }
         )
@@ -382,8 +393,7 @@ class DynCoT(ShardRecipe):
             prompts = collate_sequences(batch["prompt"], None, self.pad_id, left_pad=True)
             new = model("generate", prompts, **gen).tolist()
             for key, text, gold, ids in zip(batch["key"], batch["text"], batch["keyphrases"], new):
-                stop = [i for i, t in enumerate(ids) if t in (tok.eos_token_id, self.pad_id)]
-                ids = ids[: stop[0]] if stop else ids
+                ids, cut_off = until_stop(ids, (tok.eos_token_id, self.pad_id))
                 prediction = tok.decode(ids, skip_special_tokens=True)
                 rationale, kps = parse_generation(prediction, self.cfg.separator.strip())
                 rows.append(
@@ -395,6 +405,7 @@ class DynCoT(ShardRecipe):
                         "rationale": rationale,
                         "generated": prediction,
                         "gen_tokens": len(ids),
+                        "hit_length_limit": cut_off,
                     }
                 )
         return rows

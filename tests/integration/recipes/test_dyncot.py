@@ -95,6 +95,7 @@ def test_sft_beats_zero_shot_and_cot_trains_on_filtered_rationales(kp, tiny_mode
     result = eval_ranks(cot, "--split", "test")
     assert result["n"] == 60 and result["n_unseen"] > 0 and result["kp_overlap_with_train"] < 1.0
     assert {"think_rate", "mean_gen_tokens", "unseen_f1@3", "absent_f1@5"} <= set(result)
+    assert 0 <= result["hit_length_limit"] <= result["n"]
     rows = [
         json.loads(line)
         for line in (cot / "predictions_test_step_00000004.jsonl").read_text().splitlines()

@@ -6,7 +6,12 @@ import json
 import pytest
 
 from mmtrain.metrics.keyphrase import KeyphraseF1, f1_at_k, normalize, overlap, parse_generation
-from mmtrain.recipes.dyncot import DynamicSection, HardSampleTracker, rationale_is_valid
+from mmtrain.recipes.dyncot import (
+    DynamicSection,
+    HardSampleTracker,
+    rationale_is_valid,
+    until_stop,
+)
 
 
 def test_f1_at_k_divides_precision_by_k_and_stems():
@@ -105,3 +110,11 @@ def test_mllm_loads_trains_answer_tokens_only_and_runs_vision_on_text_only_batch
     # the same parameters get gradients as on a batch with images: ZeRO-3's reductions line up
     assert {n for n, p in model.named_parameters() if p.grad is not None} == with_grad
     assert any("vis" in n for n in with_grad)
+
+
+def test_a_generation_without_a_stop_token_counts_as_hitting_the_length_limit():
+    """Evaluation reports how many generations ran into generation.max_new_tokens (their answer
+    may be cut): there was no end-of-sequence or pad token before the limit."""
+    assert until_stop([5, 6, 2, 0, 0], stops=(2, 0)) == ([5, 6], False)
+    assert until_stop([5, 6, 7], stops=(2, 0)) == ([5, 6, 7], True)
+    assert until_stop([2], stops=(2, 0)) == ([], False)
