@@ -24,6 +24,35 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
 
+# An image more than this many times longer than wide is a strip, not a picture: resized to the
+# shortest edge it would be enormous (1 x 4000 px at 224: 224 x 896,000). Such a sample raises,
+# and the reader skips and counts it like any unreadable one.
+MAX_ASPECT = 50
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any image as 8-bit RGB: transparency over white (PIL's plain convert keeps whatever colour
+    the transparent pixels hold), 16/32-bit greyscale scaled to 8 bits (a plain convert clips it
+    at 255), CMYK, greyscale and palette images converted. Raises ValueError for a strip."""
+    w, h = im.size
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ValueError(
+            f"image of {w} x {h} pixels: more than {MAX_ASPECT} times longer than wide"
+        )
+    if im.mode.startswith("I"):  # I;16, I;16B, I (16-bit PNGs open as one of these)
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).round().astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        out = Image.new("RGB", im.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return im.convert("RGB")
+
+
 @dataclass
 class ImageTransform:
     resize: int = 224  # shortest edge after resizing
@@ -67,7 +96,7 @@ class ImageTransform:
         if self.fast and im.format == "JPEG":
             # only ever reduces to >= the requested size
             im.draft("RGB", (self.resize, self.resize))
-        return im.convert("RGB")
+        return to_rgb(im)
 
     def __call__(self, im: Image.Image) -> torch.Tensor:
         w, h = im.size

@@ -476,13 +476,13 @@ def pil_decode(raw: Dict[str, Any]) -> Dict[str, Any]:
 
     from PIL import Image
 
-    from mmtrain.data.images import image_bytes
+    from mmtrain.data.images import image_bytes, to_rgb
 
     data = image_bytes(raw)
     return {
         "key": raw["__key__"],
         "meta": json.loads(raw["json"]) if "json" in raw else {},
-        "image": Image.open(io.BytesIO(data)).convert("RGB") if data is not None else None,
+        "image": to_rgb(Image.open(io.BytesIO(data))) if data is not None else None,
     }
 
 
