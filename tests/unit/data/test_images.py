@@ -47,3 +47,8 @@ def test_a_strip_is_refused_by_the_transform_and_by_the_vlm_decoder():
         pil_decode({"__key__": "k", "png": strip})
     wide = ImageTransform(resize=32, crop=32).load(png(Image.new("RGB", (400, 40))))
     assert tuple(wide.shape) == (3, 32, 32)  # 10:1 is a picture
+
+
+def test_a_vision_directory_without_its_processor_config_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"preprocessor_config.json is missing"):
+        ImageTransform.from_pretrained(str(tmp_path))
