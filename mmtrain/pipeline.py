@@ -157,21 +157,20 @@ class Pipeline:
 
     def run(self, say: Callable[[str], None] = print) -> int:
         """Every stage not yet done, in order; 0, or the exit code of the stage that stopped (85:
-        stopped by a signal, checkpointed, to be resumed by the next launch)."""
-        self.check()
+        stopped by a signal, checkpointed, to be resumed by the next launch). Call `check()`
+        first (the command line checks every pipeline of a launch before the first one runs)."""
         self.root.mkdir(parents=True, exist_ok=True)
         record = open(self.root / "pipeline.log", "a") if dist.is_main() else None
-        told = say
 
-        def say(line: str) -> None:  # to the terminal, and to pipeline.log
-            told(line)
+        def say_and_record(line: str) -> None:  # to the terminal, and to pipeline.log
+            say(line)
             if record:
                 now = time.strftime("%Y-%m-%d %H:%M:%S")
                 record.writelines(f"{now} {part}\n" for part in line.splitlines())
                 record.flush()
 
         try:
-            return self._run_all(say)
+            return self._run_all(say_and_record)
         finally:
             if record:
                 record.close()

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from mmtrain.engine import dist
+from mmtrain.engine import checkpoint, dist
 from mmtrain.engine.build import DTYPES, build_model, build_recipe
 from mmtrain.engine.export import find_checkpoint, load_trained
 
@@ -40,7 +40,8 @@ def to_tensorboard(run: Path, split: str, tag: str, scored) -> None:
     `<split>/<name>` at the checkpoint's step."""
     from torch.utils.tensorboard import SummaryWriter
 
-    step = int(tag.rsplit("_", 1)[-1]) if tag.startswith("step_") else 0
+    numbered = checkpoint.TAG_RE.match(tag)
+    step = int(numbered.group(1)) if numbered else 0
     with SummaryWriter(str(run / "tensorboard")) as writer:
         for k, v in scored.metrics.items():
             if isinstance(v, (int, float)):

@@ -252,14 +252,6 @@ class MLLM(EntryPoints):
         return out[:, inputs["input_ids"].shape[1] :]
 
 
-def blank_image_inputs(processor) -> Dict[str, torch.Tensor]:
-    """The vision inputs of one small blank image, for text-only batches."""
-    from PIL import Image
-
-    enc = processor.image_processor(images=[Image.new("RGB", (56, 56))], return_tensors="pt")
-    return {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
-
-
 def load_model(
     path: str,
     lora: LoraSection,

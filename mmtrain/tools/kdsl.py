@@ -108,8 +108,6 @@ def mine(
             "mining": vars(cfg.recipe.mining),
         }
         (out / "mining.json").write_text(json.dumps(report, indent=2))
-        for r in base.rules:
-            print(r)
     dist.barrier()
     return out / "rules.json"
 
@@ -140,9 +138,12 @@ def seesaw(named_runs: Sequence[str], split: str = "test") -> str:
 
 def _run(args) -> int:
     if args.kdsl_cmd == "mine":
-        mine(
+        path = mine(
             args.small_run, args.out, args.data, args.tasks, args.image_task, args.rescore, args.tag
         )
+        if dist.is_main():
+            for rule in RuleBase.load(str(path)).rules:
+                print(rule)
         dist.shutdown()
         return 0
     table = seesaw(args.runs, args.split)

@@ -42,7 +42,8 @@ def test_train_sh_rejects_a_bad_config_before_launching(tmp_path):
     assert "unknown key 'train.stpes'; did you mean 'train.steps'" in r.stderr
 
 
-def sbatch_command(tmp_path, run_name, extra_env, overrides):
+def fake_slurm_env(tmp_path, extra_env=None):
+    """A job's environment under the stand-ins for srun/scontrol (tests/fake_slurm)."""
     env = dict(
         os.environ,
         PATH=f"{REPO / 'tests/fake_slurm'}:{os.environ['PATH']}",
@@ -53,19 +54,30 @@ def sbatch_command(tmp_path, run_name, extra_env, overrides):
         FAKE_REQUEUED=str(tmp_path / "requeued"),
         OMP_NUM_THREADS="1",
     )
-    env = {k: v for k, v in {**env, **extra_env}.items() if v is not None}  # None: unset
+    return {k: v for k, v in {**env, **(extra_env or {})}.items() if v is not None}  # None: unset
+
+
+SBATCH = ["bash", str(REPO / "slurm/train.sbatch")]
+
+
+def run_sbatch(cmd, env):
+    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+
+
+def sbatch_command(tmp_path, run_name, extra_env, overrides):
+    env = fake_slurm_env(tmp_path, extra_env)
     over = [
         f"run.out_dir={tmp_path / 'runs'}",
         f"run.name={run_name}",
         "log.progress=false",
         *overrides,
     ]
-    return ["bash", str(REPO / "slurm/train.sbatch"), str(DEMO), *over], env
+    return [*SBATCH, str(DEMO), *over], env
 
 
 def sbatch(tmp_path, run_name, extra_env, overrides):
     cmd, env = sbatch_command(tmp_path, run_name, extra_env, overrides)
-    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    return run_sbatch(cmd, env)
 
 
 def test_sbatch_requeues_after_signal_and_resumes(tmp_path):
@@ -249,28 +261,14 @@ def test_sbatch_runs_a_pipeline_and_a_requeued_job_resumes_its_stage(tmp_path):
         "set: [train.steps=100000, log.every=1, checkpoint.every=0, eval.at_end=false]\n"
         f"stages:\n  first: {{train: {DEMO}}}\n  val: {{eval: first, split: val}}\n"
     )
-    env = dict(
-        os.environ,
-        PATH=f"{REPO / 'tests/fake_slurm'}:{os.environ['PATH']}",
-        PYTHON=sys.executable,
-        SLURM_JOB_ID="777",
-        SLURM_JOB_NODELIST="node[01-02]",
-        FAKE_NTASKS="2",
-        FAKE_REQUEUED=str(tmp_path / "requeued"),
-        OMP_NUM_THREADS="1",
-    )
-    cmd = ["bash", str(REPO / "slurm/train.sbatch"), str(pipeline)]
     watch = {"FAKE_SIGNAL_AFTER": "step 2/", "FAKE_WATCH": str(root / "first" / "train.log")}
-    r = subprocess.run(
-        cmd, env={**env, **watch}, cwd=REPO, capture_output=True, text=True, timeout=240
-    )
+    r = run_sbatch([*SBATCH, str(pipeline)], fake_slurm_env(tmp_path, watch))
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "requeued").read_text().split() == ["777"]
     assert "[1/2] first (train): stopped (exit 85)" in (root / "slurm-777-rank0.log").read_text()
     step = int((root / "first" / "checkpoints" / "latest").read_text().split("_")[1])
-    again = [*cmd, f"set=[train.steps={step + 2},log.every=1,eval.at_end=false]"]
-    env["SLURM_RESTART_COUNT"] = "1"
-    r = subprocess.run(again, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    again = [*SBATCH, str(pipeline), f"set=[train.steps={step + 2},log.every=1,eval.at_end=false]"]
+    r = run_sbatch(again, fake_slurm_env(tmp_path, {"SLURM_RESTART_COUNT": "1"}))
     assert r.returncode == 0, r.stdout + r.stderr
     assert (
         f"resumed from {root / 'first' / 'checkpoints'}"

@@ -34,9 +34,8 @@ def image(port, run, tag):
     """The newest image of `tag` in `run`, decoded."""
     items = get(port, "/data/plugin/images/images", run=run, tag=tag)
     assert items, (run, tag)
-    png = get(port, "/data/plugin/images/individualImage" + "", **dict(
-        urllib.parse.parse_qsl(items[-1]["query"])))  # fmt: skip
-    return Image.open(io.BytesIO(png))
+    query = dict(urllib.parse.parse_qsl(items[-1]["query"]))
+    return Image.open(io.BytesIO(get(port, "/data/plugin/images/individualImage", **query)))
 
 
 @pytest.fixture
