@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The demo (run by `make demo`): every method at tiny size on 2 CPU ranks under ZeRO-3, each a
-# pipeline run in one launch (configs/demo/pipelines/):
+# The demo (run by `make demo`): every method at tiny size on 2 CPU ranks (ZeRO-2 at these widths:
+# configs/demo/pipelines/ says why), each a pipeline, all in one launch:
 #   vikdf : stage 1 (IQ-Former distillation) -> stage 2 fusion (BVIF into a frozen LLM) ->
 #           zero-resource dialogue fine-tuning -> generation and dialogue metrics (validation);
 #   dyncot: Dynamic CoT keyphrase prediction with a tiny Qwen2-VL: zero-shot vs dynamic CoT (F1@k);
@@ -25,12 +25,18 @@ quietly() {  # quietly LOG CMD...: CMD's output to LOG, shown only if it fails
   fi
 }
 
-make_data() {
+make_shards() {
   mm data synth --kind image-text --out data/synth/image-text --n 3000
   mm data synth --kind dialogue --out data/synth/dialogue --n 2000
   mm data synth --kind keyphrase --out data/synth/keyphrase --n 600
   mm data synth --kind intent --out data/synth/intent --n 400
+}
+
+make_data() {  # the shards and the tiny models (their LLM pretrains for ~25 s) side by side
+  make_shards &
+  local shards=$!
   mm models tiny --out data/tiny
+  wait "$shards"
 }
 
 mkdir -p data

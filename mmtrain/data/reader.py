@@ -330,6 +330,15 @@ class ShardLoader:
     def __iter__(self):
         return self
 
+    def close(self) -> None:
+        """Stop the worker processes now (the next batch starts them again where this left off).
+        Left to the garbage collector, a loader in a reference cycle can lose its queues first and
+        then waits 5 s per worker for one that never hears it should stop."""
+        it, self._it = self._it, None
+        shutdown = getattr(it, "_shutdown_workers", None)  # torch's iterator with workers
+        if shutdown is not None:
+            shutdown()
+
     def __next__(self) -> Dict[str, Any]:
         if self._it is None:
             self._start()

@@ -84,6 +84,7 @@ class Trainer:
             return 0
         finally:
             self.monitor.close()
+            self.data.close()  # its workers now: left to the garbage collector, each costs 5 s
 
     def _optimizer_step(self):
         """grad_accum good micro-batches (a non-finite one is replaced, not counted), one update."""

@@ -119,6 +119,10 @@ class DataStream(Protocol):
         """This rank's state, from the `state_dict()`s of every rank of a run that had another
         number of ranks (resume on a different world size)."""
 
+    def close(self) -> None:
+        """Stop any background workers (the engine calls it when training ends); iterating again
+        starts them anew."""
+
 
 class Recipe:
     """Subclass, set `Config`, and implement `build_model`, `build_data` and `step`; a recipe over

@@ -89,6 +89,9 @@ class TokenStream:
     def reshard_state(self, states, rank: int, world: int):
         return states[0]  # every rank stood at the same step
 
+    def close(self) -> None:
+        pass  # no workers
+
 
 class ToyLMModel(nn.Module):
     def __init__(self, lm: nn.Module):

@@ -545,3 +545,26 @@ def test_eval_mode_sees_every_sample_once_with_equal_steps(tmp_path):
         assert all(len(b) == 4 for b in batches) and ld.skipped == 0
         seen += [k for b in batches for k in b]
     assert len(set(seen)) == 23 and len(seen) == 24  # one repeat fills the last batch
+
+
+def test_close_stops_the_workers_at_once_and_reading_continues_where_it_stopped(tmp_path):
+    """A loader held in a reference cycle (as a trainer holds it) and left to the garbage
+    collector took 5 s per worker to stop: the pipeline paid it between every two stages."""
+    import multiprocessing
+    import time
+
+    spec = write_plain(tmp_path, "c", [13, 7, 11])
+    straight = loader(spec, batch=3, workers=2, seed=5)
+    want = [next(straight)["key"] for _ in range(9)]
+    straight.close()
+    ld = loader(spec, batch=3, workers=2, seed=5)
+    ld.cycle = ld  # as in a trainer: only the garbage collector would free it
+    got = [next(ld)["key"] for _ in range(4)]
+    assert len(multiprocessing.active_children()) == 2
+    t0 = time.perf_counter()
+    ld.close()
+    assert time.perf_counter() - t0 < 2.0
+    assert multiprocessing.active_children() == []
+    got += [next(ld)["key"] for _ in range(5)]  # new workers, from the next batch on
+    ld.close()
+    assert got == want
