@@ -167,7 +167,7 @@ def _cmd_data(args) -> int:
     if args.data_cmd == "synth":
         from mmtrain.data.synth import synth
 
-        manifests = synth(args.kind, args.out, args.n, args.seed, args.max_count)
+        manifests = synth(args.kind, args.out, args.n, args.seed, args.max_count, args.lang)
         for split, m in manifests.items():
             print(f"{args.out}/{split}: {m['total']} samples in {len(m['shards'])} shards")
     elif args.data_cmd == "convert":
@@ -327,6 +327,13 @@ def _add_data_commands(sub) -> None:
     sp.add_argument("--n", type=int, default=1000)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--max-count", type=int, default=1000, help="samples per shard")
+    sp.add_argument(
+        "--lang",
+        default="en",
+        choices=["en", "zh"],
+        help="zh: Chinese posts, keyphrases, rationales and dialogues (keyphrase and intent kinds), "
+        "with labels spelled as real data spells them ('Payment page')",
+    )
     sp = dsub.add_parser("convert", help="shards from a public dataset format")
     sp.add_argument(
         "--from",

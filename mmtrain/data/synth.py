@@ -16,12 +16,17 @@ DIR/val and DIR/test (80/10/10), each a shard set with its manifest.
 - intent: a page-like screenshot (product card, payment, logistics, refund, another app) and a
   customer turn; the intent follows from both (an ambiguous "can you check this?" means
   tracking on a logistics page and a failed payment on a payment page).
+
+`--lang zh` (keyphrase and intent): the same samples in Chinese (posts, keyphrases such as
+`圆形`, rationales ending in `答案：`, customer turns such as `我要取消订单。`), and intent labels
+spelled as real data spells them, with spaces and capitals (`Payment page`, `Track package`).
 """
 
 from __future__ import annotations
 
 import io
 import random
+import re
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 from PIL import Image, ImageDraw
@@ -288,35 +293,107 @@ def intent(rng: random.Random, split: str) -> Dict[str, Any]:
     }
 
 
+# -- the Chinese variant -----------------------------------------------------------------------
+ZH = {
+    "circle": "圆形",
+    "square": "方形",
+    "triangle": "三角形",
+    "star": "星形",
+    "hexagon": "六边形",
+    "red": "红色",
+    "green": "绿色",
+    "blue": "蓝色",
+    "yellow": "黄色",
+    "purple": "紫色",
+    "orange": "橙色",
+    "art": "艺术",
+    "design": "设计",
+    "weekend": "周末",
+}
+ZH_COUNT = {1: "一", 2: "两", 3: "三"}
+ZH_SCENES = {  # as real label sets spell them
+    "product": "Product page",
+    "payment": "Payment page",
+    "logistics": "Logistics",
+    "refund": "Refund",
+    "other_app": "Other app",
+}
+
+
+def keyphrase_zh(rng: random.Random, split: str) -> Dict[str, Any]:
+    """`keyphrase` in Chinese: the same draws, so the same images and keyphrase structure."""
+    sample = keyphrase(rng, split)
+    shape, color, topic = (ZH[k] for k in sample["json"]["keyphrases"])
+    en = sample["json"]
+    if any(w in en["text"] for w in TRAIN_SHAPES + UNSEEN_SHAPES):
+        text = f"今天完成了我的{shape}{topic}作品！"
+    else:
+        text = f"看看我为{topic}板做的东西！"
+    answer = re.search(r"Answer: (.*)$", en["rationale"]).group(1).split("; ")
+    seen = [ZH[a] for a in answer]
+    said = "、".join(seen[:2])
+    rationale = f"图片里是{said}，帖子是关于{topic}的。答案：{'；'.join(seen)}"
+    return {
+        **sample,
+        "json": {"text": text, "keyphrases": [shape, color, topic], "rationale": rationale},
+    }
+
+
+def intent_zh(rng: random.Random, split: str) -> Dict[str, Any]:
+    """`intent` in Chinese, its labels spelled with spaces and capitals."""
+    sample = intent(rng, split)
+    en = sample["json"]
+    if en["intent"] == "ask_price":
+        text = rng.choice(["这个多少钱？", "这个有折扣吗？"])
+    elif en["intent"] == "cancel_order":
+        text = rng.choice(["我要取消订单。", "请帮我取消。"])
+    else:
+        text = rng.choice(["帮我看看这个。", "这是怎么回事？", "我对这个页面有疑问。"])
+    turns = [
+        {"role": "user", "text": rng.choice(["你好。", "在吗？"])},
+        {"role": "agent", "text": "您好！请问有什么可以帮您？"},
+        {"role": "user", "text": text},
+    ]
+    label = en["intent"].replace("_", " ").capitalize()
+    return {**sample, "json": {"turns": turns, "scene": ZH_SCENES[en["scene"]], "intent": label}}
+
+
 GENERATORS: Dict[str, Callable[[random.Random, str], Dict[str, Any]]] = {
     "image-text": image_text,
     "dialogue": dialogue,
     "keyphrase": keyphrase,
     "intent": intent,
 }
+ZH_GENERATORS = {"keyphrase": keyphrase_zh, "intent": intent_zh}
 SPLITS = (("train", 0.8), ("val", 0.1), ("test", 0.1))
 
 
-def samples(kind: str, n: int, seed: int, split: str) -> Iterator[Dict[str, Any]]:
-    gen = GENERATORS[kind]
+def samples(kind: str, n: int, seed: int, split: str, lang: str = "en") -> Iterator[Dict[str, Any]]:
+    gen = ZH_GENERATORS[kind] if lang == "zh" else GENERATORS[kind]
     for i in range(n):
         rng = random.Random(f"{seed}/{kind}/{split}/{i}")
         yield {"__key__": f"{split}-{i:09d}", **gen(rng, split)}
 
 
-def synth(kind: str, out_dir: str, n: int, seed: int = 0, max_count: int = 1000) -> Dict[str, dict]:
+def synth(
+    kind: str, out_dir: str, n: int, seed: int = 0, max_count: int = 1000, lang: str = "en"
+) -> Dict[str, dict]:
     from pathlib import Path
 
     if kind not in GENERATORS:
         raise ValueError(f"--kind must be one of {sorted(GENERATORS)}, got {kind!r}")
+    if lang not in ("en", "zh") or (lang == "zh" and kind not in ZH_GENERATORS):
+        raise ValueError(
+            f"--lang {lang}: the Chinese variant exists for --kind {sorted(ZH_GENERATORS)}"
+        )
     manifests = {}
     for (split, _), size in zip(SPLITS, split_counts(n, [f for _, f in SPLITS])):
         if size:
             manifests[split] = write_shards(
-                samples(kind, size, seed, split),
+                samples(kind, size, seed, split, lang),
                 Path(out_dir) / split,
                 kind,
                 max_count=max_count,
-                extra={"source": f"synth seed={seed}", "split": split},
+                extra={"source": f"synth seed={seed} lang={lang}", "split": split},
             )
     return manifests

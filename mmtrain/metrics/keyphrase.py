@@ -1,8 +1,12 @@
 """Keyphrase metrics: F1@k after Porter stemming, broken down into present/absent and seen/unseen.
 
 Definitions (the usual ones for keyphrase generation, made explicit):
-- normalise: lower-case, split into words, Porter-stem each word (nltk), re-join; predictions are
-  de-duplicated after normalising, keeping the first occurrence (the model's order is its rank).
+- normalise: the words of `mmtrain.text` (NFKC, case-folded, any script; each Chinese/Japanese
+  character a word of its own), each ASCII word Porter-stemmed (nltk; the stemmer is for English,
+  so `café` and `手机` stay as written), re-joined by spaces. A gold phrase with no letter or
+  digit is an error naming its sample; a predicted one keeps its rank and matches nothing.
+  Predictions are de-duplicated after normalising, keeping the first occurrence (the model's
+  order is its rank).
 - F1@k of one sample: the top k predictions; P = correct / k (k, not the number predicted, so a
   model that predicts fewer is not rewarded), R = correct / |gold|, F1 = 2PR / (P + R); averaged
   over samples (macro).
@@ -17,13 +21,14 @@ Definitions (the usual ones for keyphrase generation, made explicit):
 from __future__ import annotations
 
 import re
+import unicodedata
 from functools import lru_cache
 from typing import Dict, Iterable, List, Optional, Sequence, Set
 
 import torch
 from torchmetrics import Metric
 
-_WORD = re.compile(r"[a-z0-9]+")
+from mmtrain.text import words
 
 
 @lru_cache(maxsize=1)
@@ -36,14 +41,34 @@ def _stemmer():
 @lru_cache(maxsize=200_000)
 def normalize(phrase: str) -> str:
     stem = _stemmer().stem
-    return " ".join(stem(w) for w in _WORD.findall(phrase.lower()))
+    return " ".join(stem(w) if w.isascii() else w for w in words(phrase))
+
+
+class KeyphraseError(ValueError):
+    """A gold keyphrase that cannot be compared (nothing left after normalising)."""
 
 
 def dedupe(phrases: Iterable[str]) -> List[str]:
+    """Gold phrases, normalised, each once. Raises KeyphraseError for one with no letter or digit
+    (the caller names the sample)."""
     out, seen = [], set()
     for p in phrases:
         n = normalize(p)
-        if n and n not in seen:
+        if not n:
+            raise KeyphraseError(f"keyphrase {p!r} has no letter or digit")
+        if n not in seen:
+            seen.add(n)
+            out.append(n)
+    return out
+
+
+def ranked(predictions: Iterable[str]) -> List[str]:
+    """Predicted phrases, normalised, each once, in the model's order; one with no letter or digit
+    keeps its place (it counts against P@k) and matches nothing."""
+    out, seen = [], set()
+    for i, p in enumerate(predictions):
+        n = normalize(p) or f"\0unreadable {i}"
+        if n not in seen:
             seen.add(n)
             out.append(n)
     return out
@@ -105,9 +130,20 @@ class KeyphraseF1(Metric):
             yield "seen_", lambda p: p in self.seen
             yield "unseen_", lambda p: p not in self.seen
 
-    def update(self, preds: List[List[str]], targets: List[List[str]], texts: List[str]) -> None:
-        for pred, gold, text in zip(preds, targets, texts):
-            pred, gold, norm_text = dedupe(pred), dedupe(gold), normalize(text)
+    def update(
+        self,
+        preds: List[List[str]],
+        targets: List[List[str]],
+        texts: List[str],
+        keys: Optional[List[str]] = None,
+    ) -> None:
+        """`keys` name the samples in errors."""
+        for i, (pred, gold, text) in enumerate(zip(preds, targets, texts)):
+            try:
+                gold = dedupe(gold)
+            except KeyphraseError as e:
+                raise KeyphraseError(f"sample {keys[i] if keys else i}: {e}") from None
+            pred, norm_text = ranked(pred), normalize(text)
             for group, keep in self._filters(norm_text):
                 g = [p for p in gold if keep(p)]
                 if not g:
@@ -130,20 +166,25 @@ class KeyphraseF1(Metric):
 def overlap(train_keyphrases: Iterable[str], split_keyphrases: Iterable[str]) -> float:
     """Fraction of the split's keyphrase occurrences that also occur among the training keyphrases."""
     seen = {normalize(p) for p in train_keyphrases}
-    split = [normalize(p) for p in split_keyphrases]
+    split = [n for n in map(normalize, split_keyphrases) if n]
     return sum(p in seen for p in split) / len(split) if split else 0.0
+
+
+ANSWER_MARKER = r"(?:answer|答案)\s*[:：]"  # where a rationale's final answer starts
 
 
 def parse_generation(text: str, sep: str = ";"):
     """Generated text -> (rationale or None, keyphrases). `<think>...</think>` before the answer is
-    the rationale; an 'Answer:' marker, if any, starts the list; phrases split on `sep` (or commas)."""
+    the rationale; an 'Answer:' (or '答案：') marker, if any, starts the list; phrases split on
+    `sep` (or commas). Full-width forms are read as their ASCII ones first (`；`, `，`: NFKC)."""
+    text = unicodedata.normalize("NFKC", text)
     rationale = None
     m = re.search(r"<\s*think\s*>(.*?)<\s*/\s*think\s*>", text, flags=re.S | re.I)
     if m:
         rationale, text = m.group(1).strip(), text[m.end() :]
     elif re.search(r"<\s*think\s*>", text, flags=re.I):  # opened, never closed: all reasoning
         rationale, text = re.split(r"<\s*think\s*>", text, maxsplit=1, flags=re.I)[1].strip(), ""
-    m = re.search(r"answer\s*:", text, flags=re.I)
+    m = re.search(ANSWER_MARKER, text, flags=re.I)
     if m:
         text = text[m.end() :]
     parts = re.split(re.escape(sep) if sep in text else ",", text)

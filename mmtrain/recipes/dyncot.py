@@ -29,8 +29,16 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from mmtrain.data.reader import DataSection, pil_decode
-from mmtrain.data.shards import iter_metas
-from mmtrain.metrics.keyphrase import KeyphraseF1, dedupe, normalize, overlap, parse_generation
+from mmtrain.data.shards import DataError, iter_metas
+from mmtrain.metrics.keyphrase import (
+    ANSWER_MARKER,
+    KeyphraseError,
+    KeyphraseF1,
+    dedupe,
+    normalize,
+    overlap,
+    parse_generation,
+)
 from mmtrain.models.generation import GenerationSection, pad_id
 from mmtrain.models.lora import LoraSection
 from mmtrain.models.mllm import MLLM, Prompter, collate_sequences, load_model, load_processor
@@ -65,8 +73,11 @@ class DynCoTConfig(RecipeConfig):
     think: List[str] = field(default_factory=lambda: ["<think>", "</think>"])
     lora: LoraSection = field(default_factory=LoraSection)
     dynamic: DynamicSection = field(default_factory=DynamicSection)
-    generation: GenerationSection = field(default_factory=GenerationSection)
-    max_answer_tokens: int = 256
+    # at least max_answer_tokens (checked): a chain of thought must have room to finish
+    generation: GenerationSection = field(
+        default_factory=lambda: GenerationSection(max_new_tokens=256)
+    )
+    max_answer_tokens: int = 256  # a longer CoT target loses the end of its reasoning
     loss_weights: Dict[str, float] = field(default_factory=lambda: {"sft": 1.0})
     data: DataSection = field(default_factory=DataSection)
 
@@ -81,11 +92,19 @@ class DynCoTConfig(RecipeConfig):
             )
         if "{text}" not in self.prompt:
             raise ConfigError("recipe.prompt must contain {text}, where the post's text goes")
+        if self.strategy != "zero_shot" and self.generation.max_new_tokens < self.max_answer_tokens:
+            raise ConfigError(
+                f"recipe.generation.max_new_tokens={self.generation.max_new_tokens} is below "
+                f"recipe.max_answer_tokens={self.max_answer_tokens}: evaluation would cut off "
+                f"answers as long as the ones the model is trained to give (a chain of thought "
+                f"then never reaches its keyphrases); raise it, or lower max_answer_tokens"
+            )
 
 
 def rationale_parts(rationale: str):
-    """(reasoning, its final answer text): the answer follows the last 'Answer:' marker, if any."""
-    m = list(re.finditer(r"answer\s*:", rationale, flags=re.I))
+    """(reasoning, its final answer text): the answer follows the last 'Answer:' (or '答案：')
+    marker, if any."""
+    m = list(re.finditer(ANSWER_MARKER, rationale, flags=re.I))
     if not m:
         return rationale.strip(), rationale
     return rationale[: m[-1].start()].strip(), rationale[m[-1].end() :]
@@ -187,43 +206,75 @@ class HardSampleTracker:
         self.running = state.get("running")
 
 
+class Targets:
+    """A sample's two possible answers as token ids, within `recipe.max_answer_tokens`: a long
+    chain of thought loses the end of its reasoning, never `</think>`, the keyphrases or the end of
+    turn. A direct answer is never cut (one longer than the cap is kept whole and counted)."""
+
+    def __init__(self, cfg: DynCoTConfig, prompter: Prompter):
+        self.cfg = cfg
+        self.prompter = prompter
+
+    def __call__(self, meta: Dict[str, Any]) -> Dict[str, Any]:
+        c, encode = self.cfg, self.prompter.encode_answer
+        text = c.separator.join(meta["keyphrases"])
+        direct = encode(text)
+        out = {
+            "direct": direct,
+            "cot": None,
+            "truncated": False,
+            "over_cap": len(direct) > c.max_answer_tokens,
+        }
+        rationale = meta.get("rationale")
+        if not rationale or not rationale_is_valid(rationale, meta["keyphrases"]):
+            return {**out, "status": "missing" if not rationale else "dropped"}
+        reasoning = rationale_parts(rationale)[0]
+        cot = encode(self.cot_text(reasoning, text))
+        if len(cot) > c.max_answer_tokens:
+            cot = self.shorten(reasoning, text)
+            if cot is None:  # not even an empty rationale fits: train on the direct answer
+                return {**out, "status": "too_long"}
+            out["truncated"] = True
+        return {**out, "cot": cot, "status": "ok"}
+
+    def cot_text(self, reasoning: str, answer: str) -> str:
+        return f"{self.cfg.think[0]} {reasoning} {self.cfg.think[1]} {answer}"
+
+    def shorten(self, reasoning: str, answer: str) -> Optional[List[int]]:
+        """The CoT target with the reasoning cut (by tokens) until the whole fits the cap."""
+        tok, limit = self.prompter.tok, self.cfg.max_answer_tokens
+        words = tok(reasoning, add_special_tokens=False)["input_ids"]
+        room = limit - len(self.prompter.encode_answer(self.cot_text("", answer)))
+        while room > 0:  # re-encoding may merge tokens at the cut: step back until it fits
+            cut = tok.decode(words[:room], skip_special_tokens=True).strip()
+            ids = self.prompter.encode_answer(self.cot_text(cut, answer))
+            if len(ids) <= limit:
+                return ids
+            room -= max(1, len(ids) - limit)
+        return None
+
+
 class Collate:
     """Runs in the data workers: the chat-templated prompt (with image) and both possible targets."""
 
     def __init__(self, cfg: DynCoTConfig, prompter: Prompter):
         self.cfg = cfg
         self.prompter = prompter
-
-    def targets(self, meta: Dict[str, Any]):
-        c = self.cfg
-        direct = c.separator.join(meta["keyphrases"])
-        rationale = meta.get("rationale")
-        if not rationale or not rationale_is_valid(rationale, meta["keyphrases"]):
-            return direct, None, "missing" if not rationale else "dropped"
-        reasoning = rationale_parts(rationale)[0]
-        return direct, f"{c.think[0]} {reasoning} {c.think[1]} {direct}", "ok"
+        self.targets = Targets(cfg, prompter)
 
     def __call__(self, items: List[Dict[str, Any]]) -> Dict[str, Any]:
-        out: Dict[str, Any] = {
-            "key": [],
-            "prompt": [],
-            "direct": [],
-            "cot": [],
-            "rationale": [],
-            "keyphrases": [],
-            "text": [],
-        }
-        limit = self.cfg.max_answer_tokens
+        fields = ["key", "prompt", "direct", "cot", "rationale", "truncated", "over_cap"]
+        out: Dict[str, Any] = {k: [] for k in fields + ["keyphrases", "text"]}
         for it in items:
             meta = it["meta"]
-            direct, cot, status = self.targets(meta)
+            t = self.targets(meta)
             out["key"].append(it["key"])
             out["prompt"].append(
                 self.prompter.encode_prompt(self.cfg.prompt.format(text=meta["text"]), it["image"])
             )
-            out["direct"].append(self.prompter.encode_answer(direct)[:limit])
-            out["cot"].append(self.prompter.encode_answer(cot)[:limit] if cot else None)
-            out["rationale"].append(status)
+            for k in ("direct", "cot", "truncated", "over_cap"):
+                out[k].append(t[k])
+            out["rationale"].append(t["status"])
             out["keyphrases"].append(meta["keyphrases"])
             out["text"].append(meta["text"])
         return out
@@ -258,9 +309,13 @@ class DynCoT(ShardRecipe):
     def train_scan(self) -> Dict[str, Any]:
         """Training keyphrases (for seen/unseen and overlap) and the rationale counts, read once."""
         kps, counts = [], {"samples": 0, "rationales": 0, "rationales_dropped": 0}
-        for _, _, meta in iter_metas(self.cfg.data.train):
+        for path, key, meta in iter_metas(self.cfg.data.train):
             if not meta:
                 continue
+            try:
+                dedupe(meta.get("keyphrases", []))
+            except KeyphraseError as e:
+                raise DataError(f"{path}: sample {key}: {e}") from None
             kps += meta.get("keyphrases", [])
             counts["samples"] += 1
             if meta.get("rationale"):
@@ -294,6 +349,11 @@ class DynCoT(ShardRecipe):
         stats = {
             "cot_frac": sum(use) / n,
             "rationale_dropped_frac": sum(s == "dropped" for s in batch["rationale"]) / n,
+            # targets that met recipe.max_answer_tokens: CoT ones with their reasoning cut (or,
+            # when even the answer left no room, trained direct), direct ones kept whole
+            "cot_truncated_frac": sum(u and t for u, t in zip(use, batch["truncated"])) / n,
+            "rationale_too_long_frac": sum(s == "too_long" for s in batch["rationale"]) / n,
+            "answer_over_cap_frac": sum(batch["over_cap"]) / n,
         }
         if c.strategy == "dynamic":
             stats["switched_frac"] = len(self.tracker.switched) / max(1, len(self.tracker.latest))
@@ -362,7 +422,10 @@ class DynCoT(ShardRecipe):
         train_kps = self.train_scan["keyphrases"]
         metric = KeyphraseF1(train_keyphrases=train_kps)
         metric.update(
-            [r["prediction"] for r in rows], [r["gold"] for r in rows], [r["text"] for r in rows]
+            [r["prediction"] for r in rows],
+            [r["gold"] for r in rows],
+            [r["text"] for r in rows],
+            [f"{split}/{r['key']}" for r in rows],
         )
         metrics = {k: float(v) for k, v in metric.compute().items()}
         n = max(1, len(rows))
