@@ -1,8 +1,12 @@
 """KDSL's interpretable rule base: conditions read off each example, rules mined by Monte Carlo
 tree search, collaborative prediction with the large model.
 
-A condition is a readable string: `image shows <word>` (from the small MLLM's description of the
-image) or `dialogue contains <word>` (a content word of the customer's last turn). A rule is
+A condition is a readable string: `image shows <label>` (the small MLLM's reading of the image, the
+label's slug: `image shows payment_page`) or `dialogue contains <term>` (a content word of the
+customer's last turn, case-folded; in Chinese or Japanese, a character pair: `dialogue contains
+退款`; see mmtrain/text.py). Conditions are put in this one spelling wherever they are made or
+read (mining, conditions_*.json, a hand-edited rules.json), so a rule fires whatever the case or
+spacing of the names it was written with. A rule is
 `IF all its conditions THEN label`, with its precision and support on the data it was scored on:
 
     {"task": "intent", "if": ["image shows logistics", "dialogue contains check"],
@@ -21,9 +25,11 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
 
-CONDITION = re.compile(r"^(image shows|dialogue contains) ([a-z0-9_]+)$")
+from mmtrain.text import fold, slug, terms
+
+CONDITION = re.compile(r"^\s*(image shows|dialogue contains)\s+(.+?)\s*$", re.I)
 STOPWORDS = {
     "a",
     "an",
@@ -72,19 +78,31 @@ class RuleError(ValueError):
 
 
 def dialogue_conditions(text: str) -> Set[str]:
-    return {
-        f"dialogue contains {w}"
-        for w in re.findall(r"[a-z0-9_]+", text.lower())
-        if w not in STOPWORDS
-    }
+    return {f"dialogue contains {w}" for w in terms(text) if w not in STOPWORDS}
 
 
-def image_conditions(description: str) -> Set[str]:
-    return {
-        f"image shows {w}"
-        for w in re.findall(r"[a-z0-9_]+", description.lower())
-        if w not in STOPWORDS
-    }
+def image_condition(label: str) -> str:
+    return f"image shows {slug(label)}"
+
+
+def canonical(condition: str) -> str:
+    """A condition in its one spelling; RuleError when it is neither kind or its word is not one."""
+    m = CONDITION.match(condition) if isinstance(condition, str) else None
+    if not m:
+        raise RuleError(
+            f"condition {condition!r} is not 'image shows LABEL' or 'dialogue contains WORD'"
+        )
+    kind, word = m.group(1).lower(), m.group(2)
+    if kind == "image shows":
+        if not slug(word):
+            raise RuleError(f"condition {condition!r}: the label has no letter or digit")
+        return image_condition(word)
+    if terms(word) != [fold(word)]:
+        raise RuleError(
+            f"condition {condition!r}: 'dialogue contains' takes one word (in Chinese or Japanese, "
+            f"two characters), as it is matched against the words of the dialogue: {terms(word)}"
+        )
+    return f"dialogue contains {fold(word)}"
 
 
 @dataclass
@@ -92,20 +110,22 @@ class Rule:
     task: str
     conditions: Tuple[str, ...]
     label: str
-    precision: float = 0.0
+    precision: float = 0.0  # on the data it was last scored on (held-out data, after mining)
     support: int = 0
+    mined: Optional[Dict[str, Any]] = None  # precision and support where it was mined, if rescored
 
     def matches(self, conds: Set[str]) -> bool:
         return all(c in conds for c in self.conditions)
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "task": self.task,
             "if": list(self.conditions),
             "then": self.label,
             "precision": round(self.precision, 4),
             "support": self.support,
         }
+        return {**out, "mined": self.mined} if self.mined else out
 
     def __str__(self) -> str:
         return (
@@ -163,41 +183,48 @@ class RuleBase:
             conds = r["if"] if isinstance(r["if"], list) else [r["if"]]
             if not conds:
                 raise RuleError(f"{where}: 'if' is empty")
-            for c in conds:
-                if not isinstance(c, str) or not CONDITION.match(c.strip().lower()):
-                    raise RuleError(
-                        f"{where}: condition {c!r} is not 'image shows WORD' or 'dialogue contains WORD'"
-                    )
+            try:
+                conds = tuple(canonical(c) for c in conds)
+            except RuleError as e:
+                raise RuleError(f"{where}: {e}") from None
+            label = r["then"]
             if labels is not None:
-                if r["task"] not in labels:
-                    raise RuleError(
-                        f"{where}: unknown task {r['task']!r} (tasks: {sorted(labels)})"
-                    )
-                if r["then"] not in labels[r["task"]]:
-                    raise RuleError(
-                        f"{where}: label {r['then']!r} is not one of the {r['task']} labels "
-                        f"{sorted(labels[r['task']])}"
-                    )
+                label = _known_label(where, r["task"], label, labels)
             rules.append(
                 Rule(
                     r["task"],
-                    tuple(c.strip().lower() for c in conds),
-                    r["then"],
+                    conds,
+                    label,
                     float(r.get("precision", 1.0)),
                     int(r.get("support", 0)),
+                    r.get("mined"),
                 )
             )
         return cls(rules)
 
     def rescore(self, task_examples: Dict[str, Sequence[Tuple[Set[str], str]]]) -> RuleBase:
-        """Precision and support of every rule on new data (its label kept, as a person wrote it)."""
+        """Precision and support of every rule on new data (its label kept, as a person wrote it);
+        the figures it had before are kept as `mined` (the first ones, if rescored again)."""
         out = []
         for r in self.rules:
             ex = task_examples.get(r.task, [])
             covered = [label for c, label in ex if r.matches(c)]
             prec = sum(lbl == r.label for lbl in covered) / len(covered) if covered else 0.0
-            out.append(Rule(r.task, r.conditions, r.label, prec, len(covered)))
+            before = r.mined or {"precision": round(r.precision, 4), "support": r.support}
+            out.append(Rule(r.task, r.conditions, r.label, prec, len(covered), before))
         return RuleBase(out)
+
+
+def _known_label(where: str, task: str, label: str, labels: Dict[str, Sequence[str]]) -> str:
+    """The task's label that `label` names (compared by slug: `Payment page` is `payment_page`)."""
+    if task not in labels:
+        raise RuleError(f"{where}: unknown task {task!r} (tasks: {sorted(labels)})")
+    by_slug = {slug(x): x for x in labels[task]}
+    if not isinstance(label, str) or slug(label) not in by_slug:
+        raise RuleError(
+            f"{where}: label {label!r} is not one of the {task} labels {sorted(labels[task])}"
+        )
+    return by_slug[slug(label)]
 
 
 class _Node:
@@ -323,4 +350,6 @@ def combine(
     for r in matched:
         vote[index[r.label]] += r.precision
     total = sum(vote)
+    if total <= 0:  # only rules that were never right on the data they were scored on
+        return list(probs)
     return [(1 - weight) * p + weight * v / total for p, v in zip(probs, vote)]

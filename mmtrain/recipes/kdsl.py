@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -28,18 +29,27 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from mmtrain.data.reader import DataSection, pil_decode
-from mmtrain.data.shards import iter_metas
+from mmtrain.data.shards import DataError, iter_metas
 from mmtrain.metrics.figures import confusion_figure, figure_image
 from mmtrain.models.generation import pad_id
 from mmtrain.models.lora import LoraSection
 from mmtrain.models.mllm import MLLM, Prompter, collate_sequences, load_model, load_processor
-from mmtrain.models.rules import Rule, RuleBase, combine, dialogue_conditions
+from mmtrain.models.rules import (
+    Rule,
+    RuleBase,
+    RuleError,
+    canonical,
+    combine,
+    dialogue_conditions,
+)
 from mmtrain.parallelize import keep_vision_in_graph
 from mmtrain.recipes.base import EvalResult, GlobalMean, StepOutput
 from mmtrain.recipes.common import ShardRecipe, gather_rows
 from mmtrain.schema import ConfigError, RecipeConfig, choices, path_field
+from mmtrain.text import slug
 
 log = logging.getLogger("mmtrain")
+UNKNOWN = "(not a label)"  # the gold class of a test row whose label is not in the label set
 
 
 @dataclass
@@ -50,6 +60,10 @@ class MiningSection:
     min_precision: float = 0.8
     max_rules: int = 50
     seed: int = 0
+    # where a mined rule's precision and support are measured: "val" (held out: the small model
+    # read the training images it was trained on, so there "image shows X" is nearly the gold
+    # label and every rule looks ~1.0 precise), or "train" (where they were mined)
+    precision_on: str = choices("val", "train", default="val")
 
 
 @dataclass
@@ -154,6 +168,7 @@ class KDSL(ShardRecipe):
         self.prompter = Prompter(self.processor)
         self.pad_id = pad_id(self.processor.tokenizer)
         self.labels = {t: list(c.labels.get(t) or self._labels_from_data(t)) for t in c.tasks}
+        self.by_slug = {t: self._slugs(t, ls) for t, ls in self.labels.items()}
         self.label_ids = {
             t: {lbl: self.prompter.encode_answer(lbl) for lbl in ls}
             for t, ls in self.labels.items()
@@ -169,14 +184,34 @@ class KDSL(ShardRecipe):
                 seen[tuple(x)] = lbl
 
     def _labels_from_data(self, task: str) -> List[str]:
-        labels = set()
+        """The task's labels in the training split, one per slug (`Logistics` and `logistics` are
+        one label, spelled as most samples spell it), sorted by slug."""
+        spellings: Dict[str, Counter] = {}
         for p, key, meta in iter_metas(self.cfg.data.train):
-            if task not in meta:
-                raise ConfigError(
+            if task not in meta or not slug(str(meta[task])):
+                raise DataError(
                     f"{p}: sample {key} has no '{task}' label (recipe.tasks={self.cfg.tasks})"
                 )
-            labels.add(meta[task])
-        return sorted(labels)
+            spellings.setdefault(slug(meta[task]), Counter())[meta[task]] += 1
+        return [spellings[k].most_common(1)[0][0] for k in sorted(spellings)]
+
+    @staticmethod
+    def _slugs(task: str, labels: List[str]) -> Dict[str, str]:
+        out: Dict[str, str] = {}
+        for label in labels:
+            if not slug(label):
+                raise ConfigError(f"label {label!r} of task {task} has no letter or digit")
+            if slug(label) in out:
+                raise ConfigError(
+                    f"labels {out[slug(label)]!r} and {label!r} of task {task} differ only in case "
+                    f"or punctuation (both are {slug(label)!r}): keep one"
+                )
+            out[slug(label)] = label
+        return out
+
+    def label_of(self, task: str, raw: Any) -> Optional[str]:
+        """The task's label that a sample's `raw` label names (by slug), or None."""
+        return self.by_slug[task].get(slug(str(raw))) if raw is not None else None
 
     def build_model(self):
         c = self.cfg
@@ -193,13 +228,25 @@ class KDSL(ShardRecipe):
     def step(self, model, batch) -> StepOutput:
         losses, tokens, flops = {}, 0, 0.0
         for t in self.cfg.tasks:
-            answers = [self.label_ids[t][m[t]] for m in batch["meta"]]
+            answers = [
+                self.label_ids[t][self._train_label(t, k, m)]
+                for k, m in zip(batch["key"], batch["meta"])
+            ]
             batch_t = collate_sequences(batch["prompt"][t], answers, self.pad_id)
             out = model("losses", batch_t, adapter=self._adapter(t))
             losses[t] = GlobalMean(out["loss_sum"], out["tokens"])  # a mean over answer tokens
             tokens += out["tokens"]
             flops += out["flops"]
         return StepOutput(losses=losses, samples=len(batch["key"]), tokens=tokens, flops=flops)
+
+    def _train_label(self, task: str, key: str, meta: Dict[str, Any]) -> str:
+        label = self.label_of(task, meta.get(task))
+        if label is None:
+            raise DataError(
+                f"training sample {key}: {task} label {meta.get(task)!r} is not one of "
+                f"recipe.labels.{task} {self.labels[task]}"
+            )
+        return label
 
     # -- prediction ----------------------------------------------------------------------------
     def label_probs(
@@ -234,17 +281,23 @@ class KDSL(ShardRecipe):
         return gather_rows(self.ctx, rows)
 
     def _scores(self, rows, probs_key: str = "probs", figures: bool = False) -> EvalResult:
-        """Weighted F1 and accuracy per task; with `figures`, each task's confusion matrix."""
+        """Weighted F1 and accuracy per task; with `figures`, each task's confusion matrix. A row
+        whose gold label is not one of the task's labels (or missing) counts as an error: its gold
+        class is an extra one, `(not a label)`, which the model never predicts; `{task}_unknown_gold`
+        says how many there were."""
         out = EvalResult()
         for t in self.cfg.tasks:
             labels = self.labels[t]
-            keep = [r for r in rows if r["gold"][t] in labels]
-            pred = [max(range(len(labels)), key=lambda j, r=r: r[probs_key][t][j]) for r in keep]
-            gold = [labels.index(r["gold"][t]) for r in keep]
-            out.metrics[f"{t}_wf1"] = weighted_f1(pred, gold, len(labels))
+            index = {label: i for i, label in enumerate(labels)}
+            pred = [max(range(len(labels)), key=lambda j, r=r: r[probs_key][t][j]) for r in rows]
+            gold = [index.get(self.label_of(t, r["gold"][t]), len(labels)) for r in rows]
+            unknown = sum(g == len(labels) for g in gold)
+            names = labels + [UNKNOWN] if unknown else labels
+            out.metrics[f"{t}_wf1"] = weighted_f1(pred, gold, len(names))
             out.metrics[f"{t}_acc"] = sum(p == g for p, g in zip(pred, gold)) / max(1, len(gold))
+            out.metrics[f"{t}_unknown_gold"] = unknown
             if figures:
-                figure = confusion_figure(pred, gold, labels, f"{t} ({len(gold)} examples)")
+                figure = confusion_figure(pred, gold, names, f"{t} ({len(gold)} examples)")
                 out.images[f"confusion/{t}"] = figure_image(figure)
         return out
 
@@ -281,7 +334,10 @@ class KDSL(ShardRecipe):
                 f"{path} is missing: `mmtrain kdsl mine` writes the {split} examples' "
                 f"conditions beside the rules"
             )
-        return json.loads(path.read_text())
+        try:
+            return {k: [canonical(c) for c in v] for k, v in json.loads(path.read_text()).items()}
+        except (ValueError, AttributeError, TypeError) as e:
+            raise RuleError(f"{path}: not a map of sample keys to conditions ({e})") from None
 
     def match_rules(self, rules: RuleBase, rows, split: str) -> List[Dict[str, List[Rule]]]:
         """Per row and task, the rules its conditions satisfy (image conditions from `kdsl mine`, the

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from mmtrain.data.shards import iter_metas
 from mmtrain.engine import dist
 from mmtrain.engine.evaluate import load_run
-from mmtrain.models.rules import RuleBase, dialogue_conditions, mine_rules
+from mmtrain.models.rules import RuleBase, dialogue_conditions, image_condition, mine_rules
 from mmtrain.recipes.base import StageKind
 from mmtrain.schema import ConfigError
 
@@ -32,16 +32,18 @@ def read_conditions(recipe, model, root: Path, image_task: str) -> Conditions:
         for r in recipe.predict(model, split):
             probs = r["probs"][image_task]
             seen = labels[max(range(len(labels)), key=lambda j: probs[j])]
-            conds = {f"image shows {seen}"} | dialogue_conditions(r["dialogue"])
+            conds = {image_condition(seen)} | dialogue_conditions(r["dialogue"])
             conditions[split][r["key"]] = sorted(conds)
     return conditions
 
 
-def training_examples(conditions: Conditions, root: Path, tasks: Sequence[str]):
-    """task -> [(conditions, label)] of the training split."""
-    metas = {key: meta for _, key, meta in iter_metas(root / "train")}
-    train = conditions.get("train", {})
-    return {t: [(set(train[k]), metas[k][t]) for k in train if t in metas[k]] for t in tasks}
+def split_examples(conditions: Conditions, root: Path, tasks: Sequence[str], split: str):
+    """task -> [(conditions, label)] of a split (empty when the split has no conditions)."""
+    if split not in conditions:
+        return {t: [] for t in tasks}
+    metas = {key: meta for _, key, meta in iter_metas(root / split)}
+    conds = conditions[split]
+    return {t: [(set(conds[k]), metas[k][t]) for k in conds if t in metas[k]] for t in tasks}
 
 
 def mine_or_rescore(examples, tasks: Sequence[str], mining, rescore: Optional[str]) -> RuleBase:
@@ -64,6 +66,21 @@ def mine_or_rescore(examples, tasks: Sequence[str], mining, rescore: Optional[st
             )
         ]
     )
+
+
+def held_out_precision(base: RuleBase, val_examples) -> Tuple[RuleBase, Dict[str, int]]:
+    """Each mined rule's precision and support on the validation split (its training figures kept
+    as `mined`); a rule that no validation example satisfies cannot be judged and is dropped."""
+    if not any(val_examples.values()):
+        raise ConfigError(
+            "recipe.mining.precision_on=val, but the data has no val split with conditions: add "
+            "one, or set recipe.mining.precision_on=train (the training split, where the small "
+            "model saw the images: precision there is optimistic)"
+        )
+    scored = base.rescore(val_examples)
+    return RuleBase([r for r in scored.rules if r.support > 0]), {
+        t: len(e) for t, e in val_examples.items()
+    }
 
 
 def mine(
@@ -91,12 +108,18 @@ def mine(
         )
     root = Path(data_root) if data_root else Path(recipe.cfg.data.train).parent
     conditions = read_conditions(recipe, model, root, image_task)
-    examples = training_examples(conditions, root, tasks)
+    examples = split_examples(conditions, root, tasks, "train")
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         for split, conds in conditions.items():
-            (out / f"conditions_{split}.json").write_text(json.dumps(conds))
+            (out / f"conditions_{split}.json").write_text(json.dumps(conds, ensure_ascii=False))
         base = mine_or_rescore(examples, tasks, cfg.recipe.mining, rescore)
+        mined = len(base.rules)
+        held_out = cfg.recipe.mining.precision_on == "val" and not rescore
+        if held_out:
+            base, scored_on = held_out_precision(
+                base, split_examples(conditions, root, tasks, "val")
+            )
         base.save(out / "rules.json")
         report = {
             "small_run": str(small_run),
@@ -104,9 +127,13 @@ def mine(
             "data": str(root),
             "rescored": rescore,
             "examples": {t: len(e) for t, e in examples.items()},
+            "mined": mined,
             "rules": len(base.rules),
+            "precision_on": "val" if held_out else "train",
             "mining": vars(cfg.recipe.mining),
         }
+        if held_out:
+            report["val_examples"] = scored_on
         (out / "mining.json").write_text(json.dumps(report, indent=2))
     dist.barrier()
     return out / "rules.json"
