@@ -14,6 +14,7 @@ frozen towers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -23,7 +24,7 @@ from torch import nn
 
 from mmtrain.data.images import ImageTransform
 from mmtrain.data.reader import DataSection, SampleDecoder, default_collate
-from mmtrain.metrics.dialogue import dialogue_scores
+from mmtrain.metrics.dialogue import dialogue_scores, perplexity, released_scores
 from mmtrain.models.bvif import (
     BVIF,
     INFERENCE_TEMPLATES,
@@ -68,6 +69,8 @@ class FuseConfig(RecipeConfig):
         )
     )
     eval_generate: bool = False  # also generate + score during training evals
+    # dialogue metric definitions: mmtrain's, or the VIKDF authors' released eval (metrics/dialogue.py)
+    metrics: str = choices("mmtrain", "released", default="mmtrain")
     loss_weights: Dict[str, float] = field(
         default_factory=lambda: {"ce": 1.0, "recon": 0.5, "kl": 0.1}
     )
@@ -123,6 +126,8 @@ class Collate:
         split = [self.chat_split(ctx) for ctx in contexts]
         out["prefix"], out["middle"] = [s[0] for s in split], [s[1] for s in split]
         out["response"] = [m["response"] for m in batch["meta"]]
+        # every reference of a response (`responses`, e.g. one per annotator), for the scores
+        out["references"] = [m.get("responses") or [m["response"]] for m in batch["meta"]]
         out["target"] = [self.ids(r, c.max_text_len) + self.eos for r in out["response"]]
         out["context"] = [self.ids("\n".join(ctx), c.max_text_len * 2) for ctx in contexts]
         out["context_text"] = ["\n".join(ctx) for ctx in contexts]
@@ -230,12 +235,9 @@ class VIKDFFuse(ShardRecipe):
                 for k, x, t in zip(batch["key"], nll, batch["target"])
             ]
         rows = gather_rows(self.ctx, rows)
-        total_nll, tokens = sum(r["nll"] for r in rows), sum(r["tokens"] for r in rows)
-        return {
-            "ppl": float(torch.exp(torch.tensor(total_nll / tokens))),
-            "nll": total_nll / tokens,
-            "n": len(rows),
-        }
+        nll, tokens = [r["nll"] for r in rows], [r["tokens"] for r in rows]
+        ppl = perplexity(nll, tokens, released=self.cfg.metrics == "released")
+        return {"ppl": ppl, "nll": math.log(ppl), "n": len(rows)}
 
     @torch.no_grad()
     def _generate(self, model, split: str) -> EvalResult:
@@ -248,11 +250,20 @@ class VIKDFFuse(ShardRecipe):
             tokens = model("generate", batch, knowledge=self.cfg.knowledge, **gen)
             texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
             rows += [
-                {"key": k, "context": c, "reference": r, "prediction": p.strip()}
-                for k, c, r, p in zip(batch["key"], batch["context_text"], batch["response"], texts)
+                {
+                    "key": k,
+                    "context": c,
+                    "reference": r[0],
+                    "references": r,
+                    "prediction": p.strip(),
+                }
+                for k, c, r, p in zip(
+                    batch["key"], batch["context_text"], batch["references"], texts
+                )
             ]
         rows = gather_rows(self.ctx, rows)
-        scores = dialogue_scores([r["prediction"] for r in rows], [r["reference"] for r in rows])
+        scorer = released_scores if self.cfg.metrics == "released" else dialogue_scores
+        scores = scorer([r["prediction"] for r in rows], [r["references"] for r in rows])
         return EvalResult({**scores, "n": len(rows)}, rows=rows)
 
     def export_modules(self, model) -> Dict[str, nn.Module]:
