@@ -46,7 +46,10 @@ def test_pipeline_posttrain_mine_collaborate_adapt(intent, tiny_models, tmp_path
     printed = cli_ranks("kdsl", "mine", str(small), "--out", str(rules_dir))
     rules = json.loads((rules_dir / "rules.json").read_text())
     assert rules and all({"task", "if", "then", "precision", "support"} <= set(r) for r in rules)
-    assert all(r["precision"] >= 0.8 and r["support"] >= 3 for r in rules)
+    # mined on the training split, precision and support measured on the validation split
+    assert all(r["mined"]["precision"] >= 0.8 and r["mined"]["support"] >= 3 for r in rules)
+    assert all(r["support"] >= 1 and 0.0 <= r["precision"] <= 1.0 for r in rules)
+    assert json.loads((rules_dir / "mining.json").read_text())["precision_on"] == "val"
     assert printed.count("IF ") == len(rules)  # printed once, by rank 0
     assert {"train", "val", "test"} <= {
         p.stem.split("_")[1] for p in rules_dir.glob("conditions_*.json")

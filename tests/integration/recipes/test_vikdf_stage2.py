@@ -153,6 +153,9 @@ def test_eval_generates_on_two_ranks_and_writes_predictions(assets, tmp_path):
     assert len(rows) == 40 and len({r["key"] for r in rows}) == 40  # both ranks' halves, once each
     assert all(r["prediction"] is not None and r["reference"] for r in rows)
     assert json.loads((run / "eval_val_step_00000002.json").read_text())["bleu1"] == result["bleu1"]
+    released = eval_ranks(run, "--split", "val", "--set", "recipe.metrics=released")
+    assert released["n"] == 40 and released["released_punkt"] in (0.0, 1.0)
+    assert 0.0 <= released["rougeL"] <= 1.0 and released["ppl"] > 1.0
 
 
 def _dialogue_ppl(overrides, steps: int) -> float:

@@ -118,3 +118,109 @@ def test_a_generation_without_a_stop_token_counts_as_hitting_the_length_limit():
     assert until_stop([5, 6, 2, 0, 0], stops=(2, 0)) == ([5, 6], False)
     assert until_stop([5, 6, 7], stops=(2, 0)) == ([5, 6, 7], True)
     assert until_stop([2], stops=(2, 0)) == ([], False)
+
+
+# -- real data: Unicode keyphrases and long chains of thought (issue 18, items 1 and 2) --------
+
+
+def zh_samples(split, n):
+    from mmtrain.data.synth import samples
+
+    return [s["json"] for s in samples("keyphrase", n, 0, split, "zh")]
+
+
+def test_chinese_and_accented_keyphrases_are_compared_not_dropped():
+    assert normalize("圆形") == "圆 形" and normalize("Café Racers") == "café racer"
+    text = "今天完成了我的圆形艺术作品！"
+    m = KeyphraseF1(ks=(1, 3), train_keyphrases=["圆形", "艺术"])
+    m.update([["圆形", "蓝色", "艺术"]], [["圆形", "红色", "艺术"]], [text])
+    out = m.compute()
+    assert out["f1@3"] == pytest.approx(2 / 3)  # 2 of 3 right
+    assert out["n_present"] == 1 and out["present_f1@3"] == pytest.approx(0.8)  # 圆形, 艺术
+    assert out["n_absent"] == 1 and out["absent_f1@3"] == 0.0  # 红色: only the image shows it
+    assert out["unseen_f1@3"] == 0.0 and out["n_unseen"] == 1
+
+
+def test_a_gold_keyphrase_without_letters_is_an_error_naming_the_sample():
+    from mmtrain.metrics.keyphrase import KeyphraseError
+
+    m = KeyphraseF1()
+    with pytest.raises(KeyphraseError, match=r"sample test/post-7: keyphrase '!!!'"):
+        m.update([["art"]], [["art", "!!!"]], ["some art"], ["test/post-7"])
+    m.update([["???", "art"]], [["art"]], ["some art"])  # a predicted one keeps its rank, no match
+    assert m.compute()["f1@1"] == 0.0
+
+
+def test_chinese_posts_overlap_rationales_and_full_width_answers():
+    train, test = zh_samples("train", 200), zh_samples("test", 100)
+    kps = [k for s in train for k in s["keyphrases"]]
+    share = overlap(kps, [k for s in test for k in s["keyphrases"]])
+    assert 0.5 < share < 0.95  # the test split has shapes never seen in training
+    valid = sum(rationale_is_valid(s["rationale"], s["keyphrases"]) for s in train) / len(train)
+    assert 0.8 < valid < 0.97  # 10% of the teacher's rationales are wrong, the rest are kept
+    assert parse_generation("<think>图片里是圆形</think>圆形；红色；艺术", ";") == (
+        "图片里是圆形",
+        ["圆形", "红色", "艺术"],
+    )
+    assert parse_generation("想一想。答案：圆形，红色", ";")[1] == ["圆形", "红色"]
+
+
+@pytest.fixture(scope="module")
+def tiny_prompter(tmp_path_factory):
+    from mmtrain.models.mllm import Prompter, load_processor
+    from mmtrain.testing.tiny import make_tiny_vlm
+
+    return Prompter(load_processor(str(make_tiny_vlm(str(tmp_path_factory.mktemp("vlm"))))))
+
+
+def test_a_long_rationale_loses_its_reasoning_never_its_answer_or_end_of_turn(tiny_prompter):
+    from mmtrain.recipes.dyncot import DynCoTConfig, Targets
+
+    cfg = DynCoTConfig(model_path="x", max_answer_tokens=24)
+    targets = Targets(cfg, tiny_prompter)
+    long = "the image shows " + " and ".join(["two red circles"] * 20) + ". Answer: circle; red"
+    sample = {"keyphrases": ["circle", "red", "art"], "rationale": long}
+    out = targets(sample)
+    decode = tiny_prompter.tok.decode
+    assert out["status"] == "ok" and out["truncated"] and len(out["cot"]) == 24
+    assert out["cot"][-len(out["direct"]) :] == out["direct"]  # the answer and end of turn, whole
+    assert decode(out["cot"]).startswith("<think> the image shows two red circles")
+    assert "</think> circle ; red ; art" in decode(out["cot"])
+    cfg.max_answer_tokens = 4  # not even the answer fits: trained direct, never cut
+    out = targets(sample)
+    assert out["status"] == "too_long" and out["cot"] is None and out["over_cap"]
+    assert out["direct"] == tiny_prompter.encode_answer("circle; red; art")
+
+
+def test_generation_shorter_than_the_training_answers_is_refused():
+    from mmtrain.config import ConfigError
+    from mmtrain.models.generation import GenerationSection
+    from mmtrain.recipes.dyncot import DynCoTConfig
+
+    cfg = DynCoTConfig(
+        model_path="x", max_answer_tokens=256, generation=GenerationSection(max_new_tokens=128)
+    )
+    with pytest.raises(
+        ConfigError, match="max_new_tokens=128 is below recipe.max_answer_tokens=256"
+    ):
+        cfg.check()
+    cfg.strategy = "zero_shot"  # trains nothing: no training length to match
+    cfg.check()
+
+
+def test_a_training_keyphrase_without_letters_stops_the_run_naming_shard_and_sample(tmp_path):
+    from types import SimpleNamespace
+
+    from mmtrain.data.shards import DataError, write_shards
+    from mmtrain.recipes.dyncot import DynCoT
+
+    good = {"text": "some art", "keyphrases": ["art"]}
+    samples = [
+        {"__key__": "post-1", "json": good},
+        {"__key__": "post-2", "json": {**good, "keyphrases": ["art", "？！"]}},
+    ]
+    write_shards(samples, tmp_path / "train", "keyphrase")
+    recipe = DynCoT.__new__(DynCoT)
+    recipe.cfg = SimpleNamespace(data=SimpleNamespace(train=str(tmp_path / "train")))
+    with pytest.raises(DataError, match=r"sample post-2: keyphrase '？！' has no letter or digit"):
+        recipe.train_scan
