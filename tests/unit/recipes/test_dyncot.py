@@ -223,4 +223,4 @@ def test_a_training_keyphrase_without_letters_stops_the_run_naming_shard_and_sam
     recipe = DynCoT.__new__(DynCoT)
     recipe.cfg = SimpleNamespace(data=SimpleNamespace(train=str(tmp_path / "train")))
     with pytest.raises(DataError, match=r"sample post-2: keyphrase '？！' has no letter or digit"):
-        recipe.train_scan
+        _ = recipe.train_scan
