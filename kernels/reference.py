@@ -35,15 +35,20 @@ def contrastive_loss(
     )
 
 
+def gaussian_kl_elements(mu_q, logvar_q, mu_p, logvar_p):
+    """KL(q || p) of each element (nothing summed), fp32."""
+    lq = logvar_q.float().clamp(LOGVAR_MIN, LOGVAR_MAX)
+    lp = logvar_p.float().clamp(LOGVAR_MIN, LOGVAR_MAX)
+    d = mu_q.float() - mu_p.float()
+    return 0.5 * (lp - lq + (lq.exp() + d * d) * torch.exp(-lp) - 1.0)
+
+
 def gaussian_kl(mu_q, logvar_q, mu_p, logvar_p, direction: str = "qp", reduction: str = "mean"):
     if direction == "pq":
         mu_q, logvar_q, mu_p, logvar_p = mu_p, logvar_p, mu_q, logvar_q
     elif direction != "qp":
         raise ValueError(f"direction must be 'qp' or 'pq', got {direction!r}")
-    lq = logvar_q.float().clamp(LOGVAR_MIN, LOGVAR_MAX)
-    lp = logvar_p.float().clamp(LOGVAR_MIN, LOGVAR_MAX)
-    d = mu_q.float() - mu_p.float()
-    kl = 0.5 * (lp - lq + (lq.exp() + d * d) * torch.exp(-lp) - 1.0).sum(-1)
+    kl = gaussian_kl_elements(mu_q, logvar_q, mu_p, logvar_p).sum(-1)
     if reduction == "mean":
         return kl.mean()
     if reduction == "sum":

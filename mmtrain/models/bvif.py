@@ -12,21 +12,31 @@
   knowledge without pulling the IQ-Former towards what text alone can tell.
 - `variational=False` reproduces the released deterministic form: soft prompts `to_llm(K)`,
   reconstruction MSE(mu_p, K), no latent, no KL.
+
+The scales (`BVIFLosses`): the cross-entropy is a mean per token, so the KL and the reconstruction
+are means per knowledge dimension by default (`reduction="per_dim"`; "sum" sums over the W
+dimensions as the textbook ELBO does, W times larger), and the reconstruction is the released
+per-element MSE of mu_p against K (`reconstruction="mse"`); `"gaussian"` is the NLL under the
+prior's learned variance, which is unbounded below as that variance shrinks, so the prior's
+log-variance has a soft floor (`prior_logvar_min`). `free_bits` keeps each element's KL (sample,
+query, dimension) at least that many nats, so the posterior is not pushed onto the prior.
 At dialogue time, with no image, z is the prior's mean (or K_T through the posterior).
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.reference import gaussian_nll, reparameterize
+from kernels.reference import gaussian_kl_elements, gaussian_nll, reparameterize
 from kernels.variational import variational_fusion
 from mmtrain.models.iqformer import IQFormer
+from mmtrain.schema import choices
 
 INFERENCE_TEMPLATES = [
     "Describe what the following knowledge shows:",
@@ -59,14 +69,31 @@ def sample_noise(keys: Sequence[str], shape: Sequence[int], seed: int, draw: int
     return torch.stack([torch.randn(*shape, generator=g) for g in gens])
 
 
+@dataclass
+class BVIFLosses:
+    """How BVIF's KL and reconstruction terms are measured (`recipe.bvif` of vikdf_fuse)."""
+
+    reduction: str = choices("per_dim", "sum", default="per_dim")  # over the W dimensions
+    reconstruction: str = choices("mse", "gaussian", default="mse")  # mse: the released form
+    prior_logvar_min: float = -2.0  # soft floor on the prior's log-variance (variance >= 0.135)
+    free_bits: float = 0.0  # nats: each KL element at least this (0: off)
+
+
 class BVIF(nn.Module):
     """Everything stage 2 trains: the IQ-Former, the soft-prompt projection, both Gaussian heads."""
 
-    def __init__(self, iqformer: IQFormer, d_llm: int, variational: bool = True):
+    def __init__(
+        self,
+        iqformer: IQFormer,
+        d_llm: int,
+        variational: bool = True,
+        losses: Optional[BVIFLosses] = None,
+    ):
         super().__init__()
         w, q = iqformer.config.width, iqformer.config.num_queries
         self.iqformer = iqformer
         self.variational = variational
+        self.losses = losses or BVIFLosses()
         self.to_llm = nn.Linear(w, d_llm)
         self.posterior = nn.Linear(w, 2 * w)  # residual mean and log-variance from K
         self.prior = nn.Linear(d_llm, 2 * w)  # mean and log-variance from the LLM's reading
@@ -81,7 +108,13 @@ class BVIF(nn.Module):
         return k + d_mu, logvar
 
     def prior_stats(self, states: torch.Tensor):
-        return self.prior(states).chunk(2, dim=-1)
+        mu, raw = self.prior(states).chunk(2, dim=-1)
+        floor = self.losses.prior_logvar_min
+        return mu, floor + F.softplus(raw - floor)  # ~raw above the floor, never below it
+
+    def _per_dim(self, summed: torch.Tensor) -> torch.Tensor:
+        """A term summed over the W dimensions, as `losses.reduction` asks."""
+        return summed / self.iqformer.config.width if self.losses.reduction == "per_dim" else summed
 
     def latent(
         self,
@@ -101,15 +134,18 @@ class BVIF(nn.Module):
             return reparameterize(mu_q, lv_q, eps), None, None, None
         mu_p, lv_p = self.prior_stats(prior_states)
         z, kl = variational_fusion(mu_q, lv_q, mu_p, lv_p, eps=eps)
-        return z, kl, mu_p, lv_p
+        if self.losses.free_bits > 0:  # elementwise (world-size invariant), in plain torch
+            kl_el = gaussian_kl_elements(mu_q, lv_q, mu_p, lv_p)
+            kl = kl_el.clamp(min=self.losses.free_bits).sum(-1).mean()
+        return z, self._per_dim(kl), mu_p, lv_p
 
     def reconstruction_loss(
         self, k: torch.Tensor, mu_p: torch.Tensor, lv_p: Optional[torch.Tensor]
     ) -> torch.Tensor:
         target = k.detach().float()
-        if lv_p is None:  # released form: MSE
+        if lv_p is None or self.losses.reconstruction == "mse":  # the released form
             return F.mse_loss(mu_p.float(), target)
-        return gaussian_nll(target, mu_p, lv_p)
+        return self._per_dim(gaussian_nll(target, mu_p, lv_p))
 
 
 def embed_segments(

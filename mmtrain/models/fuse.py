@@ -76,6 +76,9 @@ class FuseModel(EntryPoints):
         out["recon"] = b.reconstruction_loss(k, mu_p, lv_p)
         if kl is not None:
             out["kl"] = kl
+            width = b.iqformer.config.width
+            out["kl_per_dim"] = (kl if b.losses.reduction == "per_dim" else kl / width).detach()
+            out["prior_logvar"] = lv_p.detach().float().mean()
         return out
 
     def soft_prompts(self, batch: Dict[str, Any], knowledge: str, sample: bool) -> torch.Tensor:

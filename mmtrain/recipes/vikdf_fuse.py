@@ -29,6 +29,7 @@ from mmtrain.models.bvif import (
     BVIF,
     INFERENCE_TEMPLATES,
     RECONSTRUCTION_TEMPLATES,
+    BVIFLosses,
     pick,
     sample_noise,
 )
@@ -56,6 +57,8 @@ class FuseConfig(RecipeConfig):
     text_path: str = path_field("", required=True)
     init_from: Optional[str] = path_field(None)  # a fusion run's export, to start dialogue from
     variational: bool = True  # false: the released CE + MSE form, no latent
+    bvif: BVIFLosses = field(default_factory=BVIFLosses)  # scales of the KL and reconstruction
+    kl_warmup_steps: int = 0  # the KL weight rises linearly from 0 over these optimizer steps
     knowledge: str = choices("prior", "text", "image", "none", default="prior")  # dialogue phase
     inference_templates: List[str] = field(default_factory=lambda: list(INFERENCE_TEMPLATES))
     reconstruction_templates: List[str] = field(
@@ -147,6 +150,10 @@ class Collate:
 class VIKDFFuse(ShardRecipe):
     Config = FuseConfig
 
+    def __init__(self, cfg: FuseConfig, ctx):
+        super().__init__(cfg, ctx)
+        self.steps_done = 0  # optimizer steps (for the KL warm-up), saved with the checkpoint
+
     def setup(self) -> None:
         c, ctx = self.cfg, self.ctx
         self.towers = FrozenTowers(c.vision_path, c.text_path).to(ctx.device, ctx.dtype)
@@ -163,7 +170,7 @@ class VIKDFFuse(ShardRecipe):
         )
         llm = AutoModelForCausalLM.from_pretrained(c.llm_path).requires_grad_(False)
         llm = apply_lora(llm, c.lora) if c.lora.enabled else llm.to(ctx.device, ctx.dtype).eval()
-        bvif = BVIF(iq, llm.config.hidden_size, c.variational)
+        bvif = BVIF(iq, llm.config.hidden_size, c.variational, c.bvif)
         self.noise_shape = (iq.config.num_queries, iq.config.width)  # of z, per sample
         if c.init_from:
             load_bvif_state(bvif, c.init_from)
@@ -201,8 +208,26 @@ class VIKDFFuse(ShardRecipe):
             "ce": GlobalMean(out["ce_sum"], out["ce_count"]),
             **{k: v for k, v in out.items() if k in ("recon", "kl")},
         }
+        stats = {k: float(v) for k, v in out.items() if k in ("kl_per_dim", "prior_logvar")}
+        if "kl" in losses and self.cfg.kl_warmup_steps:
+            stats["kl_weight"] = self.loss_weight("kl")
         tokens = sum(len(t) for t in batch["target"])
-        return StepOutput(losses=losses, samples=len(batch["key"]), tokens=tokens)
+        return StepOutput(losses=losses, stats=stats, samples=len(batch["key"]), tokens=tokens)
+
+    def loss_weight(self, name: str) -> float:
+        """`loss_weights`, the KL's ramped up over `kl_warmup_steps` (annealing)."""
+        weight = super().loss_weight(name)
+        warmup = self.cfg.kl_warmup_steps
+        return weight * min(1.0, self.steps_done / warmup) if name == "kl" and warmup else weight
+
+    def on_step_end(self) -> None:
+        self.steps_done += 1
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"steps_done": self.steps_done}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.steps_done = int(state.get("steps_done", 0))
 
     @torch.no_grad()
     def evaluate(self, model, split: str = "val") -> EvalResult:
