@@ -144,9 +144,12 @@ def collate_sequences(
     answers: Optional[Sequence[List[int]]],
     pad_id: int,
     left_pad: bool = False,
+    scored: Optional[Sequence[List[int]]] = None,
 ) -> Dict[str, torch.Tensor]:
     """Per-sample prompts (+ answer ids) -> one padded batch. Token-aligned inputs (ids, mask, token
-    types) are extended with the answer and padded; the rest (pixels, grids) concatenated."""
+    types) are extended with the answer and padded; the rest (pixels, grids) concatenated.
+    `scored` (0/1 per answer token) marks the tokens `MLLM.losses` reports per sample apart
+    ("per_sample_scored"), e.g. the answer without its chat-template tokens."""
     seqs, extras = [], {}
     for i, p in enumerate(prompts):
         n = p["input_ids"].shape[-1]
@@ -156,6 +159,8 @@ def collate_sequences(
             "attention_mask": torch.ones(n + len(ans), dtype=torch.long),
             "labels": torch.tensor([-100] * n + ans, dtype=torch.long),
         }
+        if scored is not None:
+            row["scored"] = torch.tensor([0] * n + list(scored[i]), dtype=torch.long)
         for k, v in p.items():
             if k in ("input_ids", "attention_mask"):
                 continue
@@ -205,7 +210,7 @@ class MLLM(EntryPoints):
         return {
             k: (v.to(dev, dtype) if v.is_floating_point() else v.to(dev))
             for k, v in batch.items()
-            if isinstance(v, torch.Tensor) and k != "labels"
+            if isinstance(v, torch.Tensor) and k not in ("labels", "scored")
         }
 
     def losses(
@@ -227,7 +232,7 @@ class MLLM(EntryPoints):
         counts = pick.sum(1).clamp(min=1)
         loss_sum = ce.sum()
         tokens = int(pick.sum())
-        return {
+        out = {
             "loss": loss_sum / max(1, tokens),
             "loss_sum": loss_sum,
             "per_sample": (per_token.sum(1) / counts).detach(),
@@ -235,6 +240,12 @@ class MLLM(EntryPoints):
             "tokens": tokens,
             "flops": self.train_flops(int(inputs["attention_mask"].sum())),
         }
+        if "scored" in batch:
+            scored = batch["scored"].to(per_token.device)[:, 1:].to(per_token.dtype)
+            out["per_sample_scored"] = (
+                (per_token * scored).sum(1) / scored.sum(1).clamp(min=1)
+            ).detach()
+        return out
 
     def train_flops(self, tokens: int) -> float:
         """Approximate FLOPs of a training step over `tokens` sequence positions (text and image

@@ -57,8 +57,9 @@ class DynamicSection:
     patience: int = 1  # epochs in a row above gamma before a sample switches
     warmup_epochs: int = 2  # epochs of direct training before the first decision (the first
     # epoch's losses mostly tell when a sample came, not how hard it is)
-    detrend: bool = True  # track each loss minus the running mean training loss when it was
-    # seen, so that samples met early in an epoch do not look harder
+    detrend: bool = True  # with a quantile: track each loss minus the running mean training
+    # loss when it was seen, so that samples met early in an epoch do not look harder (an
+    # absolute gamma is compared with the raw losses)
 
 
 @dataclass
@@ -145,9 +146,11 @@ class HardSampleTracker:
             mean = sum(losses) / len(losses)
         if mean is not None:
             self.running = mean if self.running is None else 0.9 * self.running + 0.1 * mean
+        # an absolute gamma (quantile null) is a loss value, as in the paper: compared raw
+        detrend = self.cfg.detrend and self.cfg.quantile is not None
         for k, v in zip(keys, losses):
             s = self.pending.setdefault(k, [0.0, 0])
-            s[0] += float(v) - (self.running if self.cfg.detrend else 0.0)
+            s[0] += float(v) - (self.running if detrend else 0.0)
             s[1] += 1
 
     def end_epoch(
@@ -219,7 +222,11 @@ class Targets:
         c, encode = self.cfg, self.prompter.encode_answer
         text = c.separator.join(meta["keyphrases"])
         direct = encode(text)
+        lead, end = self.template_tokens
+        # 1 on the keyphrase tokens: the hardness signal, without the chat template's tokens
+        scored = [0] * lead + [1] * max(0, len(direct) - lead - end) + [0] * end
         out = {
+            "scored": scored[: len(direct)],
             "direct": direct,
             "cot": None,
             "truncated": False,
@@ -236,6 +243,14 @@ class Targets:
                 return {**out, "status": "too_long"}
             out["truncated"] = True
         return {**out, "cot": cot, "status": "ok"}
+
+    @functools.cached_property
+    def template_tokens(self) -> Tuple[int, int]:
+        """How many tokens of an encoded answer are the chat template's: before the answer text
+        and after it (the end of turn)."""
+        tok, p = self.prompter.tok, self.prompter
+        count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0  # noqa: E731
+        return count(p.answer_lead), count(p.end_of_turn)
 
     def cot_text(self, reasoning: str, answer: str) -> str:
         return f"{self.cfg.think[0]} {reasoning} {self.cfg.think[1]} {answer}"
@@ -263,7 +278,7 @@ class Collate:
         self.targets = Targets(cfg, prompter)
 
     def __call__(self, items: List[Dict[str, Any]]) -> Dict[str, Any]:
-        fields = ["key", "prompt", "direct", "cot", "rationale", "truncated", "over_cap"]
+        fields = ["key", "prompt", "direct", "scored", "cot", "rationale", "truncated", "over_cap"]
         out: Dict[str, Any] = {k: [] for k in fields + ["keyphrases", "text"]}
         for it in items:
             meta = it["meta"]
@@ -272,7 +287,7 @@ class Collate:
             out["prompt"].append(
                 self.prompter.encode_prompt(self.cfg.prompt.format(text=meta["text"]), it["image"])
             )
-            for k in ("direct", "cot", "truncated", "over_cap"):
+            for k in ("direct", "scored", "cot", "truncated", "over_cap"):
                 out[k].append(t[k])
             out["rationale"].append(t["status"])
             out["keyphrases"].append(meta["keyphrases"])
@@ -341,10 +356,15 @@ class DynCoT(ShardRecipe):
             )
         use = [self._use_cot(k, cot) for k, cot in zip(batch["key"], batch["cot"])]
         answers = [cot if u else d for u, cot, d in zip(use, batch["cot"], batch["direct"])]
-        out = model("losses", collate_sequences(batch["prompt"], answers, self.pad_id))
-        if c.strategy == "dynamic":
+        scored = [[0] * len(a) if u else m for u, a, m in zip(use, answers, batch["scored"])]
+        out = model(
+            "losses", collate_sequences(batch["prompt"], answers, self.pad_id, scored=scored)
+        )
+        if c.strategy == "dynamic":  # hardness: the loss on the keyphrase tokens alone
             direct = [i for i, u in enumerate(use) if not u]
-            self._step_losses += [(batch["key"][i], float(out["per_sample"][i])) for i in direct]
+            self._step_losses += [
+                (batch["key"][i], float(out["per_sample_scored"][i])) for i in direct
+            ]
         n = len(use)
         stats = {
             "cot_frac": sum(use) / n,

@@ -224,3 +224,46 @@ def test_a_training_keyphrase_without_letters_stops_the_run_naming_shard_and_sam
     recipe.cfg = SimpleNamespace(data=SimpleNamespace(train=str(tmp_path / "train")))
     with pytest.raises(DataError, match=r"sample post-2: keyphrase '？！' has no letter or digit"):
         _ = recipe.train_scan
+
+
+# -- the hardness signal (issue 19, item 5) -------------------------------------------------------
+
+
+def test_hardness_is_the_loss_on_the_keyphrase_tokens_alone(tiny_prompter, tmp_path):
+    import torch
+
+    from mmtrain.models.lora import LoraSection
+    from mmtrain.models.mllm import MLLM, collate_sequences, load_model
+    from mmtrain.recipes.dyncot import DynCoTConfig, Targets
+    from mmtrain.testing.tiny import make_tiny_vlm
+
+    t = Targets(DynCoTConfig(model_path="x"), tiny_prompter)(
+        {"keyphrases": ["circle", "red", "art"]}
+    )
+    ids, scored = t["direct"], t["scored"]
+    kept = [i for i, m in zip(ids, scored) if m]
+    assert tiny_prompter.tok.decode(kept) == "circle ; red ; art"  # no end-of-turn token
+    assert len(kept) < len(ids)
+    torch.manual_seed(0)
+    model = MLLM(load_model(str(make_tiny_vlm(str(tmp_path / "m"))), LoraSection(enabled=False)))
+    prompt = tiny_prompter.encode_prompt("post : some circle art")
+    batch = collate_sequences([prompt], [ids], 0, scored=[scored])
+    out = model("losses", batch)
+    logits = model.model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).logits[0, :-1]
+    per_token = torch.nn.functional.cross_entropy(
+        logits, batch["input_ids"][0, 1:], reduction="none"
+    )
+    mask = batch["scored"][0, 1:].bool()
+    assert float(out["per_sample_scored"][0]) == pytest.approx(float(per_token[mask].mean()), 1e-5)
+    assert float(out["per_sample"][0]) != pytest.approx(float(out["per_sample_scored"][0]))
+
+
+def test_an_absolute_gamma_is_compared_with_raw_losses_a_quantile_with_detrended_ones():
+    raw = HardSampleTracker(DynamicSection(quantile=None, gamma=1.5, detrend=True))
+    raw.record(["a", "b"], [1.0, 2.0])
+    assert raw.pending == {"a": [1.0, 1], "b": [2.0, 1]}  # the paper's gamma: a loss value
+    detrended = HardSampleTracker(DynamicSection(quantile=0.7, detrend=True))
+    detrended.record(["a", "b"], [1.0, 2.0])
+    assert detrended.pending == {"a": [-0.5, 1], "b": [0.5, 1]}  # minus the running mean, 1.5
