@@ -90,6 +90,7 @@ class Collate:
         self.cfg = cfg
         self.tok = tok
         self.text_tok = text_tok
+        self.text_tok.truncation_side = "left"  # contexts: their most recent tokens
         self.seed = seed
         self.bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         self.eos = [tok.eos_token_id]
@@ -132,7 +133,9 @@ class Collate:
         # every reference of a response (`responses`, e.g. one per annotator), for the scores
         out["references"] = [m.get("responses") or [m["response"]] for m in batch["meta"]]
         out["target"] = [self.ids(r, c.max_text_len) + self.eos for r in out["response"]]
-        out["context"] = [self.ids("\n".join(ctx), c.max_text_len * 2) for ctx in contexts]
+        # a long context keeps its most recent tokens wherever it is read: the prompt (`middle`),
+        # the prior's reading and the text tower
+        out["context"] = [self.ids("\n".join(ctx))[-c.max_text_len * 2 :] for ctx in contexts]
         out["context_text"] = ["\n".join(ctx) for ctx in contexts]
         out["recon_instr"] = recon
         if c.knowledge == "text":  # only the text tower reads these

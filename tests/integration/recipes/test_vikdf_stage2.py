@@ -268,3 +268,26 @@ def test_fusion_terms_keep_the_language_loss_scale_and_the_prompts_carry_knowled
                 ce[name][1] += out["ce_count"]
     with_knowledge, zero = (ce[n][0] / ce[n][1] for n in ("knowledge", "zero"))
     assert with_knowledge < zero - 0.5, (with_knowledge, zero)  # measured: 0.78 vs 2.30
+
+
+def test_a_long_context_keeps_its_most_recent_turns_in_prompt_prior_and_text_tower(tiny_models):
+    """Issue 19, item 6: the prior read the first tokens of a long context, the prompt its last."""
+    from mmtrain.models.encoders import load_tokenizer
+    from mmtrain.recipes.vikdf_fuse import Collate, FuseConfig
+
+    t = tiny_models
+    cfg = FuseConfig(
+        phase="dialogue", knowledge="text", llm_path="x", stage1="x", vision_path="x",
+        text_path="x", max_text_len=8,
+    )  # fmt: skip
+    tok, text_tok = load_tokenizer(str(t / "llama")), load_tokenizer(str(t / "clip"))
+    collate = Collate(cfg, tok, text_tok, seed=0)
+    turns = ["a red circle on the left ."] * 6 + ["where is the blue square ?"]
+    meta = {"context": turns, "response": "on the right ."}
+    out = collate([{"key": "k", "meta": meta}])
+    last = tok("where is the blue square ?", add_special_tokens=False)["input_ids"]
+    assert out["context"][0][-len(last) :] == last  # the prior reads the latest turn
+    middle = out["middle"][0]  # the prompt: context, then the template's generation prompt
+    assert any(middle[i : i + len(last)] == last for i in range(len(middle)))
+    words = text_tok.convert_ids_to_tokens(out["text_ids"][0].tolist())
+    assert any("square" in w for w in words)  # the text tower too
