@@ -276,7 +276,7 @@ def fusion(
     }
 
     def step():
-        out = model("fusion_losses", inputs)
+        out = model("fusion_losses", inputs, "image")  # the image's knowledge, as the peer
         (out["ce"] + 0.5 * out["recon"] + 0.1 * out["kl"]).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -1,8 +1,8 @@
 """`FuseModel`: BVIF (mmtrain.models.bvif) around an LLM, the module VIKDF stage 2 trains.
 
 Entry points (called as `model("fusion_losses", batch)`, see mmtrain.models.base):
-- `fusion_losses(batch, sample)`: image-text pairs; contextual inference (CE on the caption from
-  soft prompts), knowledge reconstruction and KL(q || p);
+- `fusion_losses(batch, knowledge, sample)`: image-text pairs; contextual inference (CE on the
+  caption from soft prompts of K_T, K_I or both), knowledge reconstruction and KL(q || p);
 - `dialogue_losses(batch, knowledge, sample)`: CE on the response, the soft prompts (from
   `knowledge`: prior, text, image or none) right after the chat template's opening;
 - `generate(batch, knowledge, **generation kwargs)`: the response's new tokens.
@@ -65,9 +65,23 @@ class FuseModel(EntryPoints):
             "nll": tok.sum(1).detach(),
         }
 
-    def fusion_losses(self, batch: Dict[str, Any], sample: bool = True) -> Dict[str, Any]:
+    def fusion_losses(
+        self, batch: Dict[str, Any], knowledge: str = "text", sample: bool = True
+    ) -> Dict[str, Any]:
+        """Fusion's terms for knowledge K_T ("text": the caption read by the text tower and the
+        IQ-Former, as released), K_I ("image"), or "both" (each term the mean of the two)."""
+        if knowledge == "both":
+            text, image = (self.fusion_losses(batch, k, sample) for k in ("text", "image"))
+            out = {k: (v + image[k]) / 2 for k, v in text.items() if k not in ("nll", "ce_count")}
+            out["ce_sum"] = text["ce_sum"] + image["ce_sum"]
+            out["ce_count"] = text["ce_count"] + image["ce_count"]
+            out["nll"] = (text["nll"] + image["nll"]) / 2
+            return out
         b = self.bvif
-        k = b.iqformer.read_image(batch["image_states"])
+        if knowledge == "text":
+            k = b.iqformer.read_text(batch["text_states"], batch["text_mask"])
+        else:
+            k = b.iqformer.read_image(batch["image_states"])
         prior_states = self._prior_states(batch["recon_instr"], batch["text"])
         z, kl, mu_p, lv_p = b.latent(k, prior_states, sample=sample, eps=batch.get("eps"))
         soft = b.to_llm(z)

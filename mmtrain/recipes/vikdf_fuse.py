@@ -60,6 +60,9 @@ class FuseConfig(RecipeConfig):
     bvif: BVIFLosses = field(default_factory=BVIFLosses)  # scales of the KL and reconstruction
     kl_warmup_steps: int = 0  # the KL weight rises linearly from 0 over these optimizer steps
     knowledge: str = choices("prior", "text", "image", "none", default="prior")  # dialogue phase
+    # fusion phase: the knowledge fused: K_T (the caption through the text tower and the IQ-Former,
+    # as released), K_I (the image's), or both (each term the mean of the two)
+    fusion_knowledge: str = choices("text", "image", "both", default="text")
     inference_templates: List[str] = field(default_factory=lambda: list(INFERENCE_TEMPLATES))
     reconstruction_templates: List[str] = field(
         default_factory=lambda: list(RECONSTRUCTION_TEMPLATES)
@@ -90,7 +93,6 @@ class Collate:
         self.cfg = cfg
         self.tok = tok
         self.text_tok = text_tok
-        self.text_tok.truncation_side = "left"  # contexts: their most recent tokens
         self.seed = seed
         self.bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         self.eos = [tok.eos_token_id]
@@ -120,6 +122,8 @@ class Collate:
         if c.phase == "fusion":
             captions = batch.get("text") or [m["caption"] for m in batch["meta"]]
             out["text"] = [self.ids(t, c.max_text_len) for t in captions]
+            if c.fusion_knowledge != "image":  # K_T: the text tower reads the caption
+                out["text_ids"], out["text_attn"] = self.text_tower_ids(captions, "right")
             out["target"] = [t + self.eos for t in out["text"]]
             out["instr"] = [
                 self.bos + self.ids(pick(c.inference_templates, k, self.seed)) for k in keys
@@ -139,15 +143,21 @@ class Collate:
         out["context_text"] = ["\n".join(ctx) for ctx in contexts]
         out["recon_instr"] = recon
         if c.knowledge == "text":  # only the text tower reads these
-            enc = self.text_tok(
-                out["context_text"],
-                padding="max_length",
-                truncation=True,
-                max_length=c.max_text_len,
-                return_tensors="pt",
-            )
-            out["text_ids"], out["text_attn"] = enc["input_ids"], enc["attention_mask"]
+            out["text_ids"], out["text_attn"] = self.text_tower_ids(out["context_text"], "left")
         return out
+
+    def text_tower_ids(self, texts: List[str], cut: str):
+        """The text tower's ids and mask; a long text loses its `cut` end ("left" for contexts:
+        their most recent tokens stay)."""
+        self.text_tok.truncation_side = cut
+        enc = self.text_tok(
+            texts,
+            padding="max_length",
+            truncation=True,
+            max_length=self.cfg.max_text_len,
+            return_tensors="pt",
+        )
+        return enc["input_ids"], enc["attention_mask"]
 
 
 class VIKDFFuse(ShardRecipe):
@@ -182,7 +192,10 @@ class VIKDFFuse(ShardRecipe):
 
     def pipeline(self):
         c = self.cfg
-        need_image = c.phase == "fusion" or c.knowledge == "image"
+        if c.phase == "fusion":
+            need_image = c.fusion_knowledge != "text"
+        else:
+            need_image = c.knowledge == "image"
         transform = ImageTransform.from_pretrained(c.vision_path) if need_image else None
         collate = Collate(c, self.tokenizer, self.text_tokenizer, self.ctx.seed)
         return SampleDecoder(transform, need_image), collate
@@ -199,7 +212,7 @@ class VIKDFFuse(ShardRecipe):
 
     def _losses(self, model, batch, sample: bool = True) -> Dict[str, Any]:
         if self.cfg.phase == "fusion":
-            return model("fusion_losses", batch, sample=sample)
+            return model("fusion_losses", batch, self.cfg.fusion_knowledge, sample=sample)
         return model("dialogue_losses", batch, knowledge=self.cfg.knowledge, sample=sample)
 
     def step(self, model, batch) -> StepOutput:

@@ -291,3 +291,24 @@ def test_a_long_context_keeps_its_most_recent_turns_in_prompt_prior_and_text_tow
     assert any(middle[i : i + len(last)] == last for i in range(len(middle)))
     words = text_tok.convert_ids_to_tokens(out["text_ids"][0].tolist())
     assert any("square" in w for w in words)  # the text tower too
+
+
+@pytest.mark.parametrize("knowledge", ["text", "image", "both"])
+def test_fusion_fuses_the_caption_knowledge_as_released_or_the_image_or_both(assets, knowledge):
+    """Issue 19, item 2: the released code fuses K_T (the caption through the text tower and the
+    IQ-Former); `recipe.fusion_knowledge` also offers K_I and both."""
+    import torch
+
+    args = common(assets, *data(assets, "fusion"), f"recipe.fusion_knowledge={knowledge}")
+    recipe, model, _ = _train_in_process(FUSION, args, 0)
+    batch = recipe._inputs(next(recipe.train_data))
+    assert ("pixels" in batch) == (knowledge != "text")  # text alone: no image is decoded
+    assert ("text_states" in batch) == (knowledge != "image")
+    with torch.no_grad():
+        own = model("fusion_losses", batch, knowledge, sample=False)
+        moved = dict(batch)
+        for name in ("text_states", "text_mask", "image_states"):
+            if name in batch:  # the knowledge of the next pair in the batch
+                moved[name] = batch[name].roll(1, 0)
+        other = model("fusion_losses", moved, knowledge, sample=False)
+    assert float(own["kl"]) != pytest.approx(float(other["kl"]))  # the knowledge drives the terms
