@@ -2,12 +2,18 @@
 
 - TIM: query 0 of K_I / K_T through linear maps to `tim_dim`, L2-normalised; the symmetric InfoNCE
   with a learnable temperature is `kernels.contrastive.ContrastiveLoss`.
-- TA-MIM: masked image tokens attend to K_T in one transformer block; CLS dropped, tokens back on
+- TA-MIM: masked image tokens attend to K_T in one block; CLS dropped, tokens back on
   the patch grid, a 1x1 conv to patch*patch*3 channels, pixel-shuffled to the image; L1 on the
   scored pixels / their count / 3.
 - IA-MTM: masked text tokens attend to K_I in one block; a linear head to the vocabulary;
   cross-entropy on the selected positions ("mtm" their mean; "mtm_sum" and "mtm_count" for a mean
   over the selected positions of a whole global batch).
+
+The block (`head_block`): "released", as the released code: the masked tokens attend to K and
+nothing else (cross-attention, then a feed-forward layer, each post-norm), so a masked patch or
+token can only be recovered from the knowledge; "decoder", a pre-norm transformer decoder layer
+(self-attention among the tokens, then cross-attention to K, zero-initialised), whose masked
+positions can also be solved from their unmasked neighbours.
 """
 
 from __future__ import annotations
@@ -23,7 +29,27 @@ from mmtrain.models.base import EntryPoints
 from mmtrain.models.iqformer import IQFormer
 
 
-def _block(width: int, heads: int) -> nn.TransformerDecoderLayer:
+class CrossBlock(nn.Module):
+    """The released head block: cross-attention from the tokens to K, then a feed-forward layer,
+    each with a residual and a post-norm (a BERT layer without its self-attention)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.norm1 = nn.LayerNorm(width)
+        self.ffn = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)
+        )
+        self.norm2 = nn.LayerNorm(width)
+
+    def forward(self, x, knowledge, tgt_key_padding_mask=None):
+        x = self.norm1(x + self.attn(x, knowledge, knowledge, need_weights=False)[0])
+        return self.norm2(x + self.ffn(x))
+
+
+def _block(width: int, heads: int, kind: str = "released") -> nn.Module:
+    if kind == "released":
+        return CrossBlock(width, heads)
     block = nn.TransformerDecoderLayer(
         width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
     )
@@ -49,6 +75,7 @@ class Stage1Model(EntryPoints):
         heads: int = 8,
         init_scale: float = 1 / 0.07,
         tim_global: bool = True,
+        head_block: str = "released",
     ):
         super().__init__()
         w = iqformer.config.width
@@ -62,9 +89,9 @@ class Stage1Model(EntryPoints):
         # the heads read the masked tokens through their own projections
         self.mim_in = nn.Sequential(nn.Linear(cfg.vision_width, w), nn.LayerNorm(w))
         self.mtm_in = nn.Sequential(nn.Linear(cfg.text_width, w), nn.LayerNorm(w))
-        self.mim_block = _block(w, heads)
+        self.mim_block = _block(w, heads, head_block)
         self.mim_out = nn.Conv2d(w, patch * patch * 3, 1)
-        self.mtm_block = _block(w, heads)
+        self.mtm_block = _block(w, heads, head_block)
         self.mtm_out = nn.Linear(w, vocab)
 
     def embed(self, image_states: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor):

@@ -29,7 +29,7 @@ from mmtrain.models.iqformer import (
 )
 from mmtrain.recipes.base import EvalResult, GlobalMean, StepOutput
 from mmtrain.recipes.common import ShardRecipe, gather_rows
-from mmtrain.schema import ConfigError, RecipeConfig, path_field
+from mmtrain.schema import ConfigError, RecipeConfig, choices, path_field
 
 
 @dataclass
@@ -56,6 +56,9 @@ class Stage1Config(RecipeConfig):
     tim_global: bool = True  # negatives from the global batch (all ranks); false: local only
     init_scale: float = 14.285714  # 1 / 0.07
     head_heads: int = 8  # attention heads of the TA-MIM / IA-MTM blocks
+    # released: the masked tokens attend to K only (post-norm); decoder: self-attention among
+    # them too (pre-norm), which lets a masked position be solved from its neighbours
+    head_block: str = choices("released", "decoder", default="released")
     mim_ratio: float = 0.6
     mim_block: int = 2  # mask blocks of mim_block x mim_block patches
     mim_visible: float = 0.2  # masked blocks left visible but still scored
@@ -196,6 +199,7 @@ class VIKDFDistill(ShardRecipe):
             c.head_heads,
             c.init_scale,
             c.tim_global,
+            c.head_block,
         )
 
     def pipeline(self):

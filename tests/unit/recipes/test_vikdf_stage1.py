@@ -144,3 +144,23 @@ def test_a_bert_of_another_shape_is_refused_before_training(stage1_assets, tmp_p
     cfg = load_config(config, [*paths, f"recipe.bert_init={tmp_path / 'bert32'}", *shaped])
     assert cfg.recipe.iqformer.width == 32  # the suggested fix is accepted
     load_config(config, [*paths, f"recipe.bert_init={a / 'tiny' / 'bert'}"])  # the tiny BERT fits
+
+
+@pytest.mark.parametrize("kind", ["released", "decoder"])
+def test_the_released_head_block_reads_each_token_and_the_knowledge_only(kind):
+    """Issue 19, item 4: in the released TA-MIM / IA-MTM block a masked position can only be
+    recovered from the knowledge (cross-attention only); the decoder block also lets it read its
+    neighbours (self-attention), so a masked patch can be solved without K."""
+    from mmtrain.models.distill_heads import _block
+
+    torch.manual_seed(0)
+    block = _block(64, 4, kind).eval()
+    tokens, knowledge = torch.randn(2, 10, 64), torch.randn(2, 8, 64)
+    out = block(tokens, knowledge)
+    neighbours = tokens.clone()
+    neighbours[:, 1:] = torch.randn(2, 9, 64)  # every token but the first changes
+    reads_neighbours = not torch.allclose(block(neighbours, knowledge)[:, 0], out[:, 0])
+    assert reads_neighbours == (kind == "decoder")
+    other_k = block(tokens, torch.randn(2, 8, 64))
+    # the released block reads K from the start; the decoder's cross-attention starts at zero
+    assert (not torch.allclose(other_k, out)) == (kind == "released")
