@@ -63,6 +63,9 @@ class FuseConfig(RecipeConfig):
     # fusion phase: the knowledge fused: K_T (the caption through the text tower and the IQ-Former,
     # as released), K_I (the image's), or both (each term the mean of the two)
     fusion_knowledge: str = choices("text", "image", "both", default="text")
+    # keep the stage-1 IQ-Former as it is (its K_I and K_T stay what stage 1 aligned); by default
+    # it trains on with the stage-2 losses alone and may drift from that alignment
+    freeze_iqformer: bool = False
     inference_templates: List[str] = field(default_factory=lambda: list(INFERENCE_TEMPLATES))
     reconstruction_templates: List[str] = field(
         default_factory=lambda: list(RECONSTRUCTION_TEMPLATES)
@@ -183,6 +186,8 @@ class VIKDFFuse(ShardRecipe):
         )
         llm = AutoModelForCausalLM.from_pretrained(c.llm_path).requires_grad_(False)
         llm = apply_lora(llm, c.lora) if c.lora.enabled else llm.to(ctx.device, ctx.dtype).eval()
+        if c.freeze_iqformer:
+            iq.requires_grad_(False)
         bvif = BVIF(iq, llm.config.hidden_size, c.variational, c.bvif)
         self.noise_shape = (iq.config.num_queries, iq.config.width)  # of z, per sample
         if c.init_from:

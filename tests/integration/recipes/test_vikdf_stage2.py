@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from mmtrain.data.synth import synth
@@ -312,3 +313,16 @@ def test_fusion_fuses_the_caption_knowledge_as_released_or_the_image_or_both(ass
                 moved[name] = batch[name].roll(1, 0)
         other = model("fusion_losses", moved, knowledge, sample=False)
     assert float(own["kl"]) != pytest.approx(float(other["kl"]))  # the knowledge drives the terms
+
+
+def test_freeze_iqformer_keeps_the_stage1_knowledge_as_it_was(assets):
+    """Issue 19, item 3 (part): `recipe.freeze_iqformer` keeps K_I and K_T what stage 1 aligned."""
+    from mmtrain.models.iqformer import IQFormer
+
+    stage1 = IQFormer.from_pretrained(str(assets / "stage1" / "iqformer")).state_dict()
+    for freeze in (True, False):
+        args = common(assets, *data(assets, "fusion"), f"recipe.freeze_iqformer={freeze}")
+        _, model, _ = _train_in_process(FUSION, args, 2)
+        after = model.bvif.iqformer.state_dict()
+        same = all(torch.equal(after[k], v) for k, v in stage1.items())
+        assert same == freeze
