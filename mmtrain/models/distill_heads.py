@@ -31,11 +31,15 @@ from mmtrain.models.iqformer import IQFormer
 
 class CrossBlock(nn.Module):
     """The released head block: cross-attention from the tokens to K, then a feed-forward layer,
-    each with a residual and a post-norm (a BERT layer without its self-attention)."""
+    each with a residual and a post-norm (a BERT layer without its self-attention). Its
+    cross-attention output starts at zero, as in the decoder block (see `_block`): with the
+    released initialisation the demo's stage-1 R@1 fell from 0.050 to 0.010."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        nn.init.zeros_(self.attn.out_proj.weight)
+        nn.init.zeros_(self.attn.out_proj.bias)
         self.norm1 = nn.LayerNorm(width)
         self.ffn = nn.Sequential(
             nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width)

@@ -157,10 +157,14 @@ def test_the_released_head_block_reads_each_token_and_the_knowledge_only(kind):
     block = _block(64, 4, kind).eval()
     tokens, knowledge = torch.randn(2, 10, 64), torch.randn(2, 8, 64)
     out = block(tokens, knowledge)
+    # both start without reading K (a zero cross-attention output) ...
+    assert torch.allclose(block(tokens, torch.randn(2, 8, 64)), out)
+    cross = block.attn if kind == "released" else block.multihead_attn
+    with torch.no_grad():  # ... as training moves it away from zero
+        cross.out_proj.weight.normal_(0, 0.1)
+    out = block(tokens, knowledge)
+    assert not torch.allclose(block(tokens, torch.randn(2, 8, 64)), out)
     neighbours = tokens.clone()
     neighbours[:, 1:] = torch.randn(2, 9, 64)  # every token but the first changes
     reads_neighbours = not torch.allclose(block(neighbours, knowledge)[:, 0], out[:, 0])
     assert reads_neighbours == (kind == "decoder")
-    other_k = block(tokens, torch.randn(2, 8, 64))
-    # the released block reads K from the start; the decoder's cross-attention starts at zero
-    assert (not torch.allclose(other_k, out)) == (kind == "released")
