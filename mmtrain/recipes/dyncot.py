@@ -248,9 +248,10 @@ class Targets:
     def template_tokens(self) -> Tuple[int, int]:
         """How many tokens of an encoded answer are the chat template's: before the answer text
         and after it (the end of turn)."""
-        tok, p = self.prompter.tok, self.prompter
-        count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0  # noqa: E731
-        return count(p.answer_lead), count(p.end_of_turn)
+        return self._count(self.prompter.answer_lead), self._count(self.prompter.end_of_turn)
+
+    def _count(self, text: str) -> int:
+        return len(self.prompter.tok(text, add_special_tokens=False)["input_ids"]) if text else 0
 
     def cot_text(self, reasoning: str, answer: str) -> str:
         return f"{self.cfg.think[0]} {reasoning} {self.cfg.think[1]} {answer}"
