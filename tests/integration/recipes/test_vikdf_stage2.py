@@ -246,6 +246,7 @@ def test_fusion_terms_keep_the_language_loss_scale_and_the_prompts_carry_knowled
             f"recipe.stage1={stage1_run[1]}",
             f"recipe.data.train={image_text_shards / 'train'}",
             f"recipe.data.val={image_text_shards / 'val'}",
+            "recipe.fusion_knowledge=image",  # K_I, as measured (the caption's K_T: the same)
         ],
         60,
         lr=2e-3,
