@@ -289,7 +289,9 @@ class VIKDFFuse(ShardRecipe):
     def _generate(self, model, split: str) -> EvalResult:
         """Generate for every dialogue of the split (each rank its part), gather, score."""
         loader = self.eval_loader(split)
-        gen = self.cfg.generation.kwargs()
+        # ranks stop generating at different lengths: synced, so that a LoRA LLM inside the
+        # ZeRO-3 model runs the same forwards (and parameter gathers) on every rank
+        gen = {**self.cfg.generation.kwargs(), "synced_gpus": self.ctx.world_size > 1}
         rows = []
         for _ in range(loader.steps_per_epoch):
             batch = self._inputs(next(loader))

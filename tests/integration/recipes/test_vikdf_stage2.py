@@ -327,3 +327,30 @@ def test_freeze_iqformer_keeps_the_stage1_knowledge_as_it_was(assets):
         after = model.bvif.iqformer.state_dict()
         same = all(torch.equal(after[k], v) for k, v in stage1.items())
         assert same == freeze
+
+
+def test_generation_on_several_ranks_is_synced(assets):
+    """Issue 15 (the hang): with LoRA the LLM sits inside the ZeRO-3 model, and ranks that stop
+    generating at different lengths would wait for each other's parameter gathers until the
+    timeout; generation therefore always runs with `synced_gpus` on more than one rank."""
+    import dataclasses
+
+    args = common(
+        assets,
+        *data(assets, "dialogue"),
+        "recipe.generation={max_new_tokens: 2, num_beams: 1}",
+    )
+    recipe, model, _ = _train_in_process(DIALOGUE, args, 0)
+    seen = []
+    generate = model.generate
+
+    def spy(*a, **kw):  # records the flag, then generates alone (no process group here)
+        seen.append(kw.get("synced_gpus"))
+        return generate(*a, **{**kw, "synced_gpus": False})
+
+    model.generate = spy
+    for world in (1, 2):
+        recipe.ctx = dataclasses.replace(recipe.ctx, world_size=world)
+        recipe._generate(model, "val")
+        assert seen and set(seen) == {world > 1}, (world, seen)
+        seen.clear()
