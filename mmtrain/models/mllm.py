@@ -73,17 +73,36 @@ def _image_only_processor(path: str):
     return cls(**args, chat_template=tok.chat_template, **kwargs)
 
 
-def load_processor(path: str):
+def load_processor(path: str, min_pixels: Optional[int] = None, max_pixels: Optional[int] = None):
+    """The model directory's processor; `min_pixels` / `max_pixels` bound the pixels an image is
+    resized to (Qwen2-VL-style processors: a 1080p screenshot is ~2.6k LLM tokens at the default
+    bounds, the largest ~16k)."""
     from transformers import AutoProcessor
 
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model directory: config.json is missing")
     try:
-        return AutoProcessor.from_pretrained(path)
+        proc = AutoProcessor.from_pretrained(path)
     except ImportError as e:
         if "orchvision" not in str(e):
             raise
-        return _image_only_processor(path)
+        proc = _image_only_processor(path)
+    if min_pixels or max_pixels:
+        _bound_pixels(proc.image_processor, min_pixels, max_pixels)
+    return proc
+
+
+def _bound_pixels(image_processor, min_pixels: Optional[int], max_pixels: Optional[int]) -> None:
+    size = dict(image_processor.size or {})
+    if "longest_edge" not in size:  # Qwen2-VL keeps its pixel bounds there
+        raise ValueError(
+            f"recipe.min_pixels / max_pixels apply to processors that resize by pixel count "
+            f"(Qwen2-VL style); {type(image_processor).__name__} has size {size}"
+        )
+    lo, hi = min_pixels or size["shortest_edge"], max_pixels or size["longest_edge"]
+    if lo > hi:
+        raise ValueError(f"recipe.min_pixels={lo} is above recipe.max_pixels={hi}")
+    image_processor.size = {"shortest_edge": lo, "longest_edge": hi}
 
 
 class Prompter:

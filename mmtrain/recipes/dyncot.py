@@ -79,6 +79,10 @@ class DynCoTConfig(RecipeConfig):
         default_factory=lambda: GenerationSection(max_new_tokens=256)
     )
     max_answer_tokens: int = 256  # a longer CoT target loses the end of its reasoning
+    # bounds on an image's pixels after resizing (Qwen2-VL-style processors; null: the model
+    # directory's own, for Qwen2-VL up to ~16k image tokens; 802816 = 1024 tokens)
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
     loss_weights: Dict[str, float] = field(default_factory=lambda: {"sft": 1.0})
     data: DataSection = field(default_factory=DataSection)
 
@@ -305,7 +309,8 @@ class DynCoT(ShardRecipe):
         self._step_losses: List[Any] = []  # (key, loss) of this optimizer step's micro-batches
 
     def setup(self) -> None:
-        self.processor = load_processor(self.cfg.model_path)
+        c = self.cfg
+        self.processor = load_processor(c.model_path, c.min_pixels, c.max_pixels)
         self.prompter = Prompter(self.processor, self.cfg.system)
         self.pad_id = pad_id(self.processor.tokenizer)
 

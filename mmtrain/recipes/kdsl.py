@@ -86,6 +86,10 @@ class KDSLConfig(RecipeConfig):
             "intent": "What does the customer want?",
         }
     )
+    # bounds on an image's pixels after resizing (Qwen2-VL-style processors; null: the model
+    # directory's own, for Qwen2-VL up to ~16k image tokens; 802816 = 1024 tokens)
+    min_pixels: Optional[int] = None
+    max_pixels: Optional[int] = None
     # task -> labels; empty: read from the shards
     labels: Dict[str, List[str]] = field(default_factory=dict)
     lora: LoraSection = field(default_factory=LoraSection)
@@ -164,7 +168,7 @@ class KDSL(ShardRecipe):
 
     def setup(self) -> None:
         c = self.cfg
-        self.processor = load_processor(c.model_path)
+        self.processor = load_processor(c.model_path, c.min_pixels, c.max_pixels)
         self.prompter = Prompter(self.processor)
         self.pad_id = pad_id(self.processor.tokenizer)
         self.labels = {t: list(c.labels.get(t) or self._labels_from_data(t)) for t in c.tasks}

@@ -267,3 +267,28 @@ def test_an_absolute_gamma_is_compared_with_raw_losses_a_quantile_with_detrended
     detrended = HardSampleTracker(DynamicSection(quantile=0.7, detrend=True))
     detrended.record(["a", "b"], [1.0, 2.0])
     assert detrended.pending == {"a": [-0.5, 1], "b": [0.5, 1]}  # minus the running mean, 1.5
+
+
+def test_max_pixels_bounds_the_image_tokens_of_a_qwen2_vl_processor(tmp_path):
+    """Issue 15 (memory on real inputs): a 1080p screenshot is ~2.6k image tokens at Qwen2-VL's
+    default bounds; `recipe.max_pixels` caps them."""
+    from PIL import Image
+
+    from mmtrain.models.mllm import load_processor
+    from mmtrain.testing.tiny import make_tiny_vlm
+
+    qwen = str(make_tiny_vlm(str(tmp_path / "qwen")))
+    image = Image.new("RGB", (400, 300))
+
+    def patches(proc):
+        return int(
+            proc.image_processor(images=[image], return_tensors="pt")["image_grid_thw"].prod()
+        )
+
+    assert patches(load_processor(qwen)) == 48  # the directory's own bound: 112 x 112 pixels
+    assert patches(load_processor(qwen, max_pixels=56 * 56)) == 8
+    with pytest.raises(ValueError, match="min_pixels=10000 is above recipe.max_pixels=3136"):
+        load_processor(qwen, min_pixels=10_000, max_pixels=56 * 56)
+    llava = str(make_tiny_vlm(str(tmp_path / "llava"), "llava"))
+    with pytest.raises(ValueError, match="resize by pixel count"):
+        load_processor(llava, max_pixels=56 * 56)
