@@ -80,6 +80,7 @@ def sbatch(tmp_path, run_name, extra_env, overrides):
     return run_sbatch(cmd, env)
 
 
+@pytest.mark.heavy  # 25 s; the engine-level requeue stays in make test, the real one in test-slurm
 def test_sbatch_requeues_after_signal_and_resumes(tmp_path):
     run = tmp_path / "runs" / "slurm"
     over = ["train.steps=100000", "log.every=1", "checkpoint.every=0"]
