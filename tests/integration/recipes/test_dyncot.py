@@ -29,6 +29,7 @@ def common(kp, tiny, *extra):
     ]
 
 
+@pytest.mark.heavy  # make test-all (48 s): the world-size harness also runs the loss table
 def test_dynamic_switches_some_samples_and_resume_keeps_the_loss_table(kp, tiny_models, tmp_path):
     # 480 training posts, 8 per rank per step: 30 steps an epoch; with warmup_epochs=1 the first
     # decision comes after epoch 1, i.e. at step 31. Run b stops at step 20 and resumes.

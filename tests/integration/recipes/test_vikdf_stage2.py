@@ -207,6 +207,7 @@ def _dialogue_ppl(overrides, steps: int) -> float:
     return recipe.evaluate(model).metrics["ppl"]
 
 
+@pytest.mark.heavy  # make test-all (19 s): keeps `make test` under 10 minutes
 def test_knowledge_matters_image_knowledge_beats_no_knowledge(stage1_run, tiny_models, tmp_path):
     """Dialogues whose right response names what only the picture shows (colour, count): with the
     stage-1 IQ-Former's knowledge of the picture, the same frozen LLM reaches a lower validation
