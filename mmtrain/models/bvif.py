@@ -112,6 +112,11 @@ class BVIF(nn.Module):
         floor = self.losses.prior_logvar_min
         return mu, floor + F.softplus(raw - floor)  # ~raw above the floor, never below it
 
+    def kl_per_dim(self, kl: torch.Tensor) -> torch.Tensor:
+        """The KL `latent` returned, in nats per knowledge dimension (for logging)."""
+        width = self.iqformer.config.width
+        return (kl if self.losses.reduction == "per_dim" else kl / width).detach()
+
     def _per_dim(self, summed: torch.Tensor) -> torch.Tensor:
         """A term summed over the W dimensions, as `losses.reduction` asks."""
         return summed / self.iqformer.config.width if self.losses.reduction == "per_dim" else summed

@@ -90,8 +90,7 @@ class FuseModel(EntryPoints):
         out["recon"] = b.reconstruction_loss(k, mu_p, lv_p)
         if kl is not None:
             out["kl"] = kl
-            width = b.iqformer.config.width
-            out["kl_per_dim"] = (kl if b.losses.reduction == "per_dim" else kl / width).detach()
+            out["kl_per_dim"] = b.kl_per_dim(kl)
             out["prior_logvar"] = lv_p.detach().float().mean()
         return out
 
