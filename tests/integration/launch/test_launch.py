@@ -199,6 +199,28 @@ def test_sbatch_passes_a_batch_shell_usr1_to_the_ranks(tmp_path):
 
 @pytest.mark.chaos
 @pytest.mark.heavy
+def test_a_batch_shell_usr1_before_the_ranks_start_requeues_without_starting_them(tmp_path):
+    """A --signal=B:USR1 while the batch shell still checks the config (seconds: the imports) used
+    to kill the shell, bash's default for SIGUSR1, and the job failed instead of being requeued."""
+    import signal
+    import time
+
+    run = tmp_path / "runs" / "b0"
+    cmd, env = sbatch_command(tmp_path, "b0", {}, ["train.steps=100000"])
+    p = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGUSR1)
+    out = p.communicate(timeout=120)[0].decode()
+    assert p.returncode == 0, out[-3000:]
+    assert (tmp_path / "requeued").read_text().split() == ["777"]
+    log = (run / "slurm.log").read_text()
+    assert "SIGUSR1 before the ranks started: nothing to checkpoint" in log
+    assert "requeueing job 777" in log
+    assert not list(run.glob("slurm-777-rank*.log"))  # no rank was started
+
+
+@pytest.mark.chaos
+@pytest.mark.heavy
 def test_a_signal_during_start_up_checkpoints_and_requeues(tmp_path):
     """A SIGUSR1 one second after the ranks start (still importing): it used to kill them (exit 138)."""
     run = tmp_path / "runs" / "early"

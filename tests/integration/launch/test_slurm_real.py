@@ -63,14 +63,32 @@ def job(jid):
     return dict(re.findall(r"\b(JobState|Restarts|ExitCode)=(\S+)", text))
 
 
-def wait_for(what, timeout=240, every=0.5):
+def wait_for(what, timeout=240, every=0.5, story=None):
+    """Poll `what()` until it is true; on a timeout, `story()` (the job's state and logs) says why."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         got = what()
         if got:
             return got
         time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what.__doc__ or what}")
+    raise AssertionError(
+        f"timed out waiting for {what.__doc__ or what}" + (f"\n{story()}" if story else "")
+    )
+
+
+def story(tmp_path, jid, run):
+    """What a failed wait shows: the job's state and the ends of its logs."""
+
+    def tell():
+        logs = [
+            tmp_path / f"slurm-{jid}.out",
+            run / "slurm.log",
+            *sorted(run.glob("slurm-*-rank0.log")),
+        ]
+        tails = [f"--- {p.name}:\n{p.read_text()[-1500:]}" for p in logs if p.exists()]
+        return "\n".join([f"job {jid}: {job(jid)}", *tails])
+
+    return tell
 
 
 def log_has(run, text):
@@ -167,11 +185,30 @@ def test_an_outside_requeue_resumes_once(tmp_path):
 
 
 def test_a_batch_shell_signal_reaches_the_ranks(tmp_path):
-    jid = submit(tmp_path, "bshell", ["--time=1", "--signal=B:USR1@45"], ["train.steps=100000"])
+    # slurmctld signals at its first time-limit check (every 30 s) with at most N + 30 s left:
+    # here 30-60 s into the job, once the ranks train, leaving them a minute to checkpoint. (The
+    # old --time=1 @45 signalled 0-30 s in, while the batch shell still checked the config.)
+    jid = submit(tmp_path, "bshell", ["--time=2", "--signal=B:USR1@60"], ["train.steps=100000"])
     run = tmp_path / "runs" / "bshell"
-    wait_for(start_now_when_requeued(jid, 1), timeout=150)
+    wait_for(start_now_when_requeued(jid, 1), timeout=200, story=story(tmp_path, jid, run))
     log = (run / "slurm.log").read_text()
     assert "SIGUSR1 to the batch shell: passed to the ranks" in log and "requeueing job" in log
+    assert "stop signal received: checkpointing" in (run / "train.log").read_text()
+    end(jid)
+
+
+def test_a_batch_shell_signal_before_the_ranks_start_requeues(tmp_path):
+    """A batch-shell SIGUSR1 while the script still checks the config: it used to end the shell
+    (bash's default for SIGUSR1) and the job failed; CI met it as a --signal=B:USR1 come early."""
+    jid = submit(tmp_path, "bearly", overrides=["train.steps=100000"])
+    run = tmp_path / "runs" / "bearly"
+    checking = " -m mmtrain.cli config --get run_dir .*run.name=bearly"
+    wait_for(lambda: subprocess.run(["pgrep", "-f", checking], capture_output=True).returncode == 0,
+             every=0.1, story=story(tmp_path, jid, run))  # fmt: skip
+    subprocess.run(["scancel", "--batch", "--signal=USR1", jid], check=True)
+    wait_for(start_now_when_requeued(jid, 1), timeout=120, story=story(tmp_path, jid, run))
+    log = (run / "slurm.log").read_text()
+    assert "SIGUSR1 before the ranks started: nothing to checkpoint; requeueing job" in log, log
     end(jid)
 
 
