@@ -73,6 +73,9 @@ class DeepSpeedSection:
     reduce_bucket_size: int = 500_000_000
     prefetch_bucket_size: int = 50_000_000
     param_persistence_threshold: int = 100_000
+    # Under ZeRO-3 the large trained models a recipe loads (RunContext.partitioned) are partitioned
+    # as they load: no rank ever holds their full weights. false: built whole, partitioned later
+    sharded_init: bool = True
     # Raw DeepSpeed config keys, deep-merged over what mmtrain generates (last word).
     extra: Dict[str, Any] = field(default_factory=dict)
 

@@ -21,6 +21,37 @@ import torch
 from torch import nn
 
 
+def numel(p: torch.Tensor) -> int:
+    """A parameter's full size, also when ZeRO-3 has partitioned it (its own numel() is 0 then)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def ndim(p: torch.Tensor) -> int:
+    """A parameter's full number of dimensions, also when ZeRO-3 has partitioned it (then 1)."""
+    return len(getattr(p, "ds_shape", p.shape))
+
+
+def held(p: torch.Tensor) -> int:
+    """How many of a parameter's elements this rank holds: its partition under ZeRO-3 (the whole
+    tensor when it persists, below the persistence threshold), else all of them."""
+    if not hasattr(p, "ds_tensor"):
+        return p.numel()
+    return numel(p) if getattr(p, "ds_persist", False) else p.ds_tensor.numel()
+
+
+def partition_summary(model: nn.Module) -> Dict[str, int]:
+    """Elements and tensors of `model`'s parameters, and how many of each this rank holds."""
+    params = list(model.parameters())
+    return {
+        "elements": sum(numel(p) for p in params),
+        "held": sum(held(p) for p in params),
+        "tensors": len(params),
+        "partitioned_tensors": sum(
+            hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False) for p in params
+        ),
+    }
+
+
 def replicate_frozen(model: nn.Module, name: str) -> nn.Module:
     """Unregister sub-module `name` (frozen) so ZeRO-3 never partitions it; returns `model`."""
     child = model._modules.pop(name)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 import torch
@@ -24,10 +25,40 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def zero3_loading(ds_conf: Dict[str, Any]) -> Iterator[None]:
+    """transformers models built inside (`from_pretrained`, `from_config`) are partitioned as they
+    are built: transformers sees this ZeRO-3 config (HfDeepSpeedConfig), builds under
+    `deepspeed.zero.Init` and loads each tensor into its partitions. Outside it, models load whole."""
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    keep = HfDeepSpeedConfig(ds_conf)  # transformers holds only a weak reference
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del keep
+
+
+def partitioned_loading(cfg: Config, ds_conf: Optional[Dict[str, Any]]):
+    """RunContext.partitioned of a training run: ZeRO-3 loading when the run trains under ZeRO-3
+    with `deepspeed.sharded_init`, else a no-op."""
+    stage = (ds_conf or {}).get("zero_optimization", {}).get("stage", 0)
+    if stage == 3 and cfg.deepspeed.sharded_init:
+        return lambda: zero3_loading(ds_conf)
+    return contextlib.nullcontext
+
+
 def build_recipe(
-    cfg: Config, env: dist.DistEnv, dtype: torch.dtype, run_dir: Optional[Path] = None
+    cfg: Config,
+    env: dist.DistEnv,
+    dtype: torch.dtype,
+    run_dir: Optional[Path] = None,
+    partitioned=contextlib.nullcontext,
 ) -> Recipe:
-    """The configured recipe, told about the run through its RunContext (collectives included)."""
+    """The configured recipe, told about the run through its RunContext (collectives included;
+    `partitioned`: see RunContext; plain for evaluation and export)."""
     ctx = RunContext(
         rank=env.rank,
         world_size=env.world_size,
@@ -40,6 +71,7 @@ def build_recipe(
         all_reduce_sum=dist.all_reduce_sum,
         all_gather=dist.all_gather,
         gather_objects=dist.gather_objects,
+        partitioned=partitioned,
     )
     return recipe_class(cfg.recipe.name)(cfg.recipe, ctx)
 

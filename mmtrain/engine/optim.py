@@ -10,15 +10,17 @@ import torch
 from torch import nn
 
 from mmtrain.config import Config
+from mmtrain.parallelize import ndim
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
-    """Trainable parameters only; no weight decay on biases, norms and other 1-d tensors."""
+    """Trainable parameters only; no weight decay on biases, norms and other 1-d tensors (by their
+    full shape: a partitioned parameter is 1-d)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        (no_decay if ndim(p) < 2 or "norm" in name.lower() else decay).append(p)
     if not decay and not no_decay:
         raise RuntimeError(
             "the recipe's model has no trainable parameters (all requires_grad=False)"

@@ -17,7 +17,13 @@ import torch
 
 from mmtrain.config import Config, save_config, to_yaml
 from mmtrain.engine import checkpoint, dist, signals
-from mmtrain.engine.build import DTYPES, build_model, build_recipe, seed_all
+from mmtrain.engine.build import (
+    DTYPES,
+    build_model,
+    build_recipe,
+    partitioned_loading,
+    seed_all,
+)
 from mmtrain.engine.components import (
     BadStepGuard,
     Checkpointer,
@@ -28,6 +34,7 @@ from mmtrain.engine.components import (
 from mmtrain.engine.losses import combine
 from mmtrain.engine.monitor import Monitor, peak_memory_gib, peak_tflops, setup_logging
 from mmtrain.engine.optim import deepspeed_config, param_groups, scheduler_factory
+from mmtrain.parallelize import numel, partition_summary
 from mmtrain.recipes.base import DataStream, EvalResult, StepOutput
 
 REQUEUE_EXIT_CODE = 85  # slurm/train.sbatch turns this into `scontrol requeue`
@@ -258,17 +265,27 @@ class Trainer:
             category=FutureWarning,
         )
         cfg, env = self.cfg, self.env
-        self.recipe = build_recipe(cfg, env, DTYPES[cfg.deepspeed.precision])
+        # the DeepSpeed config comes first: under ZeRO-3 the recipe loads its large models into it
+        ds_conf = deepspeed_config(cfg, env.world_size, env.device.type == "cuda")
+        self.recipe = build_recipe(
+            cfg,
+            env,
+            DTYPES[cfg.deepspeed.precision],
+            partitioned=partitioned_loading(cfg, ds_conf),
+        )
         model = build_model(self.recipe, cfg.run.seed)
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        n_all = sum(p.numel() for p in model.parameters())
+        n_train = sum(numel(p) for p in model.parameters() if p.requires_grad)
+        built = partition_summary(model)
+        n_all = built["elements"]
         self.log.info(
-            "model: %.2fM parameters, %.2fM trainable, %.2fM frozen",
+            "model: %.2fM parameters, %.2fM trainable, %.2fM frozen; built with %.2fM (%.0f%%) "
+            "on this rank",
             n_all / 1e6,
             n_train / 1e6,
             (n_all - n_train) / 1e6,
+            built["held"] / 1e6,
+            100 * built["held"] / max(1, n_all),
         )
-        ds_conf = deepspeed_config(cfg, env.world_size, env.device.type == "cuda")
         found = self.found
         self.reshard = bool(found) and checkpoint.saved_world(*found) != env.world_size
         if self.reshard:  # written by another number of ranks: its universal form
@@ -279,6 +296,18 @@ class Trainer:
             model_parameters=param_groups(model, cfg.train.weight_decay),
             lr_scheduler=scheduler_factory(cfg),
         )
+        if ds_conf["zero_optimization"]["stage"] == 3:
+            sharded = partition_summary(model)
+            self.log.info(
+                "ZeRO-3: %d of %d parameter tensors partitioned (persistence threshold %d); this "
+                "rank holds %.2fM of %.2fM parameters (%.0f%%)",
+                sharded["partitioned_tensors"],
+                sharded["tensors"],
+                cfg.deepspeed.param_persistence_threshold,
+                sharded["held"] / 1e6,
+                sharded["elements"] / 1e6,
+                100 * sharded["held"] / max(1, sharded["elements"]),
+            )
         self.data = self.recipe.build_data()
         if not isinstance(self.data, DataStream):
             raise TypeError(

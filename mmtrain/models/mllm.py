@@ -24,6 +24,7 @@ from torch import nn
 
 from mmtrain.models.base import EntryPoints
 from mmtrain.models.lora import LoraSection, apply_lora, use_adapter
+from mmtrain.parallelize import numel
 from mmtrain.schema import ConfigError
 
 SENTINEL = "\u2063ANSWER\u2063"
@@ -214,9 +215,9 @@ class MLLM(EntryPoints):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        # counted here, before any sharding empties the parameters
-        self._n_params = sum(p.numel() for p in model.parameters())
-        self._n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # full sizes, also of parameters partitioned as they loaded (RunContext.partitioned)
+        self._n_params = sum(numel(p) for p in model.parameters())
+        self._n_trained = sum(numel(p) for p in model.parameters() if p.requires_grad)
 
     def base_model(self) -> nn.Module:
         """The transformers model under any peft wrapper."""

@@ -18,11 +18,13 @@ The hooks are collective: every rank calls them at the same point, so they may a
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import (
     Any,
     Callable,
+    ContextManager,
     Dict,
     Iterator,
     List,
@@ -58,6 +60,12 @@ class RunContext:
     all_gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
     # every rank's picklable object, in rank order
     gather_objects: Callable[[Any], List[Any]] = lambda o: [o]
+    # `with ctx.partitioned():` around loading the large *trained* models (transformers'
+    # `from_pretrained` / `from_config`, and their peft adapters): under ZeRO-3 they are
+    # partitioned as they load, so no rank ever holds their full weights; elsewhere a no-op.
+    # Frozen models every rank keeps whole, and modules whose weights you copy by hand, are built
+    # outside it (they are plain modules until the engine hands the model to DeepSpeed).
+    partitioned: Callable[[], ContextManager] = contextlib.nullcontext
 
 
 @dataclass

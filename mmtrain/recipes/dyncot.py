@@ -315,7 +315,8 @@ class DynCoT(ShardRecipe):
         self.pad_id = pad_id(self.processor.tokenizer)
 
     def build_model(self):
-        model = MLLM(load_model(self.cfg.model_path, self.cfg.lora))
+        with self.ctx.partitioned():
+            model = MLLM(load_model(self.cfg.model_path, self.cfg.lora))
         return keep_vision_in_graph(model, self.processor)
 
     def pipeline(self):

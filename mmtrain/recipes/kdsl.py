@@ -220,7 +220,8 @@ class KDSL(ShardRecipe):
     def build_model(self):
         c = self.cfg
         adapters = list(c.tasks) if c.mode == "decoupled" else ["default"]
-        model = MLLM(load_model(c.model_path, c.lora, adapters, c.init_from))
+        with self.ctx.partitioned():
+            model = MLLM(load_model(c.model_path, c.lora, adapters, c.init_from))
         return keep_vision_in_graph(model, self.processor)
 
     def _adapter(self, task: str) -> Optional[str]:

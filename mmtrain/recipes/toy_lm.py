@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mmtrain.models.lora import LoraSection, apply_lora
+from mmtrain.parallelize import numel
 from mmtrain.recipes.base import EvalResult, Recipe, StepOutput
 from mmtrain.schema import RecipeConfig, path_field
 
@@ -104,11 +105,11 @@ class ToyLMModel(nn.Module):
 
 
 def build_causal_lm(cfg: ToyLMConfig) -> nn.Module:
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     if cfg.model_path:
         return AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=torch.float32)
-    return LlamaForCausalLM(
+    return AutoModelForCausalLM.from_config(  # from_config: partitioned as it is built, if asked
         LlamaConfig(
             vocab_size=cfg.vocab_size,
             hidden_size=cfg.hidden_size,
@@ -128,11 +129,12 @@ class ToyLM(Recipe):
 
     def build_model(self) -> nn.Module:
         cfg: ToyLMConfig = self.cfg
-        lm = build_causal_lm(cfg)
-        if cfg.freeze_embeddings:
-            lm.get_input_embeddings().requires_grad_(False)
-        lm = apply_lora(lm, cfg.lora)
-        self._num_params = sum(p.numel() for p in lm.parameters())
+        with self.ctx.partitioned():
+            lm = build_causal_lm(cfg)
+            if cfg.freeze_embeddings:
+                lm.get_input_embeddings().requires_grad_(False)
+            lm = apply_lora(lm, cfg.lora)
+        self._num_params = sum(numel(p) for p in lm.parameters())
         self._calls = 0
         return ToyLMModel(lm)
 

@@ -184,8 +184,13 @@ class VIKDFFuse(ShardRecipe):
         iq = IQFormer.from_pretrained(
             str(stage1 / "iqformer" if (stage1 / "iqformer").is_dir() else stage1)
         )
-        llm = AutoModelForCausalLM.from_pretrained(c.llm_path).requires_grad_(False)
-        llm = apply_lora(llm, c.lora) if c.lora.enabled else llm.to(ctx.device, ctx.dtype).eval()
+        if c.lora.enabled:  # trained through its adapters: partitioned as it loads under ZeRO-3
+            with ctx.partitioned():
+                llm = AutoModelForCausalLM.from_pretrained(c.llm_path).requires_grad_(False)
+                llm = apply_lora(llm, c.lora)
+        else:  # frozen and whole on every rank (replicate_frozen below)
+            llm = AutoModelForCausalLM.from_pretrained(c.llm_path).requires_grad_(False)
+            llm = llm.to(ctx.device, ctx.dtype).eval()
         if c.freeze_iqformer:
             iq.requires_grad_(False)
         bvif = BVIF(iq, llm.config.hidden_size, c.variational, c.bvif)

@@ -7,6 +7,7 @@ group (`make test-all`) runs the harness for every recipe at 1, 2 and 4 ranks.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -67,11 +68,28 @@ def test_resume_on_another_number_of_ranks_continues_the_same_run(toy, tmp_path,
     )
 
 
+# Every tensor partitioned (at tiny widths the default threshold keeps them all whole on every
+# rank), with small buckets: parameters read outside their module's forward (attention out_proj,
+# learned queries and placeholders concatenated directly) would be read partitioned here, empty.
+EVERYTHING_PARTITIONED = [
+    "deepspeed.param_persistence_threshold=0",
+    "deepspeed.reduce_bucket_size=20000",
+    "deepspeed.prefetch_bucket_size=10000",
+]
+
+
 def invariant_at_1_2_4(case: Case, root, steps=None):
+    """1, 2 and 4 ranks, and 2 ranks with every parameter partitioned, train the same."""
     runs = {w: run_layout(case, root / "runs" / f"w{w}", w) for w in (1, 2, 4)}
+    part = run_layout(case, root / "runs" / "w2part", 2, extra=EVERYTHING_PARTITIONED)
+    held = re.search(
+        r"ZeRO-3: (\d+) of (\d+) parameter tensors partitioned",
+        (part.run / "train.log").read_text(),
+    )
+    assert held and held.group(1) == held.group(2), held and held.group(0)
     return runs, assert_invariant(
         runs[1],
-        {"2 ranks": runs[2], "4 ranks": runs[4]},
+        {"2 ranks": runs[2], "4 ranks": runs[4], "2 ranks, every tensor partitioned": part},
         steps or range(1, case.steps + 1),
         LOSS_RTOL,
         PARAM_ATOL,

@@ -33,6 +33,28 @@ def test_param_groups_skip_decay_on_norms_biases_and_frozen():
         param_groups(torch.nn.Linear(2, 2).requires_grad_(False), 0.1)
 
 
+def test_param_groups_and_counts_read_the_full_shape_of_a_partitioned_parameter():
+    """Partitioned by ZeRO-3 as it loaded, a weight matrix is 1-d and empty on its rank: it used to
+    lose its weight decay (and count 0 parameters)."""
+    from mmtrain.parallelize import numel, partition_summary
+
+    m = torch.nn.Linear(4, 6)
+    for p in m.parameters():  # what deepspeed.zero.Init leaves on a rank of 2
+        full = p.shape
+        p.data = torch.empty(0)
+        p.ds_shape, p.ds_numel, p.ds_tensor = full, full.numel(), torch.empty(full.numel() // 2)
+    groups = param_groups(m, 0.1)
+    assert [id(p) for p in groups[0]["params"]] == [id(m.weight)]
+    assert [id(p) for p in groups[1]["params"]] == [id(m.bias)]
+    assert numel(m.weight) == 24
+    assert partition_summary(m) == {
+        "elements": 30,
+        "held": 15,
+        "tensors": 2,
+        "partitioned_tensors": 2,
+    }
+
+
 def test_deepspeed_config_from_ours():
     cfg = load_config(
         DEMO,
