@@ -58,6 +58,9 @@ class TrainConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = bounded(1e-8, gt=0)
     grad_clip: float = bounded(1.0, ge=0)  # 0 disables clipping
+    # recompute each transformers layer's forward in the backward pass instead of keeping its
+    # activations (non-reentrant): less memory, about a third more compute
+    activation_checkpointing: bool = False
     # consecutive non-finite losses or skipped (overflowing) optimizer steps before the run stops
     max_bad_steps: int = bounded(10, ge=1)
 

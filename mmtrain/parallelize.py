@@ -15,7 +15,7 @@ A recipe builds its model plainly, then applies what its parallel layout needs:
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch
 from torch import nn
@@ -50,6 +50,25 @@ def partition_summary(model: nn.Module) -> Dict[str, int]:
             hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False) for p in params
         ),
     }
+
+
+def checkpoint_activations(model: nn.Module) -> List[str]:
+    """Activation (gradient) checkpointing, non-reentrant, in every transformers model inside
+    `model` that supports it: each layer keeps only its input for the backward pass and runs its
+    forward again there. Returns the names of the outermost models it turned on in.
+
+    transformers checkpoints a layer only in training mode, so a frozen model kept in eval mode
+    (BVIF's replicated LLM) keeps its activations."""
+    from transformers import PreTrainedModel
+
+    turned_on: List[str] = []
+    for name, module in model.named_modules():
+        if not (isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing):
+            continue
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not any(name == t or name.startswith(t + ".") for t in turned_on if t):
+            turned_on.append(name)
+    return turned_on
 
 
 def replicate_frozen(model: nn.Module, name: str) -> nn.Module:

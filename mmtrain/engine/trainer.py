@@ -34,7 +34,7 @@ from mmtrain.engine.components import (
 from mmtrain.engine.losses import combine
 from mmtrain.engine.monitor import Monitor, peak_memory_gib, peak_tflops, setup_logging
 from mmtrain.engine.optim import deepspeed_config, param_groups, scheduler_factory
-from mmtrain.parallelize import numel, partition_summary
+from mmtrain.parallelize import checkpoint_activations, numel, partition_summary
 from mmtrain.recipes.base import DataStream, EvalResult, StepOutput
 
 REQUEUE_EXIT_CODE = 85  # slurm/train.sbatch turns this into `scontrol requeue`
@@ -274,6 +274,8 @@ class Trainer:
             partitioned=partitioned_loading(cfg, ds_conf),
         )
         model = build_model(self.recipe, cfg.run.seed)
+        if cfg.train.activation_checkpointing:
+            self._checkpoint_activations(model)
         n_train = sum(numel(p) for p in model.parameters() if p.requires_grad)
         built = partition_summary(model)
         n_all = built["elements"]
@@ -314,6 +316,19 @@ class Trainer:
                 f"{type(self.recipe).__name__}.build_data returned a {type(self.data).__name__}, "
                 f"which lacks what mmtrain.recipes.base.DataStream declares"
             )
+
+    def _checkpoint_activations(self, model) -> None:
+        names = checkpoint_activations(model)
+        if not names:
+            self.log.warning(
+                "train.activation_checkpointing: no transformers model in %s supports it; "
+                "activations are kept",
+                type(model).__name__,
+            )
+            return
+        self.log.info(
+            "activation checkpointing on in: %s", ", ".join(n or "(the model)" for n in names)
+        )
 
     def _components(self) -> None:
         cfg, env = self.cfg, self.env

@@ -9,6 +9,7 @@ wrapped in a peft LoRA adapter.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -105,11 +106,11 @@ class ToyLMModel(nn.Module):
 
 
 def build_causal_lm(cfg: ToyLMConfig) -> nn.Module:
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     if cfg.model_path:
         return AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=torch.float32)
-    return AutoModelForCausalLM.from_config(  # from_config: partitioned as it is built, if asked
+    return LlamaForCausalLM(
         LlamaConfig(
             vocab_size=cfg.vocab_size,
             hidden_size=cfg.hidden_size,
@@ -129,7 +130,10 @@ class ToyLM(Recipe):
 
     def build_model(self) -> nn.Module:
         cfg: ToyLMConfig = self.cfg
-        with self.ctx.partitioned():
+        # a checkpoint loads partitioned under ZeRO-3; a model made from its config is built
+        # whole (transformers initialises one made under zero.Init otherwise than the seed's
+        # plain build, which `mmtrain eval` and export rebuild)
+        with self.ctx.partitioned() if cfg.model_path else contextlib.nullcontext():
             lm = build_causal_lm(cfg)
             if cfg.freeze_embeddings:
                 lm.get_input_embeddings().requires_grad_(False)
