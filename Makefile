@@ -52,7 +52,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	bash -n launch/*.sh slurm/*.sbatch
-	command -v shellcheck >/dev/null && shellcheck launch/*.sh slurm/*.sbatch || echo "shellcheck not installed: skipped"
+	@if command -v shellcheck >/dev/null; then shellcheck launch/*.sh slurm/*.sbatch slurm/testing/*.sh .ci/run; \
+	  else echo "shellcheck not installed: skipped"; fi
 
 bench: $(STAMP)
 	$(PY) -m kernels.bench

@@ -15,6 +15,7 @@ A recipe builds its model plainly, then applies what its parallel layout needs:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Dict, List
 
 import torch
@@ -57,18 +58,58 @@ def checkpoint_activations(model: nn.Module) -> List[str]:
     `model` that supports it: each layer keeps only its input for the backward pass and runs its
     forward again there. Returns the names of the outermost models it turned on in.
 
+    The recomputation runs with the peft adapters that were active in the forward pass: a model
+    with one adapter per task routes each task's forward through its own (`use_adapter`), and
+    the backward pass, after all of them, would otherwise recompute every task's layers with
+    whichever adapter is active then (the task's LoRA gradients came out wrong).
+
     transformers checkpoints a layer only in training mode, so a frozen model kept in eval mode
     (BVIF's replicated LLM) keeps its activations."""
     from transformers import PreTrainedModel
 
+    kwargs: Dict[str, Any] = {"use_reentrant": False}
+    replay = _adapter_replay(model)
+    if replay is not None:
+        kwargs["context_fn"] = replay
     turned_on: List[str] = []
     for name, module in model.named_modules():
         if not (isinstance(module, PreTrainedModel) and module.supports_gradient_checkpointing):
             continue
-        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         if not any(name == t or name.startswith(t + ".") for t in turned_on if t):
             turned_on.append(name)
     return turned_on
+
+
+class _ActiveAdapters:
+    """During a recomputation: the peft layers' active adapters as they were in the forward."""
+
+    def __init__(self, layers: List[nn.Module], active: List[Any]):
+        self.layers, self.active, self.saved = layers, active, []
+
+    def __enter__(self):
+        self.saved = [m._active_adapter for m in self.layers]
+        for m, a in zip(self.layers, self.active):
+            m._active_adapter = a
+
+    def __exit__(self, *exc):
+        for m, a in zip(self.layers, self.saved):
+            m._active_adapter = a
+
+
+def _adapter_replay(model: nn.Module):
+    """torch.utils.checkpoint's `context_fn` that replays the active peft adapters, or None."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        return None
+
+    def context_fn():
+        active = [m._active_adapter for m in layers]
+        return contextlib.nullcontext(), _ActiveAdapters(layers, active)
+
+    return context_fn
 
 
 def replicate_frozen(model: nn.Module, name: str) -> nn.Module:

@@ -238,10 +238,19 @@ class MLLM(EntryPoints):
     ) -> Dict[str, torch.Tensor]:
         """The answer tokens' summed loss ("loss_sum") over their count ("tokens"), their mean,
         each sample's mean ("per_sample") and summed ("nll_sum") loss, and the step's FLOPs."""
+        # position t predicts token t + 1; only the positions from the batch's first answer token
+        # on reach the vocabulary head (the prompt and its image tokens, most of a sequence, never
+        # do: a 152k-wide head over every position was most of the activation memory)
+        labels = batch["labels"][:, 1:]
+        answered = (labels != -100).any(0).nonzero()
+        first = int(answered[0]) if len(answered) else labels.shape[1] - 1
         with use_adapter(self.model, adapter):
             inputs = self._inputs(batch)
-            logits = self.model(**inputs).logits
-        labels = batch["labels"].to(logits.device)[:, 1:]
+            if self._keeps_logits():
+                logits = self.model(**inputs, logits_to_keep=labels.shape[1] + 1 - first).logits
+            else:
+                logits = self.model(**inputs).logits[:, first:]
+        labels = labels[:, first:].to(logits.device)
         pick = labels != -100
         ce = torch.nn.functional.cross_entropy(
             logits[:, :-1][pick].float(), labels[pick], reduction="none"
@@ -261,11 +270,20 @@ class MLLM(EntryPoints):
             "flops": self.train_flops(int(inputs["attention_mask"].sum())),
         }
         if "scored" in batch:
-            scored = batch["scored"].to(per_token.device)[:, 1:].to(per_token.dtype)
+            scored = batch["scored"].to(per_token.device)[:, 1 + first :].to(per_token.dtype)
             out["per_sample_scored"] = (
                 (per_token * scored).sum(1) / scored.sum(1).clamp(min=1)
             ).detach()
         return out
+
+    def _keeps_logits(self) -> bool:
+        """Whether the transformers model computes logits for the last N positions only."""
+        if not hasattr(self, "_logits_to_keep"):
+            import inspect
+
+            forward = inspect.signature(self.base_model().forward).parameters
+            self._logits_to_keep = "logits_to_keep" in forward
+        return self._logits_to_keep
 
     def train_flops(self, tokens: int) -> float:
         """Approximate FLOPs of a training step over `tokens` sequence positions (text and image

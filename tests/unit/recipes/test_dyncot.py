@@ -112,6 +112,48 @@ def test_mllm_loads_trains_answer_tokens_only_and_runs_vision_on_text_only_batch
     assert any("vis" in n for n in with_grad)
 
 
+@pytest.mark.parametrize("kind", ["qwen2_vl", "llava"])
+def test_the_vocabulary_head_sees_only_the_answer_positions_and_the_losses_are_unchanged(
+    tmp_path, kind
+):
+    """Logits over every position (the prompt and its image tokens, most of a sequence) were
+    computed and dropped: at a 152k vocabulary they were most of a step's activation memory."""
+    import torch
+    from PIL import Image
+
+    from mmtrain.models.lora import LoraSection
+    from mmtrain.models.mllm import MLLM, Prompter, collate_sequences, load_model, load_processor
+    from mmtrain.testing.tiny import make_tiny_vlm
+
+    d = make_tiny_vlm(str(tmp_path / kind), kind)
+    proc = load_processor(str(d))
+    model = MLLM(load_model(str(d), LoraSection(enabled=False)))
+    pr = Prompter(proc)
+    prompts = [
+        pr.encode_prompt("post : some circle art", Image.new("RGB", (200, 150), (220, 40, 40))),
+        pr.encode_prompt("post : a longer text-only post about circles and art"),
+    ]
+    answers = [pr.encode_answer("circle; red; art"), pr.encode_answer("circle")]
+    batch = collate_sequences(prompts, answers, proc.tokenizer.pad_token_id)
+    seen = []
+    head = model.base_model().get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    out = model("losses", batch)
+    hook.remove()
+    width = batch["input_ids"].shape[1]
+    first = min(p["input_ids"].shape[1] for p in prompts)  # the first answer token's position
+    assert seen == [width - first + 1]  # from the position that predicts it, to the end
+    with torch.no_grad():  # the reference: every position's logits
+        logits = model.model(**model._inputs(batch)).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    ce = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2).float(), labels, ignore_index=-100, reduction="none"
+    )
+    counts = (labels != -100).sum(1)
+    assert out["loss_sum"].item() == pytest.approx(ce.sum().item(), rel=1e-5)
+    assert out["per_sample"].tolist() == pytest.approx((ce.sum(1) / counts).tolist(), rel=1e-5)
+
+
 def test_a_generation_without_a_stop_token_counts_as_hitting_the_length_limit():
     """Evaluation reports how many generations ran into generation.max_new_tokens (their answer
     may be cut): there was no end-of-sequence or pad token before the limit."""
