@@ -19,6 +19,7 @@ import torch
 from mmtrain.engine import checkpoint, dist
 from mmtrain.engine.build import DTYPES, build_model, build_recipe
 from mmtrain.engine.export import find_checkpoint, load_trained
+from mmtrain.models.base import to_precision
 
 
 def load_run(run_dir: str, tag: Optional[str] = None, overrides: Sequence[str] = ()):
@@ -31,7 +32,7 @@ def load_run(run_dir: str, tag: Optional[str] = None, overrides: Sequence[str] =
     recipe = build_recipe(cfg, env, dtype, run)
     model = build_model(recipe, cfg.run.seed)
     load_trained(model, root, tag)
-    model.to(env.device, dtype).eval()
+    to_precision(model, env.device, dtype).eval()
     return cfg, recipe, model, tag, env
 
 

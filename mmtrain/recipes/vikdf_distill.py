@@ -18,6 +18,7 @@ import torch
 from mmtrain.data.images import ImageTransform
 from mmtrain.data.reader import DataSection, SampleDecoder, default_collate
 from mmtrain.metrics.retrieval import retrieval_recalls
+from mmtrain.models.base import to_precision
 from mmtrain.models.distill_heads import Stage1Model
 from mmtrain.models.encoders import FrozenTowers, load_tokenizer
 from mmtrain.models.iqformer import (
@@ -168,7 +169,7 @@ class VIKDFDistill(ShardRecipe):
 
     def setup(self) -> None:
         c, ctx = self.cfg, self.ctx
-        self.towers = FrozenTowers(c.vision_path, c.text_path).to(ctx.device, ctx.dtype)
+        self.towers = to_precision(FrozenTowers(c.vision_path, c.text_path), ctx.device, ctx.dtype)
         self.tokenizer = load_tokenizer(c.text_path)
         self.grid = self.towers.image_size // self.towers.patch_size
         self._calls = 0

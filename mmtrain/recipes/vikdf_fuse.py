@@ -25,6 +25,7 @@ from torch import nn
 from mmtrain.data.images import ImageTransform
 from mmtrain.data.reader import DataSection, SampleDecoder, default_collate
 from mmtrain.metrics.dialogue import dialogue_scores, perplexity, released_scores
+from mmtrain.models.base import to_precision
 from mmtrain.models.bvif import (
     BVIF,
     INFERENCE_TEMPLATES,
@@ -172,7 +173,7 @@ class VIKDFFuse(ShardRecipe):
 
     def setup(self) -> None:
         c, ctx = self.cfg, self.ctx
-        self.towers = FrozenTowers(c.vision_path, c.text_path).to(ctx.device, ctx.dtype)
+        self.towers = to_precision(FrozenTowers(c.vision_path, c.text_path), ctx.device, ctx.dtype)
         self.tokenizer = load_tokenizer(c.llm_path)
         self.text_tokenizer = load_tokenizer(c.text_path)
 
@@ -190,7 +191,7 @@ class VIKDFFuse(ShardRecipe):
                 llm = apply_lora(llm, c.lora)
         else:  # frozen and whole on every rank (replicate_frozen below)
             llm = AutoModelForCausalLM.from_pretrained(c.llm_path).requires_grad_(False)
-            llm = llm.to(ctx.device, ctx.dtype).eval()
+            llm = to_precision(llm, ctx.device, ctx.dtype).eval()
         if c.freeze_iqformer:
             iq.requires_grad_(False)
         bvif = BVIF(iq, llm.config.hidden_size, c.variational, c.bvif)

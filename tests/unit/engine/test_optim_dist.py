@@ -98,3 +98,22 @@ def test_job_ports_stay_below_the_ephemeral_range_and_spread():
         s.bind(("", job_port(77, 0)))
         s.listen()
         assert job_port(77, 0, probe=True) != job_port(77, 0)
+
+
+def test_frozen_and_evaluated_models_keep_fp32_buffers_in_bf16():
+    """`module.to(device, bf16)` rounded RoPE's inv_freq to bf16 in BVIF's frozen LLM and in
+    `mmtrain eval`; DeepSpeed keeps buffers fp32 in training, so evaluation differed from it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mmtrain.models.base import to_precision
+
+    lm = LlamaForCausalLM(
+        LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                    num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096)
+    )  # fmt: skip
+    inv_freq = lm.model.rotary_emb.inv_freq.clone()
+    to_precision(lm, torch.device("cpu"), torch.bfloat16)
+    assert lm.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert lm.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(lm.model.rotary_emb.inv_freq, inv_freq)
+    assert not torch.equal(inv_freq.to(torch.bfloat16).float(), inv_freq)  # what .to() did
