@@ -19,6 +19,7 @@ override threshold and the vote weight chosen per task on the validation split.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections import Counter
@@ -220,7 +221,9 @@ class KDSL(ShardRecipe):
     def build_model(self):
         c = self.cfg
         adapters = list(c.tasks) if c.mode == "decoupled" else ["default"]
-        with self.ctx.partitioned():
+        # saved adapters (init_from) may carry base weights (an adapted lm_head saves its layer):
+        # peft copies them whole, so that model loads whole and is partitioned afterwards
+        with self.ctx.partitioned() if not c.init_from else contextlib.nullcontext():
             model = MLLM(load_model(c.model_path, c.lora, adapters, c.init_from))
         return keep_vision_in_graph(model, self.processor)
 

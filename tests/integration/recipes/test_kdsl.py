@@ -19,6 +19,7 @@ def intent(tmp_path_factory):
     return root
 
 
+@pytest.mark.heavy  # 85-105 s: the fast suite keeps its 10 minutes (make demo runs this pipeline too)
 def test_pipeline_posttrain_mine_collaborate_adapt(intent, tiny_models, tmp_path):
     from mmtrain.cli import main
 

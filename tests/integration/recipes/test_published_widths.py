@@ -1,0 +1,112 @@
+"""Published configs at their real widths on the CPU: what tiny widths hide (head counts that do
+not divide, projections between towers of different widths, tensors large enough to be
+partitioned) shows here. The models have the published checkpoints' widths, head counts and
+image geometry, random weights and one or two layers per stack; each run is 2 training steps
+and an evaluation on 2 CPU ranks under the config's own ZeRO settings."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.helpers import REPO, scalars, train
+
+
+@pytest.fixture(scope="module")
+def clip_l14_and_bert_base(tmp_path_factory):
+    """CLIP ViT-L/14 (224 px, 1,024-wide vision, 768-wide text) and bert-base (768 wide, 12
+    heads) shapes, one layer each, over the tests' word tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel, CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    from mmtrain.testing.tiny import synthetic_vocabulary, word_tokenizer
+
+    root = tmp_path_factory.mktemp("published")
+    tok = word_tokenizer(synthetic_vocabulary())
+    torch.manual_seed(0)
+    clip = CLIPModel(
+        CLIPConfig(
+            text_config=dict(
+                vocab_size=len(tok),
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=1,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+            ),
+            vision_config=dict(
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_hidden_layers=1,
+                num_attention_heads=16,
+                image_size=224,
+                patch_size=14,
+            ),
+            projection_dim=768,
+        )
+    )
+    clip.save_pretrained(root / "clip")
+    tok.save_pretrained(root / "clip")
+    CLIPImageProcessorPil(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
+    ).save_pretrained(root / "clip")
+    bert = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=768,
+        num_hidden_layers=1,
+        num_attention_heads=12,
+        intermediate_size=3072,
+    )
+    BertModel(bert).save_pretrained(root / "bert")
+    return root
+
+
+@pytest.mark.heavy
+def test_vikdf_stage1_at_published_widths(tmp_path, clip_l14_and_bert_base, image_text_shards):
+    m = clip_l14_and_bert_base
+    run = tmp_path / "runs" / "stage1"
+    train(
+        run,
+        [
+            f"recipe.vision_path={m / 'clip'}",
+            f"recipe.text_path={m / 'clip'}",
+            f"recipe.bert_init={m / 'bert'}",
+            "recipe.iqformer.layers=2",  # one self-attention and one cross-attention layer
+            f"recipe.data.train={image_text_shards / 'train'}",
+            f"recipe.data.val={image_text_shards / 'val'}",
+            "recipe.data.mode=exact",
+            "recipe.data.workers=1",
+            "recipe.data.shuffle_buffer=16",
+            "recipe.image_log_every=0",
+            "train.micro_batch_size=4",
+            "train.steps=2",
+            "log.every=1",
+            "eval.every=0",
+            "checkpoint.every=1000",
+            "deepspeed.precision=fp32",  # these CPUs: bf16 matmuls are emulated and slow
+        ],
+        world=2,
+        config=REPO / "configs" / "vikdf" / "stage1.yaml",
+        timeout=900,
+    )
+    log = (run / "train.log").read_text()
+    for name in ("tim", "mim", "mtm"):
+        losses = scalars(run, f"loss/{name}")
+        assert sorted(losses) == [1, 2] and all(v == v and v < 1e4 for v in losses.values())
+    # the IQ-Former's tensors at 768 wide are partitioned under the config's ZeRO-3 defaults
+    partitioned, tensors = map(int, re.search(r"ZeRO-3: (\d+) of (\d+)", log).groups())
+    assert partitioned > 0, log
+    assert "eval at step 2" in log and "mean_r@1" in log
+
+    from safetensors.torch import load_file
+
+    from mmtrain.cli import main
+
+    export = tmp_path / "export"
+    assert main(["export", str(run), str(export)]) == 0
+    state = load_file(export / "model.safetensors")
+    assert state["iqformer.queries"].shape == (1, 32, 768)  # 32 knowledge vectors, bert-base wide
