@@ -15,8 +15,8 @@ from tests.helpers import REPO, scalars, train
 
 @pytest.fixture(scope="module")
 def clip_l14_and_bert_base(tmp_path_factory):
-    """CLIP ViT-L/14 (224 px, 1,024-wide vision, 768-wide text) and bert-base (768 wide, 12
-    heads) shapes, one layer each, over the tests' word tokenizer."""
+    """CLIP ViT-L/14 (224 px, 1,024-wide vision, 768-wide text; one layer each) and bert-base
+    (768 wide, 12 heads; two layers) shapes, over the tests' word tokenizer."""
     import torch
     from transformers import BertConfig, BertModel, CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
@@ -57,7 +57,7 @@ def clip_l14_and_bert_base(tmp_path_factory):
     bert = BertConfig(
         vocab_size=len(tok),
         hidden_size=768,
-        num_hidden_layers=1,
+        num_hidden_layers=2,  # the IQ-Former's two layers (one with cross-attention)
         num_attention_heads=12,
         intermediate_size=3072,
     )
