@@ -15,9 +15,10 @@ answer), and only the pictured facts are left to the knowledge.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 SPECIALS = ["[PAD]", "[UNK]", "<s>", "</s>", "[MASK]"]
 
@@ -231,8 +232,22 @@ VLM_CHAT_TEMPLATE = (
 THINK_TOKENS = ["<think>", "</think>"]
 
 
-def _tiny_qwen2_vl(words, width: int):
-    """(tokenizer, model, image processor, image placeholder, processor class, extra settings)."""
+# Qwen2-VL-2B/7B-Instruct's widths and head counts (config.json of the released checkpoints);
+# the vision tower (675M in both) is 1,280 wide with 16 heads, its merger projects 2x2 patches to
+# the language model's width. `make_tiny_vlm(..., shape="2b")` builds them with one layer a stack.
+QWEN2_VL_SHAPES = {
+    "2b": dict(
+        hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2
+    ),
+    "7b": dict(
+        hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4
+    ),
+}
+
+
+def _tiny_qwen2_vl(words, width: int, shape: Optional[str] = None):
+    """(tokenizer, model, image processor, image placeholder, processor class, extra settings);
+    `shape`: a released model's widths (QWEN2_VL_SHAPES) with one layer per stack."""
     from tokenizers import AddedToken
     from transformers import (
         Qwen2VLConfig,
@@ -250,20 +265,31 @@ def _tiny_qwen2_vl(words, width: int):
         t: tok.convert_tokens_to_ids(t)
         for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
     }
-    cfg = Qwen2VLConfig(
-        text_config=_decoder(
+    if shape is None:
+        text = _decoder(
             tok,
             width,
             positions=512,
             num_key_value_heads=2,
             rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]},
-        ),
+        )
+        vision = dict(depth=2, embed_dim=32, hidden_size=width, num_heads=2, mlp_ratio=2)
+    else:
+        text = _decoder(
+            tok,
+            QWEN2_VL_SHAPES[shape]["hidden_size"],
+            positions=4096,
+            num_hidden_layers=1,
+            rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},  # head dim 128
+            **QWEN2_VL_SHAPES[shape],
+        )
+        vision = dict(
+            depth=1, embed_dim=1280, hidden_size=text["hidden_size"], num_heads=16, mlp_ratio=4
+        )
+    cfg = Qwen2VLConfig(
+        text_config=text,
         vision_config=dict(
-            depth=2,
-            embed_dim=32,
-            hidden_size=width,
-            num_heads=2,
-            mlp_ratio=2,
+            **vision,
             patch_size=14,
             spatial_merge_size=2,
             temporal_patch_size=2,
@@ -328,9 +354,12 @@ def _tiny_llava(words, width: int):
     return tok, model, image_processor, image, processor_class, extra
 
 
-def make_tiny_vlm(out: str, kind: str = "qwen2_vl", width: int = 64, seed: int = 0) -> Path:
+def make_tiny_vlm(
+    out: str, kind: str = "qwen2_vl", width: int = 64, seed: int = 0, shape: Optional[str] = None
+) -> Path:
     """A tiny image-text-to-text model with its processor files, in the layout of a hub checkpoint:
-    `qwen2_vl` (Qwen2-VL: dynamic-resolution patches, M-RoPE) or `llava` (CLIP tower + projector + Llama)."""
+    `qwen2_vl` (Qwen2-VL: dynamic-resolution patches, M-RoPE) or `llava` (CLIP tower + projector +
+    Llama). `shape` ("2b", "7b"; qwen2_vl): the released model's widths, one layer per stack."""
     import json
 
     import torch
@@ -342,7 +371,12 @@ def make_tiny_vlm(out: str, kind: str = "qwen2_vl", width: int = 64, seed: int =
     builders = {"qwen2_vl": _tiny_qwen2_vl, "llava": _tiny_llava}
     if kind not in builders:
         raise ValueError(f"kind must be qwen2_vl or llava, got {kind!r}")
-    tok, model, image_processor, image, processor_class, extra = builders[kind](words, width)
+    build = builders[kind]
+    if shape is not None:
+        if kind != "qwen2_vl":
+            raise ValueError(f"shape={shape!r} is for kind qwen2_vl, not {kind!r}")
+        build = functools.partial(_tiny_qwen2_vl, shape=shape)
+    tok, model, image_processor, image, processor_class, extra = build(words, width)
     tok.chat_template = VLM_CHAT_TEMPLATE.replace("{{ IMAGE }}", image)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id

@@ -110,3 +110,61 @@ def test_vikdf_stage1_at_published_widths(tmp_path, clip_l14_and_bert_base, imag
     assert main(["export", str(run), str(export)]) == 0
     state = load_file(export / "model.safetensors")
     assert state["iqformer.queries"].shape == (1, 32, 768)  # 32 knowledge vectors, bert-base wide
+
+
+def _qwen2_vl_run(tmp_path, shape, config, kind, overrides):
+    from mmtrain.data.synth import synth
+    from mmtrain.testing.tiny import make_tiny_vlm
+
+    model = make_tiny_vlm(str(tmp_path / f"qwen2vl_{shape}"), shape=shape)
+    synth(kind, str(tmp_path / kind), 40, seed=0)
+    run = tmp_path / "runs" / shape
+    train(
+        run,
+        [
+            f"recipe.model_path={model}",
+            f"recipe.data.train={tmp_path / kind / 'train'}",
+            f"recipe.data.val={tmp_path / kind / 'val'}",
+            "recipe.data.workers=1",
+            "train.micro_batch_size=2",
+            "train.steps=2",
+            "log.every=1",
+            "eval.every=0",
+            "checkpoint.every=1000",
+            "deepspeed.precision=fp32",  # these CPUs: bf16 matmuls are emulated and slow
+            *overrides,
+        ],
+        world=2,
+        config=REPO / "configs" / config,
+        timeout=900,
+    )
+    return run, (run / "train.log").read_text()
+
+
+@pytest.mark.heavy
+def test_dyncot_at_qwen2_vl_2b_widths(tmp_path):
+    run, log = _qwen2_vl_run(
+        tmp_path,
+        "2b",
+        "dyncot/qwen2vl_2b.yaml",
+        "keyphrase",
+        ["recipe.generation.max_new_tokens=24", "recipe.max_answer_tokens=24"],
+    )
+    losses = scalars(run, "loss/sft")
+    assert sorted(losses) == [1, 2] and all(0 < v < 1e4 for v in losses.values())
+    # LoRA on a frozen base: the base loaded partitioned, the adapters trained partitioned too
+    built = re.search(r"built with [\d.]+M \((\d+)%\) on this rank", log)
+    assert built and int(built.group(1)) < 60, log
+    assert "eval at step 2" in log and '"f1@3"' in log
+
+
+@pytest.mark.heavy
+def test_kdsl_decoupled_at_qwen2_vl_7b_widths_with_activation_checkpointing(tmp_path):
+    run, log = _qwen2_vl_run(tmp_path, "7b", "kdsl/qwen2vl_7b.yaml", "intent", [])
+    for task in ("scene", "intent"):
+        losses = scalars(run, f"loss/{task}")
+        assert sorted(losses) == [1, 2] and all(0 < v < 1e4 for v in losses.values())
+    assert "activation checkpointing on in: model.base_model.model" in log  # the config's choice
+    built = re.search(r"built with [\d.]+M \((\d+)%\) on this rank", log)
+    assert built and int(built.group(1)) < 60, log
+    assert "eval at step 2" in log
