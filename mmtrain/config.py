@@ -67,7 +67,9 @@ class TrainConfig:
 
 @dataclass
 class DeepSpeedSection:
-    zero_stage: int = 3
+    # 0-3, or auto: stage 2 when the model states fit comfortably on each device replicated,
+    # else 3 (engine.optim.choose_zero_stage; the decision and its estimate are logged)
+    zero_stage: str = "3"
     precision: str = choices("bf16", "fp16", "fp32", default="bf16")
     optimizer: str = choices("auto", "fused", "torch", default="auto")  # auto: fused on CUDA
     offload_optimizer: bool = False
@@ -289,9 +291,10 @@ def validate(cfg: Config, pending: Sequence[str] = ()) -> None:
         if broken:
             note = f" ({f.metadata['note']})" if f.metadata.get("note") else ""
             raise ConfigError(f"key '{key}' must be {broken}{note}, got {value!r}")
-    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+    if str(cfg.deepspeed.zero_stage) not in ("0", "1", "2", "3", "auto"):
         raise ConfigError(
-            f"key 'deepspeed.zero_stage' must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}"
+            "key 'deepspeed.zero_stage' must be 0, 1, 2, 3 or auto, got "
+            f"{cfg.deepspeed.zero_stage!r}"
         )
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
         raise ConfigError(

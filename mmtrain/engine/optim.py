@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -60,16 +60,42 @@ def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def deepspeed_config(cfg: Config, world_size: int, on_cuda: bool) -> Dict[str, Any]:
+def choose_zero_stage(
+    n_params: int, n_trainable: int, world_size: int, device_bytes: float, precision: str
+) -> Tuple[int, Dict[str, float]]:
+    """`deepspeed.zero_stage: auto`: stage 2 when the model states of stage 2 (the weights whole
+    on every device; gradients, master weights and Adam moments of what trains partitioned) take
+    at most half of a device's memory, the other half left for activations; else stage 3.
+    Returns the stage and the estimates (bytes per device), as in DeepSpeed's
+    `estimate_zero2/3_model_states_mem_needs` without offload."""
+    weight = 4 if precision == "fp32" else 2
+    # gradients in the training precision; fp32 master weights (not for fp32) and two moments
+    per_trained = weight + (8 if precision == "fp32" else 12)
+    stage2 = weight * n_params + per_trained * n_trainable / world_size
+    stage3 = (weight * n_params + per_trained * n_trainable) / world_size
+    stage = 2 if stage2 <= 0.5 * device_bytes else 3
+    return stage, {"stage2": stage2, "stage3": stage3, "device": device_bytes}
+
+
+def deepspeed_config(
+    cfg: Config, world_size: int, on_cuda: bool, stage: Optional[int] = None
+) -> Dict[str, Any]:
+    """DeepSpeed's config from ours; `stage` is the ZeRO stage when the config says auto."""
     ds, tr = cfg.deepspeed, cfg.train
+    if stage is None:
+        if str(ds.zero_stage) == "auto":
+            raise ValueError(
+                "deepspeed.zero_stage=auto: choose the stage first (choose_zero_stage)"
+            )
+        stage = int(ds.zero_stage)
     use_fused = ds.optimizer == "fused" or (ds.optimizer == "auto" and on_cuda)
     zero: Dict[str, Any] = {
-        "stage": ds.zero_stage,
+        "stage": stage,
         "overlap_comm": ds.overlap_comm and on_cuda,
         "contiguous_gradients": True,
         "reduce_bucket_size": ds.reduce_bucket_size,
     }
-    if ds.zero_stage == 3:
+    if stage == 3:
         zero.update(
             {
                 "stage3_prefetch_bucket_size": ds.prefetch_bucket_size,
@@ -80,7 +106,7 @@ def deepspeed_config(cfg: Config, world_size: int, on_cuda: bool) -> Dict[str, A
         )
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
-    if ds.offload_params and ds.zero_stage == 3:
+    if ds.offload_params and stage == 3:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_cuda}
     conf: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,

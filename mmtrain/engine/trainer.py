@@ -10,6 +10,7 @@ engine/components.py; `Trainer.train` only says in which order they are asked.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from typing import Any, Dict
 
@@ -33,7 +34,12 @@ from mmtrain.engine.components import (
 )
 from mmtrain.engine.losses import combine
 from mmtrain.engine.monitor import Monitor, peak_memory_gib, peak_tflops, setup_logging
-from mmtrain.engine.optim import deepspeed_config, param_groups, scheduler_factory
+from mmtrain.engine.optim import (
+    choose_zero_stage,
+    deepspeed_config,
+    param_groups,
+    scheduler_factory,
+)
 from mmtrain.parallelize import checkpoint_activations, numel, partition_summary
 from mmtrain.recipes.base import DataStream, EvalResult, StepOutput
 
@@ -265,8 +271,11 @@ class Trainer:
             category=FutureWarning,
         )
         cfg, env = self.cfg, self.env
-        # the DeepSpeed config comes first: under ZeRO-3 the recipe loads its large models into it
-        ds_conf = deepspeed_config(cfg, env.world_size, env.device.type == "cuda")
+        on_cuda = env.device.type == "cuda"
+        # The DeepSpeed config comes first: under ZeRO-3 the recipe loads its large models into
+        # it. With zero_stage auto the model is built whole and counted, then the stage chosen.
+        auto = str(cfg.deepspeed.zero_stage) == "auto"
+        ds_conf = None if auto else deepspeed_config(cfg, env.world_size, on_cuda)
         self.recipe = build_recipe(
             cfg,
             env,
@@ -288,6 +297,10 @@ class Trainer:
             built["held"] / 1e6,
             100 * built["held"] / max(1, n_all),
         )
+        if auto:
+            ds_conf = deepspeed_config(
+                cfg, env.world_size, on_cuda, self._auto_stage(n_all, n_train)
+            )
         found = self.found
         self.reshard = bool(found) and checkpoint.saved_world(*found) != env.world_size
         if self.reshard:  # written by another number of ranks: its universal form
@@ -316,6 +329,24 @@ class Trainer:
                 f"{type(self.recipe).__name__}.build_data returned a {type(self.data).__name__}, "
                 f"which lacks what mmtrain.recipes.base.DataStream declares"
             )
+
+    def _auto_stage(self, n_all: int, n_train: int) -> int:
+        env, precision = self.env, self.cfg.deepspeed.precision
+        if env.device.type == "cuda":
+            device_bytes = torch.cuda.get_device_properties(env.device).total_memory
+        else:  # CPU ranks share the host's memory
+            host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            device_bytes = host / int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+        stage, est = choose_zero_stage(n_all, n_train, env.world_size, device_bytes, precision)
+        self.log.info(
+            "deepspeed.zero_stage=auto: stage %d (model states %.2f GiB per device at stage 2, "
+            "%.2f GiB at stage 3; %.1f GiB on the device, half of it kept for activations)",
+            stage,
+            est["stage2"] / 2**30,
+            est["stage3"] / 2**30,
+            device_bytes / 2**30,
+        )
+        return stage
 
     def _checkpoint_activations(self, model) -> None:
         names = checkpoint_activations(model)

@@ -44,7 +44,7 @@ def test_base_chain_file_wins_over_base(tmp_path):
         ),
         ("recipe.name=toylm", "unknown recipe 'recipe.name=toylm'; did you mean 'toy_lm'"),
         ("train.micro_batch_size=0", "'train.micro_batch_size' must be >= 1"),
-        ("deepspeed.zero_stage=4", "'deepspeed.zero_stage' must be 0, 1, 2 or 3"),
+        ("deepspeed.zero_stage=4", "'deepspeed.zero_stage' must be 0, 1, 2, 3 or auto, got '4'"),
         ("run.resume=/no/ckpt", "path does not exist: /no/ckpt"),
         ("train.lr", "is not of the form key=value"),
     ],

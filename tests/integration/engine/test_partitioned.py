@@ -117,3 +117,23 @@ def test_an_image_text_model_with_lora_loads_partitioned_and_trains_as_when_load
     partitioned, tensors, _, _ = HELD.search(sharded_log).groups()
     assert partitioned == tensors  # every tensor partitioned in training
     assert sharded_losses == whole_losses
+
+
+@pytest.mark.heavy
+def test_zero_stage_auto_chooses_stage_2_for_a_model_that_fits_and_trains_as_stage_2(tmp_path):
+    runs = {}
+    for stage in ("auto", "2"):
+        run = tmp_path / "runs" / f"stage_{stage}"
+        train(
+            run,
+            ["recipe.dropout=0.0", *COMMON, f"deepspeed.zero_stage={stage}"],
+            world=2,
+            timeout=600,
+        )
+        runs[stage] = (scalars(run, "loss/total"), (run / "train.log").read_text())
+    chosen = re.search(
+        r"deepspeed.zero_stage=auto: stage (\d) \(model states ([\d.]+) GiB", runs["auto"][1]
+    )
+    assert chosen and chosen.group(1) == "2", runs["auto"][1]
+    assert "ZeRO-3:" not in runs["auto"][1]  # nothing partitioned
+    assert runs["auto"][0] == runs["2"][0]

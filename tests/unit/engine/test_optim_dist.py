@@ -117,3 +117,33 @@ def test_frozen_and_evaluated_models_keep_fp32_buffers_in_bf16():
     assert lm.model.rotary_emb.inv_freq.dtype == torch.float32
     assert torch.equal(lm.model.rotary_emb.inv_freq, inv_freq)
     assert not torch.equal(inv_freq.to(torch.bfloat16).float(), inv_freq)  # what .to() did
+
+
+def test_zero_stage_auto_replicates_what_fits_and_partitions_what_does_not():
+    from mmtrain.engine.optim import choose_zero_stage
+
+    gib = 2**30
+    # a bert-base IQ-Former with heads (~120M, all trained) on 80 GB GPUs x 8: stage 2
+    stage, est = choose_zero_stage(120e6, 120e6, 8, 80 * gib, "bf16")
+    assert stage == 2 and est["stage2"] == 2 * 120e6 + 14 * 120e6 / 8
+    # Qwen2-VL-7B with LoRA (8.3B, 20M trained): 16.6 GB of weights replicated still fit: 2
+    assert choose_zero_stage(8.3e9, 20e6, 8, 80 * gib, "bf16")[0] == 2
+    # full fine-tuning of the same: 16.6 GB + 14 x 8.3B / 8 = 31.1 GB, under half of 80 GB: 2 ...
+    stage, est = choose_zero_stage(8.3e9, 8.3e9, 8, 80 * gib, "bf16")
+    assert est["stage2"] == pytest.approx(2 * 8.3e9 + 14 * 8.3e9 / 8)
+    assert stage == 2
+    # ... and 3 on 40 GB GPUs, or for a 72B model anywhere
+    assert choose_zero_stage(8.3e9, 8.3e9, 8, 40 * gib, "bf16")[0] == 3
+    assert choose_zero_stage(72e9, 72e9, 64, 80 * gib, "bf16")[0] == 3
+    # fp32: 4-byte weights and gradients, no separate master copy
+    assert choose_zero_stage(1e6, 1e6, 2, 1 * gib, "fp32")[1]["stage3"] == (4 + 12) * 1e6 / 2
+
+
+def test_deepspeed_config_needs_the_stage_chosen_when_auto():
+    cfg = load_config(DEMO, ["deepspeed.zero_stage=auto"])
+    with pytest.raises(ValueError, match="choose the stage first"):
+        deepspeed_config(cfg, 2, on_cuda=False)
+    assert deepspeed_config(cfg, 2, on_cuda=False, stage=2)["zero_optimization"]["stage"] == 2
+    conf = deepspeed_config(load_config(DEMO, ["deepspeed.zero_stage=3"]), 2, on_cuda=False)
+    assert conf["zero_optimization"]["stage"] == 3  # a number in YAML or on the command line
+    assert "stage3_param_persistence_threshold" in conf["zero_optimization"]
