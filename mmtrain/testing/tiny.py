@@ -139,31 +139,42 @@ def pretrain_lm(
     return float(loss.detach())
 
 
-def _save_tiny_clip(out_dir: Path, tok, width: int, image_size: int, patch: int) -> None:
+def _tower(width: int, heads: int, layers: int, intermediate: int) -> dict:
+    return dict(
+        hidden_size=width,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+    )
+
+
+def _save_tiny_clip(
+    out_dir: Path,
+    tok,
+    width: int,
+    image_size: int,
+    patch: int,
+    vision: Optional[dict] = None,
+    text: Optional[dict] = None,
+) -> None:
+    """A CLIP over `tok`; `vision` / `text`: tower shapes (`_tower`), else tiny ones `width` wide."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
+    text = text or _tower(width, 4, 2, 2 * width)
+    special = dict(
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
+    )
     clip = CLIPModel(
         CLIPConfig(
             text_config=dict(
-                vocab_size=len(tok),
-                hidden_size=width,
-                intermediate_size=2 * width,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=64,
-                pad_token_id=tok.pad_token_id,
-                bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id,
+                vocab_size=len(tok), max_position_embeddings=77 if vision else 64, **text, **special
             ),
             vision_config=dict(
-                hidden_size=width,
-                intermediate_size=2 * width,
-                num_hidden_layers=2,
-                num_attention_heads=4,
+                **(vision or _tower(width, 4, 2, 2 * width)),
                 image_size=image_size,
                 patch_size=patch,
             ),
-            projection_dim=width,
+            projection_dim=text["hidden_size"],
         )
     )
     clip.save_pretrained(out_dir / "clip")
@@ -171,6 +182,24 @@ def _save_tiny_clip(out_dir: Path, tok, width: int, image_size: int, patch: int)
     CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     ).save_pretrained(out_dir / "clip")
+
+
+def make_vikdf_towers_at_published_widths(out: str) -> Path:
+    """OUT/clip and OUT/bert with the shapes configs/vikdf/stage1.yaml names: CLIP ViT-L/14 (224
+    px; 1,024-wide vision with 16 heads, 768-wide text with 12; one layer each) and bert-base
+    (768 wide, 12 heads; the IQ-Former's two layers), random weights, over the word tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    out_dir = Path(out)
+    tok = word_tokenizer(synthetic_vocabulary())
+    torch.manual_seed(0)
+    vision, text = _tower(1024, 16, 1, 4096), _tower(768, 12, 1, 3072)
+    _save_tiny_clip(out_dir, tok, 768, 224, 14, vision=vision, text=text)
+    BertModel(BertConfig(vocab_size=len(tok), **_tower(768, 12, 2, 3072))).save_pretrained(
+        out_dir / "bert"
+    )
+    return out_dir
 
 
 def _decoder(tok, width: int, positions: int, **extra) -> dict:

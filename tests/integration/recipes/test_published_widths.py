@@ -12,57 +12,22 @@ import pytest
 
 from tests.helpers import REPO, scalars, train
 
+# two steps and an evaluation at the end, in fp32 (these CPUs emulate bf16 matmuls, slowly)
+SMOKE = [
+    "recipe.data.workers=1",
+    "train.steps=2",
+    "log.every=1",
+    "eval.every=0",
+    "checkpoint.every=1000",
+    "deepspeed.precision=fp32",
+]
+
 
 @pytest.fixture(scope="module")
 def clip_l14_and_bert_base(tmp_path_factory):
-    """CLIP ViT-L/14 (224 px, 1,024-wide vision, 768-wide text; one layer each) and bert-base
-    (768 wide, 12 heads; two layers) shapes, over the tests' word tokenizer."""
-    import torch
-    from transformers import BertConfig, BertModel, CLIPConfig, CLIPImageProcessorPil, CLIPModel
+    from mmtrain.testing.tiny import make_vikdf_towers_at_published_widths
 
-    from mmtrain.testing.tiny import synthetic_vocabulary, word_tokenizer
-
-    root = tmp_path_factory.mktemp("published")
-    tok = word_tokenizer(synthetic_vocabulary())
-    torch.manual_seed(0)
-    clip = CLIPModel(
-        CLIPConfig(
-            text_config=dict(
-                vocab_size=len(tok),
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=1,
-                num_attention_heads=12,
-                max_position_embeddings=77,
-                pad_token_id=tok.pad_token_id,
-                bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id,
-            ),
-            vision_config=dict(
-                hidden_size=1024,
-                intermediate_size=4096,
-                num_hidden_layers=1,
-                num_attention_heads=16,
-                image_size=224,
-                patch_size=14,
-            ),
-            projection_dim=768,
-        )
-    )
-    clip.save_pretrained(root / "clip")
-    tok.save_pretrained(root / "clip")
-    CLIPImageProcessorPil(
-        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
-    ).save_pretrained(root / "clip")
-    bert = BertConfig(
-        vocab_size=len(tok),
-        hidden_size=768,
-        num_hidden_layers=2,  # the IQ-Former's two layers (one with cross-attention)
-        num_attention_heads=12,
-        intermediate_size=3072,
-    )
-    BertModel(bert).save_pretrained(root / "bert")
-    return root
+    return make_vikdf_towers_at_published_widths(str(tmp_path_factory.mktemp("published")))
 
 
 @pytest.mark.heavy
@@ -79,15 +44,10 @@ def test_vikdf_stage1_at_published_widths(tmp_path, clip_l14_and_bert_base, imag
             f"recipe.data.train={image_text_shards / 'train'}",
             f"recipe.data.val={image_text_shards / 'val'}",
             "recipe.data.mode=exact",
-            "recipe.data.workers=1",
             "recipe.data.shuffle_buffer=16",
             "recipe.image_log_every=0",
             "train.micro_batch_size=4",
-            "train.steps=2",
-            "log.every=1",
-            "eval.every=0",
-            "checkpoint.every=1000",
-            "deepspeed.precision=fp32",  # these CPUs: bf16 matmuls are emulated and slow
+            *SMOKE,
         ],
         world=2,
         config=REPO / "configs" / "vikdf" / "stage1.yaml",
@@ -125,13 +85,8 @@ def _qwen2_vl_run(tmp_path, shape, config, kind, overrides):
             f"recipe.model_path={model}",
             f"recipe.data.train={tmp_path / kind / 'train'}",
             f"recipe.data.val={tmp_path / kind / 'val'}",
-            "recipe.data.workers=1",
             "train.micro_batch_size=2",
-            "train.steps=2",
-            "log.every=1",
-            "eval.every=0",
-            "checkpoint.every=1000",
-            "deepspeed.precision=fp32",  # these CPUs: bf16 matmuls are emulated and slow
+            *SMOKE,
             *overrides,
         ],
         world=2,
