@@ -32,12 +32,15 @@ def ndim(p: torch.Tensor) -> int:
     return len(getattr(p, "ds_shape", p.shape))
 
 
+def partitioned(p: torch.Tensor) -> bool:
+    """Whether ZeRO-3 keeps only a partition of this parameter on each rank (not when it
+    persists whole, below the persistence threshold)."""
+    return hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)
+
+
 def held(p: torch.Tensor) -> int:
-    """How many of a parameter's elements this rank holds: its partition under ZeRO-3 (the whole
-    tensor when it persists, below the persistence threshold), else all of them."""
-    if not hasattr(p, "ds_tensor"):
-        return p.numel()
-    return numel(p) if getattr(p, "ds_persist", False) else p.ds_tensor.numel()
+    """How many of a parameter's elements this rank holds: its partition under ZeRO-3, else all."""
+    return p.ds_tensor.numel() if partitioned(p) else numel(p)
 
 
 def partition_summary(model: nn.Module) -> Dict[str, int]:
@@ -47,9 +50,7 @@ def partition_summary(model: nn.Module) -> Dict[str, int]:
         "elements": sum(numel(p) for p in params),
         "held": sum(held(p) for p in params),
         "tensors": len(params),
-        "partitioned_tensors": sum(
-            hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False) for p in params
-        ),
+        "partitioned_tensors": sum(partitioned(p) for p in params),
     }
 
 

@@ -30,9 +30,9 @@ class EntryPoints(nn.Module):
 def to_precision(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """`module` on `device` with its floating-point *parameters* in `dtype`; buffers keep theirs.
     `module.to(device, dtype)` also casts buffers: RoPE's `inv_freq` in bf16 is off by up to
-    0.4%, which thousands of positions turn into wrong rotations (training never casts it)."""
-    module.to(device)
+    0.4%, which thousands of positions turn into wrong rotations (training never casts it).
+    Cast before the move, so that the device receives the weights in `dtype` only."""
     for p in module.parameters():
         if p.is_floating_point():
             p.data = p.data.to(dtype)
-    return module
+    return module.to(device)

@@ -15,6 +15,7 @@ answer tokens only.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -218,6 +219,9 @@ class MLLM(EntryPoints):
         # full sizes, also of parameters partitioned as they loaded (RunContext.partitioned)
         self._n_params = sum(numel(p) for p in model.parameters())
         self._n_trained = sum(numel(p) for p in model.parameters() if p.requires_grad)
+        # whether the transformers model can compute logits for the last N positions only
+        forward = inspect.signature(self.base_model().forward).parameters
+        self._keeps_logits = "logits_to_keep" in forward
 
     def base_model(self) -> nn.Module:
         """The transformers model under any peft wrapper."""
@@ -246,7 +250,7 @@ class MLLM(EntryPoints):
         first = int(answered[0]) if len(answered) else labels.shape[1] - 1
         with use_adapter(self.model, adapter):
             inputs = self._inputs(batch)
-            if self._keeps_logits():
+            if self._keeps_logits:
                 logits = self.model(**inputs, logits_to_keep=labels.shape[1] + 1 - first).logits
             else:
                 logits = self.model(**inputs).logits[:, first:]
@@ -275,15 +279,6 @@ class MLLM(EntryPoints):
                 (per_token * scored).sum(1) / scored.sum(1).clamp(min=1)
             ).detach()
         return out
-
-    def _keeps_logits(self) -> bool:
-        """Whether the transformers model computes logits for the last N positions only."""
-        if not hasattr(self, "_logits_to_keep"):
-            import inspect
-
-            forward = inspect.signature(self.base_model().forward).parameters
-            self._logits_to_keep = "logits_to_keep" in forward
-        return self._logits_to_keep
 
     def train_flops(self, tokens: int) -> float:
         """Approximate FLOPs of a training step over `tokens` sequence positions (text and image
