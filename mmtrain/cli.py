@@ -20,6 +20,7 @@ from mmtrain import recipes  # noqa: E402
 from mmtrain.config import ConfigError, load_config, to_yaml  # noqa: E402
 from mmtrain.data.shards import DataError  # noqa: E402
 from mmtrain.engine.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
+from mmtrain.engine.weights import WeightsError  # noqa: E402
 from mmtrain.models.rules import RuleError  # noqa: E402
 
 
@@ -154,7 +155,15 @@ def _cmd_eval(args) -> int:
     from mmtrain.engine import dist
     from mmtrain.engine.evaluate import run_eval
 
-    result = run_eval(args.run_dir, args.split, args.tag, args.set or ())
+    if dist.is_main():  # what was loaded, and how, on the terminal
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("mmtrain eval: %(message)s"))
+        logging.getLogger("mmtrain").addHandler(handler)
+        logging.getLogger("mmtrain").setLevel(logging.INFO)
+    overrides = list(args.set or ())
+    if args.placement:
+        overrides.append(f"eval.placement={args.placement}")
+    result = run_eval(args.run_dir, args.split, args.tag, overrides)
     dist.shutdown()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
@@ -235,6 +244,10 @@ def _cmd_bench(args) -> int:
         from mmtrain.bench.vikdf import main as bench_stage1
 
         return bench_stage1(args.batch_size, not args.no_compile, args.baseline)
+    if args.bench_cmd == "zero":
+        from mmtrain.bench.engine import main as bench_zero
+
+        return bench_zero(args.size, args.steps, args.configs, args.ranks)
     if args.bench_cmd == "vikdf-fusion":
         from mmtrain.bench.vikdf import main_fusion
 
@@ -303,6 +316,12 @@ def _add_run_commands(sub) -> None:
     sp.add_argument("run_dir")
     sp.add_argument("--split", default="val")
     sp.add_argument("--tag", help="checkpoint tag (default: latest)")
+    sp.add_argument(
+        "--placement",
+        choices=("auto", "replica", "sharded"),
+        help="the whole model on every rank, or partitioned over the ranks by ZeRO-3 (for a model "
+        "one device cannot hold); default: the config's eval.placement (auto)",
+    )
     sp.add_argument(
         "--set",
         action="append",
@@ -403,6 +422,20 @@ def _add_tool_commands(sub) -> None:
     sp.add_argument("--no-fast", action="store_true", help="decode JPEGs at full size")
     sp.set_defaults(fn=_cmd_bench)
     sp = bsub.add_parser(
+        "zero",
+        help="a 267M Llama-style LM's step through the engine at ZeRO stage 0, 2, 3 (DeepSpeed's "
+        "defaults), 3 (mmtrain's sizes) and auto, side by side (GPU; --size tiny on CPU)",
+    )
+    sp.add_argument("--size", choices=("267m", "tiny"), default="267m")
+    sp.add_argument("--steps", type=int, default=16, help="half warm up, half measured")
+    sp.add_argument("--ranks", type=int, default=1, help="processes (GPUs) per configuration")
+    sp.add_argument(
+        "--configs",
+        nargs="+",
+        help="stage0 stage2 stage3_deepspeed_defaults stage3_mmtrain auto (default: all)",
+    )
+    sp.set_defaults(fn=_cmd_bench)
+    sp = bsub.add_parser(
         "vikdf-stage1", help="samples/s and MFU of a published-size stage-1 step (GPU)"
     )
     sp.add_argument("--batch-size", type=int, default=128)
@@ -454,6 +487,7 @@ def main(argv=None) -> int:
         FileNotFoundError,
         FileExistsError,
         RuleError,
+        WeightsError,
         CheckpointError,
         CheckpointWriteError,
     ) as e:

@@ -71,13 +71,23 @@ class DeepSpeedSection:
     # else 3 (engine.optim.choose_zero_stage; the decision and its estimate are logged)
     zero_stage: str = "3"
     precision: str = choices("bf16", "fp16", "fp32", default="bf16")
-    optimizer: str = choices("auto", "fused", "torch", default="auto")  # auto: fused on CUDA
+    # AdamW: torch_fused (torch's fused kernel: nothing to compile), fused (DeepSpeed's
+    # FusedAdam: JIT-compiled on first use unless DeepSpeed was installed with
+    # DS_BUILD_FUSED_ADAM=1), torch (foreach); auto: torch_fused on CUDA, torch on CPU
+    optimizer: str = choices("auto", "torch_fused", "fused", "torch", default="auto")
     offload_optimizer: bool = False
     offload_params: bool = False
     overlap_comm: bool = True
-    reduce_bucket_size: int = 500_000_000
-    prefetch_bucket_size: int = 50_000_000
-    param_persistence_threshold: int = 100_000
+    # ZeRO buckets and the stage-3 persistence threshold, in elements: a number, or auto (from
+    # the widest hidden size among the model's transformers configs, h: reduce h*h, prefetch
+    # 0.9*h*h, both at least 2**20; persistence 64*h, at least 1e5; DeepSpeed's 5e8 / 5e7 / 1e5
+    # if it holds no transformers model). engine.optim.zero_sizes says why
+    reduce_bucket_size: str = "auto"
+    prefetch_bucket_size: str = "auto"
+    param_persistence_threshold: str = "auto"
+    # ZeRO++ hierarchical partitioning (stage 3): a secondary copy of the weights partitioned
+    # within groups of this many ranks (the GPUs of a node), so gathers stay inside a node
+    hpz_partition_size: int = bounded(1, ge=1)
     # Under ZeRO-3 the large trained models a recipe loads (RunContext.partitioned) are partitioned
     # as they load: no rank ever holds their full weights. false: built whole, partitioned later
     sharded_init: bool = True
@@ -115,6 +125,10 @@ class LogConfig:
 class EvalConfig:
     every: int = bounded(0, ge=0)  # steps between evaluations (0: only at the end)
     at_end: bool = True
+    # `mmtrain eval`: replica (every rank holds the whole model, in the run's precision), sharded
+    # (ZeRO-3 partitions it across the ranks: for a model one device cannot hold), or auto
+    # (replica when the weights take at most half of a device, else sharded)
+    placement: str = choices("auto", "replica", "sharded", default="auto")
 
 
 @dataclass
@@ -294,6 +308,17 @@ def validate(cfg: Config, pending: Sequence[str] = ()) -> None:
     if str(cfg.deepspeed.zero_stage) not in ("0", "1", "2", "3", "auto"):
         raise ConfigError(
             "key 'deepspeed.zero_stage' must be 0, 1, 2, 3 or auto, got "
+            f"{cfg.deepspeed.zero_stage!r}"
+        )
+    for key in ("reduce_bucket_size", "prefetch_bucket_size", "param_persistence_threshold"):
+        value = str(getattr(cfg.deepspeed, key))
+        if value != "auto" and not (value.isdigit()):
+            raise ConfigError(
+                f"key 'deepspeed.{key}' must be auto or a whole number of elements, got {value!r}"
+            )
+    if cfg.deepspeed.hpz_partition_size > 1 and str(cfg.deepspeed.zero_stage) not in ("3", "auto"):
+        raise ConfigError(
+            "key 'deepspeed.hpz_partition_size' (ZeRO++) needs deepspeed.zero_stage=3, got "
             f"{cfg.deepspeed.zero_stage!r}"
         )
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):

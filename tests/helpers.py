@@ -95,8 +95,8 @@ def scalars(run_dir: Path, tag: str) -> Dict[int, float]:
     return {e.step: e.value for e in acc.Scalars(tag)}
 
 
-def cli_ranks(*args: str, world: int = 2) -> str:
-    """`mmtrain ARGS` on `world` ranks (torchrun); asserts success, returns stdout."""
+def cli_ranks(*args: str, world: int = 2, stderr: bool = False):
+    """`mmtrain ARGS` on `world` ranks (torchrun); asserts success, returns stdout (and stderr)."""
     env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     out = subprocess.run(
         [
@@ -116,11 +116,13 @@ def cli_ranks(*args: str, world: int = 2) -> str:
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
+    return (out.stdout, out.stderr) if stderr else out.stdout
 
 
-def eval_ranks(run_dir: Path, *args: str, world: int = 2) -> dict:
-    """`mmtrain eval RUN_DIR ARGS` on `world` ranks; returns the printed result."""
+def eval_ranks(run_dir: Path, *args: str, world: int = 2, stderr: bool = False):
+    """`mmtrain eval RUN_DIR ARGS` on `world` ranks; returns the printed result (and stderr)."""
     import json
 
-    return json.loads(cli_ranks("eval", str(run_dir), *args, world=world).strip().splitlines()[-1])
+    out, err = cli_ranks("eval", str(run_dir), *args, world=world, stderr=True)
+    result = json.loads(out.strip().splitlines()[-1])
+    return (result, err) if stderr else result

@@ -187,6 +187,15 @@ def is_main() -> bool:
     return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
 
 
+def device_memory(env: DistEnv) -> float:
+    """Bytes of memory one rank may count on: its GPU's, or on CPU the host's shared by the local
+    ranks."""
+    if env.device.type == "cuda":
+        return float(torch.cuda.get_device_properties(env.device).total_memory)
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return host / int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+
+
 def barrier() -> None:
     if tdist.is_initialized():
         tdist.barrier()

@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from mmtrain.config import Config
+from mmtrain.config import Config, ConfigError
 from mmtrain.parallelize import ndim
 
 
@@ -77,10 +77,58 @@ def choose_zero_stage(
     return stage, {"stage2": stage2, "stage3": stage3, "device": device_bytes}
 
 
+def widest_hidden_size(model: nn.Module) -> Optional[int]:
+    """The largest `hidden_size` among the transformers configs inside `model` (a multimodal
+    config's text and vision configs included); None if it holds no transformers model."""
+    sizes = []
+    for m in model.modules():
+        conf = getattr(m, "config", None)
+        for c in (conf, getattr(conf, "text_config", None), getattr(conf, "vision_config", None)):
+            h = getattr(c, "hidden_size", None)
+            if isinstance(h, int):
+                sizes.append(h)
+    return max(sizes) if sizes else None
+
+
+DEEPSPEED_DEFAULTS = {"reduce": 500_000_000, "prefetch": 50_000_000, "persistence": 100_000}
+
+
+def zero_sizes(cfg: Config, hidden: Optional[int], built: bool = True) -> Dict[str, int]:
+    """Bucket sizes and persistence threshold (elements). `auto` ones follow the widest hidden
+    size h: buckets as transformers' DeepSpeed integration fills its `auto` (reduce h*h,
+    prefetch 0.9*h*h; at least 2**20 elements, smaller ones only add calls); persistence 64*h,
+    at least DeepSpeed's 1e5: every tensor narrower than a weight matrix stays whole (norms,
+    biases, LoRA adapters up to rank 64, soft prompts), every weight matrix is partitioned.
+    DeepSpeed's defaults when there is no h. Before the model is `built` (the config that
+    partitions it as it loads) an auto threshold is 0: DeepSpeed never partitions a persisted
+    parameter again, so the threshold chosen afterwards decides."""
+    ds = cfg.deepspeed
+    rules = {
+        "reduce": (ds.reduce_bucket_size, lambda h: max(h * h, 1 << 20)),
+        "prefetch": (ds.prefetch_bucket_size, lambda h: max(int(0.9 * h * h), 1 << 20)),
+        "persistence": (ds.param_persistence_threshold, lambda h: max(64 * h, 100_000)),
+    }
+    out = {}
+    for key, (value, rule) in rules.items():
+        if str(value) != "auto":
+            out[key] = int(value)
+        elif key == "persistence" and not built:
+            out[key] = 0
+        else:
+            out[key] = rule(hidden) if hidden else DEEPSPEED_DEFAULTS[key]
+    return out
+
+
 def deepspeed_config(
-    cfg: Config, world_size: int, on_cuda: bool, stage: Optional[int] = None
+    cfg: Config,
+    world_size: int,
+    on_cuda: bool,
+    stage: Optional[int] = None,
+    hidden: Optional[int] = None,
+    built: bool = True,
 ) -> Dict[str, Any]:
-    """DeepSpeed's config from ours; `stage` is the ZeRO stage when the config says auto."""
+    """DeepSpeed's config from ours; `stage` is the ZeRO stage when the config says auto;
+    `hidden` the model's widest hidden size (for auto sizes); `built`: see zero_sizes."""
     ds, tr = cfg.deepspeed, cfg.train
     if stage is None:
         if str(ds.zero_stage) == "auto":
@@ -88,22 +136,35 @@ def deepspeed_config(
                 "deepspeed.zero_stage=auto: choose the stage first (choose_zero_stage)"
             )
         stage = int(ds.zero_stage)
-    use_fused = ds.optimizer == "fused" or (ds.optimizer == "auto" and on_cuda)
+    sizes = zero_sizes(cfg, hidden, built)
     zero: Dict[str, Any] = {
         "stage": stage,
         "overlap_comm": ds.overlap_comm and on_cuda,
         "contiguous_gradients": True,
-        "reduce_bucket_size": ds.reduce_bucket_size,
+        "reduce_bucket_size": sizes["reduce"],
     }
     if stage == 3:
         zero.update(
             {
-                "stage3_prefetch_bucket_size": ds.prefetch_bucket_size,
-                "stage3_param_persistence_threshold": ds.param_persistence_threshold,
+                "stage3_prefetch_bucket_size": sizes["prefetch"],
+                "stage3_param_persistence_threshold": sizes["persistence"],
                 # lets `save_16bit_model` and LoRA export gather full weights
                 "stage3_gather_16bit_weights_on_model_save": True,
             }
         )
+        if ds.hpz_partition_size > 1:
+            if world_size % ds.hpz_partition_size:
+                raise ConfigError(
+                    f"key 'deepspeed.hpz_partition_size' ({ds.hpz_partition_size}) must divide "
+                    f"the number of ranks ({world_size}); set it to the GPUs per node"
+                )
+            zero["zero_hpz_partition_size"] = ds.hpz_partition_size
+    elif ds.hpz_partition_size > 1:
+        raise ConfigError(
+            f"key 'deepspeed.hpz_partition_size' (ZeRO++) needs ZeRO stage 3; stage {stage} "
+            "was chosen"
+        )
+    optimizer = ds.optimizer if ds.optimizer != "auto" else "torch_fused" if on_cuda else "torch"
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
     if ds.offload_params and stage == 3:
@@ -123,7 +184,8 @@ def deepspeed_config(
                 "betas": list(tr.betas),
                 "eps": tr.eps,
                 "weight_decay": tr.weight_decay,
-                "torch_adam": not use_fused,
+                "torch_adam": optimizer != "fused",
+                **({"fused": True} if optimizer == "torch_fused" else {}),
             },
         },
         "zero_allow_untested_optimizer": True,

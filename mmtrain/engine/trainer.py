@@ -10,7 +10,6 @@ engine/components.py; `Trainer.train` only says in which order they are asked.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from typing import Any, Dict
 
@@ -39,6 +38,7 @@ from mmtrain.engine.optim import (
     deepspeed_config,
     param_groups,
     scheduler_factory,
+    widest_hidden_size,
 )
 from mmtrain.parallelize import checkpoint_activations, numel, partition_summary
 from mmtrain.recipes.base import DataStream, EvalResult, StepOutput
@@ -272,15 +272,16 @@ class Trainer:
         )
         cfg, env = self.cfg, self.env
         on_cuda = env.device.type == "cuda"
-        # The DeepSpeed config comes first: under ZeRO-3 the recipe loads its large models into
+        # A DeepSpeed config comes first: under ZeRO-3 the recipe loads its large models into
         # it. With zero_stage auto the model is built whole and counted, then the stage chosen.
+        # The final config follows the model (auto sizes read its hidden size).
         auto = str(cfg.deepspeed.zero_stage) == "auto"
-        ds_conf = None if auto else deepspeed_config(cfg, env.world_size, on_cuda)
+        loading = None if auto else deepspeed_config(cfg, env.world_size, on_cuda, built=False)
         self.recipe = build_recipe(
             cfg,
             env,
             DTYPES[cfg.deepspeed.precision],
-            partitioned=partitioned_loading(cfg, ds_conf),
+            partitioned=partitioned_loading(cfg, loading),
         )
         model = build_model(self.recipe, cfg.run.seed)
         if cfg.train.activation_checkpointing:
@@ -297,10 +298,8 @@ class Trainer:
             built["held"] / 1e6,
             100 * built["held"] / max(1, n_all),
         )
-        if auto:
-            ds_conf = deepspeed_config(
-                cfg, env.world_size, on_cuda, self._auto_stage(n_all, n_train)
-            )
+        stage = self._auto_stage(n_all, n_train) if auto else None
+        ds_conf = deepspeed_config(cfg, env.world_size, on_cuda, stage, widest_hidden_size(model))
         found = self.found
         self.reshard = bool(found) and checkpoint.saved_world(*found) != env.world_size
         if self.reshard:  # written by another number of ranks: its universal form
@@ -318,7 +317,7 @@ class Trainer:
                 "rank holds %.2fM of %.2fM parameters (%.0f%%)",
                 sharded["partitioned_tensors"],
                 sharded["tensors"],
-                cfg.deepspeed.param_persistence_threshold,
+                ds_conf["zero_optimization"]["stage3_param_persistence_threshold"],
                 sharded["held"] / 1e6,
                 sharded["elements"] / 1e6,
                 100 * sharded["held"] / max(1, sharded["elements"]),
@@ -332,11 +331,7 @@ class Trainer:
 
     def _auto_stage(self, n_all: int, n_train: int) -> int:
         env, precision = self.env, self.cfg.deepspeed.precision
-        if env.device.type == "cuda":
-            device_bytes = torch.cuda.get_device_properties(env.device).total_memory
-        else:  # CPU ranks share the host's memory
-            host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-            device_bytes = host / int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+        device_bytes = dist.device_memory(env)
         stage, est = choose_zero_stage(n_all, n_train, env.world_size, device_bytes, precision)
         self.log.info(
             "deepspeed.zero_stage=auto: stage %d (model states %.2f GiB per device at stage 2, "

@@ -239,6 +239,8 @@ def test_best_checkpoint_is_chosen_on_validation_and_kept(tmp_path):
     assert result["checkpoint"] == f"step_{best['step']:08d}" and result["loss"] == pytest.approx(
         best["loss"], rel=1e-5
     )
+    # consolidated once, beside the checkpoint, for every later evaluation of it
+    assert (ckpts / f"step_{best['step']:08d}" / "consolidated-fp32.safetensors").is_file()
 
 
 @pytest.mark.chaos

@@ -12,7 +12,7 @@ import re
 import pytest
 
 from mmtrain.data.synth import synth
-from tests.helpers import DEMO, REPO, scalars
+from tests.helpers import DEMO, REPO, eval_ranks, scalars
 from tests.support.stage2 import stage2_assets
 from tests.world_size import Case, assert_invariant, run_layout
 
@@ -79,7 +79,8 @@ EVERYTHING_PARTITIONED = [
 
 
 def invariant_at_1_2_4(case: Case, root, steps=None):
-    """1, 2 and 4 ranks, and 2 ranks with every parameter partitioned, train the same."""
+    """1, 2 and 4 ranks, and 2 ranks with every parameter partitioned, train the same; the
+    partitioned run's checkpoint evaluates (generation included) partitioned as it does whole."""
     runs = {w: run_layout(case, root / "runs" / f"w{w}", w) for w in (1, 2, 4)}
     part = run_layout(case, root / "runs" / "w2part", 2, extra=EVERYTHING_PARTITIONED)
     held = re.search(
@@ -87,6 +88,7 @@ def invariant_at_1_2_4(case: Case, root, steps=None):
         (part.run / "train.log").read_text(),
     )
     assert held and held.group(1) == held.group(2), held and held.group(0)
+    evaluates_the_same_partitioned(part.run)
     return runs, assert_invariant(
         runs[1],
         {"2 ranks": runs[2], "4 ranks": runs[4], "2 ranks, every tensor partitioned": part},
@@ -95,6 +97,36 @@ def invariant_at_1_2_4(case: Case, root, steps=None):
         PARAM_ATOL,
         root / "report.json",
     )
+
+
+def evaluates_the_same_partitioned(run):
+    """`mmtrain eval` of a run with the model whole on each rank, and partitioned over 2 ranks
+    (every tensor, as the run's config says): the same scores and the same generations."""
+    whole, whole_log = eval_ranks(run, "--split", "val", "--placement", "replica", stderr=True)
+    predictions = run / f"predictions_val_{whole['checkpoint']}.jsonl"
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    sharded, log = eval_ranks(run, "--split", "val", "--placement", "sharded", stderr=True)
+    assert "(replica)" in whole_log and "(100%) on this rank" in whole_log, whole_log[-2000:]
+    share = re.search(r"\(sharded\): [\d.]+M parameters, [\d.]+M \((\d+)%\) on this rank", log)
+    assert share and int(share.group(1)) <= 55, log[-2000:]  # half, and a little padding
+    assert_close(sharded, whole, "scores")
+    assert_close([json.loads(line) for line in predictions.read_text().splitlines()], rows, "rows")
+
+
+def assert_close(got, want, where: str) -> None:
+    """Equal structures; numbers equal to fp32 rounding (another order of the same sums)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for k in want:
+            assert_close(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_close(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6), where
+    else:
+        assert got == want, where
 
 
 @pytest.mark.heavy

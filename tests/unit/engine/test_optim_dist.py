@@ -4,9 +4,14 @@ import socket
 import pytest
 import torch
 
-from mmtrain.config import load_config
+from mmtrain.config import ConfigError, load_config
 from mmtrain.engine.dist import first_host, job_port
-from mmtrain.engine.optim import deepspeed_config, param_groups, warmup_cosine
+from mmtrain.engine.optim import (
+    deepspeed_config,
+    param_groups,
+    warmup_cosine,
+    widest_hidden_size,
+)
 from tests.helpers import DEMO
 
 
@@ -71,8 +76,71 @@ def test_deepspeed_config_from_ours():
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert ds["zero_optimization"]["stage3_max_live_parameters"] == 7  # extra merged deep
-    assert ds["optimizer"]["params"]["torch_adam"] is False  # fused on CUDA
-    assert deepspeed_config(cfg, 1, on_cuda=False)["optimizer"]["params"]["torch_adam"] is True
+    # torch's fused AdamW on CUDA: nothing to JIT-compile on 64 ranks at start-up
+    assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"]
+    on_cpu = deepspeed_config(cfg, 1, on_cuda=False)["optimizer"]["params"]
+    assert on_cpu["torch_adam"] is True and "fused" not in on_cpu
+    deepspeeds = load_config(DEMO, ["deepspeed.optimizer=fused"])
+    assert (
+        deepspeed_config(deepspeeds, 1, on_cuda=True)["optimizer"]["params"]["torch_adam"] is False
+    )
+
+
+def test_zero3_sizes_follow_the_widest_hidden_size_unless_given():
+    cfg = load_config(DEMO, ["deepspeed.zero_stage=3"])
+    zero = deepspeed_config(cfg, 8, on_cuda=True, hidden=4096)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 4096 * 4096
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 4096 * 4096)
+    # norms, biases, rank-64 LoRA adapters (64 x 4096) stay whole; weight matrices do not
+    assert zero["stage3_param_persistence_threshold"] == 64 * 4096
+    small = deepspeed_config(cfg, 8, on_cuda=True, hidden=64)["zero_optimization"]
+    assert small["reduce_bucket_size"] == small["stage3_prefetch_bucket_size"] == 1 << 20
+    assert small["stage3_param_persistence_threshold"] == 100_000
+    unknown = deepspeed_config(cfg, 8, on_cuda=True)["zero_optimization"]  # DeepSpeed's own
+    assert (unknown["reduce_bucket_size"], unknown["stage3_param_persistence_threshold"]) == (
+        500_000_000,
+        100_000,
+    )
+    # the config that partitions a model as it loads persists nothing: the final one decides
+    loading = deepspeed_config(cfg, 8, on_cuda=True, built=False)["zero_optimization"]
+    assert loading["stage3_param_persistence_threshold"] == 0
+    given = load_config(DEMO, ["deepspeed.zero_stage=3", "deepspeed.param_persistence_threshold=7"])
+    for built in (True, False):
+        zero = deepspeed_config(given, 8, on_cuda=True, hidden=4096, built=built)
+        assert zero["zero_optimization"]["stage3_param_persistence_threshold"] == 7
+    with pytest.raises(ConfigError, match="'deepspeed.reduce_bucket_size' must be auto or a whole"):
+        load_config(DEMO, ["deepspeed.reduce_bucket_size=big"])
+
+
+def test_widest_hidden_size_reads_the_transformers_configs_inside():
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+    small = dict(num_hidden_layers=1, num_attention_heads=2, intermediate_size=8, vocab_size=16)
+    model = torch.nn.ModuleDict(
+        {
+            "bert": BertModel(BertConfig(hidden_size=8, **small)),
+            "llm": LlamaForCausalLM(LlamaConfig(hidden_size=12, **small)),
+            "head": torch.nn.Linear(3, 3),
+        }
+    )
+    assert widest_hidden_size(model) == 12
+    assert widest_hidden_size(torch.nn.Linear(3, 3)) is None
+
+
+def test_zero_plus_plus_partitions_within_a_node():
+    cfg = load_config(DEMO, ["deepspeed.zero_stage=3", "deepspeed.hpz_partition_size=8"])
+    assert (
+        deepspeed_config(cfg, 16, on_cuda=True)["zero_optimization"]["zero_hpz_partition_size"] == 8
+    )
+    with pytest.raises(
+        ConfigError, match=r"hpz_partition_size' \(8\) must divide the number of ranks \(12\)"
+    ):
+        deepspeed_config(cfg, 12, on_cuda=True)
+    with pytest.raises(ConfigError, match="needs deepspeed.zero_stage=3"):
+        load_config(DEMO, ["deepspeed.zero_stage=2", "deepspeed.hpz_partition_size=8"])
+    auto = load_config(DEMO, ["deepspeed.zero_stage=auto", "deepspeed.hpz_partition_size=8"])
+    with pytest.raises(ConfigError, match="needs ZeRO stage 3; stage 2 was chosen"):
+        deepspeed_config(auto, 16, on_cuda=True, stage=2)
 
 
 @pytest.mark.parametrize(

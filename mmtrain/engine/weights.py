@@ -1,0 +1,182 @@
+"""A checkpoint's weights for evaluation: consolidated once, then loaded whole or partitioned.
+
+`consolidate` turns a DeepSpeed checkpoint into one safetensors file beside it, written once by
+rank 0 (parameters in the run's precision, buffers such as RoPE's `inv_freq` as trained, in
+fp32) and reused by every later evaluation of that checkpoint. `load_whole` copies it into a
+model that every rank holds whole, one tensor at a time (never a second copy of the model in
+memory); `load_partitioned` into a model whose parameters ZeRO-3 partitions across the ranks,
+a group of parameters gathered at a time, so no rank ever holds the whole model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Iterator, List, Set, Tuple
+
+import torch
+from torch import nn
+
+from mmtrain.engine import dist
+from mmtrain.engine.build import DTYPES
+
+CACHE = "consolidated-{precision}.safetensors"
+GATHER_ELEMENTS = 1 << 28  # parameters gathered at once while loading partitioned (~512 MiB bf16)
+
+
+class WeightsError(RuntimeError):
+    """A consolidated file that does not fit the model it is loaded into."""
+
+
+def buffer_names(tag_dir: Path) -> Set[str]:
+    """The module's buffers, as DeepSpeed lists them in every model-states file it writes."""
+    files = sorted(tag_dir.glob("*model_states.pt"), key=lambda f: f.stat().st_size)
+    if not files:
+        raise FileNotFoundError(f"{tag_dir}: no DeepSpeed model-states file")
+    states = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+    return set(states.get("buffer_names") or ())
+
+
+def _write(root: Path, tag: str, precision: str, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from mmtrain.engine.export import consolidated_state_dict
+
+    keep = buffer_names(root / tag)
+    dtype = DTYPES[precision]
+    state = consolidated_state_dict(root, tag)
+    out = {}
+    for name in list(state):
+        t = state.pop(name)
+        cast = t.is_floating_point() and name not in keep
+        # independent contiguous copies: safetensors refuses tensors that share storage
+        out[name] = t.to(dtype if cast else t.dtype, copy=True).contiguous()
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file(out, str(tmp), metadata={"format": "pt", "mmtrain_tag": tag})
+    os.replace(tmp, path)
+
+
+def consolidate(root: Path, tag: str, precision: str, device: torch.device) -> Path:
+    """The checkpoint's weights as CHECKPOINT/consolidated-<precision>.safetensors: written by
+    rank 0 unless there already, while the other ranks wait. Collective."""
+    path = root / tag / CACHE.format(precision=precision)
+    failed = ""
+    if dist.is_main() and not path.is_file():
+        try:
+            _write(root, tag, precision, path)
+        except Exception as e:  # the others must hear of it, not wait for the timeout
+            failed = f"{type(e).__name__}: {e}"
+    if dist.any_rank(bool(failed), device):
+        raise RuntimeError(
+            f"could not consolidate {root / tag} into {path} "
+            f"({failed or 'rank 0 failed; see its log'})"
+        )
+    return path
+
+
+def stored_bytes(path: Path) -> int:
+    """Bytes of the weights in a safetensors file, from its header."""
+    from safetensors import safe_open
+
+    total = 0
+    with safe_open(str(path), "pt") as f:
+        for name in f.keys():
+            s = f.get_slice(name)
+            n = 1
+            for d in s.get_shape():
+                n *= d
+            total += n * torch.tensor([], dtype=_DTYPE[s.get_dtype()]).element_size()
+    return total
+
+
+_DTYPE = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _targets(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Every name a state dict may use for the model's parameters (tied ones under each of their
+    names) and persistent buffers."""
+    out: Dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
+    for prefix, mod in model.named_modules(remove_duplicate=False):
+        for name, b in mod.named_buffers(recurse=False):
+            if b is not None and name not in mod._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = b
+    return out
+
+
+def _match(model: nn.Module, names: List[str], path: Path) -> Dict[str, torch.Tensor]:
+    targets = _targets(model)
+    missing = set(targets) - set(names)
+    # a tied output head may be stored once, under its embedding's name
+    missing = {k for k in missing if not k.endswith(("lm_head.weight", "embed_out.weight"))}
+    unexpected = set(names) - set(targets)
+    if missing or unexpected:
+        raise WeightsError(
+            f"{path} does not match the recipe's model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    return targets
+
+
+def load_whole(model: nn.Module, path: Path) -> None:
+    """The file's tensors copied into `model` (held whole on this rank) in place, each cast to the
+    dtype and device of the tensor it replaces."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        names = list(f.keys())
+        targets = _match(model, names, path)
+        with torch.no_grad():
+            for name in names:
+                targets[name].copy_(f.get_tensor(name))
+
+
+def _groups(named: List[Tuple[str, nn.Parameter]]) -> Iterator[List[Tuple[str, nn.Parameter]]]:
+    """Parameters in groups of at most GATHER_ELEMENTS elements (one larger one alone)."""
+    from mmtrain.parallelize import numel
+
+    group: List[Tuple[str, nn.Parameter]] = []
+    size = 0
+    for name, p in named:
+        if group and size + numel(p) > GATHER_ELEMENTS:
+            yield group
+            group, size = [], 0
+        group.append((name, p))
+        size += numel(p)
+    if group:
+        yield group
+
+
+def load_partitioned(model: nn.Module, path: Path) -> None:
+    """The file's tensors into a model whose parameters ZeRO-3 partitions: each group of
+    parameters is gathered, rank 0 copies the file's values in, and DeepSpeed re-partitions them
+    on the way out. Buffers (never partitioned) are copied on every rank. Collective."""
+    import deepspeed
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        names = list(f.keys())
+        targets = _match(model, names, path)
+        stored_as: Dict[int, str] = {}  # a tied parameter is read under one of its names
+        for name in names:
+            stored_as.setdefault(id(targets[name]), name)
+        params = [(n, p) for n, p in model.named_parameters() if id(p) in stored_as]
+        with torch.no_grad():
+            for group in _groups(params):
+                with deepspeed.zero.GatheredParameters([p for _, p in group], modifier_rank=0):
+                    if dist.is_main():
+                        for _, p in group:
+                            p.copy_(f.get_tensor(stored_as[id(p)]))
+            for name in names:
+                if not isinstance(targets[name], nn.Parameter):
+                    targets[name].copy_(f.get_tensor(name))
