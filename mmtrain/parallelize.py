@@ -186,3 +186,17 @@ def keep_vision_in_graph(mllm: nn.Module, processor) -> nn.Module:
     mllm.model.get_input_embeddings().register_forward_hook(touch.after_embedding)
     mllm.register_forward_hook(touch.after_forward, with_kwargs=True)
     return mllm
+
+
+def clear_zero3_gradients(engine) -> None:
+    """Zero ZeRO-3's gradient partitions before an accumulation window. DeepSpeed 0.19.8 copies a
+    parameter's gradient into its partition at the window's first micro-step and adds at later
+    ones, but only for parameters that get a gradient there: one that first gets a gradient in a
+    later micro-step (a task's adapter under per-task backward, the second task's) is added onto
+    the previous window's gradient. Measured: KDSL's intent loss at step 3 was 4.412 per task
+    against 4.371 in one backward (and at ZeRO stage 0). A no-op outside ZeRO-3 and under
+    optimizer offload (which keeps gradients elsewhere and skips parameters a window left
+    unused)."""
+    buffer = getattr(engine.optimizer, "grad_partitions_flat_buffer", None)
+    if isinstance(buffer, torch.Tensor):
+        buffer.zero_()

@@ -41,14 +41,17 @@ class BadStepGuard:
         self.consecutive = 0  # bad in a row, reset by an applied optimizer step
         self.total = 0  # over the whole run (kept in the checkpoint)
 
-    def bad_micro_batch(self, step: int, losses: Dict[str, torch.Tensor]) -> None:
+    def bad_micro_batch(
+        self, step: int, losses: Dict[str, torch.Tensor], what: str = "micro-batch skipped"
+    ) -> None:
         self.consecutive += 1
         self.total += 1
         values = {k: float(v.detach()) for k, v in losses.items()}
         log.warning(
-            "non-finite loss at step %d (%s); micro-batch skipped (%d in a row)",
+            "non-finite loss at step %d (%s); %s (%d in a row)",
             step,
             values,
+            what or "micro-batch skipped",
             self.consecutive,
         )
         if self.consecutive >= self.max_bad:

@@ -126,9 +126,11 @@ def deepspeed_config(
     stage: Optional[int] = None,
     hidden: Optional[int] = None,
     built: bool = True,
+    parts: int = 1,
 ) -> Dict[str, Any]:
     """DeepSpeed's config from ours; `stage` is the ZeRO stage when the config says auto;
-    `hidden` the model's widest hidden size (for auto sizes); `built`: see zero_sizes."""
+    `hidden` the model's widest hidden size (for auto sizes); `built`: see zero_sizes; `parts`:
+    the backward passes of a micro-batch (Recipe.backward_parts), each a DeepSpeed micro-step."""
     ds, tr = cfg.deepspeed, cfg.train
     if stage is None:
         if str(ds.zero_stage) == "auto":
@@ -171,8 +173,8 @@ def deepspeed_config(
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_cuda}
     conf: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
-        "gradient_accumulation_steps": tr.grad_accum,
-        "train_batch_size": tr.micro_batch_size * tr.grad_accum * world_size,
+        "gradient_accumulation_steps": tr.grad_accum * parts,
+        "train_batch_size": tr.micro_batch_size * tr.grad_accum * parts * world_size,
         "gradient_clipping": tr.grad_clip,
         "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == "bf16"},

@@ -40,7 +40,12 @@ from mmtrain.engine.optim import (
     scheduler_factory,
     widest_hidden_size,
 )
-from mmtrain.parallelize import checkpoint_activations, numel, partition_summary
+from mmtrain.parallelize import (
+    checkpoint_activations,
+    clear_zero3_gradients,
+    numel,
+    partition_summary,
+)
 from mmtrain.recipes.base import DataStream, EvalResult, StepOutput
 
 REQUEUE_EXIT_CODE = 85  # slurm/train.sbatch turns this into `scontrol requeue`
@@ -101,11 +106,37 @@ class Trainer:
 
     def _optimizer_step(self):
         """grad_accum good micro-batches (a non-finite one is replaced, not counted), one update."""
+        clear_zero3_gradients(self.engine)
         good = 0
         while good < self.cfg.train.grad_accum:
             batch = next(self.data)
             self._watch_epoch()
-            out = self.recipe.step(self.engine, batch)
+            done = self._micro_batch(batch)
+            if done is None:  # non-finite: replaced by the next micro-batch
+                continue
+            good += 1
+            total, losses, out = done
+            if out is not None:
+                self.metrics.add(total, losses, out)
+        self.step += 1
+        self.metrics.step_done()
+        self.recipe.on_step_end()
+        grad_norm = self.engine.get_global_grad_norm()
+        self.guard.optimizer_step(self.step, self.engine.was_step_applied(), grad_norm)
+        lr = self.engine.get_lr()[0]
+        self._show(out or StepOutput(losses={}), total, lr)
+        return grad_norm, lr
+
+    def _micro_batch(self, batch):
+        """Forward and backward of one micro-batch, part by part (`Recipe.step_parts`: each part
+        backpropagated before the next is built; DeepSpeed counts each as a micro-step). Returns
+        (total, losses, merged output); None when a one-part micro-batch is non-finite. With
+        several parts a non-finite one is dropped, not backpropagated, and the micro-batch counts
+        (its other parts' gradients are already in); output None when every part was dropped."""
+        parts, n = self.recipe.backward_parts, 0
+        kept = []
+        for out in self.recipe.step_parts(self.engine, batch):
+            n += 1
             total, losses, bad = combine(
                 out.losses,
                 self.recipe.loss_weight,
@@ -114,20 +145,28 @@ class Trainer:
                 self.env.device,
             )
             if bad:
-                self.guard.bad_micro_batch(self.step + 1, losses)
-                continue
-            self.engine.backward(total)
+                self.guard.bad_micro_batch(
+                    self.step + 1, losses, "part dropped" if parts > 1 else ""
+                )
+                if parts == 1:
+                    return None
+            else:
+                # DeepSpeed divides by its accumulation steps, grad_accum x parts
+                self.engine.backward(total * parts)
+                kept.append((total.detach(), losses, out))
             self.engine.step()
-            good += 1
-            self.metrics.add(total, losses, out)
-        self.step += 1
-        self.metrics.step_done()
-        self.recipe.on_step_end()
-        grad_norm = self.engine.get_global_grad_norm()
-        self.guard.optimizer_step(self.step, self.engine.was_step_applied(), grad_norm)
-        lr = self.engine.get_lr()[0]
-        self._show(out, total, lr)
-        return grad_norm, lr
+        if n != parts:
+            raise RuntimeError(
+                f"{type(self.recipe).__name__}.step_parts gave {n} parts for a micro-batch; its "
+                f"backward_parts declares {parts}"
+            )
+        if not kept:
+            return torch.zeros(()), {}, None
+        return (
+            sum(t for t, _, _ in kept),
+            {k: v for _, losses, _ in kept for k, v in losses.items()},
+            StepOutput.merged([o for _, _, o in kept]),
+        )
 
     def _eval_due(self) -> bool:
         every = self.cfg.eval.every
@@ -299,7 +338,14 @@ class Trainer:
             100 * built["held"] / max(1, n_all),
         )
         stage = self._auto_stage(n_all, n_train) if auto else None
-        ds_conf = deepspeed_config(cfg, env.world_size, on_cuda, stage, widest_hidden_size(model))
+        ds_conf = deepspeed_config(
+            cfg,
+            env.world_size,
+            on_cuda,
+            stage,
+            widest_hidden_size(model),
+            parts=self.recipe.backward_parts,
+        )
         found = self.found
         self.reshard = bool(found) and checkpoint.saved_world(*found) != env.world_size
         if self.reshard:  # written by another number of ranks: its universal form

@@ -93,6 +93,20 @@ class StepOutput:
     # `Recipe.flops_per_sample`), for MFU
     flops: Optional[float] = None
 
+    @classmethod
+    def merged(cls, parts: Sequence[StepOutput]) -> StepOutput:
+        """Parts of one micro-batch (`Recipe.step_parts`) as one output: their losses, stats and
+        images together; samples, tokens and FLOPs summed."""
+        flops = [o.flops for o in parts if o.flops is not None]
+        return cls(
+            losses={k: v for o in parts for k, v in o.losses.items()},
+            stats={k: v for o in parts for k, v in o.stats.items()},
+            images={k: v for o in parts for k, v in o.images.items()},
+            samples=sum(o.samples for o in parts),
+            tokens=sum(o.tokens for o in parts),
+            flops=sum(flops) if flops else None,
+        )
+
 
 @dataclass
 class EvalResult:
@@ -156,6 +170,17 @@ class Recipe:
     def step(self, model: nn.Module, batch: Any) -> StepOutput:
         """One micro-batch forward. `model` is callable like the module `build_model` returned."""
         raise NotImplementedError
+
+    @property
+    def backward_parts(self) -> int:
+        """How many parts `step_parts` yields for every micro-batch (the same on every rank)."""
+        return 1
+
+    def step_parts(self, model: nn.Module, batch: Any) -> Iterator[StepOutput]:
+        """One micro-batch as `backward_parts` forwards (e.g. one per task), each backpropagated
+        by the engine before the next is built, so only one part's graph is alive at a time.
+        Count `samples` in one part only. Default: the one part `step` gives."""
+        yield self.step(model, batch)
 
     def on_step_end(self) -> None:
         """After each optimizer step (collective: every rank calls it)."""

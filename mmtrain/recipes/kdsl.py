@@ -81,6 +81,9 @@ class KDSLConfig(RecipeConfig):
     model_path: str = path_field("", required=True)
     tasks: List[str] = field(default_factory=lambda: ["scene", "intent"])
     mode: str = choices("decoupled", "joint", default="decoupled")
+    # decoupled: backpropagate each task's loss before the next task's forward (only one task's
+    # graph alive at a time; the same gradients); false: one backward for all tasks
+    backward_per_task: bool = True
     questions: Dict[str, str] = field(
         default_factory=lambda: {
             "scene": "What kind of page does the image show?",
@@ -233,19 +236,40 @@ class KDSL(ShardRecipe):
     def pipeline(self):
         return pil_decode, Collate(self.cfg, self.prompter)
 
+    @property
+    def backward_parts(self) -> int:
+        per_task = self.cfg.mode == "decoupled" and self.cfg.backward_per_task
+        return len(self.cfg.tasks) if per_task else 1
+
+    def step_parts(self, model, batch):
+        """Decoupled: one part per task (its adapter, its loss), backpropagated in turn."""
+        if self.backward_parts == 1:
+            yield self.step(model, batch)
+            return
+        for i, t in enumerate(self.cfg.tasks):
+            yield self._task_step(model, batch, t, samples=len(batch["key"]) if i == 0 else 0)
+
     def step(self, model, batch) -> StepOutput:
-        losses, tokens, flops = {}, 0, 0.0
-        for t in self.cfg.tasks:
-            answers = [
-                self.label_ids[t][self._train_label(t, k, m)]
-                for k, m in zip(batch["key"], batch["meta"])
+        return StepOutput.merged(
+            [
+                self._task_step(model, batch, t, samples=len(batch["key"]) if i == 0 else 0)
+                for i, t in enumerate(self.cfg.tasks)
             ]
-            batch_t = collate_sequences(batch["prompt"][t], answers, self.pad_id)
-            out = model("losses", batch_t, adapter=self._adapter(t))
-            losses[t] = GlobalMean(out["loss_sum"], out["tokens"])  # a mean over answer tokens
-            tokens += out["tokens"]
-            flops += out["flops"]
-        return StepOutput(losses=losses, samples=len(batch["key"]), tokens=tokens, flops=flops)
+        )
+
+    def _task_step(self, model, batch, task: str, samples: int) -> StepOutput:
+        answers = [
+            self.label_ids[task][self._train_label(task, k, m)]
+            for k, m in zip(batch["key"], batch["meta"])
+        ]
+        batch_t = collate_sequences(batch["prompt"][task], answers, self.pad_id)
+        out = model("losses", batch_t, adapter=self._adapter(task))
+        return StepOutput(
+            losses={task: GlobalMean(out["loss_sum"], out["tokens"])},  # mean over answer tokens
+            samples=samples,
+            tokens=out["tokens"],
+            flops=out["flops"],
+        )
 
     def _train_label(self, task: str, key: str, meta: Dict[str, Any]) -> str:
         label = self.label_of(task, meta.get(task))

@@ -253,4 +253,18 @@ def test_kdsl_per_task_adapters(tmp_path, tiny_models):
         steps=4,
         losses=("scene", "intent"),
     )
-    invariant_at_1_2_4(case, tmp_path)
+    runs, _ = invariant_at_1_2_4(case, tmp_path)
+    # each task backpropagated before the next task's forward (the default) trains exactly as one
+    # backward of both, with grad_accum 2 as well (DeepSpeed counts 2 x 2 micro-steps a step)
+    one_backward = run_layout(
+        case, tmp_path / "runs" / "w2joint", 2, extra=["recipe.backward_per_task=false"]
+    )
+    accum = run_layout(case, tmp_path / "runs" / "w2ga2", 2, grad_accum=2)
+    assert_invariant(
+        runs[2],
+        {"2 ranks, one backward": one_backward, "2 ranks, per task, grad_accum 2": accum},
+        range(1, case.steps + 1),
+        LOSS_RTOL,
+        PARAM_ATOL,
+        tmp_path / "per_task.json",
+    )
