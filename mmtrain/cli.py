@@ -240,6 +240,11 @@ def _cmd_models(args) -> int:
 def _cmd_bench(args) -> int:
     import json
 
+    if args.bench_cmd in ("vikdf-stage1", "vikdf-fusion") and args.engine:
+        from mmtrain.bench.engine import main_vikdf
+
+        which = args.bench_cmd.split("-")[1]
+        return main_vikdf(which, args.size, args.steps, args.batch_size, args.ranks, args.baseline)
     if args.bench_cmd == "vikdf-stage1":
         from mmtrain.bench.vikdf import main as bench_stage1
 
@@ -440,6 +445,7 @@ def _add_tool_commands(sub) -> None:
     )
     sp.add_argument("--batch-size", type=int, default=128)
     sp.add_argument("--no-compile", action="store_true", help="run the frozen towers eagerly")
+    _engine_arguments(sp, "configs/vikdf/stage1.yaml", "full-depth CLIP-L/14 and bert-base")
     sp.add_argument("--baseline", help="path of hf_eager_vikdf.py, run side by side for the ratio")
     sp.set_defaults(fn=_cmd_bench)
     sp = bsub.add_parser(
@@ -447,8 +453,21 @@ def _add_tool_commands(sub) -> None:
     )
     sp.add_argument("--batch-size", type=int, default=8)
     sp.add_argument("--compile", action="store_true", help="torch.compile the frozen LLM's forward")
+    _engine_arguments(sp, "configs/vikdf/stage2_fusion.yaml", "a 32-layer Llama-2-7B-shaped LLM")
     sp.add_argument("--baseline", help="path of hf_eager_vikdf.py, run side by side for the ratio")
     sp.set_defaults(fn=_cmd_bench)
+
+
+def _engine_arguments(sp, config: str, models: str) -> None:
+    sp.add_argument(
+        "--engine",
+        action="store_true",
+        help=f"through `mmtrain train` with {config} (DeepSpeed, the data reader), {models} "
+        "with random weights, synthetic shards; compared by samples/s",
+    )
+    sp.add_argument("--size", choices=("published", "tiny"), default="published")
+    sp.add_argument("--steps", type=int, default=8, help="--engine: half warm up, half measured")
+    sp.add_argument("--ranks", type=int, default=1, help="--engine: processes (GPUs)")
 
 
 def _quiet_libraries() -> None:

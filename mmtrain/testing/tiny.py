@@ -184,19 +184,43 @@ def _save_tiny_clip(
     ).save_pretrained(out_dir / "clip")
 
 
-def make_vikdf_towers_at_published_widths(out: str) -> Path:
+def make_vikdf_towers_at_published_widths(
+    out: str, full_depth: bool = False, vocab_size: Optional[int] = None
+) -> Path:
     """OUT/clip and OUT/bert with the shapes configs/vikdf/stage1.yaml names: CLIP ViT-L/14 (224
-    px; 1,024-wide vision with 16 heads, 768-wide text with 12; one layer each) and bert-base
-    (768 wide, 12 heads; the IQ-Former's two layers), random weights, over the word tokenizer."""
+    px; 1,024-wide vision with 16 heads, 768-wide text with 12) and bert-base (768 wide, 12
+    heads), random weights, over the word tokenizer. One layer a tower and the IQ-Former's two,
+    or with `full_depth` the released 24 / 12 / 12 (for benchmarks); `vocab_size` pads the
+    vocabulary with filler words (CLIP's is 49,408) so that embeddings and the IA-MTM head cost
+    what the released ones do."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    out_dir = Path(out)
+    words = synthetic_vocabulary()
+    if vocab_size:
+        words += [f"filler{i}" for i in range(max(0, vocab_size - len(SPECIALS) - len(words) - 3))]
+    tok = word_tokenizer(words)
+    torch.manual_seed(0)
+    depth = (24, 12, 12) if full_depth else (1, 1, 2)
+    vision, text = _tower(1024, 16, depth[0], 4096), _tower(768, 12, depth[1], 3072)
+    _save_tiny_clip(out_dir, tok, 768, 224, 14, vision=vision, text=text)
+    BertModel(BertConfig(vocab_size=len(tok), **_tower(768, 12, depth[2], 3072))).save_pretrained(
+        out_dir / "bert"
+    )
+    return out_dir
+
+
+def make_tiny_vikdf_towers(out: str, width: int = 64, image_size: int = 64) -> Path:
+    """OUT/clip and OUT/bert of `make_tiny` alone (no LLM, no VLM)."""
     import torch
     from transformers import BertConfig, BertModel
 
     out_dir = Path(out)
     tok = word_tokenizer(synthetic_vocabulary())
     torch.manual_seed(0)
-    vision, text = _tower(1024, 16, 1, 4096), _tower(768, 12, 1, 3072)
-    _save_tiny_clip(out_dir, tok, 768, 224, 14, vision=vision, text=text)
-    BertModel(BertConfig(vocab_size=len(tok), **_tower(768, 12, 2, 3072))).save_pretrained(
+    _save_tiny_clip(out_dir, tok, width, image_size, 8)
+    BertModel(BertConfig(vocab_size=len(tok), **_tower(width, 4, 2, 2 * width))).save_pretrained(
         out_dir / "bert"
     )
     return out_dir
@@ -217,6 +241,53 @@ def _decoder(tok, width: int, positions: int, **extra) -> dict:
         eos_token_id=tok.eos_token_id,
     )
     return {**config, **extra}
+
+
+def make_llama_at_published_width(
+    out: str, layers: int = 1, vocab_size: Optional[int] = None, dtype=None, device=None
+) -> Path:
+    """OUT: a Llama with Llama-2-7B's widths and head counts (4,096 wide, 32 heads, 11,008-wide
+    MLP), `layers` layers (32 for the released depth, in benchmarks), random weights, over the
+    word tokenizer padded to `vocab_size` (Llama-2's is 32,000): what configs/vikdf/stage2_*.yaml
+    name. `dtype` / `device`: where it is built (bf16 on a GPU for the 7B)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out_dir = Path(out)
+    words = synthetic_vocabulary()
+    if vocab_size:
+        words += [f"filler{i}" for i in range(max(0, vocab_size - len(SPECIALS) - len(words) - 3))]
+    tok = word_tokenizer(words)
+    torch.manual_seed(0)
+    shape = dict(
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    )
+    default = torch.get_default_dtype()
+    try:
+        if dtype is not None:
+            torch.set_default_dtype(dtype)
+        with torch.device(device or "cpu"):
+            llm = LlamaForCausalLM(LlamaConfig(**_decoder(tok, 4096, 4096, **shape)))
+    finally:
+        torch.set_default_dtype(default)
+    llm.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+def make_tiny_llama(out: str, width: int = 64) -> Path:
+    """OUT: `make_tiny`'s Llama alone, untrained (for smoke runs that only time a step)."""
+    import torch
+
+    out_dir = Path(out)
+    tok = word_tokenizer(synthetic_vocabulary())
+    torch.manual_seed(0)
+    _tiny_llama(tok, width).save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
 
 
 def _tiny_llama(tok, width: int):
