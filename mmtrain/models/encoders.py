@@ -60,6 +60,11 @@ class FrozenTowers(nn.Module):
         return self.text.config.hidden_size
 
     @property
+    def text_positions(self) -> int:
+        """The longest text the text tower reads (77 for CLIP)."""
+        return self.text.config.max_position_embeddings
+
+    @property
     def patch_size(self) -> int:
         return self.vision.config.patch_size
 

@@ -93,10 +93,14 @@ class FuseConfig(RecipeConfig):
 class Collate:
     """Token ids for every segment (templates drawn per sample key), pixels when there is an image."""
 
-    def __init__(self, cfg: FuseConfig, tok, text_tok, seed: int):
+    def __init__(
+        self, cfg: FuseConfig, tok, text_tok, seed: int, text_positions: Optional[int] = None
+    ):
         self.cfg = cfg
         self.tok = tok
         self.text_tok = text_tok
+        # the text tower reads at most its positions (CLIP: 77), the LLM max_text_len tokens
+        self.text_tower_len = min(cfg.max_text_len, text_positions or cfg.max_text_len)
         self.seed = seed
         self.bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
         self.eos = [tok.eos_token_id]
@@ -158,7 +162,7 @@ class Collate:
             texts,
             padding="max_length",
             truncation=True,
-            max_length=self.cfg.max_text_len,
+            max_length=self.text_tower_len,
             return_tensors="pt",
         )
         return enc["input_ids"], enc["attention_mask"]
@@ -208,7 +212,9 @@ class VIKDFFuse(ShardRecipe):
         else:
             need_image = c.knowledge == "image"
         transform = ImageTransform.from_pretrained(c.vision_path) if need_image else None
-        collate = Collate(c, self.tokenizer, self.text_tokenizer, self.ctx.seed)
+        collate = Collate(
+            c, self.tokenizer, self.text_tokenizer, self.ctx.seed, self.towers.text_positions
+        )
         return SampleDecoder(transform, need_image), collate
 
     def _inputs(self, batch) -> Dict[str, Any]:

@@ -72,6 +72,86 @@ def test_vikdf_stage1_at_published_widths(tmp_path, clip_l14_and_bert_base, imag
     assert state["iqformer.queries"].shape == (1, 32, 768)  # 32 knowledge vectors, bert-base wide
 
 
+@pytest.mark.heavy
+def test_vikdf_fusion_and_dialogue_at_llama_2_7b_width(tmp_path, clip_l14_and_bert_base):
+    """Fusion into a frozen LLM 4,096 wide (replicated, as the config says), then dialogue from
+    the fusion export, with the stage-1 IQ-Former at its published shape."""
+    from safetensors.torch import load_file
+
+    from mmtrain.cli import main
+    from mmtrain.data.synth import synth
+    from mmtrain.models.iqformer import IQFormer, IQFormerConfig
+    from mmtrain.testing.tiny import make_llama_at_published_width
+
+    m = clip_l14_and_bert_base
+    llama = make_llama_at_published_width(str(tmp_path / "llama"))
+    iq = IQFormerConfig(
+        width=768,
+        layers=2,
+        heads=12,
+        intermediate=3072,
+        num_queries=32,
+        cross_attention_every=2,
+        vision_width=1024,
+        text_width=768,
+    )
+    IQFormer(iq).save_pretrained(tmp_path / "stage1" / "iqformer")
+    synth("image-text", str(tmp_path / "it"), 40, seed=0)
+    synth("dialogue", str(tmp_path / "dlg"), 40, seed=0)
+    common = [
+        f"recipe.llm_path={llama}",
+        f"recipe.vision_path={m / 'clip'}",
+        f"recipe.text_path={m / 'clip'}",
+        f"recipe.stage1={tmp_path / 'stage1'}",
+        "recipe.data.mode=exact",
+        "train.micro_batch_size=2",
+        *SMOKE,
+    ]
+    fusion = tmp_path / "runs" / "fusion"
+    train(
+        fusion,
+        [
+            *common,
+            f"recipe.data.train={tmp_path / 'it' / 'train'}",
+            f"recipe.data.val={tmp_path / 'it' / 'val'}",
+        ],
+        world=2,
+        config=REPO / "configs" / "vikdf" / "stage2_fusion.yaml",
+        timeout=900,
+    )
+    for name in ("ce", "recon", "kl"):
+        losses = scalars(fusion, f"loss/{name}")
+        assert sorted(losses) == [1, 2] and all(v == v and abs(v) < 1e4 for v in losses.values())
+    log = (fusion / "train.log").read_text()
+    assert "eval at step 2" in log and '"ppl"' in log
+    export = tmp_path / "fusion-export"
+    assert main(["export", str(fusion), str(export)]) == 0
+    state = load_file(export / "model.safetensors")
+    assert state["bvif.to_llm.weight"].shape == (4096, 768)  # knowledge -> 32 soft prompts
+    assert state["bvif.placeholders"].shape == (32, 4096)  # the prior's 32 placeholders
+    assert state["bvif.prior.weight"].shape == (2 * 768, 4096)
+    assert not any(k.startswith("llm.") for k in state)  # the frozen LLM is not part of it
+
+    dialogue = tmp_path / "runs" / "dialogue"
+    train(
+        dialogue,
+        [
+            *common,
+            f"recipe.init_from={export}",
+            f"recipe.data.train={tmp_path / 'dlg' / 'train'}",
+            f"recipe.data.val={tmp_path / 'dlg' / 'val'}",
+            "recipe.generation.max_new_tokens=8",
+            "recipe.generation.num_beams=1",
+        ],
+        world=2,
+        config=REPO / "configs" / "vikdf" / "stage2_dialogue.yaml",
+        timeout=900,
+    )
+    losses = scalars(dialogue, "loss/ce")
+    assert sorted(losses) == [1, 2] and all(0 < v < 1e4 for v in losses.values())
+    assert "eval at step 2" in (dialogue / "train.log").read_text()
+
+
 def _qwen2_vl_run(tmp_path, shape, config, kind, overrides):
     from mmtrain.data.synth import synth
     from mmtrain.testing.tiny import make_tiny_vlm
@@ -123,3 +203,23 @@ def test_kdsl_decoupled_at_qwen2_vl_7b_widths_with_activation_checkpointing(tmp_
     built = re.search(r"built with [\d.]+M \((\d+)%\) on this rank", log)
     assert built and int(built.group(1)) < 60, log
     assert "eval at step 2" in log
+
+
+@pytest.mark.heavy
+def test_kdsl_small_model_at_qwen2_vl_2b_widths(tmp_path):
+    """The small model of KDSL's pipeline: one task (scene), joint, LoRA on Qwen2-VL-2B widths."""
+    run, log = _qwen2_vl_run(tmp_path, "2b", "kdsl/qwen2vl_2b_small.yaml", "intent", [])
+    losses = scalars(run, "loss/scene")
+    assert sorted(losses) == [1, 2] and all(0 < v < 1e4 for v in losses.values())
+    assert not scalars_named(run, "loss/intent")  # the small model learns the scene task only
+    built = re.search(r"built with [\d.]+M \((\d+)%\) on this rank", log)
+    assert built and int(built.group(1)) < 60, log
+    assert "eval at step 2" in log
+
+
+def scalars_named(run, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return [t for t in acc.Tags()["scalars"] if t == tag]
