@@ -122,6 +122,15 @@ def replicate_frozen(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
+def share_module(parent: nn.Module, name: str) -> nn.Module:
+    """Unregister sub-module `name` of `parent`, still reachable as `parent.<name>`: it is
+    registered elsewhere in the same model (a module used by two owners), and ZeRO-3 must see
+    each parameter once. Returns `parent`."""
+    child = parent._modules.pop(name)
+    object.__setattr__(parent, name, child)
+    return parent
+
+
 def blank_image_inputs(processor) -> Dict[str, torch.Tensor]:
     """The vision inputs of one small blank image, for text-only batches."""
     from PIL import Image

@@ -25,7 +25,7 @@ from mmtrain.models.bvif import BVIF, embed_segments, labels_for, noise
 class FuseModel(EntryPoints):
     """The BVIF parts and the LLM (frozen, or carrying a LoRA adapter)."""
 
-    entry_points = ("fusion_losses", "dialogue_losses", "generate")
+    entry_points = ("fusion_losses", "dialogue_losses", "generate", "stage1_losses")
 
     def __init__(self, bvif: BVIF, llm: nn.Module, pad_id: int, eos_id: int):
         super().__init__()
@@ -33,6 +33,13 @@ class FuseModel(EntryPoints):
         self.llm = llm
         self.pad_id = pad_id
         self.eos_id = eos_id
+
+    def stage1_losses(self, **inputs) -> Dict[str, Any]:
+        """Stage 1's losses through its heads (`self.stage1`, set when the recipe keeps them in
+        fusion), on the IQ-Former BVIF trains."""
+        if not hasattr(self, "stage1"):
+            raise ValueError("this FuseModel has no stage-1 heads (recipe.stage1_losses_in_fusion)")
+        return self.stage1("losses", **inputs)
 
     def _embed(self):
         return self.llm.get_input_embeddings()

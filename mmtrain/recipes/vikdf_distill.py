@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -164,6 +165,40 @@ class Collate:
         }
 
 
+def stage1_model(c: Stage1Config, iq: IQFormer, towers, vocab: int) -> Stage1Model:
+    """The IQ-Former with stage 1's TIM, TA-MIM and IA-MTM heads, as `c` shapes them."""
+    grid = towers.image_size // towers.patch_size
+    return Stage1Model(
+        iq,
+        towers.patch_size,
+        grid,
+        vocab,
+        c.tim_dim,
+        c.head_heads,
+        c.init_scale,
+        c.tim_global,
+        c.head_block,
+    )
+
+
+def stage1_config_of(export: Path) -> Stage1Config:
+    """The recipe section of a stage-1 run, from its export's config.yaml (not re-validated:
+    its data and model paths need not exist here)."""
+    from omegaconf import OmegaConf
+
+    path = export / "config.yaml"
+    if not path.is_file() or not (export / "model.safetensors").is_file():
+        raise ConfigError(
+            f"recipe.stage1_losses_in_fusion needs the stage-1 run's `mmtrain export` in "
+            f"recipe.stage1 (its config.yaml and model.safetensors hold the stage-1 heads); "
+            f"{export} has no {path.name if not path.is_file() else 'model.safetensors'}"
+        )
+    raw = OmegaConf.load(path).recipe
+    if raw.get("name") != "vikdf_distill":
+        raise ConfigError(f"{path} is not a VIKDF stage-1 run (recipe {raw.get('name')!r})")
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Stage1Config), raw))
+
+
 class VIKDFDistill(ShardRecipe):
     Config = Stage1Config
 
@@ -191,17 +226,7 @@ class VIKDFDistill(ShardRecipe):
         )
         if c.bert_init:
             init_from_bert(iq, c.bert_init)
-        return Stage1Model(
-            iq,
-            towers.patch_size,
-            self.grid,
-            len(self.tokenizer),
-            c.tim_dim,
-            c.head_heads,
-            c.init_scale,
-            c.tim_global,
-            c.head_block,
-        )
+        return stage1_model(c, iq, towers, len(self.tokenizer))
 
     def pipeline(self):
         decode = SampleDecoder(

@@ -39,10 +39,12 @@ from mmtrain.models.fuse import FuseModel, load_bvif_state
 from mmtrain.models.generation import GenerationSection, pad_id
 from mmtrain.models.iqformer import IQFormer
 from mmtrain.models.lora import LoraSection, apply_lora
-from mmtrain.parallelize import replicate_frozen
+from mmtrain.parallelize import replicate_frozen, share_module
 from mmtrain.recipes.base import EvalResult, GlobalMean, StepOutput
 from mmtrain.recipes.common import ShardRecipe, gather_rows
-from mmtrain.schema import RecipeConfig, choices, path_field
+from mmtrain.recipes.vikdf_distill import Collate as Stage1Collate
+from mmtrain.recipes.vikdf_distill import stage1_config_of, stage1_model
+from mmtrain.schema import ConfigError, RecipeConfig, choices, path_field
 
 SENTINEL = "\u2063KNOWLEDGE\u2063"
 
@@ -67,6 +69,10 @@ class FuseConfig(RecipeConfig):
     # keep the stage-1 IQ-Former as it is (its K_I and K_T stay what stage 1 aligned); by default
     # it trains on with the stage-2 losses alone and may drift from that alignment
     freeze_iqformer: bool = False
+    # fusion phase: also train stage 1's TIM, TA-MIM and IA-MTM (heads, masking and weights from
+    # the stage-1 export in `stage1`) on the same image-text batches, as the released code trains
+    # all five losses together, so K_I and K_T stay aligned while BVIF trains
+    stage1_losses_in_fusion: bool = False
     inference_templates: List[str] = field(default_factory=lambda: list(INFERENCE_TEMPLATES))
     reconstruction_templates: List[str] = field(
         default_factory=lambda: list(RECONSTRUCTION_TEMPLATES)
@@ -89,14 +95,30 @@ class FuseConfig(RecipeConfig):
     def data_kind(self) -> str:
         return "image-text" if self.phase == "fusion" else "dialogue"
 
+    def check(self) -> None:
+        if self.stage1_losses_in_fusion and self.phase != "fusion":
+            raise ConfigError("recipe.stage1_losses_in_fusion applies to recipe.phase=fusion only")
+        if self.stage1_losses_in_fusion and self.freeze_iqformer:
+            raise ConfigError(
+                "recipe.stage1_losses_in_fusion trains the IQ-Former; recipe.freeze_iqformer "
+                "keeps it fixed: choose one"
+            )
+
 
 class Collate:
     """Token ids for every segment (templates drawn per sample key), pixels when there is an image."""
 
     def __init__(
-        self, cfg: FuseConfig, tok, text_tok, seed: int, text_positions: Optional[int] = None
+        self,
+        cfg: FuseConfig,
+        tok,
+        text_tok,
+        seed: int,
+        text_positions: Optional[int] = None,
+        stage1=None,
     ):
         self.cfg = cfg
+        self.stage1 = stage1  # stage 1's collate (masks, its tokenisation), with its losses
         self.tok = tok
         self.text_tok = text_tok
         # the text tower reads at most its positions (CLIP: 77), the LLM max_text_len tokens
@@ -137,6 +159,8 @@ class Collate:
                 self.bos + self.ids(pick(c.inference_templates, k, self.seed)) for k in keys
             ]
             out["recon_instr"] = recon
+            if self.stage1 is not None:
+                out["stage1"] = self.stage1(items)
             return out
         contexts = [m["context"] for m in batch["meta"]]
         split = [self.chat_split(ctx) for ctx in contexts]
@@ -180,6 +204,7 @@ class VIKDFFuse(ShardRecipe):
         self.towers = to_precision(FrozenTowers(c.vision_path, c.text_path), ctx.device, ctx.dtype)
         self.tokenizer = load_tokenizer(c.llm_path)
         self.text_tokenizer = load_tokenizer(c.text_path)
+        self.stage1 = stage1_config_of(Path(c.stage1)) if c.stage1_losses_in_fusion else None
 
     def build_model(self) -> nn.Module:
         from transformers import AutoModelForCausalLM
@@ -203,17 +228,38 @@ class VIKDFFuse(ShardRecipe):
         if c.init_from:
             load_bvif_state(bvif, c.init_from)
         model = FuseModel(bvif, llm, pad_id(self.tokenizer), self.tokenizer.eos_token_id)
+        if self.stage1 is not None:
+            model.stage1 = self._stage1_heads(iq)
         return model if c.lora.enabled else replicate_frozen(model, "llm")
+
+    def _stage1_heads(self, iq: IQFormer) -> nn.Module:
+        """Stage 1's heads with their trained weights, around the IQ-Former BVIF trains (shared,
+        registered once: under `bvif`)."""
+        from safetensors.torch import load_file
+
+        heads = stage1_model(self.stage1, iq, self.towers, len(self.text_tokenizer))
+        heads.load_state_dict(load_file(str(Path(self.cfg.stage1) / "model.safetensors")))
+        return share_module(heads, "iqformer")
 
     def pipeline(self):
         c = self.cfg
         if c.phase == "fusion":
-            need_image = c.fusion_knowledge != "text"
+            need_image = c.fusion_knowledge != "text" or self.stage1 is not None
         else:
             need_image = c.knowledge == "image"
         transform = ImageTransform.from_pretrained(c.vision_path) if need_image else None
+        stage1 = None
+        if self.stage1 is not None:
+            grid = self.towers.image_size // self.towers.patch_size
+            patch = self.towers.patch_size
+            stage1 = Stage1Collate(self.text_tokenizer, self.stage1, grid, patch, self.ctx.seed)
         collate = Collate(
-            c, self.tokenizer, self.text_tokenizer, self.ctx.seed, self.towers.text_positions
+            c,
+            self.tokenizer,
+            self.text_tokenizer,
+            self.ctx.seed,
+            self.towers.text_positions,
+            stage1,
         )
         return SampleDecoder(transform, need_image), collate
 
@@ -241,14 +287,38 @@ class VIKDFFuse(ShardRecipe):
             "ce": GlobalMean(out["ce_sum"], out["ce_count"]),
             **{k: v for k, v in out.items() if k in ("recon", "kl")},
         }
+        if "stage1" in batch:
+            losses.update(self._stage1_losses(model, batch))
         stats = {k: float(v) for k, v in out.items() if k in ("kl_per_dim", "prior_logvar")}
         if "kl" in losses and self.cfg.kl_warmup_steps:
             stats["kl_weight"] = self.loss_weight("kl")
         tokens = sum(len(t) for t in batch["target"])
         return StepOutput(losses=losses, stats=stats, samples=len(batch["key"]), tokens=tokens)
 
+    def _stage1_losses(self, model, batch) -> Dict[str, Any]:
+        """TIM, TA-MIM and IA-MTM on the batch's images and captions, as stage 1 computes them."""
+        dev, t, s1 = self.ctx.device, self.towers, batch["stage1"]
+        attn = s1["attn"].to(dev)
+        out = model(
+            "stage1_losses",
+            image_states=batch["image_states"],
+            text_states=t.encode_text(s1["ids"].to(dev), attn),
+            text_mask=attn,
+            masked_image_states=t.encode_image(s1["masked_pixels"].to(dev)),
+            masked_text_states=t.encode_text(s1["masked_ids"].to(dev), attn),
+            pixels=s1["pixels"].to(dev),
+            scored=s1["scored"].to(dev),
+            mtm_labels=s1["labels"].to(dev),
+        )
+        mtm = GlobalMean(out["mtm_sum"], out["mtm_count"])
+        return {"tim": out["tim"], "mim": out["mim"], "mtm": mtm}
+
     def loss_weight(self, name: str) -> float:
-        """`loss_weights`, the KL's ramped up over `kl_warmup_steps` (annealing)."""
+        """`loss_weights`, the KL's ramped up over `kl_warmup_steps` (annealing); stage 1's losses
+        weighted as the stage-1 run weighted them unless `loss_weights` names them."""
+        if self.stage1 is not None and name in ("tim", "mim", "mtm"):
+            if name not in self.cfg.loss_weights:
+                return float(self.stage1.loss_weights.get(name, 1.0))
         weight = super().loss_weight(name)
         warmup = self.cfg.kl_warmup_steps
         return weight * min(1.0, self.steps_done / warmup) if name == "kl" and warmup else weight

@@ -1,6 +1,7 @@
 """VIKDF stage 2 (BVIF fusion, dialogue fine-tuning, generation + metrics) on 2 CPU ranks under ZeRO-3."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -355,3 +356,111 @@ def test_generation_on_several_ranks_is_synced(assets):
         recipe._generate(model, "val")
         assert seen and set(seen) == {world > 1}, (world, seen)
         seen.clear()
+
+
+@pytest.mark.heavy
+def test_stage1_losses_in_fusion_keep_the_stage1_alignment(
+    stage1_run, tiny_models, image_text_shards
+):
+    """Issue 19, item 3: `recipe.stage1_losses_in_fusion` trains TIM, TA-MIM and IA-MTM with the
+    stage-1 export's heads on the IQ-Former BVIF trains (shared, registered once), weighted as
+    stage 1 weighted them. After fusion, the stage-1 heads' TIM loss over the fused IQ-Former is
+    lower with them than without (the stage-1 alignment of K_I and K_T kept)."""
+    t = tiny_models
+    export = stage1_run[1]
+    base = [
+        f"recipe.llm_path={t / 'llama'}",
+        f"recipe.vision_path={t / 'clip'}",
+        f"recipe.text_path={t / 'clip'}",
+        f"recipe.stage1={export}",
+        f"recipe.data.train={image_text_shards / 'train'}",
+        f"recipe.data.val={image_text_shards / 'val'}",
+    ]
+    recipe, model, _ = _train_in_process(FUSION, base + ["recipe.stage1_losses_in_fusion=true"], 0)
+    stored = load_file(export / "model.safetensors")
+    heads = dict(model.stage1.named_parameters())
+    assert heads and all(torch.equal(p, stored[k]) for k, p in heads.items())  # the trained heads
+    assert model.stage1.iqformer is model.bvif.iqformer  # one IQ-Former ...
+    assert not any(
+        ".iqformer." in n and n.startswith("stage1") for n, _ in model.named_parameters()
+    )
+    assert recipe.loss_weight("tim") == 0.5 and recipe.loss_weight("mtm") == 0.2  # stage 1's
+
+    def tim_after(flag: bool, steps: int = 40) -> float:
+        # stage 1 as it ran, its exported heads around the fused IQ-Former: TIM on 6 batches
+        distill, probe = _stage1_probe(export, image_text_shards)
+        if steps:
+            _, fused, history = _train_in_process(
+                FUSION, base + [f"recipe.stage1_losses_in_fusion={flag}"], steps, lr=2e-3
+            )
+            if flag:
+                assert {"tim", "mim", "mtm", "ce"} <= set(history[-1]), history[-1]
+            probe.iqformer.load_state_dict(fused.bvif.iqformer.state_dict())
+        data = distill.build_data()
+        with torch.no_grad():
+            tims = [float(distill.step(probe, next(data)).losses["tim"]) for _ in range(6)]
+        return sum(tims) / len(tims)
+
+    before, kept, drifted = tim_after(False, steps=0), tim_after(True), tim_after(False)
+    print(
+        f"stage-1 TIM: {before:.3f} before fusion; after 40 fusion steps {kept:.3f} with the "
+        f"stage-1 losses, {drifted:.3f} without"
+    )
+    assert kept < drifted, (before, kept, drifted)
+
+
+def _stage1_probe(export, shards):
+    """A stage-1 recipe from the export's config, and its model with the exported weights."""
+    from mmtrain.recipes.base import RunContext
+    from mmtrain.recipes.vikdf_distill import VIKDFDistill, stage1_config_of
+
+    cfg = stage1_config_of(export)
+    cfg.data.train, cfg.data.val, cfg.data.workers = str(shards / "train"), None, 0
+    cfg.bert_init, cfg.image_log_every = None, 0
+    ctx = RunContext(
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        micro_batch_size=32,
+        seed=0,
+        run_dir=None,
+    )
+    distill = VIKDFDistill(cfg, ctx)
+    distill.setup()
+    probe = distill.build_model()
+    probe.load_state_dict(load_file(export / "model.safetensors"))
+    return distill, probe.eval()
+
+
+@pytest.mark.heavy
+def test_stage1_losses_in_fusion_under_zero3_every_tensor_partitioned(
+    stage1_run, tiny_models, image_text_shards, tmp_path
+):
+    """The IQ-Former shared by BVIF and the stage-1 heads is registered once, so ZeRO-3 gathers
+    and reduces it once: 2 ranks, every tensor partitioned, all five losses logged and finite."""
+    t = tiny_models
+    run = tmp_path / "runs" / "fusion5"
+    train(
+        run,
+        [
+            f"recipe.llm_path={t / 'llama'}",
+            f"recipe.vision_path={t / 'clip'}",
+            f"recipe.text_path={t / 'clip'}",
+            f"recipe.stage1={stage1_run[1]}",
+            f"recipe.data.train={image_text_shards / 'train'}",
+            f"recipe.data.val={image_text_shards / 'val'}",
+            "recipe.stage1_losses_in_fusion=true",
+            "train.steps=3",
+            "log.every=1",
+            "eval.at_end=false",
+            "deepspeed.param_persistence_threshold=0",
+        ],
+        config=FUSION,
+    )
+    log = (run / "train.log").read_text()
+    partitioned = re.search(r"ZeRO-3: (\d+) of (\d+) parameter tensors partitioned", log)
+    assert partitioned and partitioned.group(1) == partitioned.group(2), log[-3000:]
+    for name in ("ce", "recon", "kl", "tim", "mim", "mtm"):
+        losses = scalars(run, f"loss/{name}")
+        assert sorted(losses) == [1, 2, 3] and all(v == v and abs(v) < 1e4 for v in losses.values())
