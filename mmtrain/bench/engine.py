@@ -236,8 +236,9 @@ def bench_vikdf_fusion(
     import torch
 
     from mmtrain.data.synth import synth
-    from mmtrain.models.iqformer import IQFormer, IQFormerConfig
+    from mmtrain.models.iqformer import IQFormer
     from mmtrain.testing.tiny import (
+        iqformer_config,
         make_llama_at_published_width,
         make_tiny_llama,
         make_tiny_vikdf_towers,
@@ -258,31 +259,13 @@ def bench_vikdf_fusion(
                 dtype=torch.bfloat16,
                 device="cuda" if cuda else "cpu",
             )
-            iq = IQFormerConfig(
-                width=768,
-                layers=12,
-                heads=12,
-                intermediate=3072,
-                num_queries=32,
-                cross_attention_every=2,
-                vision_width=1024,
-                text_width=768,
-            )
+            iq = iqformer_config("published")
             config = CONFIGS_DIR / "vikdf" / "stage2_fusion.yaml"
             extra = ["recipe.data.workers=8"]
         else:
             towers = make_tiny_vikdf_towers(str(root / "towers"))
             llm = make_tiny_llama(str(root / "llama"))
-            iq = IQFormerConfig(
-                width=64,
-                layers=2,
-                heads=4,
-                intermediate=128,
-                num_queries=8,
-                cross_attention_every=1,
-                vision_width=64,
-                text_width=64,
-            )
+            iq = iqformer_config("tiny")
             config = CONFIGS_DIR / "demo" / "vikdf_fusion.yaml"
             extra = ["recipe.data.workers=1", "deepspeed.precision=fp32"]
         IQFormer(iq).save_pretrained(root / "stage1" / "iqformer")

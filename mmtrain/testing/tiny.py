@@ -184,6 +184,45 @@ def _save_tiny_clip(
     ).save_pretrained(out_dir / "clip")
 
 
+def padded_vocabulary(size: Optional[int] = None) -> List[str]:
+    """The synthetic vocabulary, padded with filler words to about `size` tokens (a released
+    tokenizer's size, so that embeddings and vocabulary heads cost what they do at full size)."""
+    words = synthetic_vocabulary()
+    if size:
+        words += [f"filler{i}" for i in range(max(0, size - len(SPECIALS) - len(words) - 3))]
+    return words
+
+
+def iqformer_config(shape: str, **changes):
+    """An IQFormerConfig: `published` (bert-base wide, 12 layers, 32 queries, reading CLIP
+    ViT-L/14's 1,024-wide vision and 768-wide text states) or `tiny` (the demo's)."""
+    from mmtrain.models.iqformer import IQFormerConfig
+
+    shapes = {
+        "published": dict(
+            width=768,
+            layers=12,
+            heads=12,
+            intermediate=3072,
+            num_queries=32,
+            cross_attention_every=2,
+            vision_width=1024,
+            text_width=768,
+        ),
+        "tiny": dict(
+            width=64,
+            layers=2,
+            heads=4,
+            intermediate=128,
+            num_queries=8,
+            cross_attention_every=1,
+            vision_width=64,
+            text_width=64,
+        ),
+    }
+    return IQFormerConfig(**{**shapes[shape], **changes})
+
+
 def make_vikdf_towers_at_published_widths(
     out: str, full_depth: bool = False, vocab_size: Optional[int] = None
 ) -> Path:
@@ -197,10 +236,7 @@ def make_vikdf_towers_at_published_widths(
     from transformers import BertConfig, BertModel
 
     out_dir = Path(out)
-    words = synthetic_vocabulary()
-    if vocab_size:
-        words += [f"filler{i}" for i in range(max(0, vocab_size - len(SPECIALS) - len(words) - 3))]
-    tok = word_tokenizer(words)
+    tok = word_tokenizer(padded_vocabulary(vocab_size))
     torch.manual_seed(0)
     depth = (24, 12, 12) if full_depth else (1, 1, 2)
     vision, text = _tower(1024, 16, depth[0], 4096), _tower(768, 12, depth[1], 3072)
@@ -254,10 +290,7 @@ def make_llama_at_published_width(
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out_dir = Path(out)
-    words = synthetic_vocabulary()
-    if vocab_size:
-        words += [f"filler{i}" for i in range(max(0, vocab_size - len(SPECIALS) - len(words) - 3))]
-    tok = word_tokenizer(words)
+    tok = word_tokenizer(padded_vocabulary(vocab_size))
     torch.manual_seed(0)
     shape = dict(
         intermediate_size=11008,

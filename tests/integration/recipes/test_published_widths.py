@@ -80,21 +80,12 @@ def test_vikdf_fusion_and_dialogue_at_llama_2_7b_width(tmp_path, clip_l14_and_be
 
     from mmtrain.cli import main
     from mmtrain.data.synth import synth
-    from mmtrain.models.iqformer import IQFormer, IQFormerConfig
-    from mmtrain.testing.tiny import make_llama_at_published_width
+    from mmtrain.models.iqformer import IQFormer
+    from mmtrain.testing.tiny import iqformer_config, make_llama_at_published_width
 
     m = clip_l14_and_bert_base
     llama = make_llama_at_published_width(str(tmp_path / "llama"))
-    iq = IQFormerConfig(
-        width=768,
-        layers=2,
-        heads=12,
-        intermediate=3072,
-        num_queries=32,
-        cross_attention_every=2,
-        vision_width=1024,
-        text_width=768,
-    )
+    iq = iqformer_config("published", layers=2)
     IQFormer(iq).save_pretrained(tmp_path / "stage1" / "iqformer")
     synth("image-text", str(tmp_path / "it"), 40, seed=0)
     synth("dialogue", str(tmp_path / "dlg"), 40, seed=0)

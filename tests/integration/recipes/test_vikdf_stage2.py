@@ -167,20 +167,11 @@ def _train_in_process(config, overrides, steps: int, lr: float = 3e-3):
 
     from mmtrain.config import load_config
     from mmtrain.engine.losses import combine
-    from mmtrain.recipes.base import GlobalMean, RunContext
+    from mmtrain.recipes.base import GlobalMean
     from mmtrain.recipes.vikdf_fuse import VIKDFFuse
 
     cfg = load_config(str(config), ["recipe.data.workers=0", *overrides])
-    ctx = RunContext(
-        rank=0,
-        world_size=1,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        micro_batch_size=16,
-        seed=0,
-        run_dir=None,
-    )
-    recipe = VIKDFFuse(cfg.recipe, ctx)
+    recipe = VIKDFFuse(cfg.recipe, _cpu_context(16))
     torch.manual_seed(0)
     recipe.setup()
     model, data = recipe.build_model(), recipe.build_data()
@@ -411,22 +402,12 @@ def test_stage1_losses_in_fusion_keep_the_stage1_alignment(
 
 def _stage1_probe(export, shards):
     """A stage-1 recipe from the export's config, and its model with the exported weights."""
-    from mmtrain.recipes.base import RunContext
     from mmtrain.recipes.vikdf_distill import VIKDFDistill, stage1_config_of
 
     cfg = stage1_config_of(export)
     cfg.data.train, cfg.data.val, cfg.data.workers = str(shards / "train"), None, 0
     cfg.bert_init, cfg.image_log_every = None, 0
-    ctx = RunContext(
-        rank=0,
-        world_size=1,
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        micro_batch_size=32,
-        seed=0,
-        run_dir=None,
-    )
-    distill = VIKDFDistill(cfg, ctx)
+    distill = VIKDFDistill(cfg, _cpu_context(32))
     distill.setup()
     probe = distill.build_model()
     probe.load_state_dict(load_file(export / "model.safetensors"))
@@ -464,3 +445,18 @@ def test_stage1_losses_in_fusion_under_zero3_every_tensor_partitioned(
     for name in ("ce", "recon", "kl", "tim", "mim", "mtm"):
         losses = scalars(run, f"loss/{name}")
         assert sorted(losses) == [1, 2, 3] and all(v == v and abs(v) < 1e4 for v in losses.values())
+
+
+def _cpu_context(micro_batch_size: int):
+    """A world of one on the CPU, fp32: how the in-process tests run a recipe."""
+    from mmtrain.recipes.base import RunContext
+
+    return RunContext(
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        micro_batch_size=micro_batch_size,
+        seed=0,
+        run_dir=None,
+    )
