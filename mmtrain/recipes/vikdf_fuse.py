@@ -194,6 +194,8 @@ class Collate:
 
 class VIKDFFuse(ShardRecipe):
     Config = FuseConfig
+    # the stage-1 run's recipe config, read in setup() with recipe.stage1_losses_in_fusion
+    stage1: Optional[Any] = None
 
     def __init__(self, cfg: FuseConfig, ctx):
         super().__init__(cfg, ctx)
