@@ -312,7 +312,7 @@ def validate(cfg: Config, pending: Sequence[str] = ()) -> None:
         )
     for key in ("reduce_bucket_size", "prefetch_bucket_size", "param_persistence_threshold"):
         value = str(getattr(cfg.deepspeed, key))
-        if value != "auto" and not (value.isdigit()):
+        if value != "auto" and not value.isdigit():
             raise ConfigError(
                 f"key 'deepspeed.{key}' must be auto or a whole number of elements, got {value!r}"
             )

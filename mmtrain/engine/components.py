@@ -51,7 +51,7 @@ class BadStepGuard:
             "non-finite loss at step %d (%s); %s (%d in a row)",
             step,
             values,
-            what or "micro-batch skipped",
+            what,
             self.consecutive,
         )
         if self.consecutive >= self.max_bad:

@@ -67,7 +67,9 @@ def find_checkpoint(run_dir: Path, tag: Optional[str], overrides: Sequence[str] 
 def load_trained(model: torch.nn.Module, root: Path, tag: str) -> None:
     """Consolidated checkpoint weights into the recipe's model (tied weights may be stored once)."""
     missing, unexpected = model.load_state_dict(consolidated_state_dict(root, tag), strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight") or k.endswith("embed_out.weight")}
+    from mmtrain.engine.weights import TIED_HEADS
+
+    tied = {k for k in missing if k.endswith(TIED_HEADS)}
     if set(missing) - tied or unexpected:
         raise RuntimeError(
             f"checkpoint {root / tag} does not match the recipe's model: "

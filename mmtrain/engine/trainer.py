@@ -145,9 +145,8 @@ class Trainer:
                 self.env.device,
             )
             if bad:
-                self.guard.bad_micro_batch(
-                    self.step + 1, losses, "part dropped" if parts > 1 else ""
-                )
+                what = "part dropped" if parts > 1 else "micro-batch skipped"
+                self.guard.bad_micro_batch(self.step + 1, losses, what)
                 if parts == 1:
                     return None
             else:

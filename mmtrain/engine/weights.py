@@ -21,6 +21,8 @@ from mmtrain.engine import dist
 from mmtrain.engine.build import DTYPES
 
 CACHE = "consolidated-{precision}.safetensors"
+# an output head tied to the input embedding may be stored once, under the embedding's name
+TIED_HEADS = ("lm_head.weight", "embed_out.weight")
 GATHER_ELEMENTS = 1 << 28  # parameters gathered at once while loading partitioned (~512 MiB bf16)
 
 
@@ -75,32 +77,11 @@ def consolidate(root: Path, tag: str, precision: str, device: torch.device) -> P
 
 
 def stored_bytes(path: Path) -> int:
-    """Bytes of the weights in a safetensors file, from its header."""
-    from safetensors import safe_open
-
-    total = 0
-    with safe_open(str(path), "pt") as f:
-        for name in f.keys():
-            s = f.get_slice(name)
-            n = 1
-            for d in s.get_shape():
-                n *= d
-            total += n * torch.tensor([], dtype=_DTYPE[s.get_dtype()]).element_size()
-    return total
-
-
-_DTYPE = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F64": torch.float64,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+    """Bytes of the weights in a safetensors file: the file less its 8-byte header length and
+    its JSON header (the data region holds the tensors and nothing else)."""
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    return path.stat().st_size - 8 - header
 
 
 def _targets(model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -117,8 +98,7 @@ def _targets(model: nn.Module) -> Dict[str, torch.Tensor]:
 def _match(model: nn.Module, names: List[str], path: Path) -> Dict[str, torch.Tensor]:
     targets = _targets(model)
     missing = set(targets) - set(names)
-    # a tied output head may be stored once, under its embedding's name
-    missing = {k for k in missing if not k.endswith(("lm_head.weight", "embed_out.weight"))}
+    missing = {k for k in missing if not k.endswith(TIED_HEADS)}
     unexpected = set(names) - set(targets)
     if missing or unexpected:
         raise WeightsError(

@@ -37,6 +37,18 @@ def common(assets, *extra):
     ]
 
 
+def on_stage1(tiny, export, shards):
+    """Fusion overrides over the tiny models, a trained stage-1 export and image-text shards."""
+    return [
+        f"recipe.llm_path={tiny / 'llama'}",
+        f"recipe.vision_path={tiny / 'clip'}",
+        f"recipe.text_path={tiny / 'clip'}",
+        f"recipe.stage1={export}",
+        f"recipe.data.train={shards / 'train'}",
+        f"recipe.data.val={shards / 'val'}",
+    ]
+
+
 def data(assets, kind):
     d = assets / ("it" if kind == "fusion" else "dlg")
     return [f"recipe.data.train={d / 'train'}", f"recipe.data.val={d / 'val'}"]
@@ -233,12 +245,7 @@ def test_fusion_terms_keep_the_language_loss_scale_and_the_prompts_carry_knowled
     recipe, model, history = _train_in_process(
         FUSION,
         [
-            f"recipe.llm_path={t / 'llama'}",
-            f"recipe.vision_path={t / 'clip'}",
-            f"recipe.text_path={t / 'clip'}",
-            f"recipe.stage1={stage1_run[1]}",
-            f"recipe.data.train={image_text_shards / 'train'}",
-            f"recipe.data.val={image_text_shards / 'val'}",
+            *on_stage1(t, stage1_run[1], image_text_shards),
             "recipe.fusion_knowledge=image",  # K_I, as measured (the caption's K_T: the same)
         ],
         60,
@@ -359,14 +366,7 @@ def test_stage1_losses_in_fusion_keep_the_stage1_alignment(
     lower with them than without (the stage-1 alignment of K_I and K_T kept)."""
     t = tiny_models
     export = stage1_run[1]
-    base = [
-        f"recipe.llm_path={t / 'llama'}",
-        f"recipe.vision_path={t / 'clip'}",
-        f"recipe.text_path={t / 'clip'}",
-        f"recipe.stage1={export}",
-        f"recipe.data.train={image_text_shards / 'train'}",
-        f"recipe.data.val={image_text_shards / 'val'}",
-    ]
+    base = on_stage1(t, export, image_text_shards)
     recipe, model, _ = _train_in_process(FUSION, base + ["recipe.stage1_losses_in_fusion=true"], 0)
     stored = load_file(export / "model.safetensors")
     heads = dict(model.stage1.named_parameters())
@@ -419,18 +419,13 @@ def test_stage1_losses_in_fusion_under_zero3_every_tensor_partitioned(
     stage1_run, tiny_models, image_text_shards, tmp_path
 ):
     """The IQ-Former shared by BVIF and the stage-1 heads is registered once, so ZeRO-3 gathers
-    and reduces it once: 2 ranks, every tensor partitioned, all five losses logged and finite."""
+    and reduces it once: 2 ranks, every tensor partitioned, all six losses logged and finite."""
     t = tiny_models
     run = tmp_path / "runs" / "fusion5"
     train(
         run,
         [
-            f"recipe.llm_path={t / 'llama'}",
-            f"recipe.vision_path={t / 'clip'}",
-            f"recipe.text_path={t / 'clip'}",
-            f"recipe.stage1={stage1_run[1]}",
-            f"recipe.data.train={image_text_shards / 'train'}",
-            f"recipe.data.val={image_text_shards / 'val'}",
+            *on_stage1(t, stage1_run[1], image_text_shards),
             "recipe.stage1_losses_in_fusion=true",
             "train.steps=3",
             "log.every=1",
