@@ -18,6 +18,9 @@ from mmtrain.recipes.base import Recipe, RunContext
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
+# an output head tied to the input embedding may be stored once, under the embedding's name
+TIED_HEADS = ("lm_head.weight", "embed_out.weight")
+
 
 def seed_all(seed: int) -> None:
     random.seed(seed)

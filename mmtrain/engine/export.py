@@ -24,7 +24,7 @@ import torch
 
 from mmtrain.config import load_run_config, save_config
 from mmtrain.engine import checkpoint
-from mmtrain.engine.build import build_model, build_recipe
+from mmtrain.engine.build import TIED_HEADS, build_model, build_recipe
 from mmtrain.engine.dist import DistEnv
 
 
@@ -67,7 +67,6 @@ def find_checkpoint(run_dir: Path, tag: Optional[str], overrides: Sequence[str] 
 def load_trained(model: torch.nn.Module, root: Path, tag: str) -> None:
     """Consolidated checkpoint weights into the recipe's model (tied weights may be stored once)."""
     missing, unexpected = model.load_state_dict(consolidated_state_dict(root, tag), strict=False)
-    from mmtrain.engine.weights import TIED_HEADS
 
     tied = {k for k in missing if k.endswith(TIED_HEADS)}
     if set(missing) - tied or unexpected:

@@ -18,11 +18,9 @@ import torch
 from torch import nn
 
 from mmtrain.engine import dist
-from mmtrain.engine.build import DTYPES
+from mmtrain.engine.build import DTYPES, TIED_HEADS
 
 CACHE = "consolidated-{precision}.safetensors"
-# an output head tied to the input embedding may be stored once, under the embedding's name
-TIED_HEADS = ("lm_head.weight", "embed_out.weight")
 GATHER_ELEMENTS = 1 << 28  # parameters gathered at once while loading partitioned (~512 MiB bf16)
 
 
