@@ -1,21 +1,49 @@
 """Fused symmetric InfoNCE (CLIP's contrastive loss) whose B x B logits never exist in memory.
 
-Forward, one pass over (row block, column block) tiles: `s * X_blk @ Y_blk.T` stays in SRAM; the
-row log-sum-exp is accumulated online, and each row block writes one partial column
-log-sum-exp per column (a (B / BLOCK_M) x B fp32 buffer, reduced afterwards) — the only
-O(B^2 / BLOCK_M) memory. Backward, with G = dloss/dlogits:
-    G_ij = c * (exp(L_ij - lse_row_i) + exp(L_ij - lse_col_j)) - c * 2 * q_ij,   c = grad / (2B)
-    dX = s * G @ Y,  dY = s * G.T @ X,  ds = sum(G * X @ Y.T)
-The softmax part is one kernel called twice, as (X, Y, lse_row, lse_col) for dX and as
-(Y, X, lse_col, lse_row) for dY, since G.T has the same form; the target part (q: 1 - e on the
-diagonal, e / B everywhere) is O(B D) and done in torch.
+With L = s * X @ Y.T (B x B, never stored), c = dloss / (2B) and label smoothing e:
+    loss = ( sum_i lse_row_i + sum_j lse_col_j - 2 * sum_i t_i ) / (2B),
+    t_i  = (1 - e) * L_ii + e / B * sum_j L_ij,
+    G    = dloss/dL = c * (exp(L - lse_row) + exp(L - lse_col)) - 2c * ((1 - e) * I + e / B),
+    dX = s * G @ Y,   dY = s * G.T @ X,   ds = sum(G * X @ Y.T).
+
+Forward, one pass (2 B^2 D FLOPs): P persistent programs each walk their own row blocks against
+every column block, tile by tile; a logit tile is accumulated over D in BLOCK_D chunks (any D),
+the row log-sum-exp and t_i are accumulated online, and each program merges its tiles' column
+log-sum-exps into its own row of a P x B buffer, which a small kernel reduces to lse_col.
+Every program always owns the same row of that buffer and walks its rows in the same order, so
+the result is deterministic, and its size does not grow with B / BLOCK_M.
+
+Backward, one recompute (6 B^2 D FLOPs): a program owns a block of X's rows; for each column
+block it recomputes the logit tile once, forms G (the target part included) and adds G @ Y_blk
+into its own rows of dX (plain fp32 loads and stores: nobody else writes them) and
+G.T @ X_blk into dY with fp32 atomic adds. So a forward and backward execute 8 B^2 D FLOPs
+against the 6 B^2 D of useful work (the logits and the two gradient GEMMs). `executed_flops`
+says it for any configuration.
+
+Atomic adds make dY's last bits depend on the order in which programs finish on a GPU.
+`deterministic=True` computes dY instead in a second pass of the same kernel with the roles of
+X and Y swapped (G.T has the same form): bitwise reproducible, 10 B^2 D FLOPs. Under the CPU
+interpreter programs run in order, so both paths are deterministic there.
+
+Peak memory above the inputs (bytes; es = input element size; P = forward programs; see
+`peak_extra_bytes`): max of
+    forward:  4 B (P + 3)                       row lse, t, column partials, column lse
+    backward: 8 B + 8 B D + 2 B D es + B / 8    saved lse, fp32 dX and dY, dX and dY in es
+                                                (no copies for fp32 inputs), partial ds
+— O(B) in B at fixed D. (Inf-CL's target; the first design kept (B / BLOCK_M) x B partials.)
+
+Tiles: BLOCK_M x BLOCK_N logits with BLOCK_D chunks of the features, fp32 accumulation;
+`@triton.autotune` over BLOCK_M/N/D, num_warps and num_stages on a GPU (keyed on B and D),
+one small fixed configuration under the interpreter (several configurations fail there).
 
 Distributed: each rank gathers all features, computes its own rows against all columns, and the
 column/row log-sum-exps are combined across ranks (B floats each). The gradient of the global
-loss with respect to this rank's features needs no further communication: it comes from this
-rank's rows and columns alone, and the logit-scale gradient splits into per-rank shares that sum
-to the global one. What each rank receives depends on how the caller reduces gradients across
-ranks (`grad_reduction`):
+loss with respect to this rank's features needs no further communication: dX from its rows
+against all columns, dY from all rows against its columns (two passes of the one kernel,
+10 Bl B D FLOPs per rank; the alternative, one pass plus a reduce-scatter of a B x D fp32
+buffer, trades that recompute for communication). The logit-scale gradient splits into
+per-rank shares that sum to the global one. What each rank receives depends on how the caller
+reduces gradients across ranks (`grad_reduction`):
 - "mean" (default; what DeepSpeed and DDP do): world_size x (dL/d local features) and
   world_size x (this rank's share of dL/ds). After the data-parallel mean over ranks, every
   parameter upstream of the loss holds exactly the gradient of the global-batch loss — the same
@@ -27,233 +55,334 @@ The returned value is the global loss on every rank, whatever the reduction.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from kernels._triton import HAS_TRITON, dot_in_fp32, dot_precision, use_triton
+from kernels._triton import HAS_TRITON, dot_in_fp32, dot_precision, interpreting, use_triton
+
+# the interpreter's one configuration: small tiles, so that the tests walk several row, column
+# and feature blocks at small shapes
+INTERPRETER_BLOCKS = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=16)
+MIN_BLOCK_M = 32  # the smallest BLOCK_M of any configuration: sizes the per-program buffers
+
+
+def _configs():
+    if interpreting():
+        return [triton.Config(dict(INTERPRETER_BLOCKS), num_warps=4, num_stages=1)]
+    return [
+        triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd), num_warps=w, num_stages=st)
+        for bm, bn, bd, w, st in [
+            (128, 128, 64, 8, 3),
+            (128, 128, 32, 8, 4),
+            (128, 64, 64, 4, 3),
+            (64, 128, 64, 4, 3),
+            (128, 128, 128, 8, 2),
+            (64, 64, 64, 4, 4),
+            (64, 64, 128, 4, 2),
+            (32, 64, 64, 4, 3),
+        ]
+    ]
+
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _row_tile(
-        A,
-        start,
-        M,
-        D,
-        stride_am,
-        stride_ad,
-        BLOCK_M: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-        DOT_FP32: tl.constexpr,
-    ):
-        """Rows start .. start + BLOCK_M of A, whole feature rows (masked tails), ready for tl.dot."""
-        offs_m = start + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_m = offs_m < M
-        mask_d = offs_d < D
-        a = tl.load(
-            A + offs_m[:, None] * stride_am + offs_d[None, :] * stride_ad,
-            mask=mask_m[:, None] & mask_d[None, :],
-            other=0.0,
-        )
-        if DOT_FP32:
-            a = a.to(tl.float32)
-        return offs_m, mask_m, offs_d, mask_d, a
-
-    @triton.jit
-    def _lse_fwd_kernel(
+    def _logit_tile(
         A,
         B,
-        scale_ptr,
-        row_lse_ptr,
-        col_part_ptr,
-        M,
-        N,
+        offs_m,
+        mask_m,
+        offs_n,
+        mask_n,
         D,
         stride_am,
         stride_ad,
         stride_bn,
         stride_bd,
-        stride_pm,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        offs_m, mask_m, offs_d, mask_d, a = _row_tile(
-            A, pid * BLOCK_M, M, D, stride_am, stride_ad, BLOCK_M, BLOCK_D, DOT_FP32
-        )
-        s = tl.load(scale_ptr).to(tl.float32)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        for start_n in range(0, N, BLOCK_N):
-            offs_n, mask_n, _, _, b = _row_tile(
-                B, start_n, N, D, stride_bn, stride_bd, BLOCK_N, BLOCK_D, DOT_FP32
+        """A[offs_m] @ B[offs_n].T in fp32, the features walked in BLOCK_D chunks."""
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for start_d in range(0, D, BLOCK_D):
+            offs_d = start_d + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            a = tl.load(
+                A + offs_m[:, None] * stride_am + offs_d[None, :] * stride_ad,
+                mask=mask_m[:, None] & mask_d[None, :],
+                other=0.0,
             )
-            logits = tl.dot(a, tl.trans(b), input_precision=PRECISION) * s
-            # rows: online log-sum-exp over all columns
-            row_logits = tl.where(mask_n[None, :], logits, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(row_logits, 1))
-            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(row_logits - m_new[:, None]), 1)
-            m_i = m_new
-            # columns: this row block's partial log-sum-exp
-            col_logits = tl.where(mask_m[:, None], logits, float("-inf"))
-            c_max = tl.max(col_logits, 0)
-            c_sum = tl.sum(tl.exp(col_logits - c_max[None, :]), 0)
-            tl.store(col_part_ptr + pid * stride_pm + offs_n, c_max + tl.log(c_sum), mask=mask_n)
-        tl.store(row_lse_ptr + offs_m, m_i + tl.log(l_i), mask=mask_m)
+            b = tl.load(
+                B + offs_n[:, None] * stride_bn + offs_d[None, :] * stride_bd,
+                mask=mask_n[:, None] & mask_d[None, :],
+                other=0.0,
+            )
+            if DOT_FP32:
+                a, b = a.to(tl.float32), b.to(tl.float32)
+            acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
+        return acc
+
+    @triton.autotune(configs=_configs(), key=["M", "N", "D"])
+    @triton.jit
+    def _fwd_kernel(
+        A,
+        B,
+        scale_ptr,
+        row_lse_ptr,
+        target_ptr,
+        col_part_ptr,
+        M,
+        N,
+        D,
+        a_offset,
+        t_diag,
+        t_all,
+        stride_am,
+        stride_ad,
+        stride_bn,
+        stride_bd,
+        stride_pp,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """Per row of A: lse over all columns and t = t_diag * L_ii + t_all * sum_j L_ij; per
+        program: the log-sum-exp of each column over the rows it walked (its row of col_part)."""
+        pid = tl.program_id(0)
+        programs = tl.num_programs(0)
+        s = tl.load(scale_ptr).to(tl.float32)
+        part = col_part_ptr + pid * stride_pp
+        for start_n in range(0, N, BLOCK_N):  # idempotent: this program's columns start empty
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            tl.store(part + offs_n, tl.full([BLOCK_N], float("-inf"), tl.float32), mask=offs_n < N)
+        for block in range(pid, tl.cdiv(M, BLOCK_M), programs):
+            tl.debug_barrier()  # the program's earlier stores to `part` are seen by all its threads
+            offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < M
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            t_i = tl.zeros([BLOCK_M], tl.float32)
+            for start_n in range(0, N, BLOCK_N):
+                offs_n = start_n + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < N
+                logits = s * _logit_tile(
+                    A, B, offs_m, mask_m, offs_n, mask_n, D, stride_am, stride_ad, stride_bn,
+                    stride_bd, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PRECISION,
+                )  # fmt: skip
+                # rows: online log-sum-exp and the target term over every column
+                row_logits = tl.where(mask_n[None, :], logits, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(row_logits, 1))
+                l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(row_logits - m_new[:, None]), 1)
+                m_i = m_new
+                diag = (offs_m[:, None] + a_offset) == offs_n[None, :]
+                t_i += tl.sum(tl.where(mask_n[None, :], logits, 0.0), 1) * t_all
+                t_i += tl.sum(tl.where(diag, logits, 0.0), 1) * t_diag
+                # columns: merge this tile's log-sum-exp into the program's running one
+                col_logits = tl.where(mask_m[:, None], logits, float("-inf"))
+                c_max = tl.max(col_logits, 0)
+                tile = c_max + tl.log(tl.sum(tl.exp(col_logits - c_max[None, :]), 0))
+                old = tl.load(part + offs_n, mask=mask_n, other=0.0)
+                top = tl.maximum(old, tile)
+                merged = top + tl.log(tl.exp(old - top) + tl.exp(tile - top))
+                tl.store(part + offs_n, merged, mask=mask_n)
+            tl.store(row_lse_ptr + offs_m, m_i + tl.log(l_i), mask=mask_m)
+            tl.store(target_ptr + offs_m, t_i, mask=mask_m)
 
     @triton.jit
-    def _softmax_grad_kernel(
+    def _lse_rows_kernel(part_ptr, out_ptr, P, N, stride_pp, BLOCK_N: tl.constexpr):
+        """out_j = log-sum-exp over the P rows of the column partials (in a fixed order)."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for p in range(0, P):
+            v = tl.load(part_ptr + p * stride_pp + offs_n, mask=mask_n, other=0.0)
+            top = tl.maximum(m, v)
+            safe = tl.where(top == float("-inf"), 0.0, top)  # a column no program reached yet
+            acc = acc * tl.exp(m - safe) + tl.exp(v - safe)
+            m = top
+        tl.store(out_ptr + offs_n, m + tl.log(acc), mask=mask_n)
+
+    @triton.autotune(configs=_configs(), key=["M", "N", "D"], reset_to_zero=["dA", "dB", "ds_ptr"])
+    @triton.jit
+    def _bwd_kernel(
         A,
         B,
         scale_ptr,
         lse_a_ptr,
         lse_b_ptr,
         dA,
-        dscale_ptr,
+        dB,
+        ds_ptr,
         coef,
+        t_diag,
+        t_all,
         M,
         N,
         D,
+        a_offset,
         stride_am,
         stride_ad,
         stride_bn,
         stride_bd,
-        stride_gm,
-        stride_gd,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         DOT_FP32: tl.constexpr,
         PRECISION: tl.constexpr,
-        WANT_DSCALE: tl.constexpr,
+        ATOMIC_DB: tl.constexpr,
     ):
-        """dA = s * G @ B and, optionally, per-row sums of G * (A @ B.T), with
-        G_ij = coef * (exp(L_ij - lse_a_i) + exp(L_ij - lse_b_j))."""
+        """For this program's rows of A, with G_ij = coef * (exp(L_ij - lse_a_i) + exp(L_ij -
+        lse_b_j)) - t_diag * [a_offset + i == j] - t_all: dA += s * G @ B (its own rows, fp32,
+        contiguous M x D), and with ATOMIC_DB also dB += s * G.T @ A (atomics, N x D); ds_ptr[pid]
+        = sum(G * A @ B.T). Each logit tile is computed once."""
         pid = tl.program_id(0)
-        offs_m, mask_m, offs_d, mask_d, a = _row_tile(
-            A, pid * BLOCK_M, M, D, stride_am, stride_ad, BLOCK_M, BLOCK_D, DOT_FP32
-        )
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
         s = tl.load(scale_ptr).to(tl.float32)
         lse_a = tl.load(lse_a_ptr + offs_m, mask=mask_m, other=0.0)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         ds = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(0, N, BLOCK_N):
-            offs_n, mask_n, _, _, b = _row_tile(
-                B, start_n, N, D, stride_bn, stride_bd, BLOCK_N, BLOCK_D, DOT_FP32
-            )
-            dots = tl.dot(a, tl.trans(b), input_precision=PRECISION)
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            dots = _logit_tile(
+                A, B, offs_m, mask_m, offs_n, mask_n, D, stride_am, stride_ad, stride_bn,
+                stride_bd, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PRECISION,
+            )  # fmt: skip
             logits = dots * s
             lse_b = tl.load(lse_b_ptr + offs_n, mask=mask_n, other=0.0)
-            g = tl.exp(logits - lse_a[:, None]) + tl.exp(logits - lse_b[None, :])
-            g = tl.where(mask_m[:, None] & mask_n[None, :], g * coef, 0.0)
-            acc += tl.dot(g.to(b.dtype), b, input_precision=PRECISION)
-            if WANT_DSCALE:
-                ds += tl.sum(g * dots, 1)
-        tl.store(
-            dA + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
-            (acc * s).to(dA.dtype.element_ty),
-            mask=mask_m[:, None] & mask_d[None, :],
-        )
-        if WANT_DSCALE:
-            tl.store(dscale_ptr + offs_m, ds, mask=mask_m)
+            g = coef * (tl.exp(logits - lse_a[:, None]) + tl.exp(logits - lse_b[None, :]))
+            g -= tl.where((offs_m[:, None] + a_offset) == offs_n[None, :], t_diag, 0.0) + t_all
+            g = tl.where(mask_m[:, None] & mask_n[None, :], g, 0.0)
+            ds += tl.sum(g * dots, 1)
+            if DOT_FP32:
+                g_dot = g
+            else:
+                g_dot = g.to(A.dtype.element_ty)
+            for start_d in range(0, D, BLOCK_D):
+                offs_d = start_d + tl.arange(0, BLOCK_D)
+                mask_d = offs_d < D
+                b = tl.load(
+                    B + offs_n[:, None] * stride_bn + offs_d[None, :] * stride_bd,
+                    mask=mask_n[:, None] & mask_d[None, :],
+                    other=0.0,
+                )
+                if DOT_FP32:
+                    b = b.to(tl.float32)
+                da_ptr = dA + offs_m[:, None] * D + offs_d[None, :]
+                da_mask = mask_m[:, None] & mask_d[None, :]
+                da = tl.load(da_ptr, mask=da_mask, other=0.0)
+                da += s * tl.dot(g_dot, b, input_precision=PRECISION)
+                tl.store(da_ptr, da, mask=da_mask)
+                if ATOMIC_DB:
+                    a = tl.load(
+                        A + offs_m[:, None] * stride_am + offs_d[None, :] * stride_ad,
+                        mask=da_mask,
+                        other=0.0,
+                    )
+                    if DOT_FP32:
+                        a = a.to(tl.float32)
+                    db = s * tl.dot(tl.trans(g_dot), a, input_precision=PRECISION)
+                    tl.atomic_add(
+                        dB + offs_n[:, None] * D + offs_d[None, :],
+                        db,
+                        mask=mask_n[:, None] & mask_d[None, :],
+                    )
+            tl.debug_barrier()  # this tile's stores to dA are seen by every thread of the next
+        tl.store(ds_ptr + pid, tl.sum(ds, 0))
 
 
-MAX_D = 1024  # the kernels hold a whole feature row per tile
+def forward_programs(m: int, device: torch.device) -> int:
+    """How many persistent programs the forward runs (rows of its column-partial buffer)."""
+    if device.type == "cuda":
+        limit = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        limit = 4  # the interpreter: few, so that each program walks several row blocks
+    return max(1, min(limit, math.ceil(m / MIN_BLOCK_M)))
 
 
-def _blocks(d: int) -> Tuple[int, int, int]:
-    block_d = max(16, triton.next_power_of_2(d))
-    # keep the fp32 accumulator of the gradient kernel (BLOCK_M x BLOCK_D) within registers
-    block_m = 64 if block_d <= 256 else 32
-    return block_m, 64, block_d
+def peak_extra_bytes(b: int, d: int, element_size: int, programs: int) -> int:
+    """The fused path's peak memory above its inputs for one forward and backward (one process):
+    the larger of the forward's (row lse, t, P column partials, column lse) and the backward's
+    (saved lse, fp32 dX and dY, their copies in the inputs' dtype unless that is fp32). O(B) at
+    fixed D and P."""
+    forward = 4 * b * (programs + 3)
+    partial_ds = 4 * math.ceil(b / MIN_BLOCK_M)
+    backward = 8 * b + 8 * b * d + (2 * b * d * element_size if element_size != 4 else 0)
+    backward += partial_ds
+    return max(forward, backward)
 
 
-def _lse_triton(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor):
-    """(row log-sum-exp of s * a @ b.T, column log-sum-exp over a's rows), fp32."""
+def executed_flops(b: int, d: int, deterministic: bool = False) -> int:
+    """FLOPs a forward and backward execute over a B x D batch (one process): the logits once
+    forward, once in the backward, and the two gradient GEMMs; a second recompute when
+    deterministic."""
+    return (10 if deterministic else 8) * b * b * d
+
+
+def _lse_triton(a, b, scale, a_offset: int, t_diag: float, t_all: float):
+    """(row lse, target term t, column lse over a's rows) of s * a @ b.T, fp32."""
     m, d = a.shape
     n = b.shape[0]
-    bm, bn, bd = _blocks(d)
-    grid = (triton.cdiv(m, bm),)
+    programs = forward_programs(m, a.device)
     row = torch.empty(m, device=a.device, dtype=torch.float32)
-    part = torch.empty(grid[0], n, device=a.device, dtype=torch.float32)
-    _lse_fwd_kernel[grid](
-        a,
-        b,
-        scale,
-        row,
-        part,
-        m,
-        n,
-        d,
-        a.stride(0),
-        a.stride(1),
-        b.stride(0),
-        b.stride(1),
-        part.stride(0),
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_D=bd,
-        DOT_FP32=dot_in_fp32(a.dtype),
-        PRECISION=dot_precision(a.dtype),
+    target = torch.empty(m, device=a.device, dtype=torch.float32)
+    part = torch.empty(programs, n, device=a.device, dtype=torch.float32)
+    _fwd_kernel[(programs,)](
+        a, b, scale, row, target, part, m, n, d, a_offset, t_diag, t_all,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), part.stride(0),
+        DOT_FP32=dot_in_fp32(a.dtype), PRECISION=dot_precision(a.dtype),
+    )  # fmt: skip
+    col = torch.empty(n, device=a.device, dtype=torch.float32)
+    block = 128
+    _lse_rows_kernel[(triton.cdiv(n, block),)](
+        part, col, programs, n, part.stride(0), BLOCK_N=block
     )
-    return row, torch.logsumexp(part, 0)
+    return row, target, col
 
 
-def _softmax_grad_triton(a, b, scale, lse_a, lse_b, coef: float, want_dscale: bool):
+def _grad_triton(a, b, scale, lse_a, lse_b, coef, t_diag, t_all, a_offset: int, both: bool):
+    """(dA, dB or None, ds) in fp32: dA = s * G @ b, dB = s * G.T @ a (when `both`, from the same
+    logit tiles), ds = sum(G * a @ b.T)."""
     m, d = a.shape
     n = b.shape[0]
-    bm, bn, bd = _blocks(d)
-    grid = (triton.cdiv(m, bm),)
-    # fp32: the target part is subtracted afterwards, and the two nearly cancel for easy pairs
-    da = torch.empty(a.shape, device=a.device, dtype=torch.float32)
-    ds = torch.empty(m if want_dscale else 1, device=a.device, dtype=torch.float32)
-    _softmax_grad_kernel[grid](
-        a,
-        b,
-        scale,
-        lse_a,
-        lse_b,
-        da,
-        ds,
-        coef,
-        m,
-        n,
-        d,
-        a.stride(0),
-        a.stride(1),
-        b.stride(0),
-        b.stride(1),
-        da.stride(0),
-        da.stride(1),
-        BLOCK_M=bm,
-        BLOCK_N=bn,
-        BLOCK_D=bd,
-        DOT_FP32=dot_in_fp32(a.dtype),
-        PRECISION=dot_precision(a.dtype),
-        WANT_DSCALE=want_dscale,
-    )
-    return da, (ds.sum() if want_dscale else None)
+    da = torch.zeros(m, d, device=a.device, dtype=torch.float32)
+    db = torch.zeros(n, d, device=a.device, dtype=torch.float32) if both else da
+    ds = torch.zeros(triton.cdiv(m, MIN_BLOCK_M), device=a.device, dtype=torch.float32)
+    _bwd_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
+        a, b, scale, lse_a, lse_b, da, db, ds, coef, t_diag, t_all, m, n, d, a_offset,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+        DOT_FP32=dot_in_fp32(a.dtype), PRECISION=dot_precision(a.dtype), ATOMIC_DB=both,
+    )  # fmt: skip
+    return da, (db if both else None), ds.sum()
 
 
-def _lse_torch(a, b, scale):
+def _lse_torch(a, b, scale, a_offset: int, t_diag: float, t_all: float):
     logits = scale.float() * a.float() @ b.float().t()
-    return torch.logsumexp(logits, 1), torch.logsumexp(logits, 0)
+    diag = torch.arange(a.shape[0], device=a.device) + a_offset
+    target = t_diag * logits.gather(1, diag[:, None])[:, 0] + t_all * logits.sum(1)
+    return torch.logsumexp(logits, 1), target, torch.logsumexp(logits, 0)
 
 
-def _softmax_grad_torch(a, b, scale, lse_a, lse_b, coef: float, want_dscale: bool):
+def _grad_torch(a, b, scale, lse_a, lse_b, coef, t_diag, t_all, a_offset: int, both: bool):
     dots = a.float() @ b.float().t()
     logits = scale.float() * dots
-    g = coef * (torch.exp(logits - lse_a[:, None]) + torch.exp(logits - lse_b[None, :]))
-    return scale.float() * g @ b.float(), ((g * dots).sum() if want_dscale else None)
+    g = coef * (torch.exp(logits - lse_a[:, None]) + torch.exp(logits - lse_b[None, :])) - t_all
+    rows = torch.arange(a.shape[0], device=a.device)
+    g[rows, rows + a_offset] -= t_diag
+    db = scale.float() * g.t() @ a.float() if both else None
+    return scale.float() * g @ b.float(), db, (g * dots).sum()
 
 
 def _gather(t: torch.Tensor, group) -> torch.Tensor:
@@ -266,12 +395,18 @@ def _gather(t: torch.Tensor, group) -> torch.Tensor:
 class _Contrastive(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, x, y, scale, label_smoothing: float, group, distributed: bool, grad_reduction: str
+        ctx,
+        x,
+        y,
+        scale,
+        label_smoothing: float,
+        group,
+        distributed: bool,
+        grad_reduction: str,
+        deterministic: bool,
     ):
         fused = use_triton(x, y, scale)
-        lse, grad = (
-            (_lse_triton, _softmax_grad_triton) if fused else (_lse_torch, _softmax_grad_torch)
-        )
+        lse, grad = (_lse_triton, _grad_triton) if fused else (_lse_torch, _grad_torch)
         ctx.scale_shape, ctx.scale_dtype = scale.shape, scale.dtype
         scale = scale.detach().float().reshape(())
         if distributed:
@@ -280,25 +415,22 @@ class _Contrastive(torch.autograd.Function):
         else:
             rank, xs, ys = 0, x.detach(), y.detach()
         local, total = x.shape[0], xs.shape[0]
-        row_lse, col_lse_part = lse(x, ys, scale)  # local rows vs every column
+        e = label_smoothing
+        # local rows against every column; t = (1 - e) L_ii + e / B sum_j L_ij for those rows
+        row_lse, target, col_lse = lse(x, ys, scale, rank * local, 1 - e, e / total)
         if distributed:
-            col_lse = torch.logsumexp(_gather(col_lse_part[None], group), 0)
+            col_lse = torch.logsumexp(_gather(col_lse[None], group), 0)
             row_all = _gather(row_lse, group)
         else:
-            col_lse, row_all = col_lse_part, row_lse
+            row_all = row_lse
         mine = slice(rank * local, (rank + 1) * local)
-        e = label_smoothing
-        xf, yf = x.float(), y.float()
-        xsum, ysum = xs.float().sum(0), ys.float().sum(0)
-        diag = (xf * yf).sum(1)
-        # cross-entropy terms: lse - (1 - e) * L_ii - e / B * sum_j L_ij, rows and columns
-        rows = row_lse - scale * ((1 - e) * diag + e / total * (xf @ ysum))
-        cols = col_lse[mine] - scale * ((1 - e) * diag + e / total * (yf @ xsum))
-        loss = (rows.sum() + cols.sum()) / (2 * total)
+        # summed over ranks, the target terms of the rows equal those of the columns
+        loss = (row_lse.sum() + col_lse[mine].sum() - 2 * target.sum()) / (2 * total)
         if distributed:
             dist.all_reduce(loss, group=group)
-        ctx.save_for_backward(x, y, xs, ys, scale, row_lse, col_lse, row_all, xsum, ysum, diag)
-        ctx.grad_fn_, ctx.mine, ctx.e, ctx.total = grad, mine, e, total
+        ctx.save_for_backward(x, y, xs, ys, scale, row_lse, col_lse, row_all)
+        ctx.grad_fn_, ctx.e, ctx.total, ctx.offset = grad, e, total, rank * local
+        ctx.one_pass = not distributed and not deterministic
         # under a data-parallel mean, each rank's share must count world times to sum to the global
         # gradient
         ctx.grad_mult = (
@@ -308,20 +440,20 @@ class _Contrastive(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gout):
-        x, y, xs, ys, scale, row_lse, col_lse, row_all, xsum, ysum, diag = ctx.saved_tensors
-        grad, mine, e, total = ctx.grad_fn_, ctx.mine, ctx.e, ctx.total
-        c = gout.float() * ctx.grad_mult / (2 * total)
-        dx, ds = grad(x, ys, scale, row_lse, col_lse, float(c), True)
-        dy, _ = grad(y, xs, scale, col_lse[mine], row_all, float(c), False)
-        # the target part of G: -2c * ((1 - e) * identity + e / B * ones)
-        t = 2 * c * scale
-        dx = dx - t * ((1 - e) * y.float() + e / total * ysum)
-        dy = dy - t * ((1 - e) * x.float() + e / total * xsum)
-        ds = ds - 2 * c * ((1 - e) * diag.sum() + e / total * (x.float() @ ysum).sum())
+        x, y, xs, ys, scale, row_lse, col_lse, row_all = ctx.saved_tensors
+        grad, e, total, offset = ctx.grad_fn_, ctx.e, ctx.total, ctx.offset
+        c = float(gout.float() * ctx.grad_mult / (2 * total))
+        t_diag, t_all = 2 * c * (1 - e), 2 * c * e / total
+        mine = slice(offset, offset + x.shape[0])
+        # this rank's rows against every column: dX (and, in one process, dY from the same tiles)
+        dx, dy, ds = grad(x, ys, scale, row_lse, col_lse, c, t_diag, t_all, offset, ctx.one_pass)
+        if dy is None:  # every row against this rank's columns: G.T has the same form
+            dy, _, _ = grad(y, xs, scale, col_lse[mine], row_all, c, t_diag, t_all, offset, False)
         return (
             dx.to(x.dtype),
             dy.to(y.dtype),
             ds.reshape(ctx.scale_shape).to(ctx.scale_dtype),
+            None,
             None,
             None,
             None,
@@ -337,13 +469,15 @@ def contrastive_loss(
     group: Optional[object] = None,
     distributed: Optional[bool] = None,
     grad_reduction: str = "mean",
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """Symmetric InfoNCE over the (global) batch; `logit_scale` is the multiplier s (exp of CLIP's
     learnable log-scale). `distributed=None` means: gather across `group` when a process group
     with more than one rank is initialised. Same value on every rank. `grad_reduction` says how
     the caller reduces parameter gradients across ranks, "mean" (DeepSpeed, DDP) or "sum": the
     gradients each rank receives are scaled so that this reduction yields the global-batch
-    gradient (see the module docstring)."""
+    gradient (see the module docstring). `deterministic=True`: no atomic adds in the backward
+    (bitwise reproducible on a GPU, one more recompute)."""
     if image.ndim != 2 or image.shape != text.shape:
         raise ValueError(
             f"image and text features must both be B x D, got {tuple(image.shape)} and "
@@ -363,12 +497,14 @@ def contrastive_loss(
         distributed = (
             dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
         )
-    if image.shape[1] > MAX_D and use_triton(image):
+    world = dist.get_world_size(group) if distributed else 1
+    if image.shape[0] * world * image.shape[1] >= 2**31 and use_triton(image):
         raise ValueError(
-            f"feature dimension {image.shape[1]} > {MAX_D}: project the features first"
+            f"the kernels index B x D = {image.shape[0] * world} x {image.shape[1]} features with "
+            "int32: keep the global batch times the feature width under 2^31"
         )
     return _Contrastive.apply(
-        image, text, logit_scale, label_smoothing, group, distributed, grad_reduction
+        image, text, logit_scale, label_smoothing, group, distributed, grad_reduction, deterministic
     )
 
 
@@ -383,6 +519,7 @@ class ContrastiveLoss(nn.Module):
         distributed: Optional[bool] = None,
         group=None,
         grad_reduction: str = "mean",
+        deterministic: bool = False,
     ):
         super().__init__()
         # shape (1,), not a 0-d tensor: DeepSpeed's parameter broadcast cannot view 0-d tensors as
@@ -390,7 +527,7 @@ class ContrastiveLoss(nn.Module):
         self.log_scale = nn.Parameter(torch.tensor([float(init_scale)]).log())
         self.max_log_scale = float(torch.tensor(max_scale).log())
         self.label_smoothing, self.distributed, self.group = label_smoothing, distributed, group
-        self.grad_reduction = grad_reduction
+        self.grad_reduction, self.deterministic = grad_reduction, deterministic
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         scale = self.log_scale.clamp(max=self.max_log_scale).exp()
@@ -402,4 +539,5 @@ class ContrastiveLoss(nn.Module):
             self.group,
             self.distributed,
             self.grad_reduction,
+            self.deterministic,
         )

@@ -116,11 +116,20 @@ def test_bench_smoke_prints_json_lines():
     )
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert "not timings" in rows[0]["device"]
-    impls = {(r["kernel"], r["impl"]) for r in rows[1:-1]}
+    assert rows[1]["kernel"] == "matmul" and rows[1]["tflops"] > 0  # the peak, measured first
+    by_impl = {(r["kernel"], r["impl"]): r for r in rows[2:-1]}
     assert {
         ("contrastive", "mmtrain"),
+        ("contrastive", "mmtrain_deterministic"),
         ("contrastive", "torch_compile"),
         ("variational", "mmtrain_seeded"),
-    } <= impls
-    assert all(r["ms"] > 0 for r in rows[1:-1])
-    assert "contrastive/64x512/torch_eager" in rows[-1]["ratios_peer_ms_over_mmtrain_ms"]
+        ("variational", "mmtrain_step"),
+    } <= set(by_impl)
+    assert all(r["ms"] > 0 for r in rows[2:-1])
+    ours = by_impl[("contrastive", "mmtrain")]
+    assert ours["executed_flops"] == 8 * 64 * 64 * 512
+    assert ours["fraction_of_matmul_peak"] == ours["executed_tflops"] / rows[1]["tflops"]
+    assert by_impl[("variational", "mmtrain_step")]["passes"] == 11
+    ratios = rows[-1]["ratios_peer_ms_over_mmtrain_ms"]
+    assert "contrastive/64x512/torch_eager/mmtrain" in ratios
+    assert "variational/64x128/torch_compile/mmtrain_step" in ratios

@@ -10,13 +10,14 @@ import kernels.contrastive as kc
 import kernels.variational as kv
 from kernels import reference
 from tests.support.kernels import close, feats
+from tests.support.memory import PeakAllocations
 
 
 @pytest.fixture
 def spy(monkeypatch):
     """Counts calls into the Triton paths, so a silent fallback to torch fails the test."""
     calls = {"lse": 0, "grad": 0}
-    lse, grad = kc._lse_triton, kc._softmax_grad_triton
+    lse, grad = kc._lse_triton, kc._grad_triton
 
     def lse_spy(*a, **k):
         calls["lse"] += 1
@@ -27,28 +28,100 @@ def spy(monkeypatch):
         return grad(*a, **k)
 
     monkeypatch.setattr(kc, "_lse_triton", lse_spy)
-    monkeypatch.setattr(kc, "_softmax_grad_triton", grad_spy)
+    monkeypatch.setattr(kc, "_grad_triton", grad_spy)
     return calls
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    "b,d,smoothing", [(1, 8, 0.0), (37, 24, 0.0), (70, 33, 0.1), (130, 64, 0.0), (65, 100, 0.2)]
+    "b,d,smoothing,deterministic",
+    [
+        (1, 8, 0.0, False),
+        (37, 24, 0.0, False),
+        (70, 33, 0.1, True),
+        (130, 64, 0.0, False),
+        (65, 100, 0.2, False),
+        (33, 1, 0.1, False),  # D = 1
+        (19, 2048, 0.0, True),  # D = 2048: 128 feature chunks per tile
+        (1, 1, 0.0, True),
+    ],
 )
-def test_contrastive_matches_reference(spy, dtype, b, d, smoothing):
+def test_contrastive_matches_reference(spy, dtype, b, d, smoothing, deterministic):
     x, y = feats(b, d, dtype, 1), feats(b, d, dtype, 2, transpose=True)
     s = torch.tensor(14.2857, requires_grad=True)
-    loss = kc.contrastive_loss(x, y, s, smoothing)
+    loss = kc.contrastive_loss(x, y, s, smoothing, deterministic=deterministic)
     loss.backward()
     got = (loss.detach(), x.grad, y.grad, s.grad)
     x.grad = y.grad = s.grad = None
     ref = reference.contrastive_loss(x, y, s, smoothing)
     ref.backward()
-    assert spy == {"lse": 1, "grad": 2}
+    # one recompute gives dX and dY; deterministic: a second pass for dY instead of atomics
+    assert spy == {"lse": 1, "grad": 2 if deterministic else 1}
     close(got[0], ref.detach(), dtype)
     for g, r in zip(got[1:], (x.grad, y.grad, s.grad)):
         assert g.dtype == r.dtype
         close(g, r, dtype)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_contrastive_is_bitwise_reproducible(deterministic):
+    def run():
+        x, y = feats(70, 40, torch.bfloat16, 3), feats(70, 40, torch.bfloat16, 4)
+        s = torch.tensor(20.0, requires_grad=True)
+        loss = kc.contrastive_loss(x, y, s, 0.1, deterministic=deterministic)
+        loss.backward()
+        return loss, x.grad, y.grad, s.grad
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
+@pytest.fixture
+def dot_flops(monkeypatch):
+    """FLOPs of every tl.dot the interpreter executes (2 M N K each, padding included)."""
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    count = [0]
+    create_dot = InterpreterBuilder.create_dot
+
+    def counting(self, a, b, d, *rest):
+        (m, k), n = a.data.shape[-2:], b.data.shape[-1]
+        count[0] += 2 * m * n * k
+        return create_dot(self, a, b, d, *rest)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_dot", counting)
+    return count
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_contrastive_executes_8_b2_d_flops(dot_flops, deterministic):
+    b, d = 64, 32  # multiples of the interpreter's tiles: no padding in the count
+    x, y = feats(b, d, torch.float32, 5), feats(b, d, torch.float32, 6)
+    s = torch.tensor(10.0)
+    loss = kc.contrastive_loss(x, y, s, deterministic=deterministic)
+    assert dot_flops[0] == 2 * b * b * d  # the forward: the logits once
+    loss.backward()
+    assert dot_flops[0] == kc.executed_flops(b, d, deterministic)
+    assert dot_flops[0] == (10 if deterministic else 8) * b * b * d
+
+
+@pytest.mark.parametrize("dtype,sizes", [(torch.float32, (256, 1024)), (torch.bfloat16, (160,))])
+def test_contrastive_peak_memory_follows_the_formula_and_is_linear_in_b(dtype, sizes):
+    d, peaks = 8, {}
+    for b in sizes:
+        x, y = feats(b, d, dtype, 7), feats(b, d, dtype, 8)
+        s = torch.tensor(10.0)
+        programs = kc.forward_programs(b, x.device)
+        with PeakAllocations() as memory:
+            loss = kc.contrastive_loss(x, y, s)
+            forward = memory.peak
+            loss.backward()
+        formula = kc.peak_extra_bytes(b, d, x.element_size(), programs)
+        assert forward <= 4 * b * (programs + 3) + 64, (b, forward)  # + a few scalars
+        assert 0.95 * formula <= memory.peak <= formula + 64, (b, memory.peak, formula)
+        peaks[b] = memory.peak
+    if len(sizes) == 2:  # O(B): four times the batch, four times the memory
+        assert peaks[sizes[1]] <= 4.05 * peaks[sizes[0]]
 
 
 def test_contrastive_noncontiguous_strided_views(spy):
@@ -172,12 +245,14 @@ def test_variational_rejects_bad_input():
     not torch.cuda.is_available(), reason="needs CUDA: the native bf16 tensor-core path"
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_native_gpu_path_matches_reference(dtype):
-    b, d = 4099, 512
+@pytest.mark.parametrize(
+    "b,d,deterministic", [(4099, 512, False), (1000, 2048, True), (333, 1, False)]
+)
+def test_native_gpu_path_matches_reference(dtype, b, d, deterministic):
     x = F.normalize(torch.randn(b, d, device="cuda"), dim=-1).to(dtype).requires_grad_()
     y = F.normalize(torch.randn(b, d, device="cuda"), dim=-1).to(dtype).requires_grad_()
     s = torch.tensor(14.0, device="cuda", requires_grad=True)
-    loss = kc.contrastive_loss(x, y, s, 0.1)
+    loss = kc.contrastive_loss(x, y, s, 0.1, deterministic=deterministic)
     loss.backward()
     got = (loss.detach(), x.grad, y.grad, s.grad)
     x.grad = y.grad = s.grad = None
@@ -196,3 +271,86 @@ def test_kernels_package_is_standalone():
             assert not line.lstrip().startswith(("import mmtrain", "from mmtrain")), (
                 f"{f.name}: {line}"
             )
+
+
+@pytest.fixture
+def traffic(monkeypatch):
+    """Bytes the interpreter's kernels load and store (masked-off elements not counted)."""
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    moved = {"read": 0, "written": 0}
+    load, store = InterpreterBuilder.create_masked_load, InterpreterBuilder.create_masked_store
+
+    def size(ptrs, mask):
+        return int(mask.data.sum()) * ptrs.get_element_ty().primitive_bitwidth // 8
+
+    def counting_load(self, ptrs, mask, *rest):
+        moved["read"] += size(ptrs, mask)
+        return load(self, ptrs, mask, *rest)
+
+    def counting_store(self, ptrs, value, mask, *rest):
+        moved["written"] += size(ptrs, mask)
+        return store(self, ptrs, value, mask, *rest)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_masked_load", counting_load)
+    monkeypatch.setattr(InterpreterBuilder, "create_masked_store", counting_store)
+    return moved
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_variational_step_moves_the_minimal_passes(traffic, seeded):
+    n, d = 6, 300
+    ins = stats((n, d), torch.bfloat16, 6)
+    dz = torch.randn(n, d).to(torch.bfloat16)
+    noise = dict(seed=5) if seeded else dict(eps=torch.randn(n, d).to(torch.bfloat16))
+    kv.variational_fusion_step(*ins, dz, **noise)
+    per_row = 4 + 4  # the incoming KL gradient read, the KL written (fp32)
+    assert traffic["read"] + traffic["written"] == (10 if seeded else 11) * n * d * 2 + n * per_row
+    traffic["read"] = traffic["written"] = 0
+    z, kl = kv.variational_fusion(*ins, **noise)  # under autograd: z before dz
+    torch.autograd.backward([z, kl], [dz, torch.ones_like(kl)])
+    assert traffic["read"] + traffic["written"] == (14 if seeded else 16) * n * d * 2 + n * per_row
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "shape,direction,reduction,seeded",
+    [
+        ((7, 33), "qp", "mean", False),
+        ((2, 5, 1030), "pq", "sum", True),
+        ((1, 1), "qp", "none", False),
+        ((3, 2048), "pq", "none", True),
+    ],
+)
+def test_variational_step_equals_autograd_forward_and_backward(
+    dtype, shape, direction, reduction, seeded
+):
+    ins = stats(shape, dtype, 7, transpose=len(shape) == 2 and shape[0] > 1)
+    with torch.no_grad():
+        ins[1][(0,) * len(shape)] = -45.0  # clamped: zero gradient
+    dz = torch.randn(shape, generator=torch.Generator().manual_seed(8)).to(dtype)
+    noise = dict(seed=9) if seeded else dict(eps=torch.randn(shape).to(dtype))
+    kw = dict(direction=direction, reduction=reduction)
+    z, kl = kv.variational_fusion(*ins, **noise, **kw)
+    gkl = torch.rand(kl.shape, generator=torch.Generator().manual_seed(10)) + 0.5
+    torch.autograd.backward([z, kl], [dz, gkl])
+    zs, kls, grads = kv.variational_fusion_step(*ins, dz, **noise, grad_kl=gkl, **kw)
+    assert zs.dtype == dtype and not zs.requires_grad
+    torch.testing.assert_close(zs, z.detach(), rtol=0, atol=0)  # the same noise, the same z
+    close(kls, kl.detach(), dtype)
+    for g, t in zip(grads, ins):
+        assert g.dtype == t.dtype
+        close(g, t.grad, dtype)
+    assert grads[1][(0,) * len(shape)] == 0
+
+
+def test_variational_step_torch_fallback_agrees(monkeypatch):
+    ins = stats((5, 40), torch.float32, 11)
+    dz, eps = torch.randn(5, 40), torch.randn(5, 40)
+    fused = kv.variational_fusion_step(*ins, dz, eps=eps, grad_kl=0.3, direction="pq")
+    monkeypatch.setattr(kv, "use_triton", lambda *t: False)
+    plain = kv.variational_fusion_step(*ins, dz, eps=eps, grad_kl=0.3, direction="pq")
+    for a, b in zip(fused[:2] + fused[2], plain[:2] + plain[2]):
+        close(a, b, torch.float32)
+    with pytest.raises(ValueError, match="grad_z must have the shape of z"):
+        kv.variational_fusion_step(*ins, dz[:, :3], eps=eps)
