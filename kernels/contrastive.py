@@ -70,21 +70,23 @@ INTERPRETER_BLOCKS = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_D=16)
 MIN_BLOCK_M = 32  # the smallest BLOCK_M of any configuration: sizes the per-program buffers
 
 
-def _configs():
+# GPU candidates, chosen without a GPU by what compiles for sm_90 without register spills
+# (cuobjdump's resource usage, triton 3.9): BLOCK_D = 32 with 8 warps keeps the fp32 logit tile,
+# its exponentials and the gradient chunks in registers. (128, 128, 32) spills a little but
+# feeds the largest tensor-core instructions; autotuning decides on the GPU.
+FORWARD_TILES = [(128, 64, 32, 8), (64, 128, 32, 8), (64, 128, 64, 8), (64, 64, 64, 8),
+                 (64, 64, 32, 4), (128, 128, 32, 8)]  # fmt: skip
+BACKWARD_TILES = [(128, 64, 32, 8), (64, 128, 32, 8), (64, 64, 32, 8), (64, 64, 32, 4),
+                  (64, 64, 64, 8), (128, 128, 32, 8)]  # fmt: skip
+
+
+def _configs(tiles):
     if interpreting():
         return [triton.Config(dict(INTERPRETER_BLOCKS), num_warps=4, num_stages=1)]
     return [
         triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd), num_warps=w, num_stages=st)
-        for bm, bn, bd, w, st in [
-            (128, 128, 64, 8, 3),
-            (128, 128, 32, 8, 4),
-            (128, 64, 64, 4, 3),
-            (64, 128, 64, 4, 3),
-            (128, 128, 128, 8, 2),
-            (64, 64, 64, 4, 4),
-            (64, 64, 128, 4, 2),
-            (32, 64, 64, 4, 3),
-        ]
+        for bm, bn, bd, w in tiles
+        for st in (2, 3)
     ]
 
 
@@ -131,7 +133,7 @@ if HAS_TRITON:
             acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
         return acc
 
-    @triton.autotune(configs=_configs(), key=["M", "N", "D"])
+    @triton.autotune(configs=_configs(FORWARD_TILES), key=["M", "N", "D"])
     @triton.jit
     def _fwd_kernel(
         A,
@@ -140,6 +142,7 @@ if HAS_TRITON:
         row_lse_ptr,
         target_ptr,
         col_part_ptr,
+        bsum_ptr,
         M,
         N,
         D,
@@ -170,9 +173,26 @@ if HAS_TRITON:
             tl.debug_barrier()  # the program's earlier stores to `part` are seen by all its threads
             offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
             mask_m = offs_m < M
+            # t = s * <a_i, t_diag * b_(i + a_offset) + t_all * sum_j b_j>: O(BLOCK_M D), no tiles
+            t_i = tl.zeros([BLOCK_M], tl.float32)
+            mask_diag = mask_m & (offs_m + a_offset < N)
+            for start_d in range(0, D, BLOCK_D):
+                offs_d = start_d + tl.arange(0, BLOCK_D)
+                mask_d = offs_d < D
+                a = tl.load(
+                    A + offs_m[:, None] * stride_am + offs_d[None, :] * stride_ad,
+                    mask=mask_m[:, None] & mask_d[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                b = tl.load(
+                    B + (offs_m + a_offset)[:, None] * stride_bn + offs_d[None, :] * stride_bd,
+                    mask=mask_diag[:, None] & mask_d[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                bsum = tl.load(bsum_ptr + offs_d, mask=mask_d, other=0.0)
+                t_i += tl.sum(a * (t_diag * b + t_all * bsum[None, :]), 1)
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
-            t_i = tl.zeros([BLOCK_M], tl.float32)
             for start_n in range(0, N, BLOCK_N):
                 offs_n = start_n + tl.arange(0, BLOCK_N)
                 mask_n = offs_n < N
@@ -180,24 +200,22 @@ if HAS_TRITON:
                     A, B, offs_m, mask_m, offs_n, mask_n, D, stride_am, stride_ad, stride_bn,
                     stride_bd, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PRECISION,
                 )  # fmt: skip
-                # rows: online log-sum-exp and the target term over every column
-                row_logits = tl.where(mask_n[None, :], logits, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(row_logits, 1))
-                l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(row_logits - m_new[:, None]), 1)
+                # one mask for both directions: padded rows and columns get a finite floor (their
+                # own results are never stored; -inf would make them NaN), exp() of which is 0
+                logits = tl.where(mask_m[:, None] & mask_n[None, :], logits, -1.0e30)
+                # rows: online log-sum-exp over every column
+                m_new = tl.maximum(m_i, tl.max(logits, 1))
+                l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), 1)
                 m_i = m_new
-                diag = (offs_m[:, None] + a_offset) == offs_n[None, :]
-                t_i += tl.sum(tl.where(mask_n[None, :], logits, 0.0), 1) * t_all
-                t_i += tl.sum(tl.where(diag, logits, 0.0), 1) * t_diag
                 # columns: merge this tile's log-sum-exp into the program's running one
-                col_logits = tl.where(mask_m[:, None], logits, float("-inf"))
-                c_max = tl.max(col_logits, 0)
-                tile = c_max + tl.log(tl.sum(tl.exp(col_logits - c_max[None, :]), 0))
+                c_max = tl.max(logits, 0)
+                tile = c_max + tl.log(tl.sum(tl.exp(logits - c_max[None, :]), 0))
                 old = tl.load(part + offs_n, mask=mask_n, other=0.0)
                 top = tl.maximum(old, tile)
                 merged = top + tl.log(tl.exp(old - top) + tl.exp(tile - top))
                 tl.store(part + offs_n, merged, mask=mask_n)
             tl.store(row_lse_ptr + offs_m, m_i + tl.log(l_i), mask=mask_m)
-            tl.store(target_ptr + offs_m, t_i, mask=mask_m)
+            tl.store(target_ptr + offs_m, s * t_i, mask=mask_m)
 
     @triton.jit
     def _lse_rows_kernel(part_ptr, out_ptr, P, N, stride_pp, BLOCK_N: tl.constexpr):
@@ -214,7 +232,9 @@ if HAS_TRITON:
             m = top
         tl.store(out_ptr + offs_n, m + tl.log(acc), mask=mask_n)
 
-    @triton.autotune(configs=_configs(), key=["M", "N", "D"], reset_to_zero=["dA", "dB", "ds_ptr"])
+    @triton.autotune(
+        configs=_configs(BACKWARD_TILES), key=["M", "N", "D"], reset_to_zero=["dA", "dB", "ds_ptr"]
+    )
     @triton.jit
     def _bwd_kernel(
         A,
@@ -256,16 +276,15 @@ if HAS_TRITON:
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
-            dots = _logit_tile(
+            logits = s * _logit_tile(
                 A, B, offs_m, mask_m, offs_n, mask_n, D, stride_am, stride_ad, stride_bn,
                 stride_bd, BLOCK_M, BLOCK_N, BLOCK_D, DOT_FP32, PRECISION,
             )  # fmt: skip
-            logits = dots * s
             lse_b = tl.load(lse_b_ptr + offs_n, mask=mask_n, other=0.0)
             g = coef * (tl.exp(logits - lse_a[:, None]) + tl.exp(logits - lse_b[None, :]))
             g -= tl.where((offs_m[:, None] + a_offset) == offs_n[None, :], t_diag, 0.0) + t_all
             g = tl.where(mask_m[:, None] & mask_n[None, :], g, 0.0)
-            ds += tl.sum(g * dots, 1)
+            ds += tl.sum(g * logits, 1)  # sum(G * dots) = sum(G * logits) / s, divided at the end
             if DOT_FP32:
                 g_dot = g
             else:
@@ -300,7 +319,7 @@ if HAS_TRITON:
                         mask=mask_n[:, None] & mask_d[None, :],
                     )
             tl.debug_barrier()  # this tile's stores to dA are seen by every thread of the next
-        tl.store(ds_ptr + pid, tl.sum(ds, 0))
+        tl.store(ds_ptr + pid, tl.sum(ds, 0) / s)
 
 
 def forward_programs(m: int, device: torch.device) -> int:
@@ -339,8 +358,9 @@ def _lse_triton(a, b, scale, a_offset: int, t_diag: float, t_all: float):
     row = torch.empty(m, device=a.device, dtype=torch.float32)
     target = torch.empty(m, device=a.device, dtype=torch.float32)
     part = torch.empty(programs, n, device=a.device, dtype=torch.float32)
+    bsum = b.sum(0, dtype=torch.float32)
     _fwd_kernel[(programs,)](
-        a, b, scale, row, target, part, m, n, d, a_offset, t_diag, t_all,
+        a, b, scale, row, target, part, bsum, m, n, d, a_offset, t_diag, t_all,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), part.stride(0),
         DOT_FP32=dot_in_fp32(a.dtype), PRECISION=dot_precision(a.dtype),
     )  # fmt: skip
