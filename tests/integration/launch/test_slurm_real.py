@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -229,17 +230,30 @@ def test_a_killed_rank_fails_the_job_without_requeue(tmp_path):
     assert state["JobState"] == "FAILED" and state["Restarts"] == "0", state
 
 
+def rank_catches_usr1(pattern: str) -> bool:
+    """A process whose command line matches `pattern` has a handler for SIGUSR1."""
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    for pid in found.split():
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        caught = int(
+            next(line for line in status.splitlines() if line.startswith("SigCgt:"))[7:], 16
+        )
+        if caught & (1 << (signal.SIGUSR1 - 1)):
+            return True
+    return False
+
+
 def test_a_signal_while_the_ranks_start_up_checkpoints_and_requeues(tmp_path):
     jid = submit(tmp_path, "early", overrides=["train.steps=100000"])
-    wait_for(
-        lambda: (
-            subprocess.run(
-                ["pgrep", "-f", " -m mmtrain.cli train .*run.name=early"], capture_output=True
-            ).returncode
-            == 0
-        ),
-        every=0.1,
-    )
+    # a rank, not srun (whose command line holds the same words): before srun has started its
+    # tasks, scancel's signal reaches no process and is lost; and a rank that catches USR1 has
+    # passed `signals.install()`, the first thing `mmtrain train` does (until then the signal's
+    # default action would end it). The import of torch, DeepSpeed and the model follows.
+    rank = f"^{sys.executable} -m mmtrain.cli train .*run.name=early"
+    wait_for(lambda: rank_catches_usr1(rank), every=0.1)
     subprocess.run(["scancel", "--signal=USR1", jid], check=True)  # still importing
     wait_for(start_now_when_requeued(jid, 1), timeout=120)
     assert (
