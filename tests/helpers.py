@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+from mmtrain.engine import signals
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo" / "toy_lm.yaml"
 
@@ -58,6 +60,11 @@ def wait_all(procs: List[subprocess.Popen], timeout: float = 240) -> List[int]:
         try:
             codes.append(p.wait(timeout=max(1, deadline - time.time())))
         except subprocess.TimeoutExpired:
+            # what each rank was doing: its threads' stacks go to its log (engine/signals.py)
+            for q in procs:
+                if q.poll() is None:
+                    q.send_signal(signals.STACKS)
+            time.sleep(3)
             for q in procs:
                 q.kill()
             raise

@@ -6,11 +6,14 @@ signal during start-up is remembered (the run checkpoints as soon as it can) ins
 the rank. Once a rank has decided to exit, `StopFlag.ignore_further()` ignores both signals at the
 OS level, which outlives Python's own handlers: a late SIGTERM during interpreter shutdown (srun's
 --kill-on-bad-exit sends one when the first rank exits 85) can no longer turn the exit into 143.
+SIGUSR2 prints every thread's stack to the rank's log (faulthandler) and the rank goes on.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import signal
+import sys
 from typing import Optional
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -33,10 +36,15 @@ class StopFlag:
 _current: Optional[StopFlag] = None
 
 
+STACKS = signal.SIGUSR2  # `kill -USR2 PID`: every thread's Python stack to the rank's stderr
+
+
 def install() -> StopFlag:
-    """A fresh flag with its handlers installed (the start of a run)."""
+    """A fresh flag with its handlers installed (the start of a run), and SIGUSR2 set to print
+    every thread's stack without stopping the rank: what a hung rank is doing, from outside."""
     global _current
     _current = StopFlag()
+    faulthandler.register(STACKS, file=sys.stderr, all_threads=True, chain=False)
     return _current
 
 
