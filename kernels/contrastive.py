@@ -95,6 +95,15 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _chunk(ptr, offs_r, mask_r, offs_d, mask_d, stride_r, stride_d):
+        """Rows offs_r, features offs_d of a 2-D tensor (masked lanes 0)."""
+        return tl.load(
+            ptr + offs_r[:, None] * stride_r + offs_d[None, :] * stride_d,
+            mask=mask_r[:, None] & mask_d[None, :],
+            other=0.0,
+        )
+
+    @triton.jit
     def _logit_tile(
         A,
         B,
@@ -118,16 +127,8 @@ if HAS_TRITON:
         for start_d in range(0, D, BLOCK_D):
             offs_d = start_d + tl.arange(0, BLOCK_D)
             mask_d = offs_d < D
-            a = tl.load(
-                A + offs_m[:, None] * stride_am + offs_d[None, :] * stride_ad,
-                mask=mask_m[:, None] & mask_d[None, :],
-                other=0.0,
-            )
-            b = tl.load(
-                B + offs_n[:, None] * stride_bn + offs_d[None, :] * stride_bd,
-                mask=mask_n[:, None] & mask_d[None, :],
-                other=0.0,
-            )
+            a = _chunk(A, offs_m, mask_m, offs_d, mask_d, stride_am, stride_ad)
+            b = _chunk(B, offs_n, mask_n, offs_d, mask_d, stride_bn, stride_bd)
             if DOT_FP32:
                 a, b = a.to(tl.float32), b.to(tl.float32)
             acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
@@ -179,16 +180,9 @@ if HAS_TRITON:
             for start_d in range(0, D, BLOCK_D):
                 offs_d = start_d + tl.arange(0, BLOCK_D)
                 mask_d = offs_d < D
-                a = tl.load(
-                    A + offs_m[:, None] * stride_am + offs_d[None, :] * stride_ad,
-                    mask=mask_m[:, None] & mask_d[None, :],
-                    other=0.0,
-                ).to(tl.float32)
-                b = tl.load(
-                    B + (offs_m + a_offset)[:, None] * stride_bn + offs_d[None, :] * stride_bd,
-                    mask=mask_diag[:, None] & mask_d[None, :],
-                    other=0.0,
-                ).to(tl.float32)
+                a = _chunk(A, offs_m, mask_m, offs_d, mask_d, stride_am, stride_ad).to(tl.float32)
+                b = _chunk(B, offs_m + a_offset, mask_diag, offs_d, mask_d, stride_bn, stride_bd)
+                b = b.to(tl.float32)
                 bsum = tl.load(bsum_ptr + offs_d, mask=mask_d, other=0.0)
                 t_i += tl.sum(a * (t_diag * b + t_all * bsum[None, :]), 1)
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -292,11 +286,7 @@ if HAS_TRITON:
             for start_d in range(0, D, BLOCK_D):
                 offs_d = start_d + tl.arange(0, BLOCK_D)
                 mask_d = offs_d < D
-                b = tl.load(
-                    B + offs_n[:, None] * stride_bn + offs_d[None, :] * stride_bd,
-                    mask=mask_n[:, None] & mask_d[None, :],
-                    other=0.0,
-                )
+                b = _chunk(B, offs_n, mask_n, offs_d, mask_d, stride_bn, stride_bd)
                 if DOT_FP32:
                     b = b.to(tl.float32)
                 da_ptr = dA + offs_m[:, None] * D + offs_d[None, :]
@@ -305,11 +295,7 @@ if HAS_TRITON:
                 da += s * tl.dot(g_dot, b, input_precision=PRECISION)
                 tl.store(da_ptr, da, mask=da_mask)
                 if ATOMIC_DB:
-                    a = tl.load(
-                        A + offs_m[:, None] * stride_am + offs_d[None, :] * stride_ad,
-                        mask=da_mask,
-                        other=0.0,
-                    )
+                    a = _chunk(A, offs_m, mask_m, offs_d, mask_d, stride_am, stride_ad)
                     if DOT_FP32:
                         a = a.to(tl.float32)
                     db = s * tl.dot(tl.trans(g_dot), a, input_precision=PRECISION)
