@@ -89,22 +89,19 @@ if HAS_TRITON:
             if HAS_EPS:
                 eps = _load_row(EPS, row, offs, mask, s_e_r, s_e_c)
             else:
-                eps = tl.randn(seed, (row * D + offs).to(tl.int32))
+                eps = tl.randn(seed, out.to(tl.int32))
             sigma_eps = tl.exp(0.5 * lq) * eps
             diff = mq - mp
             # KL(a || b) = 0.5 * (lb - la + (exp(la) + diff^2) * exp(-lb) - 1)
-            if PQ:  # KL(p || q): a = p, b = q
-                inv_b = tl.exp(-lq)
-                var_a = tl.exp(lp)
-            else:  # KL(q || p): a = q, b = p
-                inv_b = tl.exp(-lp)
-                var_a = tl.exp(lq)
+            if PQ:  # KL(p || q)
+                la, lb = lp, lq
+            else:  # KL(q || p)
+                la, lb = lq, lp
+            var_a = tl.exp(la)
+            inv_b = tl.exp(-lb)
             if FORWARD:
                 tl.store(Z + out, (mq + sigma_eps).to(Z.dtype.element_ty), mask=mask)
-                if PQ:
-                    term = lq - lp + (var_a + diff * diff) * inv_b - 1.0
-                else:
-                    term = lp - lq + (var_a + diff * diff) * inv_b - 1.0
+                term = lb - la + (var_a + diff * diff) * inv_b - 1.0
                 kl += tl.where(mask, 0.5 * term, 0.0)
             if BACKWARD:
                 dz = _load_row(DZ, row, offs, mask, s_dz_r, s_dz_c)
@@ -151,9 +148,10 @@ def _launch(stats, eps, seed: int, pq: bool, dz=None, dkl_rows=None, forward=Tru
         [torch.empty((n, d), device=mq.device, dtype=t.dtype) for t in stats] if backward else []
     )
     g = grads or [mq] * 4
+    dz, dkl_rows = (dz, dkl_rows) if backward else (mq, mq)  # placeholders when not read
     _vf_kernel[(n,)](
-        mq, lq, mp, lp, e, dz if backward else mq, dkl_rows if backward else mq,
-        z, kl, *g, d, seed, *_strides(mq, lq, mp, lp, e, dz if backward else mq),
+        mq, lq, mp, lp, e, dz, dkl_rows,
+        z, kl, *g, d, seed, *_strides(mq, lq, mp, lp, e, dz),
         LV_MIN=LOGVAR_MIN, LV_MAX=LOGVAR_MAX, BLOCK_D=min(BLOCK_D, triton.next_power_of_2(d)),
         HAS_EPS=has_eps, PQ=pq, FORWARD=forward, BACKWARD=backward,
     )  # fmt: skip
