@@ -7,18 +7,25 @@ optimizer step the same global batch at any world size (`mmtrain.data.reader`), 
 token stream is a function of the global sample index. Runs are fp32 under ZeRO-3 with dropout
 off (per-rank random streams are the one thing that cannot be the same at two world sizes).
 Any recipe uses it: give its config, its overrides and the losses it logs.
+
+Evaluation has its own half (`assert_evaluates_the_same`): one checkpoint scored by `mmtrain eval`
+at 1, 2 and 4 ranks, the model whole on every rank and partitioned over them, gives the same
+figures, the same predictions file and the same TensorBoard images, and those figures are what
+the metric definitions give when recomputed on one process from the predictions file.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
+import pytest
 import torch
 
-from tests.helpers import scalars, train
+from tests.helpers import eval_ranks, scalars, train
 
 # Adam divides each gradient element by its own running magnitude: an element whose gradient is
 # tiny (zero in exact arithmetic, as for attention key biases, or a cancellation at initialisation,
@@ -132,3 +139,84 @@ def assert_invariant(
         assert dl <= loss_rtol, f"{name}: losses differ by {dl:.3g} (relative) > {loss_rtol}"
         assert dp <= param_atol, f"{name}: parameters differ by {dp:.3g} > {param_atol}"
     return measured
+
+
+def assert_close(got, want, where: str) -> None:
+    """Equal structures; numbers equal to fp32 rounding (another order of the same sums)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), (
+            f"{where}: keys {sorted(got) if isinstance(got, dict) else got} != {sorted(want)}"
+        )
+        for k in want:
+            assert_close(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), f"{where}: lengths differ"
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_close(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6), f"{where}: {got} != {want}"
+    else:
+        assert got == want, f"{where}: {got!r} != {want!r}"
+
+
+# (world, placement) of every evaluation of one checkpoint; the first is the reference
+EVAL_LAYOUTS = ((1, "replica"), (2, "replica"), (2, "sharded"), (4, "replica"), (4, "sharded"))
+
+
+@dataclass
+class Evaluated:
+    result: Dict[str, Any]  # what `mmtrain eval` printed (= eval_val_<tag>.json)
+    rows: List[Dict[str, Any]]  # predictions_val_<tag>.jsonl
+    images: Dict[str, bytes]  # the TensorBoard images this evaluation wrote: tag -> PNG
+
+
+def evaluate_layout(run: Path, world: int, placement: str) -> Evaluated:
+    """`mmtrain eval RUN --split val` on `world` ranks with `placement`; asserts the share of the
+    parameters each rank held."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = run / "tensorboard"
+    before = set(board.glob("events.*"))
+    result, log = eval_ranks(
+        run, "--split", "val", "--placement", placement, world=world, stderr=True
+    )
+    share = re.search(rf"\({placement}\): [\d.]+M parameters, [\d.]+M \((\d+)%\) on this rank", log)
+    assert share, log[-2000:]
+    if placement == "replica":
+        assert int(share.group(1)) == 100, share.group(0)
+    else:  # an equal share each, and a little padding
+        assert int(share.group(1)) <= 100 / world + 5, share.group(0)
+    predictions = run / f"predictions_val_{result['checkpoint']}.jsonl"
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    images = {}
+    for events in sorted(set(board.glob("events.*")) - before):
+        acc = EventAccumulator(str(events), size_guidance={"images": 0})
+        acc.Reload()
+        for tag in acc.Tags()["images"]:
+            images[tag] = acc.Images(tag)[-1].encoded_image_string
+    return Evaluated(result, rows, images)
+
+
+def assert_evaluates_the_same(
+    run: Path,
+    rescore: Callable[[Path, List[Dict[str, Any]], Dict[str, bytes]], Dict[str, Any]],
+    layouts: Sequence[Tuple[int, str]] = EVAL_LAYOUTS,
+) -> Dict[str, Evaluated]:
+    """`run`'s latest checkpoint evaluated at every layout (EVAL_LAYOUTS): the same figures (every key),
+    the same rows in the same order and the same images; `rescore(run, rows, images)` (the figures
+    from the predictions file, on this one process; tests/support/rescore.py) gives the reported
+    ones."""
+    done = {f"{w} ranks, {p}": evaluate_layout(run, w, p) for w, p in layouts}
+    name, ref = next(iter(done.items()))
+    assert ref.rows, "the evaluation wrote no per-sample rows to its predictions file"
+    for other, e in done.items():
+        assert_close(e.result, ref.result, f"{other} vs {name}: figures")
+        assert_close(e.rows, ref.rows, f"{other} vs {name}: predictions")
+        assert e.images.keys() == ref.images.keys(), other
+        for tag in ref.images:
+            assert e.images[tag] == ref.images[tag], f"{other} vs {name}: image {tag}"
+    offline = rescore(run, ref.rows, ref.images)
+    assert offline, "nothing recomputed"
+    assert_close({k: ref.result[k] for k in offline}, offline, "recomputed from the predictions")
+    print(f"evaluation at any world size, {run.name}:", json.dumps(ref.result)[:2000])
+    return done

@@ -38,8 +38,9 @@ from functools import lru_cache
 from typing import Dict, List, Sequence, Tuple
 
 import torch
-from torchmetrics import Metric
 from torchmetrics.text import BLEUScore, ROUGEScore
+
+from mmtrain.metrics import RowMetric, on_rows
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -48,7 +49,7 @@ def normalize(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
-class Distinct(Metric):
+class Distinct(RowMetric):
     """Distinct-n over a corpus: |unique n-grams| / |n-grams|."""
 
     full_state_update = False
@@ -85,10 +86,10 @@ def dialogue_scores(preds: List[str], refs: Sequence[str | Sequence[str]]) -> Di
     """The default definitions; `refs[i]` is the reference of response i, or a list of them."""
     p = [normalize(x) for x in preds]
     r = [[normalize(x) for x in rs] for rs in _as_lists(refs)]
-    rouge = ROUGEScore(rouge_keys="rougeL", accumulate="best")(p, r)["rougeL_fmeasure"]
+    rouge = on_rows(ROUGEScore, rouge_keys="rougeL", accumulate="best")(p, r)["rougeL_fmeasure"]
     out = {
-        "bleu1": float(BLEUScore(n_gram=1)(p, r)),
-        "bleu2": float(BLEUScore(n_gram=2)(p, r)),
+        "bleu1": float(on_rows(BLEUScore, n_gram=1)(p, r)),
+        "bleu2": float(on_rows(BLEUScore, n_gram=2)(p, r)),
         "rougeL": float(rouge),
     }
     for n in (1, 2):

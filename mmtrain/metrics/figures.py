@@ -16,8 +16,10 @@ def confusion_figure(pred: Sequence[int], gold: Sequence[int], labels: Sequence[
     from matplotlib.figure import Figure
     from torchmetrics.classification import MulticlassConfusionMatrix
 
+    from mmtrain.metrics import on_rows
+
     n = len(labels)
-    metric = MulticlassConfusionMatrix(num_classes=n)
+    metric = on_rows(MulticlassConfusionMatrix, num_classes=n)
     if len(gold):
         metric.update(torch.tensor(list(pred)), torch.tensor(list(gold)))
     side = 1.6 + 0.55 * n

@@ -26,8 +26,8 @@ from functools import lru_cache
 from typing import Dict, Iterable, List, Optional, Sequence, Set
 
 import torch
-from torchmetrics import Metric
 
+from mmtrain.metrics import RowMetric
 from mmtrain.text import words
 
 
@@ -89,7 +89,7 @@ def f1_at_k(pred: Sequence[str], gold: Sequence[str], k: int) -> float:
     return 2 * p * r / (p + r)
 
 
-class KeyphraseF1(Metric):
+class KeyphraseF1(RowMetric):
     """F1@k (k in `ks`) overall, present/absent and (given `train_keyphrases`) seen/unseen.
 
     update(preds, targets, texts): lists of keyphrase lists and the posts' texts.

@@ -8,26 +8,39 @@ torchmetrics' RetrievalRecall, whose top-k leaves the order of tied scores to th
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 
 
-def _recall(sim: torch.Tensor, k: int) -> float:
-    """Mean over queries (rows) of whether the matching column (the diagonal) is in the top k."""
+def ranks_ahead(sim: torch.Tensor) -> List[int]:
+    """Per query (row): how many candidates score at least as high as its match (the diagonal),
+    the match itself not counted: 0 is first place, ties count against."""
     match = sim.diagonal().unsqueeze(1)
-    ahead = (sim > match).sum(1) + (sim == match).sum(1) - 1  # the match itself is not ahead
-    return float((ahead < k).float().mean())
+    return ((sim > match).sum(1) + (sim == match).sum(1) - 1).tolist()
+
+
+def match_ranks(image: torch.Tensor, text: torch.Tensor) -> Tuple[List[int], List[int]]:
+    """(image -> text, text -> image) `ranks_ahead` of each pair, for L2-normalised embeddings."""
+    sim = image.float() @ text.float().t()
+    return ranks_ahead(sim), ranks_ahead(sim.t())
+
+
+def recalls(
+    i2t: Sequence[int], t2i: Sequence[int], ks: Sequence[int] = (1, 5, 10)
+) -> Dict[str, float]:
+    """{'i2t_r@k', 't2i_r@k', 'mean_r@k', 'n', 'chance_r@1'} from each pair's `match_ranks`."""
+    n = len(i2t)
+    out: Dict[str, float] = {"n": float(n), "chance_r@1": 1.0 / n}
+    for k in ks:
+        out[f"i2t_r@{k}"] = sum(r < k for r in i2t) / n
+        out[f"t2i_r@{k}"] = sum(r < k for r in t2i) / n
+        out[f"mean_r@{k}"] = (out[f"i2t_r@{k}"] + out[f"t2i_r@{k}"]) / 2
+    return out
 
 
 def retrieval_recalls(
     image: torch.Tensor, text: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
 ) -> Dict[str, float]:
-    """{'i2t_r@k', 't2i_r@k', 'mean_r@k', 'n', 'chance_r@1'} for L2-normalised embeddings."""
-    sim = image.float() @ text.float().t()
-    out: Dict[str, float] = {"n": float(sim.shape[0]), "chance_r@1": 1.0 / sim.shape[0]}
-    for k in ks:
-        out[f"i2t_r@{k}"] = _recall(sim, k)
-        out[f"t2i_r@{k}"] = _recall(sim.t(), k)
-        out[f"mean_r@{k}"] = (out[f"i2t_r@{k}"] + out[f"t2i_r@{k}"]) / 2
-    return out
+    """Recall@k both ways for L2-normalised embeddings (see `recalls`)."""
+    return recalls(*match_ranks(image, text), ks)

@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmtrain.models.lora import LoraSection, apply_lora
 from mmtrain.parallelize import numel
 from mmtrain.recipes.base import EvalResult, Recipe, StepOutput
+from mmtrain.recipes.common import gather_rows
 from mmtrain.schema import RecipeConfig, path_field
 
 
@@ -35,7 +37,9 @@ class ToyLMConfig(RecipeConfig):
     dropout: float = 0.0
     freeze_embeddings: bool = False
     lora: LoraSection = field(default_factory=LoraSection)
-    eval_batches: int = 4
+    eval_batches: int = (
+        4  # validation: the first eval_batches x micro_batch_size samples, any world
+    )
     # for fault tests: NaN loss at these micro-steps
     inject_nan_at_calls: List[int] = field(default_factory=list)
 
@@ -125,6 +129,16 @@ def build_causal_lm(cfg: ToyLMConfig) -> nn.Module:
     )
 
 
+def lm_scores(rows) -> Dict[str, float]:
+    """Mean next-token loss and accuracy over every predicted token of the rows."""
+    tokens = sum(r["tokens"] for r in rows)
+    return {
+        "loss": sum(r["nll"] for r in rows) / tokens,
+        "accuracy": sum(r["correct"] for r in rows) / tokens,
+        "n": len(rows),
+    }
+
+
 class ToyLM(Recipe):
     Config = ToyLMConfig
 
@@ -159,22 +173,25 @@ class ToyLM(Recipe):
 
     @torch.no_grad()
     def evaluate(self, model, split: str = "val") -> EvalResult:
-        c = self.ctx
-        stream = TokenStream(
-            self.cfg, c.seed, c.rank, c.world_size, c.micro_batch_size, split="val"
-        )
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, predicted tokens
-        for _ in range(self.cfg.eval_batches):
-            ids = next(stream)["input_ids"].to(c.device)
-            out = model(ids)
-            pred = out["logits"][:, :-1].argmax(-1)
-            n = pred.numel()
-            totals += torch.tensor(
-                [out["lm"].item() * n, (pred == ids[:, 1:]).sum().item(), n], dtype=torch.float64
-            )
-        totals = c.all_reduce_sum(totals)
-        loss, correct, n = totals.tolist()
-        return EvalResult({"loss": loss / n, "accuracy": correct / n})
+        """Loss and next-token accuracy over the first `eval_batches` x micro-batch samples of the
+        validation stream, whatever the world size: global batch b goes to rank b mod world, a
+        rank with fewer batches repeats the last one (every rank runs the same forwards, which a
+        ZeRO-3 model needs); the rows are gathered by sample, so a repeat counts once."""
+        c, mb, batches = self.ctx, self.ctx.micro_batch_size, self.cfg.eval_batches
+        stream = TokenStream(self.cfg, c.seed, 0, 1, mb, split="val")
+        rows = []
+        for r in range(-(-batches // c.world_size)):
+            first = min(r * c.world_size + c.rank, batches - 1) * mb
+            ids = torch.stack([stream.sample(first + i) for i in range(mb)]).to(c.device)
+            logits, target = model(ids)["logits"][:, :-1].float(), ids[:, 1:]
+            nll = F.cross_entropy(logits.transpose(1, 2), target, reduction="none").sum(1)
+            correct = (logits.argmax(-1) == target).sum(1)
+            rows += [
+                {"key": f"{first + i:08d}", "nll": x, "tokens": target.shape[1], "correct": k}
+                for i, (x, k) in enumerate(zip(nll.tolist(), correct.tolist()))
+            ]
+        rows = gather_rows(c, rows)
+        return EvalResult(lm_scores(rows), rows=rows)
 
     def flops_per_sample(self) -> float:
         # 6 N per token (forward 2N, backward 4N); LoRA still back-propagates through activations.

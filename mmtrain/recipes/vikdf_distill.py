@@ -18,7 +18,7 @@ import torch
 
 from mmtrain.data.images import ImageTransform
 from mmtrain.data.reader import DataSection, SampleDecoder, default_collate
-from mmtrain.metrics.retrieval import retrieval_recalls
+from mmtrain.metrics.retrieval import match_ranks, recalls
 from mmtrain.models.base import to_precision
 from mmtrain.models.distill_heads import Stage1Model
 from mmtrain.models.encoders import FrozenTowers, load_tokenizer
@@ -300,9 +300,14 @@ class VIKDFDistill(ShardRecipe):
             pairs = zip(batch["key"], out["image"].float().cpu(), out["text"].float().cpu())
             rows += [{"key": k, "image": i, "text": t} for k, i, t in pairs]
         rows = gather_rows(self.ctx, rows)
-        img = torch.stack([r["image"] for r in rows])
-        txt = torch.stack([r["text"] for r in rows])
-        return EvalResult(retrieval_recalls(img, txt))
+        i2t, t2i = match_ranks(
+            torch.stack([r["image"] for r in rows]), torch.stack([r["text"] for r in rows])
+        )
+        # each pair's rank both ways (0: first): the figures can be recomputed from the rows
+        ranked = [
+            {"key": r["key"], "i2t_rank": a, "t2i_rank": b} for r, a, b in zip(rows, i2t, t2i)
+        ]
+        return EvalResult(recalls(i2t, t2i), rows=ranked)
 
     def flops_per_sample(self) -> float:
         """Approximate training FLOPs per sample: frozen forwards (2 images, 2 captions) at 2 FLOPs per

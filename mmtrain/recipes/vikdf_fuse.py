@@ -339,21 +339,24 @@ class VIKDFFuse(ShardRecipe):
         """Perplexity (and with `recipe.eval_generate`, the generation scores) during training."""
         if not self.cfg.data.val:
             return EvalResult()
-        metrics = self._perplexity(model, split)
+        metrics = self._perplexity(model, split).metrics
         if self.cfg.eval_generate and self.cfg.phase == "dialogue":
             metrics.update(self._generate(model, split).metrics)
         return EvalResult(metrics)
 
     @torch.no_grad()
     def score(self, model, split: str) -> EvalResult:
-        """`mmtrain eval`: perplexity, and for dialogues the generations, their scores and rows."""
-        metrics = self._perplexity(model, split)
+        """`mmtrain eval`: perplexity, and for dialogues the generations and their scores; a row
+        per sample with its target's NLL and tokens (and its generation)."""
+        ppl = self._perplexity(model, split)
         if self.cfg.phase != "dialogue":
-            return EvalResult(metrics)
+            return ppl
         generated = self._generate(model, split)
-        return EvalResult({**metrics, **generated.metrics}, rows=generated.rows)
+        nll = {r["key"]: r for r in ppl.rows}
+        rows = [{**r, **nll[r["key"]]} for r in generated.rows]
+        return EvalResult({**ppl.metrics, **generated.metrics}, rows=rows)
 
-    def _perplexity(self, model, split: str) -> Dict[str, float]:
+    def _perplexity(self, model, split: str) -> EvalResult:
         """Perplexity of the targets (teacher forcing, knowledge from the mean), every sample once."""
         loader = self.eval_loader(split)
         rows = []
@@ -367,7 +370,7 @@ class VIKDFFuse(ShardRecipe):
         rows = gather_rows(self.ctx, rows)
         nll, tokens = [r["nll"] for r in rows], [r["tokens"] for r in rows]
         ppl = perplexity(nll, tokens, released=self.cfg.metrics == "released")
-        return {"ppl": ppl, "nll": math.log(ppl), "n": len(rows)}
+        return EvalResult({"ppl": ppl, "nll": math.log(ppl), "n": len(rows)}, rows=rows)
 
     @torch.no_grad()
     def _generate(self, model, split: str) -> EvalResult:

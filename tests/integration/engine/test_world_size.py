@@ -12,9 +12,10 @@ import re
 import pytest
 
 from mmtrain.data.synth import synth
-from tests.helpers import DEMO, REPO, eval_ranks, scalars
+from tests.helpers import DEMO, REPO, scalars
+from tests.support import rescore
 from tests.support.stage2 import stage2_assets
-from tests.world_size import Case, assert_invariant, run_layout
+from tests.world_size import Case, assert_evaluates_the_same, assert_invariant, run_layout
 
 # Tolerances: fp32 throughout; the same sums are taken in another order at another world size
 # (ZeRO's reduce-scatter, the global contrastive loss's gathers), so the last bits differ; Adam
@@ -48,6 +49,15 @@ def test_toy_lm_trains_the_same_on_one_and_two_ranks(toy, tmp_path):
     assert toy[1].losses["lm"][6] < toy[1].losses["lm"][1]  # it trains
 
 
+def test_toy_lm_evaluates_the_same_on_one_and_two_ranks(toy):
+    """The 2-rank run's checkpoint scored on 1 and 2 ranks: the same loss, accuracy, count and
+    rows, which are the mean over the rows' tokens (the heavy group adds 4 ranks and sharding)."""
+    done = assert_evaluates_the_same(
+        toy[2].run, rescore.language_model, [(1, "replica"), (2, "replica")]
+    )
+    assert next(iter(done.values())).result["n"] == 4 * 8  # eval_batches x micro-batch samples
+
+
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
 def test_resume_on_another_number_of_ranks_continues_the_same_run(toy, tmp_path, before, after):
     run = tmp_path / "runs" / f"{before}to{after}"
@@ -78,9 +88,10 @@ EVERYTHING_PARTITIONED = [
 ]
 
 
-def invariant_at_1_2_4(case: Case, root, steps=None):
+def invariant_at_1_2_4(case: Case, root, rescorer, steps=None):
     """1, 2 and 4 ranks, and 2 ranks with every parameter partitioned, train the same; the
-    partitioned run's checkpoint evaluates (generation included) partitioned as it does whole."""
+    partitioned run's checkpoint evaluates (generation included) to the same figures and rows at 1,
+    2 and 4 ranks, whole and partitioned, and `rescorer` recomputes them from its rows."""
     runs = {w: run_layout(case, root / "runs" / f"w{w}", w) for w in (1, 2, 4)}
     part = run_layout(case, root / "runs" / "w2part", 2, extra=EVERYTHING_PARTITIONED)
     held = re.search(
@@ -88,7 +99,7 @@ def invariant_at_1_2_4(case: Case, root, steps=None):
         (part.run / "train.log").read_text(),
     )
     assert held and held.group(1) == held.group(2), held and held.group(0)
-    evaluates_the_same_partitioned(part.run)
+    assert_evaluates_the_same(part.run, rescorer)
     return runs, assert_invariant(
         runs[1],
         {"2 ranks": runs[2], "4 ranks": runs[4], "2 ranks, every tensor partitioned": part},
@@ -99,39 +110,9 @@ def invariant_at_1_2_4(case: Case, root, steps=None):
     )
 
 
-def evaluates_the_same_partitioned(run):
-    """`mmtrain eval` of a run with the model whole on each rank, and partitioned over 2 ranks
-    (every tensor, as the run's config says): the same scores and the same generations."""
-    whole, whole_log = eval_ranks(run, "--split", "val", "--placement", "replica", stderr=True)
-    predictions = run / f"predictions_val_{whole['checkpoint']}.jsonl"
-    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
-    sharded, log = eval_ranks(run, "--split", "val", "--placement", "sharded", stderr=True)
-    assert "(replica)" in whole_log and "(100%) on this rank" in whole_log, whole_log[-2000:]
-    share = re.search(r"\(sharded\): [\d.]+M parameters, [\d.]+M \((\d+)%\) on this rank", log)
-    assert share and int(share.group(1)) <= 55, log[-2000:]  # half, and a little padding
-    assert_close(sharded, whole, "scores")
-    assert_close([json.loads(line) for line in predictions.read_text().splitlines()], rows, "rows")
-
-
-def assert_close(got, want, where: str) -> None:
-    """Equal structures; numbers equal to fp32 rounding (another order of the same sums)."""
-    if isinstance(want, dict):
-        assert isinstance(got, dict) and got.keys() == want.keys(), where
-        for k in want:
-            assert_close(got[k], want[k], f"{where}.{k}")
-    elif isinstance(want, list):
-        assert isinstance(got, list) and len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want)):
-            assert_close(g, w, f"{where}[{i}]")
-    elif isinstance(want, float):
-        assert got == pytest.approx(want, rel=1e-4, abs=1e-6), where
-    else:
-        assert got == want, where
-
-
 @pytest.mark.heavy
 def test_toy_lm_at_four_ranks(tmp_path):
-    invariant_at_1_2_4(TOY, tmp_path)
+    invariant_at_1_2_4(TOY, tmp_path, rescore.language_model)
 
 
 @pytest.mark.heavy
@@ -152,7 +133,7 @@ def test_vikdf_stage1_global_tim_negatives(tmp_path, tiny_models, image_text_sha
         steps=4,
         losses=("tim", "mim", "mtm"),
     )
-    invariant_at_1_2_4(case, tmp_path)
+    invariant_at_1_2_4(case, tmp_path, rescore.retrieval)
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +162,9 @@ def test_vikdf_fusion_and_dialogue(tmp_path, tiny_models, stage2, phase):
         steps=4,
         losses=("ce", "recon", "kl") if phase == "fusion" else ("ce",),
     )
-    invariant_at_1_2_4(case, tmp_path)
+    invariant_at_1_2_4(
+        case, tmp_path, rescore.perplexity if phase == "fusion" else rescore.dialogue
+    )
 
 
 @pytest.mark.heavy
@@ -199,7 +182,7 @@ def test_dyncot_dynamic_loss_table_and_decisions(tmp_path, tiny_models):
         steps=7,
         losses=("sft",),
     )
-    runs, _ = invariant_at_1_2_4(case, tmp_path)
+    runs, _ = invariant_at_1_2_4(case, tmp_path, rescore.keyphrases)
     decisions = {
         w: [json.loads(line) for line in (r.run / "dynamic_cot.jsonl").read_text().splitlines()]
         for w, r in runs.items()
@@ -253,7 +236,7 @@ def test_kdsl_per_task_adapters(tmp_path, tiny_models):
         steps=4,
         losses=("scene", "intent"),
     )
-    runs, _ = invariant_at_1_2_4(case, tmp_path)
+    runs, _ = invariant_at_1_2_4(case, tmp_path, rescore.intents)
     # each task backpropagated before the next task's forward (the default) trains exactly as one
     # backward of both, with grad_accum 2 as well (DeepSpeed counts 2 x 2 micro-steps a step)
     one_backward = run_layout(
