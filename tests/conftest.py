@@ -8,15 +8,36 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# what the tiny checkpoints are built from: a change to any of these builds them anew
+TINY_SOURCES = [
+    *(REPO / "mmtrain" / "testing").glob("*.py"),
+    REPO / "mmtrain" / "data" / "synth.py",
+]
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """Tiny CLIP/BERT/Llama checkpoints (`mmtrain models tiny`), made once for the whole session."""
+    """Tiny CLIP/BERT/Llama/Qwen2-VL checkpoints (`mmtrain models tiny`), made once per version of
+    the code that makes them (tests/support/cache.py), copied for this session."""
     from mmtrain.testing.tiny import make_tiny
+    from tests.support.cache import built_once
 
-    return make_tiny(str(tmp_path_factory.mktemp("models") / "tiny"))
+    dest = tmp_path_factory.mktemp("models") / "tiny"
+    return built_once("tiny", lambda d: make_tiny(str(d)), TINY_SOURCES, dest)
+
+
+def pytest_collection_finish(session):
+    """A session that will need the tiny checkpoints and has none cached starts building them
+    now, beside its first tests (most of which do not use them)."""
+    if any("tiny_models" in getattr(item, "fixturenames", ()) for item in session.items):
+        from tests.support.cache import build_in_background
+
+        build_in_background("tiny", "mmtrain.testing.tiny:make_tiny", TINY_SOURCES)
 
 
 @pytest.fixture(scope="session")
@@ -39,8 +60,8 @@ def stage1_assets(tmp_path_factory, tiny_models, image_text_shards):
 
 @pytest.fixture(scope="session")
 def stage1_run(tmp_path_factory, tiny_models, image_text_shards):
-    """A VIKDF stage-1 run (160 steps, 2 ranks) and its export, for the tests that need a trained
-    IQ-Former."""
+    """A VIKDF stage-1 run (100 steps, 2 ranks: R@1 ten times chance) and its export, for the
+    tests that need a trained IQ-Former."""
     from mmtrain.cli import main
     from tests.helpers import REPO, train
 
@@ -55,7 +76,7 @@ def stage1_run(tmp_path_factory, tiny_models, image_text_shards):
             f"recipe.bert_init={t / 'bert'}",
             f"recipe.data.train={image_text_shards / 'train'}",
             f"recipe.data.val={image_text_shards / 'val'}",
-            "train.steps=160",
+            "train.steps=100",
             "train.warmup_ratio=0.05",
             "eval.every=0",
             "checkpoint.every=0",
@@ -74,6 +95,11 @@ def pytest_configure(config):
     )
     config.addinivalue_line(
         "markers", "slurm: against a real Slurm cluster (`make test-slurm` starts one)"
+    )
+    config.addinivalue_line(
+        "markers",
+        "multinode: across two hosts, each a network namespace of this machine, with a two-node "
+        "Slurm cluster (`make test-multinode` starts one)",
     )
     config.addinivalue_line(
         "markers",

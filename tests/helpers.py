@@ -14,6 +14,7 @@ from mmtrain.engine import signals
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "demo" / "toy_lm.yaml"
+FORK = os.environ.get("MMTRAIN_TEST_FORK", "1") != "0"
 
 
 def free_port() -> int:
@@ -23,9 +24,17 @@ def free_port() -> int:
 
 
 def start_ranks(
-    config: Path, overrides: Sequence[str], logdir: Path, world: int = 2, command: str = "train"
+    config: Path,
+    overrides: Sequence[str],
+    logdir: Path,
+    world: int = 2,
+    command: str = "train",
+    cwd: Path = REPO,
+    fork: bool = FORK,
 ) -> List[subprocess.Popen]:
-    """`mmtrain COMMAND CONFIG OVERRIDES` as `world` rank processes; logs in logdir/rank*.log."""
+    """`mmtrain COMMAND CONFIG OVERRIDES` as `world` rank processes; logs in logdir/rank*.log.
+    With `fork` (the default unless MMTRAIN_TEST_FORK=0) each rank is forked from a server that has
+    already imported the heavy libraries (tests/support/forkserver.py), else started with Popen."""
     logdir.mkdir(parents=True, exist_ok=True)
     port = str(free_port())
     procs = []
@@ -40,17 +49,39 @@ def start_ranks(
             OMP_NUM_THREADS="1",
             PYTHONUNBUFFERED="1",
         )
-        out = open(logdir / f"rank{rank}.log", "ab")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "mmtrain.cli", command, str(config), *overrides],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
+        log = logdir / f"rank{rank}.log"
+        args = [command, str(config), *overrides]
+        if fork:
+            procs.append(_forkserver().start("mmtrain.cli", args, env, cwd, log))
+            continue
+        with open(log, "ab") as out:
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "mmtrain.cli", *args],
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=cwd,
+                )
             )
-        )
     return procs
+
+
+_FORKSERVER = None
+
+
+def _forkserver():
+    """This test process's fork server (tests/support/forkserver.py), started on first use."""
+    global _FORKSERVER
+    if _FORKSERVER is None:
+        import atexit
+        import tempfile
+
+        from tests.support.forkserver import Client
+
+        _FORKSERVER = Client(Path(tempfile.mkdtemp(prefix="mmtrain-forkserver-")))
+        atexit.register(_FORKSERVER.close)
+    return _FORKSERVER
 
 
 def wait_all(procs: List[subprocess.Popen], timeout: float = 240) -> List[int]:
@@ -102,28 +133,40 @@ def scalars(run_dir: Path, tag: str) -> Dict[int, float]:
     return {e.step: e.value for e in acc.Scalars(tag)}
 
 
-def cli_ranks(*args: str, world: int = 2, stderr: bool = False):
-    """`mmtrain ARGS` on `world` ranks (torchrun); asserts success, returns stdout (and stderr)."""
-    env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(world),
-            "-m",
-            "mmtrain.cli",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return (out.stdout, out.stderr) if stderr else out.stdout
+def cli_ranks(*args: str, world: int = 2, stderr: bool = False, timeout: float = 300):
+    """`mmtrain ARGS` on `world` ranks (a process each, as torchrun starts them; forked as in
+    `start_ranks`); asserts success, returns the ranks' stdout (and stderr), rank by rank."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mmtrain-cli-") as tmp:
+        port, procs, outs, errs = str(free_port()), [], [], []
+        for rank in range(world):
+            env = dict(
+                os.environ,
+                RANK=str(rank),
+                WORLD_SIZE=str(world),
+                LOCAL_RANK=str(rank),
+                LOCAL_WORLD_SIZE=str(world),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+                OMP_NUM_THREADS="1",
+                PYTHONUNBUFFERED="1",
+            )
+            outs.append(Path(tmp) / f"rank{rank}.out")
+            errs.append(Path(tmp) / f"rank{rank}.err")
+            if FORK:
+                procs.append(
+                    _forkserver().start("mmtrain.cli", list(args), env, REPO, errs[-1], outs[-1])
+                )
+            else:
+                with open(outs[-1], "wb") as o, open(errs[-1], "wb") as e:
+                    cmd = [sys.executable, "-m", "mmtrain.cli", *args]
+                    procs.append(subprocess.Popen(cmd, env=env, stdout=o, stderr=e, cwd=REPO))
+        codes = wait_all(procs, timeout)
+        out = "".join(p.read_text() for p in outs)
+        err = "".join(p.read_text() for p in errs)
+    assert codes == [0] * world, f"exit codes {codes}:\n{err[-3000:]}"
+    return (out, err) if stderr else out
 
 
 def eval_ranks(run_dir: Path, *args: str, world: int = 2, stderr: bool = False):

@@ -123,13 +123,14 @@ def pretrain_lm(
 
     import torch
 
-    texts = _lm_corpus(tok)
+    encoded = [tok(text)["input_ids"] for text in _lm_corpus(tok)]  # once, not every step
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     loss = None
     for _ in range(steps):
-        enc = tok(rng.sample(texts, batch), padding=True, return_tensors="pt")
+        picked = rng.sample(range(len(encoded)), batch)
+        enc = tok.pad({"input_ids": [encoded[i] for i in picked]}, return_tensors="pt")
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         loss = model(**enc, labels=labels).loss
         opt.zero_grad()

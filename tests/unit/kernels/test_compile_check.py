@@ -20,6 +20,7 @@ else:
     PTXAS = Path("/nonexistent")
 
 
+@pytest.mark.heavy  # 60 s on the 2-core machine: `make test-all` (and so CI) runs it
 @pytest.mark.skipif(not PTXAS.exists(), reason="this triton wheel carries no NVIDIA ptxas")
 def test_every_gpu_configuration_compiles_for_sm90_and_each_kernel_has_one_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
