@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements/ci.txt setup.py | cksum | c
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-unit test-all chaos test-slurm install lint bench clean
+.PHONY: demo test test-unit test-all chaos test-slurm test-multinode install lint bench clean
 
 # One venv for every target, installed once (again only when the pins change), quietly: its log
 # is $(VENV)/install.log, shown when the install fails.
@@ -25,11 +25,11 @@ demo: $(STAMP)
 
 # the fast suite; `make test-all` adds the heavy groups (pytest marker `heavy`)
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 -m "not heavy and not slurm" tests
+	$(PY) -m pytest -q --durations=15 -m "not heavy and not slurm and not multinode" tests
 
 # tests/unit alone: no ranks, no launchers (about a minute)
 test-unit: $(STAMP)
-	$(PY) -m pytest -q --durations=10 -m "not heavy and not slurm" tests/unit
+	$(PY) -m pytest -q --durations=10 -m "not heavy and not slurm and not multinode" tests/unit
 
 # the fault battery: damaged checkpoints, full disks, signals, overflowing gradients, bad data
 chaos: $(STAMP)
@@ -44,8 +44,17 @@ test-slurm: $(STAMP)
 	  eval "$$conf"; $(PY) -m pytest -q --durations=15 -m slurm tests; \
 	  rc=$$?; bash slurm/testing/cluster.sh down; exit $$rc
 
+# two hosts on this machine (network namespaces, a two-node Slurm, sshd for the deepspeed launcher):
+# multi-node sbatch, torchrun and deepspeed runs, requeue, node loss (root; cluster.sh says why not)
+test-multinode: $(STAMP)
+	@conf=$$(bash slurm/testing/cluster.sh up --nodes 2); up=$$?; \
+	  if [ $$up -eq 3 ]; then echo "make test-multinode skipped (see above)"; exit 0; fi; \
+	  if [ $$up -ne 0 ]; then exit $$up; fi; \
+	  eval "$$conf"; $(PY) -m pytest -q --durations=15 -m multinode tests; \
+	  rc=$$?; bash slurm/testing/cluster.sh down --nodes 2; exit $$rc
+
 test-all: $(STAMP)
-	$(PY) -m pytest -q --durations=15 -m "not slurm" tests
+	$(PY) -m pytest -q --durations=15 -m "not slurm and not multinode" tests
 
 # ruff formats and lints the Python (settings in pyproject.toml); bash -n and shellcheck the scripts
 lint: $(STAMP)
@@ -59,4 +68,4 @@ bench: $(STAMP)
 	$(PY) -m kernels.bench
 
 clean:
-	rm -rf $(VENV) runs *.egg-info
+	rm -rf $(VENV) runs *.egg-info .cache

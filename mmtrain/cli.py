@@ -4,7 +4,15 @@ Errors in user input exit 2 with one line."""
 
 from __future__ import annotations
 
+import os
 import sys
+
+# Triton compiles kernels into a cache: by default one per node in its temporary directory, not
+# the home directory that every rank of every node shares (concurrent writers, slow NFS locks).
+os.environ.setdefault(
+    "TRITON_CACHE_DIR",
+    os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mmtrain-triton-{os.getuid()}"),
+)
 
 if __name__ == "__main__" and sys.argv[1:2] in (["train"], ["pipeline"]):
     # before the slow imports below: a stop signal while a rank starts up is remembered, not fatal
@@ -14,12 +22,12 @@ if __name__ == "__main__" and sys.argv[1:2] in (["train"], ["pipeline"]):
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
-import os  # noqa: E402
 
 from mmtrain import recipes  # noqa: E402
 from mmtrain.config import ConfigError, load_config, to_yaml  # noqa: E402
 from mmtrain.data.shards import DataError  # noqa: E402
 from mmtrain.engine.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
+from mmtrain.engine.heartbeat import PEER_LOST_EXIT_CODE, PeerLost  # noqa: E402
 from mmtrain.engine.weights import WeightsError  # noqa: E402
 from mmtrain.models.rules import RuleError  # noqa: E402
 
@@ -75,7 +83,7 @@ def _until_done(work) -> int:
     except BaseException as e:
         log = logging.getLogger("mmtrain")
         if log.handlers:  # train.log exists: the reason the run ended goes there too
-            trace = not isinstance(e, KeyboardInterrupt)
+            trace = not isinstance(e, (KeyboardInterrupt, PeerLost))
             log.error("run ended by %s: %s", type(e).__name__, e, exc_info=trace)
         raise
     finally:
@@ -500,6 +508,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         return args.fn(args)
+    except PeerLost as e:  # a rank or host is gone or stuck: named, and its own exit code
+        print(f"mmtrain {args.cmd}: error: {e}", file=sys.stderr)
+        return PEER_LOST_EXIT_CODE
     except (
         ConfigError,
         DataError,

@@ -51,6 +51,10 @@ class TrainConfig:
     )
     micro_batch_size: int = bounded(8, ge=1)  # samples per rank per forward
     grad_accum: int = bounded(1, ge=1)
+    # samples per optimizer step over all ranks; set, it decides grad_accum at each launch
+    # (global / (micro_batch_size x ranks)), so a run resumed on fewer or more GPUs or nodes keeps
+    # its global batch; it must divide evenly. null: micro_batch_size x grad_accum x ranks
+    global_batch_size: Optional[int] = bounded(None, ge=1)
     lr: float = bounded(1e-4, gt=0)
     min_lr_ratio: float = bounded(0.0, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
     warmup_ratio: float = bounded(0.1, ge=0, lt=1)  # fraction of `steps` spent in linear warm-up
@@ -100,6 +104,13 @@ class DistConfig:
     backend: str = choices("auto", "nccl", "gloo", default="auto")  # auto: nccl on CUDA, else gloo
     # collective timeout; a dead peer on gloo fails much sooner
     timeout_s: int = bounded(1800, ge=1)
+    # the network interface gloo and NCCL connect over (e.g. ib0, eth0, bond0); empty: their own
+    # choice. GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME in the environment win over it
+    socket_ifname: str = ""
+    # each rank posts its progress to the rendezvous store this often (0: no heartbeat); a rank
+    # unheard for late_after_s, or a step behind the others that long, is named in the log
+    heartbeat_s: float = bounded(10.0, ge=0)
+    late_after_s: float = bounded(60.0, gt=0)
 
 
 @dataclass
@@ -277,6 +288,22 @@ def _absolute_paths(obj: Any) -> None:
             setattr(obj, f.name, os.path.abspath(str(value)))
 
 
+def plan_global_batch(train: TrainConfig, world: int) -> int:
+    """train.grad_accum for `world` ranks: as configured, or from train.global_batch_size (which
+    must be micro_batch_size x grad_accum x world for a whole grad_accum)."""
+    if train.global_batch_size is None:
+        return train.grad_accum
+    per_pass = train.micro_batch_size * world
+    accum, rest = divmod(train.global_batch_size, per_pass)
+    if rest or not accum:
+        raise ConfigError(
+            f"train.global_batch_size={train.global_batch_size} does not split over {world} ranks "
+            f"of train.micro_batch_size={train.micro_batch_size}: it must be a multiple of "
+            f"{per_pass}; change one of them, or the number of ranks"
+        )
+    return accum
+
+
 def validate(cfg: Config, pending: Sequence[str] = ()) -> None:
     """Every rule of the schema; `pending`: absolute paths an earlier pipeline stage will write
     (a path under one of them need not exist yet)."""
@@ -320,6 +347,12 @@ def validate(cfg: Config, pending: Sequence[str] = ()) -> None:
         raise ConfigError(
             "key 'deepspeed.hpz_partition_size' (ZeRO++) needs deepspeed.zero_stage=3, got "
             f"{cfg.deepspeed.zero_stage!r}"
+        )
+    tr = cfg.train
+    if tr.global_batch_size is not None and tr.global_batch_size % tr.micro_batch_size:
+        raise ConfigError(
+            f"key 'train.global_batch_size'={tr.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size={tr.micro_batch_size}"
         )
     if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
         raise ConfigError(

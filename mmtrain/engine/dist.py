@@ -76,9 +76,13 @@ def _free_port() -> int:
 
 
 def resolve_env(environ=os.environ) -> None:
-    """Fill the torch.distributed variables from Slurm, or for a single process."""
+    """Fill the torch.distributed variables from Slurm, or for a single process. LOCAL_RANK, when
+    the launcher gives none, comes from the node-local rank it does give (Slurm's SLURM_LOCALID,
+    Open MPI's), else from RANK modulo LOCAL_WORLD_SIZE; `bind_device` later maps it to a visible
+    device."""
     if "RANK" in environ and "WORLD_SIZE" in environ:
-        environ.setdefault("LOCAL_RANK", environ["RANK"])
+        if "LOCAL_RANK" not in environ:
+            environ["LOCAL_RANK"] = _node_local_rank(environ)
     elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
         environ["RANK"] = environ["SLURM_PROCID"]
         environ["WORLD_SIZE"] = environ["SLURM_NTASKS"]
@@ -86,8 +90,7 @@ def resolve_env(environ=os.environ) -> None:
         if "MASTER_ADDR" not in environ:
             environ["MASTER_ADDR"] = first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
         # slurm/train.sbatch exports the port it probed on the master host; a bare srun gets the
-        # same
-        # hash of the job id and restart count on every rank
+        # same hash of the job id and restart count on every rank
         job, restart = (
             int(environ.get("SLURM_JOB_ID", "0")),
             int(environ.get("SLURM_RESTART_COUNT", "0")),
@@ -101,37 +104,74 @@ def resolve_env(environ=os.environ) -> None:
     environ.setdefault("MASTER_PORT", "29500")
 
 
+def _node_local_rank(environ) -> str:
+    for key in ("SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"):
+        if key in environ:
+            return environ[key]
+    per_node = int(environ.get("LOCAL_WORLD_SIZE", environ["WORLD_SIZE"]))
+    return str(int(environ["RANK"]) % max(1, per_node))
+
+
+def bind_device(environ, visible: int) -> int:
+    """The index, among the `visible` CUDA devices, of the one this rank uses, written back to
+    LOCAL_RANK (DeepSpeed reads LOCAL_RANK as a device index: its engine, zero.Init and its
+    process-group start). Where every local rank sees every GPU (torchrun, the deepspeed
+    launcher, srun without binding) it is the node-local rank; where each task is shown only its
+    own GPU(s) (srun --gpus-per-task=1, --gpu-bind=single:1) the local rank modulo what it sees,
+    i.e. its one GPU. The launcher's node-local rank stays in MMTRAIN_NODE_LOCAL_RANK."""
+    local = int(environ.setdefault("MMTRAIN_NODE_LOCAL_RANK", environ["LOCAL_RANK"]))
+    index = local % visible
+    environ["LOCAL_RANK"] = str(index)
+    return index
+
+
+NETWORK_ENV = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
+
+def use_interface(ifname, environ=os.environ) -> None:
+    """`dist.socket_ifname`: the network interface gloo and NCCL connect over (e.g. ib0, eth0),
+    unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME are already set (those win)."""
+    if ifname:
+        for key in NETWORK_ENV:
+            environ.setdefault(key, ifname)
+
+
 _ADDED_ENV: list = []  # the variables init() set itself, removed again by shutdown()
 
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def init(backend: str = "auto", timeout_s: int = 1800) -> DistEnv:
+def init(backend: str = "auto", timeout_s: int = 1800, socket_ifname: str = "") -> DistEnv:
+    """The process group (one per process, started once), over `backend` ("auto": NCCL on CUDA,
+    else gloo), on the device `bind_device` picks."""
     before = {k for k in DIST_VARS if k in os.environ}
     resolve_env()
+    use_interface(socket_ifname)
     _ADDED_ENV[:] = [k for k in DIST_VARS if k in os.environ and k not in before]
-    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available():
-        # srun --gpus-per-task=1 shows each task one GPU whatever its local rank
-        device = torch.device("cuda", local % torch.cuda.device_count())
+        device = torch.device("cuda", bind_device(os.environ, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
         # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU ranks at every start
         # (~35 s); gloo is enough for CPU runs, so skip the build.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    local = int(os.environ["LOCAL_RANK"])
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     import deepspeed
 
     if not tdist.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=backend,
-            auto_mpi_discovery=False,
+        # started here, not by DeepSpeed, whose start binds the device LOCAL_RANK names
+        tdist.init_process_group(
+            backend,
             timeout=timedelta(seconds=timeout_s),
             rank=rank,
             world_size=world,
+            device_id=device if device.type == "cuda" and world > 1 else None,
         )
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return DistEnv(rank, world, local, device)
 
 

@@ -56,7 +56,9 @@ class _TqdmSafeHandler(logging.StreamHandler):
 
 def setup_logging(run_dir: Path, rank: int, console: bool = True) -> logging.Logger:
     """The "mmtrain" logger: rank 0 to the terminal (INFO, or WARNING without `console`) and to
-    run_dir/train.log; other ranks their warnings to the terminal and errors to train.log."""
+    run_dir/train.log; other ranks their warnings to the terminal and to run_dir/logs/rankN.log
+    (made at the first one). One writer per file: on a shared filesystem two ranks appending to
+    one file interleave and can lose lines."""
     log = logging.getLogger("mmtrain")
     log.setLevel(logging.INFO)
     for h in list(log.handlers):  # a run before this one in the same process (a pipeline)
@@ -70,9 +72,14 @@ def setup_logging(run_dir: Path, rank: int, console: bool = True) -> logging.Log
     stream.setFormatter(fmt)
     stream.setLevel(logging.INFO if rank == 0 and console else logging.WARNING)
     log.addHandler(stream)
-    fh = logging.FileHandler(run_dir / "train.log")  # rank 0 all of it, other ranks their errors
+    if rank == 0:
+        fh = logging.FileHandler(run_dir / "train.log")
+        fh.setLevel(logging.INFO)
+    else:
+        (run_dir / "logs").mkdir(exist_ok=True)
+        fh = logging.FileHandler(run_dir / "logs" / f"rank{rank:05d}.log", delay=True)
+        fh.setLevel(logging.WARNING)
     fh.setFormatter(fmt)
-    fh.setLevel(logging.INFO if rank == 0 else logging.ERROR)
     log.addHandler(fh)
     return log
 

@@ -15,7 +15,7 @@ from typing import Any, Dict
 
 import torch
 
-from mmtrain.config import Config, save_config, to_yaml
+from mmtrain.config import Config, plan_global_batch, save_config, to_yaml
 from mmtrain.engine import checkpoint, dist, signals
 from mmtrain.engine.build import (
     DTYPES,
@@ -31,6 +31,7 @@ from mmtrain.engine.components import (
     StopPolicy,
     TooManyBadSteps,
 )
+from mmtrain.engine.heartbeat import Heartbeat, PeerLost, is_comm_error
 from mmtrain.engine.losses import combine
 from mmtrain.engine.monitor import Monitor, peak_memory_gib, peak_tflops, setup_logging
 from mmtrain.engine.optim import (
@@ -67,7 +68,19 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> int:
-        self._start()
+        try:
+            self._start()
+            return self._loop()
+        except BaseException as e:
+            heartbeat = getattr(self, "heartbeat", None)
+            if heartbeat is not None and is_comm_error(e):
+                raise PeerLost(heartbeat.explain(e)) from e
+            raise
+        finally:
+            if getattr(self, "heartbeat", None) is not None:
+                self.heartbeat.stop()
+
+    def _loop(self) -> int:
         cfg, stop = self.cfg, self.stop
         try:
             if stop.signal():  # a signal while starting up
@@ -119,6 +132,7 @@ class Trainer:
             if out is not None:
                 self.metrics.add(total, losses, out)
         self.step += 1
+        self.heartbeat.beat(self.step)
         self.metrics.step_done()
         self.recipe.on_step_end()
         grad_norm = self.engine.get_global_grad_norm()
@@ -204,6 +218,7 @@ class Trainer:
         self.log.info("step %d/%d %s", self.step, self.cfg.train.steps, line)
 
     def _evaluate(self) -> None:
+        self.heartbeat.beat(self.step, "evaluating")
         self.engine.eval()
         result: EvalResult = self.recipe.evaluate(self.engine)
         self.engine.train()
@@ -238,6 +253,7 @@ class Trainer:
         }
 
     def _write_checkpoint(self, step: int):
+        self.heartbeat.beat(self.step, "saving a checkpoint")
         info = {"world_size": self.env.world_size, "recipe": self.cfg.recipe.name}
         return checkpoint.save(
             self.engine,
@@ -253,8 +269,17 @@ class Trainer:
     def _start(self) -> None:
         """Process group, run directory, recipe, model under DeepSpeed, data, components, resume."""
         self.found = found = self._find_resume()
-        self.env = env = dist.init(self.cfg.dist.backend, self.cfg.dist.timeout_s)
+        self.env = env = dist.init(
+            self.cfg.dist.backend, self.cfg.dist.timeout_s, self.cfg.dist.socket_ifname
+        )
+        # the global batch decided once, for this number of ranks (train.global_batch_size)
+        self.cfg.train.grad_accum = plan_global_batch(self.cfg.train, env.world_size)
         self._prepare_run_dir()
+        d = self.cfg.dist
+        self.heartbeat = Heartbeat(
+            env.rank, env.world_size, d.heartbeat_s, d.late_after_s, d.timeout_s
+        )
+        self.heartbeat.start(dist.gather_objects)
         self._build()
         seed_all(self.cfg.run.seed + 1 + env.rank)  # per-rank streams for dropout, masking, ...
         self._components()
@@ -289,11 +314,17 @@ class Trainer:
             checkpoint.clean_partials(self.ckpt_root)
         dist.barrier()
         self.log = setup_logging(self.run_dir, env.rank, self.cfg.log.console)
+        tr = self.cfg.train
         self.log.info(
-            "run directory: %s (world size %d, device %s)\nresolved config:\n%s",
+            "run directory: %s (world size %d, device %s; global batch %d = micro-batch %d x "
+            "grad_accum %d x %d ranks)\nresolved config:\n%s",
             self.run_dir.resolve(),
             env.world_size,
             env.device,
+            tr.micro_batch_size * tr.grad_accum * env.world_size,
+            tr.micro_batch_size,
+            tr.grad_accum,
+            env.world_size,
             to_yaml(self.cfg),
         )
         for note in self.passed_over:

@@ -253,8 +253,10 @@ def test_the_error_that_ends_a_run_is_in_train_log_and_tensorboard_shows_each_st
     train(run, args + ["recipe.inject_nan_at_calls=[6,7]"], world=2, expect=1)  # dies in step 6
     log = (run / "train.log").read_text()
     assert "ERROR run ended by TooManyBadSteps: 2 consecutive non-finite losses" in log
-    # both ranks said why
-    assert "Traceback" in log and log.count("run ended by TooManyBadSteps") == 2
+    # both ranks said why, each in its own file (one writer per file)
+    assert "Traceback" in log and log.count("run ended by TooManyBadSteps") == 1
+    other = (run / "logs" / "rank00001.log").read_text()
+    assert other.count("[rank1] ERROR run ended by TooManyBadSteps") == 1
     assert max(scalars(run, "loss/total")) == 5  # steps 4, 5 logged past checkpoint 3
     train(run, args, world=2)  # resumed from step 3
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})

@@ -42,6 +42,40 @@ def test_train_sh_rejects_a_bad_config_before_launching(tmp_path):
     assert "unknown key 'train.stpes'; did you mean 'train.steps'" in r.stderr
 
 
+@pytest.mark.heavy  # two real launches (launcher, 4 ranks): 55 s, `make test-all`
+def test_two_launches_on_one_node_each_get_a_port_and_both_train(tmp_path):
+    """launch/train.sh picks a free rendezvous port when MASTER_PORT is unset: two jobs on one node
+    at once (it used 29512 for both: the second failed with "address already in use")."""
+    env = {k: v for k, v in os.environ.items() if k != "MASTER_PORT"}
+    env["PYTHON"] = sys.executable
+    procs = [
+        subprocess.Popen(
+            [
+                "bash",
+                str(REPO / "launch/train.sh"),
+                "--cpu",
+                "2",
+                str(DEMO),
+                f"run.out_dir={tmp_path}",
+                f"run.name=job{i}",
+                "train.steps=4",
+                "log.progress=false",
+            ],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        for i in (1, 2)
+    ]
+    outs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    for i, (p, out) in enumerate(zip(procs, outs), 1):
+        assert p.returncode == 0, out[-3000:]
+        assert "done: 4 steps" in (tmp_path / f"job{i}" / "train.log").read_text()
+    ports = [out.split("--master_port=")[1].split()[0] for out in outs if "--master_port=" in out]
+    assert len(set(ports)) == len(ports), ports
+
+
 def fake_slurm_env(tmp_path, extra_env=None):
     """A job's environment under the stand-ins for srun/scontrol (tests/fake_slurm)."""
     env = dict(

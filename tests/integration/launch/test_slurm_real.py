@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import DEMO, REPO, scalars, train
+from tests.support import slurm
+from tests.support.slurm import end, job, log_has, sbatch, start_now_when_requeued, wait_for
 
 pytestmark = [
     pytest.mark.slurm,
@@ -31,97 +32,18 @@ CPU = ["--nodes=1", "--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task
 
 
 def submit(tmp_path, name, sbatch_args=(), overrides=()):
-    env = dict(os.environ, PYTHON=sys.executable)
-    env.pop("OMP_NUM_THREADS", None)
-    out = subprocess.run(
-        [
-            "sbatch",
-            "--parsable",
-            *CPU,
-            f"--output={tmp_path}/slurm-%j.out",
-            f"--chdir={REPO}",
-            f"--job-name={name}",
-            *sbatch_args,
-            str(REPO / "slurm/train.sbatch"),
-            str(DEMO),
-            f"run.out_dir={tmp_path / 'runs'}",
-            f"run.name={name}",
-            "log.progress=false",
-            "log.every=1",
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-    )
-    return out.stdout.strip().split(";")[0]
-
-
-def job(jid):
-    """JobState, Restarts, ExitCode of a job (Slurm keeps finished jobs for MinJobAge)."""
-    text = subprocess.run(["scontrol", "show", "job", jid], capture_output=True, text=True).stdout
-    return dict(re.findall(r"\b(JobState|Restarts|ExitCode)=(\S+)", text))
-
-
-def wait_for(what, timeout=240, every=0.5, story=None):
-    """Poll `what()` until it is true; on a timeout, `story()` (the job's state and logs) says why."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = what()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError(
-        f"timed out waiting for {what.__doc__ or what}" + (f"\n{story()}" if story else "")
-    )
+    """The toy LM on 2 CPU ranks of the one node (the environment as it is: OMP_NUM_THREADS=1
+    exported, as in many HPC shells, must not matter)."""
+    return sbatch(tmp_path, name, DEMO, CPU, sbatch_args, overrides)
 
 
 def story(tmp_path, jid, run):
-    """What a failed wait shows: the job's state and the ends of its logs."""
-
-    def tell():
-        logs = [
-            tmp_path / f"slurm-{jid}.out",
-            run / "slurm.log",
-            *sorted(run.glob("slurm-*-rank0.log")),
-        ]
-        tails = [f"--- {p.name}:\n{p.read_text()[-1500:]}" for p in logs if p.exists()]
-        return "\n".join([f"job {jid}: {job(jid)}", *tails])
-
-    return tell
-
-
-def log_has(run, text):
-    path = run / "train.log"
-    return lambda: path.exists() and text in path.read_text()
-
-
-def start_now_when_requeued(jid, restarts):
-    """A requeued job waits ~2 minutes before it may start; the tests cut that to 5 s (sooner, the
-    old incarnation's credential may still be revoked: "Killing non-startable batch job")."""
-
-    def requeued():
-        j = job(jid)
-        if j.get("JobState") == "PENDING" and int(j.get("Restarts", 0)) >= restarts:
-            time.sleep(5)
-            subprocess.run(
-                ["scontrol", "update", f"JobId={jid}", "StartTime=now"], capture_output=True
-            )
-            return j
-        return None
-
-    return requeued
-
-
-def end(jid):
-    subprocess.run(["scancel", jid], capture_output=True)
-    wait_for(lambda: job(jid).get("JobState") in ("CANCELLED", "COMPLETED", "FAILED"), 60)
+    return slurm.story(tmp_path, jid, run)
 
 
 def test_a_run_trains_to_completion(tmp_path):
     jid = submit(tmp_path, "done", overrides=["train.steps=10"])
-    state = wait_for(lambda: job(jid).get("JobState") in ("COMPLETED", "FAILED") and job(jid))
+    state = wait_for(slurm.finished(jid), jid=jid)
     assert (
         state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0" and state["Restarts"] == "0"
     )
@@ -129,25 +51,23 @@ def test_a_run_trains_to_completion(tmp_path):
 
 
 def test_the_time_limit_signal_requeues_and_the_run_resumes_to_the_same_losses(tmp_path):
-    # ~17-27 steps/s here: a 2-minute limit signalled 110 s ahead (Slurm checks time limits
-    # periodically: the signal came 0-30 s late here) cuts 800 steps into several runs, and
-    # leaves 50 s for the checkpoint before the limit
-    steps = 800
+    # a 2-minute limit signalled 75 s ahead: the ranks train ~30 s (after ~15 s of start-up) before
+    # each signal, which cuts 600 steps into several runs and leaves a minute for the checkpoint.
+    # (With the signal less than a start-up before the limit, every run would checkpoint at its
+    # first step and requeue again: Slurm here checks time limits within seconds.)
+    steps = 600
     args = [f"train.steps={steps}", "checkpoint.every=0", "log.every=1"]
-    jid = submit(tmp_path, "limit", ["--time=2", "--signal=USR1@110"], args)
-    restarts = 0
-    while True:
+    jid = submit(tmp_path, "limit", ["--time=2", "--signal=USR1@75"], args)
+    try:
         state = wait_for(
-            lambda: (
-                (job(jid).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") and job(jid))
-                or start_now_when_requeued(jid, restarts + 1)()  # noqa: B023 (called at once)
-            ),
-            timeout=300,
+            lambda: slurm.finished(jid)() or slurm.nudge(jid),
+            timeout=900,
+            jid=jid,
+            story=story(tmp_path, jid, tmp_path / "runs" / "limit"),
         )
-        if state["JobState"] != "PENDING":
-            break
-        restarts += 1
-        assert restarts < 15, "requeued again and again"
+    finally:
+        end(jid)
+    restarts = int(state["Restarts"])
     run = tmp_path / "runs" / "limit"
     assert state["JobState"] == "COMPLETED" and restarts >= 1, (
         state,
@@ -164,7 +84,7 @@ def test_the_time_limit_signal_requeues_and_the_run_resumes_to_the_same_losses(t
 def test_scancel_leaves_the_job_cancelled(tmp_path):
     jid = submit(tmp_path, "cancel", overrides=["train.steps=100000"])
     run = tmp_path / "runs" / "cancel"
-    wait_for(log_has(run, "step 3/"))
+    wait_for(log_has(run, "step 3/"), jid=jid)
     subprocess.run(["scancel", jid], check=True)
     wait_for(lambda: job(jid).get("JobState") == "CANCELLED", 90)
     time.sleep(5)
@@ -177,7 +97,7 @@ def test_scancel_leaves_the_job_cancelled(tmp_path):
 def test_an_outside_requeue_resumes_once(tmp_path):
     jid = submit(tmp_path, "outside", overrides=["train.steps=100000"])
     run = tmp_path / "runs" / "outside"
-    wait_for(log_has(run, "step 3/"))
+    wait_for(log_has(run, "step 3/"), jid=jid)
     subprocess.run(["scontrol", "requeue", jid], check=True)
     wait_for(start_now_when_requeued(jid, 1))
     wait_for(log_has(run, "resumed from"))
@@ -204,7 +124,7 @@ def test_a_batch_shell_signal_before_the_ranks_start_requeues(tmp_path):
     jid = submit(tmp_path, "bearly", overrides=["train.steps=100000"])
     run = tmp_path / "runs" / "bearly"
     checking = " -m mmtrain.cli config --get run_dir .*run.name=bearly"
-    wait_for(lambda: subprocess.run(["pgrep", "-f", checking], capture_output=True).returncode == 0,
+    wait_for(lambda: subprocess.run(["pgrep", "-f", checking], capture_output=True).returncode == 0, jid=jid,
              every=0.1, story=story(tmp_path, jid, run))  # fmt: skip
     subprocess.run(["scancel", "--batch", "--signal=USR1", jid], check=True)
     wait_for(start_now_when_requeued(jid, 1), timeout=120, story=story(tmp_path, jid, run))
@@ -216,7 +136,7 @@ def test_a_batch_shell_signal_before_the_ranks_start_requeues(tmp_path):
 def test_a_killed_rank_fails_the_job_without_requeue(tmp_path):
     jid = submit(tmp_path, "killed", overrides=["train.steps=100000"])
     run = tmp_path / "runs" / "killed"
-    wait_for(log_has(run, "step 3/"))
+    wait_for(log_has(run, "step 3/"), jid=jid)
     ranks = subprocess.run(
         ["pgrep", "-f", " -m mmtrain.cli train .*run.name=killed"], capture_output=True, text=True
     ).stdout.split()
@@ -253,7 +173,7 @@ def test_a_signal_while_the_ranks_start_up_checkpoints_and_requeues(tmp_path):
     # passed `signals.install()`, the first thing `mmtrain train` does (until then the signal's
     # default action would end it). The import of torch, DeepSpeed and the model follows.
     rank = f"^{sys.executable} -m mmtrain.cli train .*run.name=early"
-    wait_for(lambda: rank_catches_usr1(rank), every=0.1)
+    wait_for(lambda: rank_catches_usr1(rank), every=0.1, jid=jid)
     subprocess.run(["scancel", "--signal=USR1", jid], check=True)  # still importing
     wait_for(start_now_when_requeued(jid, 1), timeout=120)
     assert (
@@ -275,14 +195,13 @@ def test_a_pipeline_runs_every_stage_in_one_allocation(tmp_path):
         "  val: {eval: second, split: val, show: [accuracy]}\n"
     )
     env = dict(os.environ, PYTHON=sys.executable)
-    env.pop("OMP_NUM_THREADS", None)
     out = subprocess.run(
         ["sbatch", "--parsable", *CPU, f"--output={tmp_path}/slurm-%j.out", f"--chdir={REPO}",
          "--job-name=chain", str(REPO / "slurm/train.sbatch"), str(pipeline)],
         capture_output=True, text=True, env=env, check=True,
     )  # fmt: skip
     jid = out.stdout.strip().split(";")[0]
-    state = wait_for(lambda: job(jid).get("JobState") in ("COMPLETED", "FAILED") and job(jid))
+    state = wait_for(slurm.finished(jid), jid=jid)
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", state
     root = tmp_path / "runs" / "chain"
     done = json.loads((root / "pipeline.json").read_text())["done"]
