@@ -41,6 +41,9 @@ class RunConfig:
     resume: str = "auto"  # auto: latest checkpoint if any | never | a checkpoint dir
     # end this invocation early (checkpointed), e.g. to split a job
     stop_after_steps: Optional[int] = bounded(None, ge=1)
+    # Seconds between the stop signal and the job's end (slurm/train.sbatch: --signal=B:USR1@180).
+    # A save that takes more than half of it is logged with the --signal value that would fit it.
+    signal_lead_s: int = bounded(180, ge=1)
 
 
 @dataclass
@@ -79,6 +82,14 @@ class DeepSpeedSection:
     # FusedAdam: JIT-compiled on first use unless DeepSpeed was installed with
     # DS_BUILD_FUSED_ADAM=1), torch (foreach); auto: torch_fused on CUDA, torch on CPU
     optimizer: str = choices("auto", "torch_fused", "fused", "torch", default="auto")
+    # The dtype gradients are reduced across ranks in (DeepSpeed's communication_data_type) and
+    # accumulated over micro-steps in (data_types.grad_accum_dtype). auto: fp32 for bf16 runs (a
+    # bf16 sum over 64 ranks or 16 micro-steps keeps 8 bits of mantissa; the cost: fp32 gradient
+    # buffers, 4 bytes per trained parameter held instead of 2, and twice the reduce traffic),
+    # except the accumulation at ZeRO stage 0, which DeepSpeed does in the model's dtype only;
+    # fp16 runs keep their loss-scaled fp16. engine.optim.reduction_dtypes decides.
+    grad_reduce_dtype: str = choices("auto", "fp32", "bf16", "fp16", default="auto")
+    grad_accum_dtype: str = choices("auto", "fp32", "bf16", "fp16", default="auto")
     offload_optimizer: bool = False
     offload_params: bool = False
     overlap_comm: bool = True
@@ -104,6 +115,10 @@ class DistConfig:
     backend: str = choices("auto", "nccl", "gloo", default="auto")  # auto: nccl on CUDA, else gloo
     # collective timeout; a dead peer on gloo fails much sooner
     timeout_s: int = bounded(1800, ge=1)
+    # how long the other ranks wait for work rank 0 does for all (the universal conversion of a
+    # resume on another world size, the consolidation for evaluation, a pipeline's export): in
+    # a gloo group of their own, outside the collective timeout above (engine.dist.solo)
+    solo_timeout_s: int = bounded(21600, ge=1)
     # the network interface gloo and NCCL connect over (e.g. ib0, eth0, bond0); empty: their own
     # choice. GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME in the environment win over it
     socket_ifname: str = ""

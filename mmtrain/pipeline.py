@@ -214,8 +214,11 @@ class Pipeline:
         code = trainer.train()
         if code != 0 or not trainer.finished:  # a signal, or run.stop_after_steps
             return code, None
-        if stage.spec.get("export") and dist.is_main():
-            export(str(stage.dir), str(stage.export), overwrite=True)
+        if stage.spec.get("export"):  # rank 0, however long it takes
+            dist.solo(
+                lambda: export(str(stage.dir), str(stage.export), overwrite=True),
+                f"exporting {stage.dir} to {stage.export}",
+            )
         dist.barrier()  # rank 0 has written the export and eval.jsonl
         evals = stage.dir / "eval.jsonl"
         lines = evals.read_text().splitlines() if evals.is_file() else []

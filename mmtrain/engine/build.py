@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import numpy as np
 import torch
@@ -59,9 +59,10 @@ def build_recipe(
     dtype: torch.dtype,
     run_dir: Optional[Path] = None,
     partitioned=contextlib.nullcontext,
+    stop_requested: Callable[[], bool] = lambda: False,
 ) -> Recipe:
     """The configured recipe, told about the run through its RunContext (collectives included;
-    `partitioned`: see RunContext; plain for evaluation and export)."""
+    `partitioned`, `stop_requested`: see RunContext; plain for evaluation and export)."""
     ctx = RunContext(
         rank=env.rank,
         world_size=env.world_size,
@@ -75,6 +76,7 @@ def build_recipe(
         all_gather=dist.all_gather,
         gather_objects=dist.gather_objects,
         partitioned=partitioned,
+        stop_requested=stop_requested,
     )
     return recipe_class(cfg.recipe.name)(cfg.recipe, ctx)
 

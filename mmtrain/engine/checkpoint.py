@@ -314,7 +314,10 @@ def universal(root: Path, tag: str, rank: int) -> str:
     """Collective: the tag of `tag`'s DeepSpeed universal checkpoint (`tag/universal`), converted once by
     rank 0 with DeepSpeed's own `ds_to_universal` (written aside, then renamed: never half there)."""
     out = root / tag / "universal"
-    if rank == 0 and not out.is_dir():
+
+    def convert() -> None:
+        if out.is_dir():
+            return
         partial = root / tag / "universal.partial"
         shutil.rmtree(partial, ignore_errors=True)
         # the other ranks wait idle meanwhile
@@ -340,7 +343,8 @@ def universal(root: Path, tag: str, rank: int) -> str:
                 f"{done.stderr[-2000:]}"
             )
         os.replace(partial, out)
-    dist.barrier()
+
+    dist.solo(convert, f"converting {root / tag} to a universal checkpoint")
     return f"{tag}/universal"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +160,13 @@ class MetricsAccumulator:
         return values
 
 
+def suggested_signal_lead(save_s: float) -> int:
+    """Seconds of warning before the time limit that leave room for a save of `save_s` seconds:
+    twice it (the save may start just after a step or an evaluation batch began), plus a minute
+    for that step or batch and the exit."""
+    return math.ceil(2 * save_s + 60)
+
+
 class Checkpointer:
     """Saves on schedule (`checkpoint.every`), at the end, and when a validation metric improves
     (`checkpoint.best_metric`: checkpoints/best names that checkpoint, best.json says why).
@@ -173,6 +181,7 @@ class Checkpointer:
         best_mode: str,
         is_main: bool,
         write: Callable[[int], Path],
+        signal_lead_s: float = 180,
     ):
         self.root = root
         self.every = every
@@ -181,6 +190,7 @@ class Checkpointer:
         self.best_mode = best_mode
         self.is_main = is_main
         self.write = write
+        self.signal_lead_s = signal_lead_s
         self.last_save = -1
         self.best: Optional[float] = None
 
@@ -195,9 +205,21 @@ class Checkpointer:
         return bool(self.every) and step % self.every == 0 and step < self.total_steps
 
     def save(self, step: int) -> None:
+        started = time.monotonic()
         path = self.write(step)
         self.last_save = step
-        log.info("checkpoint saved: %s", path)
+        took = time.monotonic() - started
+        log.info("checkpoint saved: %s (%.1f s)", path, took)
+        if took > self.signal_lead_s / 2:
+            log.warning(
+                "that save took %.0f s, more than half of the %d s between the stop signal and "
+                "the time limit (run.signal_lead_s): a save after a late signal may not finish; "
+                "ask for the signal earlier (sbatch --signal=B:USR1@%d) and set "
+                "run.signal_lead_s to match",
+                took,
+                self.signal_lead_s,
+                suggested_signal_lead(took),
+            )
 
     def save_unless_saved(self, step: int) -> None:
         if self.last_save != step:

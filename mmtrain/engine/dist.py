@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import logging
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Callable, Dict, Optional, TypeVar
 
 import torch
 import torch.distributed as tdist
+
+log = logging.getLogger("mmtrain")
+T = TypeVar("T")
 
 
 @dataclass
@@ -141,9 +147,13 @@ _ADDED_ENV: list = []  # the variables init() set itself, removed again by shutd
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def init(backend: str = "auto", timeout_s: int = 1800, socket_ifname: str = "") -> DistEnv:
+def init(
+    backend: str = "auto", timeout_s: int = 1800, socket_ifname: str = "", solo_timeout_s: int = 0
+) -> DistEnv:
     """The process group (one per process, started once), over `backend` ("auto": NCCL on CUDA,
-    else gloo), on the device `bind_device` picks."""
+    else gloo), on the device `bind_device` picks; `solo_timeout_s`: see `solo`."""
+    global SOLO_TIMEOUT_S
+    SOLO_TIMEOUT_S = solo_timeout_s or SOLO_TIMEOUT_S
     before = {k for k in DIST_VARS if k in os.environ}
     resolve_env()
     use_interface(socket_ifname)
@@ -239,6 +249,45 @@ def device_memory(env: DistEnv) -> float:
 def barrier() -> None:
     if tdist.is_initialized():
         tdist.barrier()
+
+
+# Work one rank does for all (a universal conversion, a consolidation, an export) can outlast
+# the collective timeout (dist.timeout_s, which the watchdog enforces on every collective): the
+# others wait for it in a gloo group of their own, with this timeout instead (dist.solo_timeout_s).
+SOLO_TIMEOUT_S = 6 * 3600
+_SOLO_GROUP: Dict[int, Any] = {}
+
+
+def solo(work: Callable[[], T], what: str, progress_s: float = 60.0) -> Optional[T]:
+    """Collective: `work()` on rank 0 while the other ranks wait, whatever the collective timeout,
+    saying every `progress_s` that they are waiting; rank 0's result (None elsewhere). If it
+    fails, every rank raises, naming `what` and rank 0's error. MMTRAIN_SLOW_RANK0_S (tests)
+    makes rank 0 sleep that long first."""
+    failed, result = "", None
+    if is_main():
+        time.sleep(float(os.environ.get("MMTRAIN_SLOW_RANK0_S", "0")))
+        try:
+            result = work()
+        except Exception as e:  # the others must hear of it, not wait for the timeout
+            failed = f"{type(e).__name__}: {e}"
+    if _multi_rank():
+        group = _SOLO_GROUP.get(0)
+        if group is None:
+            timeout = timedelta(seconds=SOLO_TIMEOUT_S)
+            group = _SOLO_GROUP[0] = tdist.new_group(backend="gloo", timeout=timeout)
+        flag = torch.tensor([1 if failed else 0])
+        pending, started = tdist.all_reduce(flag, group=group, async_op=True), time.monotonic()
+        while not pending.is_completed():
+            time.sleep(min(1.0, progress_s))
+            waited = time.monotonic() - started
+            if waited // progress_s != (waited - 1.0) // progress_s:
+                log.info("waiting for rank 0: %s (%.0f s so far)", what, waited)
+        pending.wait()
+        if int(flag) and not failed:
+            failed = "see rank 0's log"
+    if failed:
+        raise RuntimeError(f"{what} failed on rank 0: {failed}")
+    return result
 
 
 def shutdown() -> None:

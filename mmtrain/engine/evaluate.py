@@ -43,7 +43,8 @@ def load_run(run_dir: str, tag: Optional[str] = None, overrides: Sequence[str] =
     model is the DeepSpeed engine, and every forward is collective)."""
     run = Path(run_dir)
     cfg, root, tag = find_checkpoint(run, tag, overrides)
-    env = dist.init(cfg.dist.backend, cfg.dist.timeout_s, cfg.dist.socket_ifname)
+    d = cfg.dist
+    env = dist.init(d.backend, d.timeout_s, d.socket_ifname, d.solo_timeout_s)
     # the run's precision on GPUs; fp32 on CPUs, where bf16 matmuls are slow and inexact
     precision = cfg.deepspeed.precision if env.device.type == "cuda" else "fp32"
     stored = weights.consolidate(root, tag, precision, env.device)

@@ -119,6 +119,27 @@ def zero_sizes(cfg: Config, hidden: Optional[int], built: bool = True) -> Dict[s
     return out
 
 
+def reduction_dtypes(precision: str, stage: int, reduce: str, accum: str) -> Tuple[str, str]:
+    """(the dtype gradients are reduced in, the dtype they are accumulated in) for a run in
+    `precision` at ZeRO `stage`, from the config's choices (auto: fp32 for bf16 runs, except the
+    accumulation at stage 0, where DeepSpeed accumulates in the model's dtype only)."""
+    bf16 = precision == "bf16"
+    reduce = ("fp32" if bf16 else precision) if reduce == "auto" else reduce
+    accum = ("fp32" if bf16 and stage >= 1 else precision) if accum == "auto" else accum
+    if stage == 0 and accum != precision:
+        raise ConfigError(
+            f"key 'deepspeed.grad_accum_dtype' ({accum}) must be the training precision "
+            f"({precision}) at ZeRO stage 0: DeepSpeed accumulates in the model's dtype there; "
+            "use stage 1-3 or grad_accum_dtype=auto"
+        )
+    if precision == "fp32" and (reduce, accum) != ("fp32", "fp32"):
+        raise ConfigError(
+            "keys 'deepspeed.grad_reduce_dtype'/'grad_accum_dtype' narrower than the fp32 "
+            f"training precision ({reduce}/{accum}): set them to auto or fp32"
+        )
+    return reduce, accum
+
+
 def deepspeed_config(
     cfg: Config,
     world_size: int,
@@ -166,6 +187,7 @@ def deepspeed_config(
             f"key 'deepspeed.hpz_partition_size' (ZeRO++) needs ZeRO stage 3; stage {stage} "
             "was chosen"
         )
+    reduce, accum = reduction_dtypes(ds.precision, stage, ds.grad_reduce_dtype, ds.grad_accum_dtype)
     optimizer = ds.optimizer if ds.optimizer != "auto" else "torch_fused" if on_cuda else "torch"
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
@@ -177,6 +199,8 @@ def deepspeed_config(
         "train_batch_size": tr.micro_batch_size * tr.grad_accum * parts * world_size,
         "gradient_clipping": tr.grad_clip,
         "zero_optimization": zero,
+        "communication_data_type": reduce,
+        "data_types": {"grad_accum_dtype": accum},
         "bf16": {"enabled": ds.precision == "bf16"},
         "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
         "optimizer": {

@@ -10,6 +10,7 @@ engine/components.py; `Trainer.train` only says in which order they are asked.
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from typing import Any, Dict
 
@@ -47,7 +48,7 @@ from mmtrain.parallelize import (
     numel,
     partition_summary,
 )
-from mmtrain.recipes.base import DataStream, EvalResult, StepOutput
+from mmtrain.recipes.base import DataStream, EvalResult, EvaluationStopped, StepOutput
 
 REQUEUE_EXIT_CODE = 85  # slurm/train.sbatch turns this into `scontrol requeue`
 
@@ -65,6 +66,7 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.step = 0
         self.finished = False  # every step trained (not stopped early by a signal or a split)
+        self.eval_pending = False  # an evaluation at self.step that a stop signal interrupted
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> int:
@@ -85,12 +87,14 @@ class Trainer:
         try:
             if stop.signal():  # a signal while starting up
                 return self._requeue()
+            if self.eval_pending and self.step < cfg.train.steps and not self._evaluate():
+                return self._requeue()  # the evaluation a stop interrupted, stopped again
             while self.step < cfg.train.steps:
                 grad_norm, lr = self._optimizer_step()
                 if self.metrics.due(self.step):
                     self._log(grad_norm, lr)
-                if self._eval_due():
-                    self._evaluate()
+                if self._eval_due() and not self._evaluate():
+                    return self._requeue()
                 if stop.signal():
                     return self._requeue()
                 if stop.split_here(self.step):
@@ -104,8 +108,8 @@ class Trainer:
                     self.checkpointer.save(self.step)
             self.checkpointer.save_unless_saved(self.step)
             self.finished = True
-            if cfg.eval.at_end:
-                self._evaluate()
+            if cfg.eval.at_end and not self._evaluate():
+                return self._requeue()
             self.log.info(
                 "done: %d steps; checkpoints in %s; TensorBoard logs in %s",
                 self.step,
@@ -217,11 +221,27 @@ class Trainer:
         line = " ".join(f"{k}={v:.4g}" for k, v in values.items())
         self.log.info("step %d/%d %s", self.step, self.cfg.train.steps, line)
 
-    def _evaluate(self) -> None:
+    def _evaluate(self) -> bool:
+        """Evaluate at this step; False if a stop signal interrupted it (between two of its
+        batches), which leaves it pending: redone at this step after the requeue."""
         self.heartbeat.beat(self.step, "evaluating")
+        self.log.info("evaluating at step %d", self.step)
         self.engine.eval()
-        result: EvalResult = self.recipe.evaluate(self.engine)
-        self.engine.train()
+        started = time.monotonic()
+        try:
+            result: EvalResult = self.recipe.evaluate(self.engine)
+        except EvaluationStopped:
+            self.eval_pending = True
+            self.log.warning(
+                "stop signal during the evaluation at step %d (%.1f s into it): it is redone "
+                "after the requeue",
+                self.step,
+                time.monotonic() - started,
+            )
+            return False
+        finally:
+            self.engine.train()
+        self.eval_pending = False
         for k, img in result.images.items():
             self.monitor.image(f"eval/{k}", img, self.step)
         metrics = result.metrics
@@ -233,12 +253,13 @@ class Trainer:
                 with open(self.run_dir / "eval.jsonl", "a") as f:
                     f.write(json.dumps({"step": self.step, **metrics}) + "\n")
         self.checkpointer.consider(self.step, metrics)
+        return True
 
     def _requeue(self) -> int:
         self.log.warning(
             "stop signal received: checkpointing at step %d, exiting for requeue", self.step
         )
-        self.checkpointer.save(self.step)
+        self.checkpointer.save_unless_saved(self.step)
         signals.current().ignore_further()
         return REQUEUE_EXIT_CODE
 
@@ -247,6 +268,7 @@ class Trainer:
         return {
             "step": self.step,
             "bad_total": self.guard.total,
+            "eval_pending": self.eval_pending,
             "data": self.data.state_dict(),
             "rng": checkpoint.rng_state(),
             "recipe": self.recipe.state_dict(),
@@ -269,9 +291,8 @@ class Trainer:
     def _start(self) -> None:
         """Process group, run directory, recipe, model under DeepSpeed, data, components, resume."""
         self.found = found = self._find_resume()
-        self.env = env = dist.init(
-            self.cfg.dist.backend, self.cfg.dist.timeout_s, self.cfg.dist.socket_ifname
-        )
+        d = self.cfg.dist
+        self.env = env = dist.init(d.backend, d.timeout_s, d.socket_ifname, d.solo_timeout_s)
         # the global batch decided once, for this number of ranks (train.global_batch_size)
         self.cfg.train.grad_accum = plan_global_batch(self.cfg.train, env.world_size)
         self._prepare_run_dir()
@@ -351,6 +372,7 @@ class Trainer:
             env,
             DTYPES[cfg.deepspeed.precision],
             partitioned=partitioned_loading(cfg, loading),
+            stop_requested=lambda: self.stop.signal(),  # (the StopPolicy is made below)
         )
         model = build_model(self.recipe, cfg.run.seed)
         if cfg.train.activation_checkpointing:
@@ -452,6 +474,7 @@ class Trainer:
             c.best_mode,
             env.is_main,
             self._write_checkpoint,
+            cfg.run.signal_lead_s,
         )
         self.stop = StopPolicy(
             lambda: signals.current().signum is not None,
@@ -464,6 +487,7 @@ class Trainer:
         env = self.env
         states = checkpoint.load(self.engine, root, tag, env.rank, env.world_size)
         self.step, self.guard.total = states[0]["step"], states[0]["bad_total"]
+        self.eval_pending = states[0].get("eval_pending", False)
         if not self.reshard:
             self.data.load_state_dict(states[0]["data"])
             self.recipe.load_state_dict(states[0].get("recipe") or {})

@@ -58,19 +58,18 @@ def _write(root: Path, tag: str, precision: str, path: Path) -> None:
 
 def consolidate(root: Path, tag: str, precision: str, device: torch.device) -> Path:
     """The checkpoint's weights as CHECKPOINT/consolidated-<precision>.safetensors: written by
-    rank 0 unless there already, while the other ranks wait. Collective."""
+    rank 0 unless there already, while the other ranks wait (`dist.solo`: however long it
+    takes). Collective."""
     path = root / tag / CACHE.format(precision=precision)
-    failed = ""
-    if dist.is_main() and not path.is_file():
-        try:
+
+    def write() -> None:
+        if not path.is_file():
             _write(root, tag, precision, path)
-        except Exception as e:  # the others must hear of it, not wait for the timeout
-            failed = f"{type(e).__name__}: {e}"
-    if dist.any_rank(bool(failed), device):
-        raise RuntimeError(
-            f"could not consolidate {root / tag} into {path} "
-            f"({failed or 'rank 0 failed; see its log'})"
-        )
+
+    try:
+        dist.solo(write, f"consolidating {root / tag}")
+    except RuntimeError as e:
+        raise RuntimeError(f"could not consolidate {root / tag} into {path} ({e})") from None
     return path
 
 

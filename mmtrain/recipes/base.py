@@ -66,6 +66,21 @@ class RunContext:
     # Frozen models every rank keeps whole, and modules whose weights you copy by hand, are built
     # outside it (they are plain modules until the engine hands the model to DeepSpeed).
     partitioned: Callable[[], ContextManager] = contextlib.nullcontext
+    # Collective: has a stop signal (the job's time limit, a preemption) reached any rank? Every
+    # evaluation loop asks between its batches (`stop_if_requested`), on every rank alike, so
+    # that a requeue never waits for a long evaluation or generation to finish.
+    stop_requested: Callable[[], bool] = lambda: False
+
+
+class EvaluationStopped(Exception):
+    """A stop signal arrived during an evaluation: the trainer checkpoints, exits for requeue and
+    evaluates again at that step after resuming."""
+
+
+def stop_if_requested(ctx: RunContext) -> None:
+    """Between two evaluation batches (collective): raise EvaluationStopped on a stop signal."""
+    if ctx.stop_requested():
+        raise EvaluationStopped()
 
 
 @dataclass

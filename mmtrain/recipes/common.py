@@ -9,10 +9,10 @@ ranks), and the gathering of per-sample rows from all ranks.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 from mmtrain.data.reader import DataSection, ShardLoader, build_loader, split_spec
-from mmtrain.recipes.base import Recipe, RunContext
+from mmtrain.recipes.base import Recipe, RunContext, stop_if_requested
 
 
 def gather_rows(ctx: RunContext, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -58,6 +58,13 @@ class ShardRecipe(Recipe):
     def epoch(self) -> int:
         """The training stream's epoch (0 before `build_data`, e.g. under `mmtrain eval`)."""
         return self.train_data.epoch if self.train_data is not None else 0
+
+    def eval_batches(self, loader: ShardLoader) -> Iterator[Dict[str, Any]]:
+        """Every batch of one pass of `loader`. Before each, a stop signal on any rank ends the
+        evaluation (`stop_if_requested`: collective, as the batches' forwards are)."""
+        for _ in range(loader.steps_per_epoch):
+            stop_if_requested(self.ctx)
+            yield next(loader)
 
     def eval_loader(self, split: str, mode: str = "eval") -> ShardLoader:
         """One pass over `split` (the shards beside `data.val`), unshuffled. mode "eval": every

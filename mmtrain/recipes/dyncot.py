@@ -478,8 +478,7 @@ class DynCoT(ShardRecipe):
         }
         tok = self.processor.tokenizer
         rows = []
-        for _ in range(loader.steps_per_epoch):
-            batch = next(loader)
+        for batch in self.eval_batches(loader):
             prompts = collate_sequences(batch["prompt"], None, self.pad_id, left_pad=True)
             new = model("generate", prompts, **gen).tolist()
             for key, text, gold, ids in zip(batch["key"], batch["text"], batch["keyphrases"], new):

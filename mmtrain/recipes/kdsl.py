@@ -298,8 +298,7 @@ class KDSL(ShardRecipe):
         loader = self.eval_loader(split)
         tasks = self.cfg.tasks
         rows = []
-        for _ in range(loader.steps_per_epoch):
-            batch = next(loader)
+        for batch in self.eval_batches(loader):
             probs = {t: self.label_probs(model, batch["prompt"][t], t) for t in tasks}
             for i, (key, meta) in enumerate(zip(batch["key"], batch["meta"])):
                 rows.append(

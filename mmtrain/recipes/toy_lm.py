@@ -19,7 +19,7 @@ from torch import nn
 
 from mmtrain.models.lora import LoraSection, apply_lora
 from mmtrain.parallelize import numel
-from mmtrain.recipes.base import EvalResult, Recipe, StepOutput
+from mmtrain.recipes.base import EvalResult, Recipe, StepOutput, stop_if_requested
 from mmtrain.recipes.common import gather_rows
 from mmtrain.schema import RecipeConfig, path_field
 
@@ -181,6 +181,7 @@ class ToyLM(Recipe):
         stream = TokenStream(self.cfg, c.seed, 0, 1, mb, split="val")
         rows = []
         for r in range(-(-batches // c.world_size)):
+            stop_if_requested(c)
             first = min(r * c.world_size + c.rank, batches - 1) * mb
             ids = torch.stack([stream.sample(first + i) for i in range(mb)]).to(c.device)
             logits, target = model(ids)["logits"][:, :-1].float(), ids[:, 1:]

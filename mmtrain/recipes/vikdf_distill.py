@@ -294,8 +294,7 @@ class VIKDFDistill(ShardRecipe):
             return EvalResult()
         loader = self.eval_loader(split)
         rows = []
-        for _ in range(loader.steps_per_epoch):
-            batch = next(loader)
+        for batch in self.eval_batches(loader):
             out = model("retrieval_embeddings", **self._encode(batch))
             pairs = zip(batch["key"], out["image"].float().cpu(), out["text"].float().cpu())
             rows += [{"key": k, "image": i, "text": t} for k, i, t in pairs]

@@ -360,8 +360,8 @@ class VIKDFFuse(ShardRecipe):
         """Perplexity of the targets (teacher forcing, knowledge from the mean), every sample once."""
         loader = self.eval_loader(split)
         rows = []
-        for _ in range(loader.steps_per_epoch):
-            batch = self._inputs(next(loader))
+        for raw in self.eval_batches(loader):
+            batch = self._inputs(raw)
             nll = self._losses(model, batch, sample=False)["nll"].tolist()
             rows += [
                 {"key": k, "nll": x, "tokens": len(t)}
@@ -380,8 +380,8 @@ class VIKDFFuse(ShardRecipe):
         # ZeRO-3 model runs the same forwards (and parameter gathers) on every rank
         gen = {**self.cfg.generation.kwargs(), "synced_gpus": self.ctx.world_size > 1}
         rows = []
-        for _ in range(loader.steps_per_epoch):
-            batch = self._inputs(next(loader))
+        for raw in self.eval_batches(loader):
+            batch = self._inputs(raw)
             tokens = model("generate", batch, knowledge=self.cfg.knowledge, **gen)
             texts = self.tokenizer.batch_decode(tokens, skip_special_tokens=True)
             rows += [

@@ -262,3 +262,63 @@ def test_the_error_that_ends_a_run_is_in_train_log_and_tensorboard_shows_each_st
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     assert [e.step for e in acc.Scalars("loss/total")] == list(range(1, 9))
+
+
+def wait_for_line(path, text, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.is_file() and text in path.read_text():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not in {path} after {timeout} s")
+
+
+@pytest.mark.heavy  # two long evaluations (about a minute): make test-all
+def test_a_stop_during_evaluation_exits_in_seconds_and_the_resumed_run_evaluates_the_same(
+    tmp_path,
+):
+    # one evaluation, at step 2, of 1,000 toy batches (10-40 s on 2 CPU ranks)
+    common = ["train.steps=3", "eval.every=2", "eval.at_end=false", "recipe.eval_batches=1000",
+              "checkpoint.every=0", "log.every=1", "recipe.dropout=0.0"]  # fmt: skip
+    straight = tmp_path / "runs" / "straight"
+    train(straight, common, timeout=600)
+    stamps = [
+        line[:19]
+        for line in (straight / "train.log").read_text().splitlines()
+        if "evaluating at step 2" in line or "eval at step 2:" in line
+    ]
+    took = [time.mktime(time.strptime(s, "%Y-%m-%d %H:%M:%S")) for s in stamps]
+    evaluation_s = took[1] - took[0]
+
+    run = tmp_path / "runs" / "stopped"
+    over = [f"run.out_dir={run.parent}", "run.name=stopped", "log.progress=false", *common]
+    procs = start_ranks(DEMO, over, tmp_path / "logs")
+    wait_for_line(run / "train.log", "evaluating at step 2")
+    t0 = time.time()
+    procs[1].send_signal(signal.SIGUSR1)  # one rank only, as Slurm's warning may land
+    assert wait_all(procs, timeout=300) == [REQUEUE_EXIT_CODE] * 2
+    stopped_s = time.time() - t0
+    print(f"evaluation {evaluation_s:.0f} s; stopped {stopped_s:.1f} s after the signal")
+    assert evaluation_s >= 5 and stopped_s < evaluation_s / 2, (evaluation_s, stopped_s)
+    log = (run / "train.log").read_text()
+    assert "stop signal during the evaluation at step 2" in log
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert not (run / "eval.jsonl").exists()
+
+    train(run, common, timeout=600)  # the requeued job: the evaluation at step 2 again, step 3
+    assert "resumed from" in (run / "train.log").read_text()
+    figures = [json.loads(p.read_text()) for p in (straight / "eval.jsonl", run / "eval.jsonl")]
+    assert figures[1] == figures[0] and figures[0]["step"] == 2
+    assert scalars(run, "loss/lm")[3] == scalars(straight, "loss/lm")[3]
+
+
+@pytest.mark.heavy  # a resume whose conversion is made to outlast the collective timeout: 40 s
+def test_rank0_work_longer_than_the_collective_timeout_does_not_end_the_run(tmp_path, monkeypatch):
+    run = tmp_path / "runs" / "solo"
+    train(run, ["train.steps=4", "run.stop_after_steps=2", "checkpoint.every=0"], world=1)
+    # resumed on 2 ranks: rank 0 converts the checkpoint to its universal form while rank 1
+    # waits; the conversion is made to take three times the collective timeout
+    monkeypatch.setenv("MMTRAIN_SLOW_RANK0_S", "15")
+    train(run, ["train.steps=4", "dist.timeout_s=5", "checkpoint.every=0"], timeout=300)
+    log = (run / "train.log").read_text()
+    assert "checkpoint written by 1 ranks, resumed on 2" in log and "done: 4 steps" in log
