@@ -57,9 +57,8 @@ def test_vikdf_stage1_at_published_widths(tmp_path, clip_l14_and_bert_base, imag
     for name in ("tim", "mim", "mtm"):
         losses = scalars(run, f"loss/{name}")
         assert sorted(losses) == [1, 2] and all(v == v and v < 1e4 for v in losses.values())
-    # the IQ-Former's tensors at 768 wide are partitioned under the config's ZeRO-3 defaults
-    partitioned, tensors = map(int, re.search(r"ZeRO-3: (\d+) of (\d+)", log).groups())
-    assert partitioned > 0, log
+    # the published config's zero_stage auto: the model states fit replicated, so stage 2
+    assert "deepspeed.zero_stage=auto: stage 2" in log, log[-3000:]
     assert "eval at step 2" in log and "mean_r@1" in log
 
     from safetensors.torch import load_file
