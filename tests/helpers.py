@@ -23,6 +23,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_env(rank: int, world: int, port: str) -> Dict[str, str]:
+    """This process's environment plus what a launcher gives rank `rank` of `world` on this host."""
+    return dict(
+        os.environ,
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=port,
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+
+
 def start_ranks(
     config: Path,
     overrides: Sequence[str],
@@ -39,16 +54,7 @@ def start_ranks(
     port = str(free_port())
     procs = []
     for rank in range(world):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-            OMP_NUM_THREADS="1",
-            PYTHONUNBUFFERED="1",
-        )
+        env = rank_env(rank, world, port)
         log = logdir / f"rank{rank}.log"
         args = [command, str(config), *overrides]
         if fork:
@@ -141,17 +147,7 @@ def cli_ranks(*args: str, world: int = 2, stderr: bool = False, timeout: float =
     with tempfile.TemporaryDirectory(prefix="mmtrain-cli-") as tmp:
         port, procs, outs, errs = str(free_port()), [], [], []
         for rank in range(world):
-            env = dict(
-                os.environ,
-                RANK=str(rank),
-                WORLD_SIZE=str(world),
-                LOCAL_RANK=str(rank),
-                LOCAL_WORLD_SIZE=str(world),
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=port,
-                OMP_NUM_THREADS="1",
-                PYTHONUNBUFFERED="1",
-            )
+            env = rank_env(rank, world, port)
             outs.append(Path(tmp) / f"rank{rank}.out")
             errs.append(Path(tmp) / f"rank{rank}.err")
             if FORK:
