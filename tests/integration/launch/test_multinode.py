@@ -273,7 +273,7 @@ def test_the_time_limit_signal_requeues_and_resumes_on_two_nodes(tmp_path):
     run = tmp_path / "runs" / "limit"
     try:
         state = wait_for(
-            lambda: slurm.finished(jid)() or slurm.nudge(jid),
+            lambda: slurm.finished(jid)() or slurm.nudge(jid, time_limit="10"),
             timeout=900,
             jid=jid,
             story=slurm.story(tmp_path, jid, run),

@@ -60,7 +60,7 @@ def test_the_time_limit_signal_requeues_and_the_run_resumes_to_the_same_losses(t
     jid = submit(tmp_path, "limit", ["--time=2", "--signal=USR1@75"], args)
     try:
         state = wait_for(
-            lambda: slurm.finished(jid)() or slurm.nudge(jid),
+            lambda: slurm.finished(jid)() or slurm.nudge(jid, time_limit="10"),
             timeout=900,
             jid=jid,
             story=story(tmp_path, jid, tmp_path / "runs" / "limit"),
