@@ -310,7 +310,7 @@ def saved_world(root: Path, tag: str) -> int:
     return int(json.loads((root / tag / "mmtrain.json").read_text())["world_size"])
 
 
-def universal(root: Path, tag: str, rank: int) -> str:
+def universal(root: Path, tag: str) -> str:
     """Collective: the tag of `tag`'s DeepSpeed universal checkpoint (`tag/universal`), converted once by
     rank 0 with DeepSpeed's own `ds_to_universal` (written aside, then renamed: never half there)."""
     out = root / tag / "universal"
@@ -354,7 +354,7 @@ def load(engine, root: Path, tag: str, rank: int, world: int) -> List[Dict[str, 
     written by another number of ranks; DeepSpeed's state then comes from its universal form, with
     the optimizer state re-partitioned over this world."""
     old_world = saved_world(root, tag)
-    ds_tag = tag if old_world == world else universal(root, tag, rank)
+    ds_tag = tag if old_world == world else universal(root, tag)
     # the torch AdamW under ZeRO
     optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
     decay = [g["weight_decay"] for g in optimizer.param_groups]

@@ -17,7 +17,7 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Dict, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -255,7 +255,7 @@ def barrier() -> None:
 # the collective timeout (dist.timeout_s, which the watchdog enforces on every collective): the
 # others wait for it in a gloo group of their own, with this timeout instead (dist.solo_timeout_s).
 SOLO_TIMEOUT_S = 6 * 3600
-_SOLO_GROUP: Dict[int, Any] = {}
+_solo_group: Optional[Any] = None  # made at the first `solo` of a multi-rank run
 
 
 def solo(work: Callable[[], T], what: str, progress_s: float = 60.0) -> Optional[T]:
@@ -263,6 +263,7 @@ def solo(work: Callable[[], T], what: str, progress_s: float = 60.0) -> Optional
     saying every `progress_s` that they are waiting; rank 0's result (None elsewhere). If it
     fails, every rank raises, naming `what` and rank 0's error. MMTRAIN_SLOW_RANK0_S (tests)
     makes rank 0 sleep that long first."""
+    global _solo_group
     failed, result = "", None
     if is_main():
         time.sleep(float(os.environ.get("MMTRAIN_SLOW_RANK0_S", "0")))
@@ -271,12 +272,12 @@ def solo(work: Callable[[], T], what: str, progress_s: float = 60.0) -> Optional
         except Exception as e:  # the others must hear of it, not wait for the timeout
             failed = f"{type(e).__name__}: {e}"
     if _multi_rank():
-        group = _SOLO_GROUP.get(0)
-        if group is None:
+        if _solo_group is None:
             timeout = timedelta(seconds=SOLO_TIMEOUT_S)
-            group = _SOLO_GROUP[0] = tdist.new_group(backend="gloo", timeout=timeout)
+            _solo_group = tdist.new_group(backend="gloo", timeout=timeout)
         flag = torch.tensor([1 if failed else 0])
-        pending, started = tdist.all_reduce(flag, group=group, async_op=True), time.monotonic()
+        pending = tdist.all_reduce(flag, group=_solo_group, async_op=True)
+        started = time.monotonic()
         while not pending.is_completed():
             time.sleep(min(1.0, progress_s))
             waited = time.monotonic() - started

@@ -47,7 +47,7 @@ def load_run(run_dir: str, tag: Optional[str] = None, overrides: Sequence[str] =
     env = dist.init(d.backend, d.timeout_s, d.socket_ifname, d.solo_timeout_s)
     # the run's precision on GPUs; fp32 on CPUs, where bf16 matmuls are slow and inexact
     precision = cfg.deepspeed.precision if env.device.type == "cuda" else "fp32"
-    stored = weights.consolidate(root, tag, precision, env.device)
+    stored = weights.consolidate(root, tag, precision)
     placement = choose_placement(cfg.eval.placement, weights.stored_bytes(stored), env)
     load = _sharded if placement == "sharded" else _whole
     recipe, model = load(cfg, env, precision, run, stored)

@@ -67,6 +67,7 @@ class Trainer:
         self.step = 0
         self.finished = False  # every step trained (not stopped early by a signal or a split)
         self.eval_pending = False  # an evaluation at self.step that a stop signal interrupted
+        self.heartbeat = None  # started once the process group is (_start)
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> int:
@@ -74,12 +75,11 @@ class Trainer:
             self._start()
             return self._loop()
         except BaseException as e:
-            heartbeat = getattr(self, "heartbeat", None)
-            if heartbeat is not None and is_comm_error(e):
-                raise PeerLost(heartbeat.explain(e)) from e
+            if self.heartbeat is not None and is_comm_error(e):
+                raise PeerLost(self.heartbeat.explain(e)) from e
             raise
         finally:
-            if getattr(self, "heartbeat", None) is not None:
+            if self.heartbeat is not None:
                 self.heartbeat.stop()
 
     def _loop(self) -> int:
@@ -296,7 +296,6 @@ class Trainer:
         # the global batch decided once, for this number of ranks (train.global_batch_size)
         self.cfg.train.grad_accum = plan_global_batch(self.cfg.train, env.world_size)
         self._prepare_run_dir()
-        d = self.cfg.dist
         self.heartbeat = Heartbeat(
             env.rank, env.world_size, d.heartbeat_s, d.late_after_s, d.timeout_s
         )

@@ -56,7 +56,7 @@ def _write(root: Path, tag: str, precision: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def consolidate(root: Path, tag: str, precision: str, device: torch.device) -> Path:
+def consolidate(root: Path, tag: str, precision: str) -> Path:
     """The checkpoint's weights as CHECKPOINT/consolidated-<precision>.safetensors: written by
     rank 0 unless there already, while the other ranks wait (`dist.solo`: however long it
     takes). Collective."""

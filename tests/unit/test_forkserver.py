@@ -25,7 +25,7 @@ sys.exit(int(mode))
 
 
 @pytest.fixture
-def probe(tmp_path, monkeypatch):
+def probe(tmp_path):
     (tmp_path / "probe_mod.py").write_text(PROBE)
     return tmp_path
 

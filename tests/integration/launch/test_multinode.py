@@ -58,6 +58,13 @@ def one_node(tmp_path_factory):
     return run_layout(TOY, tmp_path_factory.mktemp("one") / "runs" / "w2", 2)
 
 
+def assert_like_one_node(one_node: Trained, runs: dict, tmp_path) -> None:
+    """Every run in `runs` trained the toy LM as one node's 2 ranks did: each loss at each step,
+    and the parameters, within the world-size harness's tolerances."""
+    steps = range(1, TOY.steps + 1)
+    assert_invariant(one_node, runs, steps, LOSS_RTOL, PARAM_ATOL, tmp_path / "report.json")
+
+
 def sbatch_layout(tmp_path, name, nodes: int, per_node: int, env=None) -> Trained:
     world = nodes * per_node
     jid = sbatch(
@@ -119,14 +126,7 @@ def test_two_nodes_train_as_one_node_does_and_no_file_has_two_writers(one_node, 
     two = sbatch_layout(tmp_path, "n2x1", 2, 1, env)
     print(f"2 nodes x 1 rank: {time.time() - t0:.0f} s")
     four = sbatch_layout(tmp_path, "n2x2", 2, 2)
-    assert_invariant(
-        one_node,
-        {"2 nodes x 1 rank": two, "2 nodes x 2 ranks": four},
-        range(1, TOY.steps + 1),
-        LOSS_RTOL,
-        PARAM_ATOL,
-        tmp_path / "report.json",
-    )
+    assert_like_one_node(one_node, {"2 nodes x 1 rank": two, "2 nodes x 2 ranks": four}, tmp_path)
     log = (two.run / "train.log").read_text()
     assert "world size 2" in log and "global batch 16 = micro-batch 8 x grad_accum 1 x 2" in log
     written = writers(audit, two.run)
@@ -223,14 +223,7 @@ def test_torchrun_across_two_hosts_with_c10d_rendezvous(one_node, tmp_path):
     ]
     codes = [p.wait(timeout=300) for p in procs]
     assert codes == [0, 0], (tmp_path / "node2.log").read_text()[-3000:]
-    assert_invariant(
-        one_node,
-        {"torchrun, 2 hosts": collect(TOY, run)},
-        range(1, TOY.steps + 1),
-        LOSS_RTOL,
-        PARAM_ATOL,
-        tmp_path / "report.json",
-    )
+    assert_like_one_node(one_node, {"torchrun, 2 hosts": collect(TOY, run)}, tmp_path)
 
 
 def test_the_deepspeed_launcher_across_two_hosts(one_node, tmp_path):
@@ -251,14 +244,7 @@ def test_the_deepspeed_launcher_across_two_hosts(one_node, tmp_path):
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Running on the following workers" in done.stdout + done.stderr
-    assert_invariant(
-        one_node,
-        {"deepspeed launcher, 2 hosts": collect(TOY, run)},
-        range(1, TOY.steps + 1),
-        LOSS_RTOL,
-        PARAM_ATOL,
-        tmp_path / "report.json",
-    )
+    assert_like_one_node(one_node, {"deepspeed launcher, 2 hosts": collect(TOY, run)}, tmp_path)
 
 
 def test_the_time_limit_signal_requeues_and_resumes_on_two_nodes(tmp_path):

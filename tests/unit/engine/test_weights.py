@@ -39,7 +39,7 @@ def test_consolidated_once_in_the_run_precision_with_buffers_as_trained(tmp_path
     trained = Net()
     trained.norm.running_mean.uniform_()  # fp32 values bf16 would round
     tag = stage0_checkpoint(tmp_path, trained)
-    path = weights.consolidate(tmp_path, tag, "bf16", torch.device("cpu"))
+    path = weights.consolidate(tmp_path, tag, "bf16")
     assert path == tmp_path / tag / "consolidated-bf16.safetensors"
     from safetensors.torch import load_file
 
@@ -50,7 +50,7 @@ def test_consolidated_once_in_the_run_precision_with_buffers_as_trained(tmp_path
     assert stored["norm.num_batches_tracked"].dtype == torch.int64
     assert "inv_freq" not in stored
     written = path.stat().st_mtime_ns
-    assert weights.consolidate(tmp_path, tag, "bf16", torch.device("cpu")) == path
+    assert weights.consolidate(tmp_path, tag, "bf16") == path
     assert path.stat().st_mtime_ns == written  # reused, not written again
     assert weights.stored_bytes(path) == sum(t.numel() * t.element_size() for t in stored.values())
 
@@ -65,7 +65,7 @@ def test_consolidated_once_in_the_run_precision_with_buffers_as_trained(tmp_path
 
 def test_a_file_that_does_not_fit_the_model_names_what_differs(tmp_path):
     tag = stage0_checkpoint(tmp_path, Net())
-    path = weights.consolidate(tmp_path, tag, "fp32", torch.device("cpu"))
+    path = weights.consolidate(tmp_path, tag, "fp32")
 
     class Other(Net):
         def __init__(self):
@@ -79,5 +79,5 @@ def test_a_file_that_does_not_fit_the_model_names_what_differs(tmp_path):
 def test_a_checkpoint_that_cannot_be_consolidated_says_so_and_writes_nothing(tmp_path):
     (tmp_path / "step_00000001").mkdir()
     with pytest.raises(RuntimeError, match="could not consolidate .*no DeepSpeed model-states"):
-        weights.consolidate(tmp_path, "step_00000001", "bf16", torch.device("cpu"))
+        weights.consolidate(tmp_path, "step_00000001", "bf16")
     assert list((tmp_path / "step_00000001").iterdir()) == []
