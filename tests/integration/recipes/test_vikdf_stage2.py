@@ -54,6 +54,7 @@ def data(assets, kind):
     return [f"recipe.data.train={d / 'train'}", f"recipe.data.val={d / 'val'}"]
 
 
+@pytest.mark.heavy  # four runs (56 s): keeps a fresh-clone `make test` under 10 minutes
 def test_fusion_logs_each_term_resumes_exactly_and_dialogue_starts_from_it(assets, tmp_path):
     fusion, split = tmp_path / "runs" / "fusion", tmp_path / "runs" / "split"
     args = common(assets, "train.steps=6", "recipe.data.workers=2", *data(assets, "fusion"))
