@@ -448,17 +448,20 @@ class _Contrastive(torch.autograd.Function):
     def backward(ctx, gout):
         x, y, xs, ys, scale, row_lse, col_lse, row_all = ctx.saved_tensors
         grad, e, total, offset = ctx.grad_fn_, ctx.e, ctx.total, ctx.offset
-        c = float(gout.float() * ctx.grad_mult / (2 * total))
+        # every gradient is linear in gout: computed for gout = 1 and scaled on the device after,
+        # so the backward reads nothing on the host
+        c = ctx.grad_mult / (2 * total)
         t_diag, t_all = 2 * c * (1 - e), 2 * c * e / total
         mine = slice(offset, offset + x.shape[0])
         # this rank's rows against every column: dX (and, in one process, dY from the same tiles)
         dx, dy, ds = grad(x, ys, scale, row_lse, col_lse, c, t_diag, t_all, offset, ctx.one_pass)
         if dy is None:  # every row against this rank's columns: G.T has the same form
             dy, _, _ = grad(y, xs, scale, col_lse[mine], row_all, c, t_diag, t_all, offset, False)
+        g = gout.float()  # in place: the backward's peak memory stays as its formula says
         return (
-            dx.to(x.dtype),
-            dy.to(y.dtype),
-            ds.reshape(ctx.scale_shape).to(ctx.scale_dtype),
+            dx.mul_(g).to(x.dtype),
+            dy.mul_(g).to(y.dtype),
+            ds.mul_(g).reshape(ctx.scale_shape).to(ctx.scale_dtype),
             None,
             None,
             None,

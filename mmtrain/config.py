@@ -145,6 +145,9 @@ class LogConfig:
     # log lines on the terminal too (rank 0); false: train.log only, warnings still shown
     console: bool = True
     peak_tflops: Optional[float] = None  # per-device peak for MFU; None: looked up by GPU name
+    # count the host syncs (.item(), .tolist(), bool/float/int of a tensor) of each optimizer step
+    # and log them (engine/syncs.py): the engine's budget is one per step outside log steps
+    count_host_syncs: bool = False
 
 
 @dataclass

@@ -124,7 +124,14 @@ def train(
         *overrides,
     ]
     logdir = run_dir.parent / f"{run_dir.name}-logs"
-    codes = wait_all(start_ranks(config, over, logdir, world), timeout)
+    try:
+        codes = wait_all(start_ranks(config, over, logdir, world), timeout)
+    except subprocess.TimeoutExpired:
+        # a hang: wait_all had every rank print its threads' stacks into its log; show them
+        logs = "\n".join(
+            f"--- rank {r}:\n" + (logdir / f"rank{r}.log").read_text()[-6000:] for r in range(world)
+        )
+        raise AssertionError(f"the ranks did not finish in {timeout:.0f} s:\n{logs}") from None
     if any(c != expect for c in codes):
         logs = "\n".join((logdir / f"rank{r}.log").read_text()[-3000:] for r in range(world))
         raise AssertionError(f"exit codes {codes}, expected {expect}:\n{logs}")

@@ -85,15 +85,22 @@ class BadStepGuard:
 
 @dataclass
 class _Sums:
-    values: Dict[str, float] = field(default_factory=dict)  # loss/..., stats/...
+    # loss/..., stats/...: tensors on the device or numbers, read at log steps only
+    values: Dict[str, Any] = field(default_factory=dict)
     micro: int = 0
-    samples: float = 0.0
-    tokens: float = 0.0
-    flops: float = 0.0
+    samples: Any = 0.0
+    tokens: Any = 0.0
+    flops: Any = 0.0
+
+
+def _detached(v: Any) -> Any:
+    """A one-element tensor as a 0-d float64 one on its device; a number as a float."""
+    return v.detach().to(torch.float64).reshape(()) if isinstance(v, torch.Tensor) else float(v)
 
 
 class MetricsAccumulator:
-    """Per-micro-batch sums since the last log line, reduced over ranks at log steps."""
+    """Per-micro-batch sums since the last log line, reduced over ranks at log steps. What the
+    recipe reports as tensors stays on the device until then (no host sync per micro-batch)."""
 
     def __init__(
         self,
@@ -120,26 +127,27 @@ class MetricsAccumulator:
     def add(self, total: torch.Tensor, losses: Dict[str, torch.Tensor], out: StepOutput) -> None:
         """One good micro-batch: its losses (this rank's shares), stats and counts."""
         named = {"loss/total": total, **{f"loss/{k}": v for k, v in losses.items()}}
-        named = {k: float(v.detach()) for k, v in named.items()}
-        named.update({f"stats/{k}": float(v) for k, v in out.stats.items()})
+        named.update({f"stats/{k}": v for k, v in out.stats.items()})
         for k, v in named.items():
-            self.sums.values[k] = self.sums.values.get(k, 0.0) + v
+            self.sums.values[k] = self.sums.values.get(k, 0.0) + _detached(v)
         s = self.sums
         s.micro += 1
-        s.samples += out.samples
-        s.tokens += out.tokens
+        s.samples = s.samples + _detached(out.samples)
+        s.tokens = s.tokens + _detached(out.tokens)
         per_sample = (self.flops_per_sample or 0.0) * out.samples
-        s.flops += out.flops if out.flops is not None else per_sample
+        s.flops = s.flops + _detached(out.flops if out.flops is not None else per_sample)
 
     def step_done(self) -> None:
         self.steps += 1
 
     def reduce(self) -> Dict[str, float]:
         """Collective: the means over every rank's micro-batches since the last call, and the
-        throughput over that time; then starts counting again."""
+        throughput over that time; then starts counting again. One host read."""
         s, keys = self.sums, sorted(self.sums.values)
-        counts = [s.micro, s.samples, s.tokens, s.flops]
-        local = torch.tensor([s.values[k] for k in keys] + counts, dtype=torch.float64)
+        local = [s.values[k] for k in keys] + [s.micro, s.samples, s.tokens, s.flops]
+        devices = [v.device for v in local if isinstance(v, torch.Tensor)]
+        device = devices[0] if devices else torch.device("cpu")
+        local = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(device) for v in local])
         reduced = self.all_reduce_sum(local).tolist()
         micro, samples, tokens, flops = reduced[len(keys) :]
         elapsed = time.perf_counter() - self.t0
@@ -257,10 +265,15 @@ class StopPolicy:
         self.any_rank = any_rank
         self.stop_after = stop_after_steps
         self.total_steps = total_steps
+        self.heard_at_step = False  # a signal on any rank, as read with the last step's flags
 
     def signal(self) -> bool:
         """Collective: a stop signal reached any rank."""
         return self.any_rank(self.signalled())
+
+    def heard(self, any_rank: bool) -> None:
+        """The training step read the stop flag with its own (one host sync for both)."""
+        self.heard_at_step = any_rank
 
     def split_here(self, step: int) -> bool:
         return bool(self.stop_after) and self.stop_after <= step < self.total_steps

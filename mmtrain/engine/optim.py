@@ -162,7 +162,8 @@ def deepspeed_config(
     sizes = zero_sizes(cfg, hidden, built)
     zero: Dict[str, Any] = {
         "stage": stage,
-        "overlap_comm": ds.overlap_comm and on_cuda,
+        # DeepSpeed overlaps stage 1's reduction only where it owns the accumulation boundary
+        "overlap_comm": ds.overlap_comm and on_cuda and stage >= 2,
         "contiguous_gradients": True,
         "reduce_bucket_size": sizes["reduce"],
     }
@@ -196,6 +197,9 @@ def deepspeed_config(
     conf: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
         "gradient_accumulation_steps": tr.grad_accum * parts,
+        # the trainer owns the boundary: one engine.step() per optimizer step, after it has read
+        # which micro-batches were finite (a non-finite one is replaced before the update)
+        "managed_gradient_accumulation": False,
         "train_batch_size": tr.micro_batch_size * tr.grad_accum * parts * world_size,
         "gradient_clipping": tr.grad_clip,
         "zero_optimization": zero,

@@ -33,7 +33,7 @@ from mmtrain.engine.components import (
     TooManyBadSteps,
 )
 from mmtrain.engine.heartbeat import Heartbeat, PeerLost, is_comm_error
-from mmtrain.engine.losses import combine
+from mmtrain.engine.losses import GradientGate, Part, combine, settle
 from mmtrain.engine.monitor import Monitor, peak_memory_gib, peak_tflops, setup_logging
 from mmtrain.engine.optim import (
     choose_zero_stage,
@@ -42,6 +42,7 @@ from mmtrain.engine.optim import (
     scheduler_factory,
     widest_hidden_size,
 )
+from mmtrain.engine.syncs import SyncCounter
 from mmtrain.parallelize import (
     checkpoint_activations,
     clear_zero3_gradients,
@@ -68,6 +69,9 @@ class Trainer:
         self.finished = False  # every step trained (not stopped early by a signal or a split)
         self.eval_pending = False  # an evaluation at self.step that a stop signal interrupted
         self.heartbeat = None  # started once the process group is (_start)
+        self.syncs = None  # a SyncCounter with log.count_host_syncs
+        self.syncs_per_step: list = []  # each non-log step's count since the last log line
+        self.shown_loss = float("nan")  # on the progress bar: the last logged loss/total
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> int:
@@ -91,11 +95,13 @@ class Trainer:
                 return self._requeue()  # the evaluation a stop interrupted, stopped again
             while self.step < cfg.train.steps:
                 grad_norm, lr = self._optimizer_step()
+                if self.syncs is not None and not self.metrics.due(self.step):
+                    self.syncs_per_step.append(self.syncs.take())
                 if self.metrics.due(self.step):
                     self._log(grad_norm, lr)
                 if self._eval_due() and not self._evaluate():
                     return self._requeue()
-                if stop.signal():
+                if stop.heard_at_step:  # read with the step's flags (_read_step_flags)
                     return self._requeue()
                 if stop.split_here(self.step):
                     self.log.info(
@@ -106,6 +112,8 @@ class Trainer:
                     return 0
                 if self.checkpointer.due(self.step):
                     self.checkpointer.save(self.step)
+                if self.syncs is not None:
+                    self.syncs.take()  # a log line, an evaluation, a save: not the step's
             self.checkpointer.save_unless_saved(self.step)
             self.finished = True
             if cfg.eval.at_end and not self._evaluate():
@@ -118,23 +126,31 @@ class Trainer:
             )
             return 0
         finally:
+            if self.syncs is not None:
+                self.syncs.uninstall()
             self.monitor.close()
             self.data.close()  # its workers now: left to the garbage collector, each costs 5 s
 
     def _optimizer_step(self):
-        """grad_accum good micro-batches (a non-finite one is replaced, not counted), one update."""
+        """grad_accum good micro-batches, then one update.
+
+        Whether a micro-batch (or a part) is finite is decided on the device, on every rank alike
+        (`combine`); a non-finite one's gradients are zeroed by the gate as they are made. The host
+        reads those flags once, together with the stop flag, before the update: the step's one
+        sync. A non-finite micro-batch is then counted and replaced by the next (checked the same
+        way); a non-finite part of a several-part micro-batch is dropped, the micro-batch counts."""
         clear_zero3_gradients(self.engine)
-        good = 0
-        while good < self.cfg.train.grad_accum:
-            batch = next(self.data)
-            self._watch_epoch()
-            done = self._micro_batch(batch)
-            if done is None:  # non-finite: replaced by the next micro-batch
-                continue
-            good += 1
-            total, losses, out = done
-            if out is not None:
-                self.metrics.add(total, losses, out)
+        want, last = self.cfg.train.grad_accum, None
+        while want:
+            done = [self._micro_batch(self._next_batch()) for _ in range(want)]
+            stop, *bad = self._read_step_flags([part.bad for parts in done for part in parts])
+            kept, dropped, want = settle(done, bad)
+            for losses, what in dropped:
+                self.guard.bad_micro_batch(self.step + 1, losses, what)
+            for last in kept:
+                self.metrics.add(*last)
+        self.stop.heard(stop)
+        self.engine.step()
         self.step += 1
         self.heartbeat.beat(self.step)
         self.metrics.step_done()
@@ -142,19 +158,29 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         self.guard.optimizer_step(self.step, self.engine.was_step_applied(), grad_norm)
         lr = self.engine.get_lr()[0]
-        self._show(out or StepOutput(losses={}), total, lr)
+        self._show(last[2] if last else StepOutput(losses={}), lr)
         return grad_norm, lr
+
+    def _next_batch(self):
+        batch = next(self.data)
+        self._watch_epoch()
+        return batch
+
+    def _read_step_flags(self, flags):
+        """The step's one host sync: (a stop signal on any rank, then each part's non-finite flag);
+        one all-reduce (the stop flag) and one read of both."""
+        signalled = torch.tensor([float(self.stop.signalled())], device=self.env.device)
+        stop = dist.all_reduce_sum(signalled)
+        values = torch.cat([stop, torch.stack(flags).to(stop.device, stop.dtype)]).tolist()
+        return [values[0] > 0, *(v > 0 for v in values[1:])]
 
     def _micro_batch(self, batch):
         """Forward and backward of one micro-batch, part by part (`Recipe.step_parts`: each part
-        backpropagated before the next is built; DeepSpeed counts each as a micro-step). Returns
-        (total, losses, merged output); None when a one-part micro-batch is non-finite. With
-        several parts a non-finite one is dropped, not backpropagated, and the micro-batch counts
-        (its other parts' gradients are already in); output None when every part was dropped."""
-        parts, n = self.recipe.backward_parts, 0
-        kept = []
+        backpropagated before the next is built). Returns its parts; a non-finite part's
+        gradients are zeroed by the gate as they are made."""
+        parts = self.recipe.backward_parts
+        done = []
         for out in self.recipe.step_parts(self.engine, batch):
-            n += 1
             total, losses, bad = combine(
                 out.losses,
                 self.recipe.loss_weight,
@@ -162,47 +188,40 @@ class Trainer:
                 self.env.world_size,
                 self.env.device,
             )
-            if bad:
-                what = "part dropped" if parts > 1 else "micro-batch skipped"
-                self.guard.bad_micro_batch(self.step + 1, losses, what)
-                if parts == 1:
-                    return None
-            else:
-                # DeepSpeed divides by its accumulation steps, grad_accum x parts
-                self.engine.backward(total * parts)
-                kept.append((total.detach(), losses, out))
-            self.engine.step()
-        if n != parts:
+            self.gate.open = ~bad
+            # DeepSpeed divides by its accumulation steps, grad_accum x parts
+            self.engine.backward(total * parts)
+            done.append(Part(total.detach(), losses, out, bad))
+        self.gate.open = None
+        if len(done) != parts:
             raise RuntimeError(
-                f"{type(self.recipe).__name__}.step_parts gave {n} parts for a micro-batch; its "
-                f"backward_parts declares {parts}"
+                f"{type(self.recipe).__name__}.step_parts gave {len(done)} parts for a "
+                f"micro-batch; its backward_parts declares {parts}"
             )
-        if not kept:
-            return torch.zeros(()), {}, None
-        return (
-            sum(t for t, _, _ in kept),
-            {k: v for _, losses, _ in kept for k, v in losses.items()},
-            StepOutput.merged([o for _, _, o in kept]),
-        )
+        return done
 
     def _eval_due(self) -> bool:
         every = self.cfg.eval.every
         return bool(every) and self.step % every == 0 and self.step < self.cfg.train.steps
 
     def _watch_epoch(self) -> None:
-        """The recipe hears of a new epoch before it trains on the epoch's first micro-batch."""
+        """The recipe hears of a new epoch before it trains on the epoch's first micro-batch
+        (called after the micro-batch is drawn, before it is trained on)."""
         if self.data.epoch != self.epoch:
             self.recipe.on_epoch_end(self.epoch, self.data.epoch)
             self.epoch = self.data.epoch
 
-    def _show(self, out: StepOutput, total: torch.Tensor, lr: float) -> None:
-        self.monitor.advance(1, {"loss": float(total.detach()), "lr": lr})
+    def _show(self, out: StepOutput, lr: float) -> None:
+        """The progress bar (the loss as of the last log line: reading this step's would cost a
+        host sync) and this step's images."""
+        self.monitor.advance(1, {"loss": self.shown_loss, "lr": lr})
         for tag, img in out.images.items():
             self.monitor.image(f"images/{tag}", img, self.step)
 
     def _log(self, grad_norm: Any, lr: float) -> None:
         """Collective: the scalars since the last log line, to TensorBoard and train.log."""
         values = self.metrics.reduce()
+        self.shown_loss = values.get("loss/total", self.shown_loss)
         values.update(
             {
                 "train/lr": lr,
@@ -217,9 +236,19 @@ class Trainer:
             totals = dist.all_reduce_sum(torch.tensor(list(counts.values()), dtype=torch.float64))
             values.update({f"data/{k}": v for k, v in zip(counts, totals.tolist())})
         values["train/epoch"] = self.data.epoch
+        if self.syncs is not None and self.syncs_per_step:
+            values["train/host_syncs_per_step"] = max(own for own, _ in self.syncs_per_step)
         self.monitor.scalars(self.step, values)
         line = " ".join(f"{k}={v:.4g}" for k, v in values.items())
         self.log.info("step %d/%d %s", self.step, self.cfg.train.steps, line)
+        if self.syncs is not None:
+            self.log.info(
+                "host syncs in each step since the last log line (log steps left out), as "
+                "(mmtrain's, the libraries'): %s",
+                self.syncs_per_step,
+            )
+            self.log.info("where (file:line, calls): %s", self.syncs.take_sites())
+            self.syncs_per_step = []
 
     def _evaluate(self) -> bool:
         """Evaluate at this step; False if a stop signal interrupted it (between two of its
@@ -315,6 +344,8 @@ class Trainer:
             self.cfg.log.progress,
         )
         self.engine.train()
+        if self.cfg.log.count_host_syncs:
+            self.syncs = SyncCounter().install()
 
     def _find_resume(self):
         cfg = self.cfg
@@ -407,6 +438,7 @@ class Trainer:
             model_parameters=param_groups(model, cfg.train.weight_decay),
             lr_scheduler=scheduler_factory(cfg),
         )
+        self.gate = GradientGate(model.parameters())
         if ds_conf["zero_optimization"]["stage"] == 3:
             sharded = partition_summary(model)
             self.log.info(

@@ -148,11 +148,11 @@ class Stage1Model(EntryPoints):
         mtm_sum = F.cross_entropy(
             self.mtm_out(h[selected]).float(), mtm_labels[selected], reduction="sum"
         )
-        count = int(selected.sum())
+        count = selected.sum()  # on the device: read at log steps only
         return {
             "tim": tim,
             "mim": mim,
-            "mtm": mtm_sum / max(1, count),
+            "mtm": mtm_sum / count.clamp(min=1),
             "mtm_sum": mtm_sum,
             "mtm_count": count,
             "recon": recon.detach(),

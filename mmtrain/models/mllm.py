@@ -245,8 +245,10 @@ class MLLM(EntryPoints):
         # position t predicts token t + 1; only the positions from the batch's first answer token
         # on reach the vocabulary head (the prompt and its image tokens, most of a sequence, never
         # do: a 152k-wide head over every position was most of the activation memory)
+        # (the batch's labels and mask are host tensors: read through numpy, which refuses a
+        # device tensor, so that no read here waits for the device)
         labels = batch["labels"][:, 1:]
-        answered = (labels != -100).any(0).nonzero()
+        answered = (labels != -100).any(0).numpy().nonzero()[0]
         first = int(answered[0]) if len(answered) else labels.shape[1] - 1
         with use_adapter(self.model, adapter):
             inputs = self._inputs(batch)
@@ -264,14 +266,14 @@ class MLLM(EntryPoints):
         )
         counts = pick.sum(1).clamp(min=1)
         loss_sum = ce.sum()
-        tokens = int(pick.sum())
+        tokens = pick.sum()  # on the device, like the losses
         out = {
-            "loss": loss_sum / max(1, tokens),
+            "loss": loss_sum / tokens.clamp(min=1),
             "loss_sum": loss_sum,
             "per_sample": (per_token.sum(1) / counts).detach(),
             "nll_sum": per_token.sum(1).detach(),
             "tokens": tokens,
-            "flops": self.train_flops(int(inputs["attention_mask"].sum())),
+            "flops": self.train_flops(int(batch["attention_mask"].numpy().sum())),
         }
         if "scored" in batch:
             scored = batch["scored"].to(per_token.device)[:, 1 + first :].to(per_token.dtype)

@@ -92,18 +92,20 @@ class GlobalMean:
     samples, which is the same thing only when every sample weighs the same (fixed-size terms)."""
 
     total: torch.Tensor
-    count: int
+    count: Union[int, torch.Tensor]  # a tensor stays on the device (no host sync)
 
 
 @dataclass
 class StepOutput:
     # named scalar losses (weighted by the engine)
     losses: Dict[str, Union[torch.Tensor, GlobalMean]]
-    stats: Dict[str, float] = field(default_factory=dict)  # extra scalars to log as they are
+    # extra scalars to log as they are. Stats and counts may be device tensors: the engine sums
+    # them on the device and reads them at log steps (a float() here would be a host sync)
+    stats: Dict[str, Union[float, torch.Tensor]] = field(default_factory=dict)
     # CHW images in [0, 1] to log (rank 0, log steps)
     images: Dict[str, torch.Tensor] = field(default_factory=dict)
     samples: int = 0  # samples in this micro-batch on this rank
-    tokens: int = 0  # tokens processed (for tokens/s)
+    tokens: Union[int, torch.Tensor] = 0  # tokens processed (for tokens/s)
     # training FLOPs of this micro-batch when they vary per batch (else
     # `Recipe.flops_per_sample`), for MFU
     flops: Optional[float] = None

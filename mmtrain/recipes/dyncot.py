@@ -306,7 +306,10 @@ class DynCoT(ShardRecipe):
     def __init__(self, cfg: DynCoTConfig, ctx):
         super().__init__(cfg, ctx)
         self.tracker = HardSampleTracker(cfg.dynamic)
-        self._step_losses: List[Any] = []  # (key, loss) of this optimizer step's micro-batches
+        # this optimizer step's micro-batches: the keys trained direct and their losses (device)
+        self._step_keys: List[str] = []
+        self._step_losses: List[torch.Tensor] = []
+        self._unread: List[Any] = []  # finished steps' (keys, losses, global sum and count)
 
     def setup(self) -> None:
         c = self.cfg
@@ -369,9 +372,8 @@ class DynCoT(ShardRecipe):
         )
         if c.strategy == "dynamic":  # hardness: the loss on the keyphrase tokens alone
             direct = [i for i, u in enumerate(use) if not u]
-            self._step_losses += [
-                (batch["key"][i], float(out["per_sample_scored"][i])) for i in direct
-            ]
+            self._step_keys += [batch["key"][i] for i in direct]
+            self._step_losses.append(out["per_sample_scored"][direct])  # read at the epoch end
         n = len(use)
         stats = {
             "cot_frac": sum(use) / n,
@@ -397,16 +399,32 @@ class DynCoT(ShardRecipe):
         batch's loss (one all-reduce): the same at any world size."""
         if self.cfg.strategy != "dynamic":
             return
-        keys, losses = [k for k, _ in self._step_losses], [v for _, v in self._step_losses]
-        both = torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
-        total, n = self.ctx.all_reduce_sum(both).tolist()
-        self.tracker.record(keys, losses, total / n if n else None)
-        self._step_losses = []
+        losses = torch.cat([t.to(torch.float64) for t in self._step_losses])
+        n = torch.tensor([float(len(self._step_keys))], dtype=torch.float64).to(losses.device)
+        both = self.ctx.all_reduce_sum(torch.cat([losses.sum().reshape(1), n]))
+        self._unread.append((self._step_keys, losses, both))  # on the device until _read
+        self._step_keys, self._step_losses = [], []
+
+    def _read(self) -> None:
+        """The steps' per-sample losses and global means into the tracker, in order: one host read
+        for all the steps since the last (at an epoch end or a checkpoint)."""
+        if not self._unread:
+            return
+        values = torch.cat([torch.cat([v, b]) for _, v, b in self._unread]).tolist()
+        for keys, v, _ in self._unread:
+            losses, (total, n), values = (
+                values[: len(v)],
+                values[len(v) : len(v) + 2],
+                values[len(v) + 2 :],
+            )
+            self.tracker.record(keys, losses, total / n if n else None)
+        self._unread = []
 
     def on_epoch_end(self, finished: int, new: int) -> None:
         """Every rank's losses of the epoch merged; the samples that stayed hard switch to CoT."""
         if self.cfg.strategy != "dynamic":
             return
+        self._read()
         entry = self.tracker.end_epoch(self.ctx.gather_objects(self.tracker.pending), new)
         log.info("dynamic CoT after epoch %d: %s", entry["epoch"], json.dumps(entry))
         if self.ctx.rank == 0 and self.ctx.run_dir:
@@ -414,7 +432,10 @@ class DynCoT(ShardRecipe):
                 f.write(json.dumps(entry) + "\n")
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"tracker": self.tracker.state_dict()} if self.cfg.strategy == "dynamic" else {}
+        if self.cfg.strategy != "dynamic":
+            return {}
+        self._read()
+        return {"tracker": self.tracker.state_dict()}
 
     def reshard_state(self, states: List[Dict[str, Any]], rank: int, world: int) -> Dict[str, Any]:
         """The loss table onto another number of ranks: the decisions so far are the same on every

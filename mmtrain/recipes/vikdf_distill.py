@@ -273,9 +273,9 @@ class VIKDFDistill(ShardRecipe):
                 "mim": out["mim"],
                 "mtm": GlobalMean(out["mtm_sum"], out["mtm_count"]),
             },
-            stats={"logit_scale": float(out["logit_scale"].detach())},
+            stats={"logit_scale": out["logit_scale"].detach()},
             samples=n,
-            tokens=int(batch["attn"].sum()),
+            tokens=batch["attn"].sum(),
             images=images,
         )
 

@@ -291,7 +291,7 @@ class VIKDFFuse(ShardRecipe):
         }
         if "stage1" in batch:
             losses.update(self._stage1_losses(model, batch))
-        stats = {k: float(v) for k, v in out.items() if k in ("kl_per_dim", "prior_logvar")}
+        stats = {k: v.detach() for k, v in out.items() if k in ("kl_per_dim", "prior_logvar")}
         if "kl" in losses and self.cfg.kl_warmup_steps:
             stats["kl_weight"] = self.loss_weight("kl")
         tokens = sum(len(t) for t in batch["target"])

@@ -38,14 +38,23 @@ def accumulated_error(accum: str) -> float:
     xs = [torch.randn(8, WIDTH, generator=torch.Generator().manual_seed(i)) + 1 for i in range(16)]
     weight = engine.module.weight.detach().double()
     exact = torch.zeros_like(weight)
-    for i, x in enumerate(xs):
+    for x in xs:
+        # as the trainer does: backward after backward, the one engine.step() after the last
         engine.backward(engine(x.bfloat16()).float().pow(2).mean())
-        if i < MICRO_STEPS - 1:
-            engine.step()  # counts the micro-step; applies nothing before the 16th
         w = weight.clone().requires_grad_()
         (x.bfloat16().double() @ w.T).pow(2).mean().backward()
         exact += w.grad / MICRO_STEPS  # DeepSpeed scales each micro-step's loss by 1/16
-    got = safe_get_full_grad(engine.module.weight).double()
+    # the trainer owns the accumulation boundary: the gradient is final when engine.step() hands
+    # it to the optimizer, and read there
+    seen, update = {}, engine.optimizer.step
+
+    def read_then_update(*args, **kwargs):
+        seen["grad"] = safe_get_full_grad(engine.module.weight).double()
+        return update(*args, **kwargs)
+
+    engine.optimizer.step = read_then_update
+    engine.step()
+    got = seen["grad"]
     engine.destroy()
     return float((got - exact).norm() / exact.norm())
 

@@ -271,7 +271,7 @@ def test_fusion_terms_keep_the_language_loss_scale_and_the_prompts_carry_knowled
                 parts = [[i, s, tg] for i, s, tg in zip(batch["instr"], soft, batch["target"])]
                 out = model._lm_loss(parts, 2, batch["target"])
                 ce[name][0] += float(out["ce_sum"])
-                ce[name][1] += out["ce_count"]
+                ce[name][1] += int(out["ce_count"])
     with_knowledge, zero = (ce[n][0] / ce[n][1] for n in ("knowledge", "zero"))
     assert with_knowledge < zero - 0.5, (with_knowledge, zero)  # measured: 0.78 vs 2.30
 
