@@ -28,6 +28,7 @@ from mmtrain.config import ConfigError, load_config, to_yaml  # noqa: E402
 from mmtrain.data.shards import DataError  # noqa: E402
 from mmtrain.engine.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
 from mmtrain.engine.heartbeat import PEER_LOST_EXIT_CODE, PeerLost  # noqa: E402
+from mmtrain.engine.runlock import RunDirBusy  # noqa: E402
 from mmtrain.engine.weights import WeightsError  # noqa: E402
 from mmtrain.models.rules import RuleError  # noqa: E402
 
@@ -520,6 +521,7 @@ def main(argv=None) -> int:
         WeightsError,
         CheckpointError,
         CheckpointWriteError,
+        RunDirBusy,
     ) as e:
         print(f"mmtrain {args.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -42,6 +42,7 @@ from mmtrain.engine.optim import (
     scheduler_factory,
     widest_hidden_size,
 )
+from mmtrain.engine.runlock import RunDirBusy, RunLock
 from mmtrain.engine.syncs import SyncCounter
 from mmtrain.parallelize import (
     checkpoint_activations,
@@ -69,6 +70,7 @@ class Trainer:
         self.finished = False  # every step trained (not stopped early by a signal or a split)
         self.eval_pending = False  # an evaluation at self.step that a stop signal interrupted
         self.heartbeat = None  # started once the process group is (_start)
+        self.lock = RunLock(self.run_dir)  # held by rank 0 while the run lives
         self.syncs = None  # a SyncCounter with log.count_host_syncs
         self.syncs_per_step: list = []  # each non-log step's count since the last log line
         self.shown_loss = float("nan")  # on the progress bar: the last logged loss/total
@@ -85,6 +87,7 @@ class Trainer:
         finally:
             if self.heartbeat is not None:
                 self.heartbeat.stop()
+            self.lock.release()
 
     def _loop(self) -> int:
         cfg, stop = self.cfg, self.stop
@@ -359,6 +362,14 @@ class Trainer:
 
     def _prepare_run_dir(self) -> None:
         env = self.env
+        # one live run per directory: taken before anything is written (a live run's partial
+        # save is not this run's to clean up)
+        busy = dist.gather_objects(self.lock.acquire() if env.is_main else None)[0]
+        if busy:
+            raise RunDirBusy(
+                f"{self.run_dir} belongs to a run that is still going ({busy}): wait for it to "
+                f"end, stop it, or choose another run.name"
+            )
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
