@@ -68,6 +68,19 @@ fi
 setsid "$PYTHON" -m deepspeed.launcher.runner "${args[@]}" --master_port "$port" \
   --no_local_rank --module mmtrain.cli "$command" "$@" &
 launcher=$!
+# A SIGKILL to this script (an OOM kill, a job manager) cannot be trapped: a watcher outside it sees
+# the script gone and sends SIGTERM to the launcher's group, the ranks included (they checkpoint at
+# their next step and exit). Each rank also dies with its own launcher (engine/signals.py).
+# (its parent changes the moment the script dies, reaped or not: a killed, unreaped script still
+# answers `kill -0`)
+(
+  trap '' TERM INT USR1
+  me=$BASHPID
+  parent() { ps -o ppid= -p "$me" | tr -d ' '; }
+  while [[ $(parent) == "$$" ]] && kill -0 "$launcher" 2>/dev/null; do sleep 1; done
+  [[ $(parent) == "$$" ]] || kill -TERM -- "-$launcher" 2>/dev/null
+) </dev/null >/dev/null 2>&1 &
+watcher=$!
 signalled=0
 # shellcheck disable=SC2317,SC2329  # invoked by the trap below
 forward() {
@@ -96,5 +109,6 @@ if (( rc > 128 )); then         # it ended just as the signal came: its own stat
   wait "$launcher" 2>/dev/null || r=$?
   if (( r != 127 )); then rc=$r; fi
 fi
+kill -KILL "$watcher" 2>/dev/null || true
 rm -f "${DS_ENV_FILE:-}" "${tmp_hosts:-}"
 exit "$rc"
