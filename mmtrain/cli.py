@@ -24,7 +24,7 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 
 from mmtrain import recipes  # noqa: E402
-from mmtrain.config import ConfigError, load_config, to_yaml  # noqa: E402
+from mmtrain.config import ConfigError, check_run_dir, load_config, to_yaml  # noqa: E402
 from mmtrain.data.shards import DataError  # noqa: E402
 from mmtrain.engine.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
 from mmtrain.engine.heartbeat import PEER_LOST_EXIT_CODE, PeerLost  # noqa: E402
@@ -59,6 +59,7 @@ def _cmd_config(args) -> int:
             print("".join(p.describe() for p in pipelines), end="")
         return 0
     cfg = load_config(args.config, args.overrides)
+    check_run_dir(cfg)  # the launch scripts' pre-check: before any rank starts
     if args.get == "run_dir":
         print(cfg.run_dir)
     elif args.get:
@@ -99,6 +100,7 @@ def _cmd_train(args) -> int:
     from mmtrain.engine.trainer import train
 
     cfg = load_config(args.config, args.overrides)
+    check_run_dir(cfg)
     return _until_done(lambda: train(cfg))
 
 

@@ -322,6 +322,25 @@ def plan_global_batch(train: TrainConfig, world: int) -> int:
     return accum
 
 
+def check_run_dir(cfg: Config) -> None:
+    """The run directory can be made and written: its nearest existing ancestor (or itself) is a
+    writable directory. For the commands that train (a run's config loaded for evaluation elsewhere
+    need not pass it)."""
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    here = run_dir
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        raise ConfigError(
+            f"key 'run.out_dir': the run directory {run_dir} cannot be made: {here} is a file"
+        )
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"key 'run.out_dir': the run directory {run_dir} cannot be written: {here} is "
+            f"read-only for this user"
+        )
+
+
 def validate(cfg: Config, pending: Sequence[str] = ()) -> None:
     """Every rule of the schema; `pending`: absolute paths an earlier pipeline stage will write
     (a path under one of them need not exist yet)."""

@@ -234,8 +234,37 @@ def _intact(root: Path) -> str:
 
 
 def read_pointer(root: Path, name: str) -> Optional[str]:
+    """The tag a pointer file (latest, best) names; None without one. Anything but a tag of this
+    run (garbage bytes, a path such as ../../other/step_5) is refused, naming the file and the
+    usable tags: a pointer is never followed outside the run."""
     path = root / name
-    return path.read_text().strip() if path.is_file() else None
+    if not path.is_file():
+        return None
+    raw = path.read_bytes()
+    try:
+        tag = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        tag = None
+    if tag is None or not TAG_RE.match(tag):
+        raise CheckpointError(
+            f"{path} should name a checkpoint of this run (step_NNNNNNNN) but holds "
+            f"{raw[:60]!r}; set run.resume to one of {complete_tags(root) or 'none'} or 'never' "
+            f"(or write the right tag into it)"
+        )
+    return tag
+
+
+def check_recipe(root: Path, tag: str, recipe: str) -> None:
+    """Refuses a checkpoint that another recipe wrote (mmtrain.json records which)."""
+    try:
+        by = json.loads((root / tag / "mmtrain.json").read_text()).get("recipe")
+    except (OSError, ValueError):
+        return  # verify() reports a damaged marker
+    if by and by != recipe:
+        raise CheckpointError(
+            f"checkpoint {root / tag} was written by recipe {by}, and this run's config is for "
+            f"recipe {recipe}: use a checkpoint of a {recipe} run (or that run's own directory)"
+        )
 
 
 def mark_best(root: Path, step: int, metric: str, value: float) -> None:
@@ -260,7 +289,7 @@ def find_resume(
         if not p.is_dir() and TAG_RE.match(resume) and (root / resume).is_dir():
             p = root / resume
         if p.name in ("best", "latest") and (p.parent / p.name).is_file():  # a pointer: follow it
-            p = p.parent / (p.parent / p.name).read_text().strip()
+            p = p.parent / read_pointer(p.parent, p.name)
         if not (p / "mmtrain.json").is_file():
             raise FileNotFoundError(
                 f"run.resume={resume} is not a complete mmtrain checkpoint (no mmtrain.json inside)"
@@ -274,7 +303,7 @@ def find_resume(
     latest = root / "latest"
     tags = complete_tags(root)
     if latest.is_file():
-        tag = latest.read_text().strip()
+        tag = read_pointer(root, "latest")
         if not (root / tag / "mmtrain.json").is_file():
             raise FileNotFoundError(
                 f"{latest} names '{tag}', which is not a complete checkpoint in {root}; "

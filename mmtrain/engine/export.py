@@ -61,6 +61,7 @@ def find_checkpoint(run_dir: Path, tag: Optional[str], overrides: Sequence[str] 
     found = checkpoint.find_resume(str(root / tag) if tag else "auto", root)
     if not found:
         raise FileNotFoundError(f"no complete checkpoint in {root}")
+    checkpoint.check_recipe(*found, cfg.recipe.name)
     return (cfg, *found)
 
 

@@ -358,7 +358,10 @@ class Trainer:
                 f"them: choose a new run.name, or run.resume=auto to continue"
             )
         self.passed_over: list = []  # damaged checkpoints resume=auto skipped, logged later
-        return checkpoint.find_resume(cfg.run.resume, self.ckpt_root, self.passed_over)
+        found = checkpoint.find_resume(cfg.run.resume, self.ckpt_root, self.passed_over)
+        if found:
+            checkpoint.check_recipe(*found, cfg.recipe.name)
+        return found
 
     def _prepare_run_dir(self) -> None:
         env = self.env

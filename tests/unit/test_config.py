@@ -1,4 +1,5 @@
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +160,27 @@ def test_cli_config_exits_2_with_one_line(capsys):
     assert len(err) == 1 and "did you mean 'train.lr'" in err[0]
     assert main(["config", str(DEMO), "train.lr=0.125"]) == 0
     assert "lr: 0.125" in capsys.readouterr().out
+
+
+@pytest.mark.chaos
+def test_a_run_directory_that_cannot_be_made_or_written_is_named_before_any_rank_starts(
+    tmp_path, monkeypatch
+):
+    """Both used to pass the config check and then give each rank a 30-line traceback."""
+    import os
+
+    from mmtrain.config import check_run_dir
+
+    (tmp_path / "afile").write_text("x")
+    cfg = load_config(DEMO, [f"run.out_dir={tmp_path / 'afile'}"])
+    with pytest.raises(ConfigError, match=r"run.out_dir.*cannot be made: .*afile is a file"):
+        check_run_dir(cfg)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    cfg = load_config(DEMO, [f"run.out_dir={ro / 'deeper'}"])
+    check_run_dir(cfg)  # writable: fine
+    # a read-only mount (root writes through file modes, so the mount is what stops it)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != ro and access(p, mode))
+    with pytest.raises(ConfigError, match=r"cannot be written: .*ro is read-only"):
+        check_run_dir(cfg)

@@ -107,3 +107,33 @@ def test_mmtrain_state_is_json_and_a_crafted_pickle_never_runs(tmp_path):
     with pytest.raises(CheckpointError, match="damaged"):
         checkpoint.find_resume("auto", root)
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize(
+    "pointer",
+    [b"\xff\xfe\x00garbage", b"../../other/step_00000005", b"/etc/passwd"],
+    ids=["garbage bytes", "a path outside the run", "an absolute path"],
+)
+def test_a_latest_that_is_not_a_tag_is_refused_naming_the_file_and_the_tags(tmp_path, pointer):
+    """Garbage bytes used to end in a UnicodeDecodeError naming no file, and a path outside the
+    run in "no latest"."""
+    root = tmp_path / "checkpoints"
+    save(root, 10)
+    (root / "latest").write_bytes(pointer)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.find_resume("auto", root)
+    said = str(e.value)
+    assert f"{root / 'latest'} should name a checkpoint of this run" in said
+    assert "one of ['step_00000010']" in said and repr(pointer)[:20] in said
+
+
+@pytest.mark.chaos
+def test_a_checkpoint_of_another_recipe_is_refused_naming_both(tmp_path):
+    root = tmp_path / "checkpoints"
+    save(root, 10)
+    marker = root / "step_00000010" / "mmtrain.json"
+    marker.write_text(marker.read_text().replace("}", ', "recipe": "kdsl"}', 1))
+    checkpoint.check_recipe(root, "step_00000010", "kdsl")  # its own: fine
+    with pytest.raises(checkpoint.CheckpointError, match="written by recipe kdsl, and this run's"):
+        checkpoint.check_recipe(root, "step_00000010", "toy_lm")
