@@ -129,3 +129,23 @@ def image_bytes(sample: dict) -> Optional[bytes]:
         if k in sample:
             return sample[k]
     return None
+
+
+class PixelLimit:
+    """A sample decoder behind a size check: the image's width and height are read from its header
+    (no pixel decoded) and an image over `max_pixels` raises, which the reader counts as a skipped
+    sample (`data.max_image_pixels`)."""
+
+    def __init__(self, decode, max_pixels: int):
+        self.decode, self.max_pixels = decode, max_pixels
+
+    def __call__(self, raw: dict):
+        data = image_bytes(raw)
+        if data is not None:
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+            if w * h > self.max_pixels:
+                raise ValueError(
+                    f"image of {w} x {h} pixels is over data.max_image_pixels={self.max_pixels}"
+                )
+        return self.decode(raw)

@@ -59,6 +59,11 @@ class DataSection:
     # `skip_window` samples (a fraction of the first few batches means little)
     max_skip_fraction: float = bounded(0.01, ge=0, le=1)
     skip_window: int = bounded(1000, ge=1)
+    # an image larger than this (width x height, read from its header before any pixel is
+    # decoded) is a skipped sample. Every image is resized to the model's input, so a source far
+    # above it only costs a worker memory: 50M pixels (a 48 MP photo passes) is 150 MB decoded,
+    # where PIL's own limit (179M) lets a 13,000 x 13,000 PNG take 1.1 GB. 0: PIL's limit alone
+    max_image_pixels: int = bounded(50_000_000, ge=0)
 
 
 def _shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -436,10 +441,12 @@ def build_loader(
     seed: int,
     grad_accum: int = 1,
 ) -> ShardLoader:
+    from mmtrain.data.images import PixelLimit
+
     stream = ShardStream(
         spec,
         batch_size,
-        decode,
+        PixelLimit(decode, section.max_image_pixels) if section.max_image_pixels else decode,
         collate,
         rank,
         world,
