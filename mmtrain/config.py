@@ -113,8 +113,13 @@ class DeepSpeedSection:
 @dataclass
 class DistConfig:
     backend: str = choices("auto", "nccl", "gloo", default="auto")  # auto: nccl on CUDA, else gloo
-    # collective timeout; a dead peer on gloo fails much sooner
+    # collective timeout while a run starts (model load, partitioning, a resume's conversion, the
+    # first step's compilation); a dead peer on gloo fails much sooner
     timeout_s: int = bounded(1800, ge=1)
+    # collective timeout once the first step is done: a step, an evaluation batch and a rank's
+    # share of a save take seconds to a minute at the published sizes (docs/design.md); 0: keep
+    # timeout_s. A late rank is named sooner by the heartbeat (late_after_s)
+    step_timeout_s: int = bounded(600, ge=0)
     # how long the other ranks wait for work rank 0 does for all (the universal conversion of a
     # resume on another world size, the consolidation for evaluation, a pipeline's export): in
     # a gloo group of their own, outside the collective timeout above (engine.dist.solo)

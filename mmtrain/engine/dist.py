@@ -246,6 +246,19 @@ def device_memory(env: DistEnv) -> float:
     return host / int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
 
 
+def set_timeout(seconds: int) -> bool:
+    """The default process group's collective timeout from now on (torch's `_set_pg_timeout`,
+    as torchtitan shortens it after the first step); False where this torch lacks it."""
+    if not _multi_rank():
+        return False
+    from torch.distributed import distributed_c10d
+
+    if not hasattr(distributed_c10d, "_set_pg_timeout"):
+        return False
+    distributed_c10d._set_pg_timeout(timedelta(seconds=seconds))
+    return True
+
+
 def barrier() -> None:
     if tdist.is_initialized():
         tdist.barrier()

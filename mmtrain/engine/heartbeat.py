@@ -81,6 +81,7 @@ class Heartbeat:
     def __init__(self, rank: int, world: int, every_s: float, late_after_s: float, timeout_s: int):
         self.rank, self.world = rank, world
         self.every, self.late_after, self.timeout_s = every_s, late_after_s, timeout_s
+        self.setting = "dist.timeout_s"  # the key that sets the collective timeout now
         self.step, self.doing, self.seq = 0, "starting", 0
         self.peers: Dict[int, Peer] = {}
         self.reached: Dict[int, float] = {
@@ -187,10 +188,15 @@ class Heartbeat:
             if now - p.warned >= self.late_after:
                 p.warned = now
                 log.warning(
-                    "%s; the job waits for it up to dist.timeout_s=%d s, then stops",
+                    "%s; the job waits for it up to %s=%d s, then stops",
                     phrase,
+                    self.setting,
                     self.timeout_s,
                 )
+
+    def timeout_now(self, seconds: int, setting: str) -> None:
+        """The collective timeout changed (the first step done): name the right key from now on."""
+        self.timeout_s, self.setting = seconds, setting
 
     # -- after a failed collective ---------------------------------------------------------
     def explain(self, error: BaseException) -> str:
@@ -209,8 +215,8 @@ class Heartbeat:
         gist = text.strip().splitlines()[-1][:300] if text.strip() else type(error).__name__
         if "timed out" in text.lower() or "timeout" in text.lower():
             fix = (
-                f"a collective waited dist.timeout_s={self.timeout_s} s; if that rank was only "
-                f"slow (a long save or evaluation), raise dist.timeout_s"
+                f"a collective waited {self.setting}={self.timeout_s} s; if that rank was only "
+                f"slow (a long save or evaluation), raise {self.setting}"
             )
         else:
             fix = "the job stops; a Slurm job whose node failed is requeued"

@@ -74,6 +74,7 @@ class Trainer:
         self.syncs = None  # a SyncCounter with log.count_host_syncs
         self.syncs_per_step: list = []  # each non-log step's count since the last log line
         self.shown_loss = float("nan")  # on the progress bar: the last logged loss/total
+        self.steady = False  # this process's first step done (dist.step_timeout_s applies)
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> int:
@@ -156,6 +157,8 @@ class Trainer:
         self.engine.step()
         self.step += 1
         self.heartbeat.beat(self.step)
+        if not self.steady:
+            self._steady_timeout()
         self.metrics.step_done()
         self.recipe.on_step_end()
         grad_norm = self.engine.get_global_grad_norm()
@@ -163,6 +166,23 @@ class Trainer:
         lr = self.engine.get_lr()[0]
         self._show(last[2] if last else StepOutput(losses={}), lr)
         return grad_norm, lr
+
+    def _steady_timeout(self) -> None:
+        """After this process's first step: the shorter collective timeout of a running job."""
+        self.steady = True
+        d = self.cfg.dist
+        if (
+            d.step_timeout_s
+            and d.step_timeout_s != d.timeout_s
+            and dist.set_timeout(d.step_timeout_s)
+        ):
+            self.heartbeat.timeout_now(d.step_timeout_s, "dist.step_timeout_s")
+            self.log.info(
+                "first step done: collective timeout now dist.step_timeout_s=%d s (during "
+                "start-up dist.timeout_s=%d s)",
+                d.step_timeout_s,
+                d.timeout_s,
+            )
 
     def _next_batch(self):
         batch = next(self.data)
