@@ -32,9 +32,13 @@ samples seen stops the run with an error naming the shards.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
+import json
+import logging
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import torch
@@ -42,6 +46,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmtrain.data.shards import DataError, iter_shard, resolve, shard_index
 from mmtrain.schema import bounded, choices, shards_field
+
+log = logging.getLogger("mmtrain")
 
 
 @dataclass
@@ -64,6 +70,10 @@ class DataSection:
     # above it only costs a worker memory: 50M pixels (a 48 MP photo passes) is 150 MB decoded,
     # where PIL's own limit (179M) lets a 13,000 x 13,000 PNG take 1.1 GB. 0: PIL's limit alone
     max_image_pixels: int = bounded(50_000_000, ge=0)
+    # the training shards differ from those the checkpoint was trained on (names, sizes, sample
+    # counts): error (stop, naming the change), or next_epoch (skip the rest of the interrupted
+    # epoch and plan the next one over the new shards: two plans never meet in one epoch)
+    on_change: str = choices("error", "next_epoch", default="error")
 
 
 def _shuffled(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -133,6 +143,23 @@ class ShardStream(IterableDataset):
             raise DataError(f"data.mode must be 'exact', 'resampled' or 'eval', got {mode!r}")
         self.epoch = 0
         self.start_batch = 0
+        self._fingerprint: Optional[Dict[str, Any]] = None
+
+    def unlisted_tars(self) -> List[str]:
+        """Tars beside the shards that the manifest does not list (a directory spec only)."""
+        if not Path(self.spec).is_dir():
+            return []
+        listed = {p.name for p in self.paths}
+        return sorted(t.name for t in Path(self.spec).glob("*.tar") if t.name not in listed)
+
+    def fingerprint(self) -> Dict[str, Any]:
+        """What the epoch plan is made of: each shard's name, size and sample count (a hash),
+        with the totals to say what changed. Taken once (a stat per shard), as the plan is."""
+        if self._fingerprint is None:
+            shards = [(p.name, p.stat().st_size, n) for p, n in zip(self.paths, self.counts)]
+            digest = hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
+            self._fingerprint = {"hash": digest, "shards": len(shards), "samples": sum(self.counts)}
+        return self._fingerprint
 
     # -- which samples a batch holds: positions in the epoch's shard-shuffled concatenation
     def _shard_order(self) -> List[int]:
@@ -294,8 +321,10 @@ class ShardLoader:
         workers: int = 2,
         max_skip_fraction: float = 0.01,
         skip_window: int = 1000,
+        on_change: str = "error",
     ):
         self.stream = stream
+        self.on_change = on_change
         self.workers = workers
         self.max_skip_fraction = max_skip_fraction
         self.skip_window = skip_window
@@ -391,6 +420,7 @@ class ShardLoader:
             "global_batch": st.global_batch,
             "skipped": self.skipped,
             "seen": self.seen,
+            "shards": st.fingerprint(),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -410,6 +440,28 @@ class ShardLoader:
         steps = int(state["position"]) // int(state.get("grad_accum", st.grad_accum))
         self.epoch = int(state["epoch"])
         self.position = steps * st.grad_accum
+        then, now = state.get("shards"), st.fingerprint()
+        if then and then["hash"] != now["hash"]:  # (checkpoints before 2026-12-02 have none)
+            change = (
+                f"{st.spec}: the shards changed since the checkpoint: {then['shards']} shards, "
+                f"{then['samples']} samples then, {now['shards']} and {now['samples']} now"
+            )
+            if self.on_change == "error":
+                raise DataError(
+                    f"{change}; resuming would mix two epoch plans in epoch {self.epoch}. Restore "
+                    f"the shards, or set recipe.data.on_change=next_epoch to skip the rest of this "
+                    f"epoch and plan the next one over the new shards"
+                )
+            log.warning(
+                "%s; recipe.data.on_change=next_epoch: the rest of epoch %d is skipped (%d of "
+                "its %d batches done), epoch %d is planned over the new shards",
+                change,
+                self.epoch,
+                self.position,
+                then["samples"] // st.global_batch * st.grad_accum,  # the old plan's
+                self.epoch + 1,
+            )
+            self.epoch, self.position = self.epoch + 1, 0
         self._skipped_before = int(state["skipped"])
         self._seen_before = int(state["seen"])
         self._skipped = {}
@@ -456,7 +508,19 @@ def build_loader(
         section.steps_per_epoch,
         grad_accum,
     )
-    return ShardLoader(stream, section.workers, section.max_skip_fraction, section.skip_window)
+    if rank == 0:
+        unlisted = stream.unlisted_tars()
+        if unlisted:
+            log.warning(
+                "%s: %d tar(s) in the directory are not in its manifest and are not read: %s; "
+                "`mmtrain data index` writes a manifest that lists them",
+                spec,
+                len(unlisted),
+                ", ".join(unlisted[:5]) + (" ..." if len(unlisted) > 5 else ""),
+            )
+    return ShardLoader(
+        stream, section.workers, section.max_skip_fraction, section.skip_window, section.on_change
+    )
 
 
 class SampleDecoder:

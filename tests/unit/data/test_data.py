@@ -568,3 +568,46 @@ def test_close_stops_the_workers_at_once_and_reading_continues_where_it_stopped(
     got += [next(ld)["key"] for _ in range(5)]  # new workers, from the next batch on
     ld.close()
     assert got == want
+
+
+@pytest.mark.chaos
+def test_shards_changed_between_stop_and_resume_are_refused_or_start_the_next_epoch(
+    tmp_path, caplog
+):
+    """Two shards added and the directory re-indexed used to resume silently: one sample twice,
+    another never, 25 steps an epoch became 31."""
+    import shutil
+
+    spec = write_plain(tmp_path, "grow", [12, 12])
+    first = loader(spec, batch=4, seed=1)
+    seen = [k for _ in range(3) for k in next(first)["key"]]
+    state = first.state_dict()
+    more = write_plain(tmp_path, "more", [12, 12, 12])  # the same 24 samples and 12 new ones
+    shutil.rmtree(spec)
+    shutil.copytree(more, spec)
+    with pytest.raises(
+        DataError,
+        match=r"the shards changed since the checkpoint: 2 shards, 24 samples then, 3 and 36 now; "
+        r"resuming would mix two epoch plans in epoch 0.*recipe.data.on_change=next_epoch",
+    ):
+        loader(spec, batch=4, seed=1).load_state_dict(state)
+    resumed = loader(spec, batch=4, seed=1, on_change="next_epoch")
+    with caplog.at_level("WARNING", logger="mmtrain"):
+        resumed.load_state_dict(state)
+    assert "the rest of epoch 0 is skipped (3 of its 6 batches done)" in caplog.text
+    assert resumed.epoch == 1 and resumed.steps_per_epoch == 9  # the new plan, from its start
+    assert len(set(epoch_keys(resumed))) == 36 and len(seen) == 12
+    unchanged = loader(more, batch=4, seed=1)
+    unchanged.load_state_dict(loader(more, batch=4, seed=1).state_dict())  # same shards: fine
+
+
+def test_tars_the_manifest_does_not_list_are_named_at_start_up(tmp_path, caplog):
+    import shutil
+
+    spec = write_plain(tmp_path, "extra", [8, 8])
+    shutil.copy(spec / sorted(p.name for p in spec.glob("*.tar"))[0], spec / "zz-new.tar")
+    with caplog.at_level("WARNING", logger="mmtrain"):
+        loader(spec, batch=4)
+    assert "1 tar(s) in the directory are not in its manifest and are not read: zz-new.tar" in (
+        caplog.text
+    )
