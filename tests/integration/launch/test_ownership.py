@@ -105,3 +105,19 @@ def test_ranks_stop_when_torchrun_is_killed(tmp_path):
     took = gone_within("k9tr", 15)
     assert "stop signal received" in (tmp_path / "runs" / "k9tr" / "train.log").read_text()
     print(f"torchrun killed: ranks gone after {took:.1f} s")
+
+
+@pytest.mark.chaos
+@pytest.mark.heavy
+def test_sigterm_to_torchrun_checkpoints_the_ranks_but_torchrun_exits_1(tmp_path):
+    """What the README says of torchrun and SIGTERM: torchrun forwards it, the ranks finish the
+    step, checkpoint and exit 85, and torchrun itself exits 1 (its agent's SignalException)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    port = ["--master_port", str(free_port()), "-m", "mmtrain.cli", "train"]
+    p = _launch([*torchrun, *port], tmp_path, "termtr")
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 1
+    run = tmp_path / "runs" / "termtr"
+    assert "stop signal received: checkpointing" in (run / "train.log").read_text()
+    assert (run / "checkpoints" / "latest").is_file()
+    assert not ranks_alive("termtr")
