@@ -178,8 +178,8 @@ class Trainer:
         ):
             self.heartbeat.timeout_now(d.step_timeout_s, "dist.step_timeout_s")
             self.log.info(
-                "first step done: collective timeout now dist.step_timeout_s=%d s (during "
-                "start-up dist.timeout_s=%d s)",
+                "collective timeout from the first step on: dist.step_timeout_s=%d s "
+                "(dist.timeout_s=%d s while starting)",
                 d.step_timeout_s,
                 d.timeout_s,
             )

@@ -46,7 +46,7 @@ def test_a_stopped_rank_is_named_and_ends_the_job_within_the_step_timeout(tmp_pa
         ranks[1].kill()
     took = time.time() - stopped
     log = (run / "train.log").read_text()
-    assert "collective timeout now dist.step_timeout_s=15 s" in log
+    assert "collective timeout from the first step on: dist.step_timeout_s=15 s" in log
     assert "rank 1 (host " in log and "has not been heard from" in log, log[-3000:]
     assert "waits for it up to dist.step_timeout_s=15 s" in log
     assert code == PEER_LOST_EXIT_CODE, log[-3000:]
