@@ -49,6 +49,7 @@ def assert_one_per_step(run: Path, steps: int) -> None:
     assert [own for own, _ in counted[1:]] == [1] * (len(counted) - 1), counted
 
 
+@pytest.mark.heavy  # make test-all (15 s): `make test` measured 9 min 54 s without it
 def test_toy_lm_reads_the_device_once_per_step_and_a_bad_micro_batch_costs_only_its_step(
     tmp_path,
 ):
