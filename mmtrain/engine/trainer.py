@@ -99,10 +99,10 @@ class Trainer:
                 return self._requeue()  # the evaluation a stop interrupted, stopped again
             while self.step < cfg.train.steps:
                 grad_norm, lr = self._optimizer_step()
-                if self.syncs is not None and not self.metrics.due(self.step):
-                    self.syncs_per_step.append(self.syncs.take())
                 if self.metrics.due(self.step):
                     self._log(grad_norm, lr)
+                elif self.syncs is not None:
+                    self.syncs_per_step.append(self.syncs.take())
                 if self._eval_due() and not self._evaluate():
                     return self._requeue()
                 if stop.heard_at_step:  # read with the step's flags (_read_step_flags)
