@@ -4,16 +4,20 @@ Three modes (`DataSection.mode`):
 - exact: every epoch, the shard order is shuffled (seed, epoch) and the concatenated samples are
   cut into *global* batches of G = micro_batch x grad_accum x world samples (one optimizer step
   of the whole job; the remainder, fewer than G samples, sits out that epoch). Consecutive
-  global batches form shuffle windows of max(G, shuffle_buffer) samples (rounded up to whole
-  batches), and a seeded permutation of each window (seed, epoch, window) deals its samples to
-  its batches. Which samples make up global batch s is therefore a function of
-  (seed, epoch, G, shuffle_buffer) alone, not of the world size or the data workers: runs at
-  1, 2 or 8 ranks with the same global batch see the same batches, and a run resumed on another
-  number of ranks (same G) continues with exactly the remaining batches of the epoch. Within a
-  global batch, rank r takes the r-th of `world` equal parts of its samples sorted by position
-  (then split into grad_accum micro-batches), so a rank reads mostly its own 1/world of each
-  window. Every sample is seen at most once per epoch and every rank takes the same number of
-  steps (no hang on uneven shards).
+  global batches form shuffle windows of at least `shuffle_buffer` samples *and* at least
+  `shuffle_shards` shards' worth of samples (rounded up to whole global batches), and a seeded
+  permutation of each window (seed, epoch, window) deals its samples to its batches: however
+  large G grows, a global batch draws from about `shuffle_shards` shards (more when G spans more),
+  never from the one or two that G consecutive samples would hold. Which samples make up global
+  batch s is therefore a function of (seed, epoch, G, shuffle_buffer, shuffle_shards) alone, not
+  of the world size or the data workers: runs at 1, 2 or 8 ranks with the same global batch see
+  the same batches, and a run resumed on another number of ranks (same G) continues with exactly
+  the remaining batches of the epoch. The global batch's samples, in the window's permuted order,
+  are cut into micro-batches, micro-batch k of the step going to rank k // grad_accum: each
+  micro-batch (the contrastive loss's in-batch negatives) mixes the window's shards too, and the
+  micro-batches of a step are the same at any world size with the same micro-batch size. Every
+  sample is seen at most once per epoch and every rank takes the same number of steps (no hang on
+  uneven shards).
 - eval: every sample exactly once: rank r reads the r-th contiguous part (total / world rounded
   up); the last batches are filled with repeats, which evaluation drops by sample key.
 - resampled: each worker draws shards at random with replacement, forever, and the epoch is a
@@ -58,8 +62,14 @@ class DataSection:
     val: str = shards_field()
     mode: str = choices("exact", "resampled", "eval", default="exact")
     workers: int = bounded(2, ge=0)  # DataLoader processes per rank (0: in the training process)
-    # exact: samples per shuffle window; resampled: per-worker buffer
+    # exact: samples per shuffle window at least; resampled: per-worker buffer
     shuffle_buffer: int = bounded(1000, ge=1)
+    # exact: a shuffle window spans at least this many shards (by their mean size), so that every
+    # global batch mixes about as many shards at any global batch size. The cost: a data worker
+    # reads each batch by seeking into up to this many shards (one open file at a time, each
+    # shard's tar headers indexed once per worker and epoch) instead of a run of one shard.
+    # 0: windows of `shuffle_buffer` samples alone
+    shuffle_shards: int = bounded(16, ge=0)
     steps_per_epoch: Optional[int] = bounded(None, ge=1)  # resampled mode: steps per rank per epoch
     # corrupt/unreadable samples tolerated before the run stops, judged over at least
     # `skip_window` samples (a fraction of the first few batches means little)
@@ -105,6 +115,7 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 1000,
         steps_per_epoch: Optional[int] = None,
         grad_accum: int = 1,
+        shuffle_shards: int = 0,
     ):
         self.paths, self.counts, self.manifest = resolve(spec)
         self.spec = spec
@@ -124,7 +135,8 @@ class ShardStream(IterableDataset):
         if mode == "exact":
             self.steps = total // self.global_batch  # optimizer steps per epoch
             self.batches_per_epoch = self.steps * grad_accum
-            self.window_steps = max(1, -(-shuffle_buffer // self.global_batch))
+            span = max(shuffle_buffer, -(-shuffle_shards * total // len(self.counts)))
+            self.window_steps = max(1, -(-span // self.global_batch))
             if self.steps == 0:
                 raise DataError(
                     f"{spec}: {total} samples cannot fill one global batch of {self.global_batch} "
@@ -175,8 +187,8 @@ class ShardStream(IterableDataset):
         return perm
 
     def _group(self, b: int):
-        """Batches are read in groups that share their reading: a shuffle window (exact), or alone."""
-        return b // (self.window_steps * self.grad_accum) if self.mode == "exact" else b
+        """The shuffle window of batch b (exact mode; None otherwise)."""
+        return b // (self.window_steps * self.grad_accum) if self.mode == "exact" else None
 
     def _positions(self, b: int, window: Optional[List[int]]) -> List[int]:
         """Sample positions of this rank's batch b (padded with repeats in eval mode)."""
@@ -188,10 +200,9 @@ class ShardStream(IterableDataset):
             return pos + [pos[k % len(pos)] for k in range(self.batch_size - len(pos))]
         step, micro = divmod(b, self.grad_accum)
         w, j = divmod(step, self.window_steps)
-        batch = sorted(window[j * self.global_batch : (j + 1) * self.global_batch])
-        part = batch[self.rank * self.batch_size * self.grad_accum :][micro * self.batch_size :][
-            : self.batch_size
-        ]
+        k = self.rank * self.grad_accum + micro  # this micro-batch's place in the step
+        first = j * self.global_batch + k * self.batch_size
+        part = sorted(window[first : first + self.batch_size])  # in position order: reads ahead
         return [w * self.window_steps * self.global_batch + p for p in part]
 
     def _read(
@@ -225,16 +236,14 @@ class ShardStream(IterableDataset):
         order = self._shard_order()
         # the first position of each shard
         starts = [0, *itertools.accumulate(self.counts[i] for i in order)][:-1]
-        k = 0
-        while k < len(mine):
-            first = self._group(mine[k])
-            group = list(itertools.takewhile(lambda b, g=first: self._group(b) == g, mine[k:]))
-            k += len(group)
-            window = self._window(self._group(group[0])) if self.mode == "exact" else None
-            batches = [self._positions(b, window) for b in group]
-            raw = self._read(sorted({p for ps in batches for p in ps}), order, starts, errors)
-            for ps in batches:
-                yield [raw[p] for p in ps]
+        w, window = None, None
+        for b in mine:  # one batch read at a time: a window can hold many shards' samples
+            if self._group(b) != w:
+                w = self._group(b)
+                window = self._window(w) if w is not None else None
+            positions = self._positions(b, window)
+            raw = self._read(sorted(set(positions)), order, starts, errors)
+            yield [raw[p] for p in positions]
 
     def _resampled(self, worker: int, errors: List[str]) -> Iterator[List[Any]]:
         rng = random.Random(
@@ -507,6 +516,7 @@ def build_loader(
         section.shuffle_buffer,
         section.steps_per_epoch,
         grad_accum,
+        section.shuffle_shards,
     )
     if rank == 0:
         unlisted = stream.unlisted_tars()

@@ -70,5 +70,5 @@ class ShardRecipe(Recipe):
         """One pass over `split` (the shards beside `data.val`), unshuffled. mode "eval": every
         sample once, ranks' shares differing by at most a batch; "exact": equal shares (for
         tensors gathered across ranks), a few samples repeated."""
-        section = dataclasses.replace(self.cfg.data, mode=mode, shuffle_buffer=1)
+        section = dataclasses.replace(self.cfg.data, mode=mode, shuffle_buffer=1, shuffle_shards=0)
         return self.loader(section, split_spec(self.cfg.data.val, split))

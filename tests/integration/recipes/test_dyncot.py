@@ -130,6 +130,7 @@ def test_text_only_rank_does_not_hang_zero3_and_lora_exports(kp, tiny_models, tm
             "eval.at_end=false",
             lora,
             "recipe.data.shuffle_buffer=1",
+            "recipe.data.shuffle_shards=0",
         ),
         config=CONFIG,
         timeout=180,

@@ -97,7 +97,9 @@ def check(manifest, written, skipped, reasons):
 
 
 def read_all(spec):
-    ld = loader(spec, batch=1, shuffle_buffer=1)  # one shard, buffer of 1: file order
+    ld = loader(
+        spec, batch=1, shuffle_buffer=1, shuffle_shards=0
+    )  # one shard, no window: file order
     return [next(ld) for _ in range(ld.steps_per_epoch)]
 
 
