@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import shutil
 import tarfile
@@ -189,8 +190,11 @@ class ShardIndex:
     def __len__(self) -> int:
         return len(self.samples)
 
-    def read(self, indices: Sequence[int]) -> Iterator[Tuple[int, Dict[str, Any]]]:
-        """(index, raw sample) for each index that the shard holds, in the given order."""
+    def read(
+        self, indices: Sequence[int], exts: Optional[Sequence[str]] = None
+    ) -> Iterator[Tuple[int, Dict[str, Any]]]:
+        """(index, raw sample) for each index that the shard holds, in the given order; with
+        `exts`, only those of its files (the others are not read)."""
         with open(self.path, "rb") as f:
             for i in indices:
                 if i >= len(self.samples):
@@ -198,8 +202,9 @@ class ShardIndex:
                 key, files = self.samples[i]
                 sample: Dict[str, Any] = {"__key__": key, "__url__": str(self.path)}
                 for ext, offset, n in files:
-                    f.seek(offset)
-                    sample[ext] = f.read(n)
+                    if exts is None or ext in exts:
+                        f.seek(offset)
+                        sample[ext] = f.read(n)
                 yield i, sample
 
 
@@ -210,10 +215,18 @@ def shard_index(path: Path) -> ShardIndex:
 
 
 def iter_metas(spec: str | os.PathLike) -> Iterator[Tuple[Path, str, Dict[str, Any]]]:
-    """(shard, sample key, its json metadata or {}) for every sample of a shard set, in order."""
+    """(shard, sample key, its json metadata or {}) for every sample of a shard set, in order.
+    Only the tar headers and the `.json` members are read: images are seeked over, so the cost
+    is the metadata's size, not the dataset's. A truncated shard gives the samples before the cut
+    (with a warning), as the training reader does."""
     paths, _, _ = resolve(spec)
     for p in paths:
-        for _, raw in iter_shard(p):
+        index = ShardIndex(p)
+        if index.error:
+            logging.getLogger("mmtrain").warning(
+                "reading the metadata of %s: %s", spec, index.error
+            )
+        for _, raw in index.read(range(len(index)), exts=("json",)):
             yield p, raw["__key__"], json.loads(raw["json"]) if "json" in raw else {}
 
 

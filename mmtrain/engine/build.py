@@ -75,6 +75,7 @@ def build_recipe(
         all_reduce_sum=dist.all_reduce_sum,
         all_gather=dist.all_gather,
         gather_objects=dist.gather_objects,
+        from_rank0=dist.from_rank0,
         partitioned=partitioned,
         stop_requested=stop_requested,
     )

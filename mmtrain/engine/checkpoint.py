@@ -61,6 +61,21 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(torch.as_tensor(state["cuda"], dtype=torch.uint8))
 
 
+SHARED_STATE = "mmtrain_shared.json"
+
+
+def read_shared_state(tag_dir: Path) -> Dict[str, Any]:
+    """What every rank had alike, saved once by rank 0 ({} in checkpoints before 2026-12-02, whose
+    rank files each carry it)."""
+    path = tag_dir / SHARED_STATE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is damaged ({e})") from None
+
+
 def read_rank_state(tag_dir: Path, rank: int) -> Dict[str, Any]:
     """mmtrain's own state of one rank: JSON, never unpickled. A checkpoint of an older mmtrain
     (`.pt`) is read with torch's weights-only loader, which admits tensors and numpy arrays only."""
@@ -114,6 +129,10 @@ def verify(tag_dir: Path, deep: bool = False) -> List[str]:
             read_rank_state(tag_dir, r)
         except CheckpointError as e:
             problems.append(str(e))
+    try:
+        read_shared_state(tag_dir)
+    except CheckpointError as e:
+        problems.append(str(e))
     files = sorted(tag_dir.glob("*.pt"))
     optim = [f for f in files if f.name.endswith("optim_states.pt")]
     if optim and len(optim) != world:
@@ -162,9 +181,10 @@ def save(
     rank_state: Dict[str, Any],
     info: Dict[str, Any],
     keep: int,
+    shared: Optional[Dict[str, Any]] = None,
 ) -> Path:
-    """Collective: every rank calls it, with its own `rank_state`. Returns the final checkpoint
-    directory."""
+    """Collective: every rank calls it, with its own `rank_state`; rank 0 also writes `shared`
+    (what every rank holds alike) once. Returns the final checkpoint directory."""
     tag = tag_for(step)
     partial_tag = tag + ".partial"
     partial = root / partial_tag
@@ -183,6 +203,8 @@ def save(
     try:
         engine.save_checkpoint(str(root), tag=partial_tag, save_latest=False)
         _write_atomic(partial / f"mmtrain_rank{rank:05d}.json", json.dumps(rank_state))
+        if rank == 0 and shared is not None:
+            _write_atomic(partial / SHARED_STATE, json.dumps(shared))
     except (OSError, RuntimeError) as e:  # torch says "iostream error" / "unexpected pos" when full
         free = shutil.disk_usage(root).free
         full = (

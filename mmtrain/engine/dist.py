@@ -17,7 +17,7 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, List, Optional, TypeVar
 
 import torch
 import torch.distributed as tdist
@@ -302,6 +302,27 @@ def solo(work: Callable[[], T], what: str, progress_s: float = 60.0) -> Optional
     if failed:
         raise RuntimeError(f"{what} failed on rank 0: {failed}")
     return result
+
+
+def from_rank0(work: Callable[[], T], what: str) -> T:
+    """Collective: `work()` done once, on rank 0, and its (picklable) result on every rank, e.g.
+    what a recipe derives from the training split, which 64 ranks would otherwise read 64 times.
+    The others wait as in `solo`, whatever the collective timeout. If `work` raises, every rank
+    raises the same exception (a bad sample's DataError stays one, with its message)."""
+    box: List[Any] = [None, None]  # the result, or the error
+
+    def run() -> None:
+        try:
+            box[0] = work()
+        except Exception as e:  # pickled over to the others
+            box[1] = e
+
+    solo(run, what)
+    if _multi_rank():
+        tdist.broadcast_object_list(box, src=0, group=_solo_group)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]
 
 
 def shutdown() -> None:

@@ -337,6 +337,7 @@ class Trainer:
             self._rank_state(),
             info,
             self.cfg.checkpoint.keep,
+            {"recipe": self.recipe.shared_state_dict()},
         )
 
     # -- start-up ----------------------------------------------------------------------------
@@ -551,24 +552,25 @@ class Trainer:
     def _resume(self, root, tag: str) -> None:
         env = self.env
         states = checkpoint.load(self.engine, root, tag, env.rank, env.world_size)
+        shared = checkpoint.read_shared_state(root / tag).get("recipe") or {}
         self.step, self.guard.total = states[0]["step"], states[0]["bad_total"]
         self.eval_pending = states[0].get("eval_pending", False)
         if not self.reshard:
             self.data.load_state_dict(states[0]["data"])
-            self.recipe.load_state_dict(states[0].get("recipe") or {})
+            self.recipe.load_state_dict({**shared, **(states[0].get("recipe") or {})})
             checkpoint.set_rng_state(states[0]["rng"])
         else:
-            self._reshard(states)
+            self._reshard(states, shared)
         self.checkpointer.resumed(self.step)
         self.log.info("resumed from %s at step %d", root / tag, self.step)
 
-    def _reshard(self, states) -> None:
+    def _reshard(self, states, shared) -> None:
         env = self.env
         data = self.data.reshard_state([st["data"] for st in states], env.rank, env.world_size)
         self.data.load_state_dict(data)
         recipe_states = [st.get("recipe") or {} for st in states]
         own = self.recipe.reshard_state(recipe_states, env.rank, env.world_size)
-        self.recipe.load_state_dict(own)
+        self.recipe.load_state_dict({**shared, **own})
         if env.rank < len(states):  # new ranks keep the fresh streams seeded above
             checkpoint.set_rng_state(states[env.rank]["rng"])
         self.log.info(

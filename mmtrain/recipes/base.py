@@ -11,7 +11,8 @@ The engine calls, in this order:
     per optimizer step: recipe.on_step_end()
     when data.epoch moves on (before that micro-batch's step): recipe.on_epoch_end(finished, new)
     on schedule:        recipe.evaluate(model) -> EvalResult
-    checkpoints:        recipe.state_dict() / load_state_dict() / reshard_state()
+    checkpoints:        recipe.state_dict() (each rank's own) / shared_state_dict() (the same on
+                        every rank: saved once) / load_state_dict() / reshard_state()
 The hooks are collective: every rank calls them at the same point, so they may all-reduce.
 `mmtrain eval` calls `recipe.score(model, split)` on a plain (unsharded) model.
 """
@@ -70,6 +71,10 @@ class RunContext:
     # evaluation loop asks between its batches (`stop_if_requested`), on every rank alike, so
     # that a requeue never waits for a long evaluation or generation to finish.
     stop_requested: Callable[[], bool] = lambda: False
+    # Collective: `from_rank0(work, what)` runs `work()` on rank 0 alone and returns its picklable
+    # result on every rank: for what a recipe derives from its data before training (a
+    # vocabulary, a label set), read once rather than once per rank.
+    from_rank0: Callable[[Callable[[], Any], str], Any] = lambda work, what: work()
 
 
 class EvaluationStopped(Exception):
@@ -233,12 +238,18 @@ class Recipe:
 
     # -- state beyond the weights ----------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """What the recipe itself learns while training beyond the weights (e.g. per-sample loss
-        tables), saved with each rank's checkpoint state. Optional."""
+        """What this rank of the recipe learns while training beyond the weights (e.g. its part of a
+        per-sample loss table), saved with each rank's checkpoint state. Optional."""
+        return {}
+
+    def shared_state_dict(self) -> Dict[str, Any]:
+        """What the recipe learns that is the same on every rank (e.g. decisions taken from every
+        rank's losses): rank 0 saves it once per checkpoint, so that a checkpoint's size does not
+        grow with the number of ranks. Optional."""
         return {}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        pass
+        """`state`: the shared state with this rank's own on top (`{**shared, **own}`)."""
 
     def reshard_state(self, states: List[Dict[str, Any]], rank: int, world: int) -> Dict[str, Any]:
         """This rank's recipe state from the `state_dict()`s every rank of a run on another number of

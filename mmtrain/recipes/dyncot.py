@@ -193,9 +193,9 @@ class HardSampleTracker:
         return entry
 
     def state_dict(self) -> Dict[str, Any]:
+        """What every rank holds alike: the decisions so far and the losses they came from."""
         return {
             "epoch": self.epoch,
-            "pending": self.pending,
             "latest": self.latest,
             "streak": self.streak,
             "switched": sorted(self.switched),
@@ -203,9 +203,10 @@ class HardSampleTracker:
             "running": self.running,
         }
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: Dict[str, Any], pending: Dict[str, List[float]]) -> None:
+        """The shared state, and this rank's losses of the epoch so far."""
         self.epoch = state["epoch"]
-        self.pending = {k: list(v) for k, v in state["pending"].items()}
+        self.pending = {k: list(v) for k, v in pending.items()}
         self.latest = dict(state["latest"])
         self.streak = dict(state["streak"])
         self.switched = set(state["switched"])
@@ -332,7 +333,13 @@ class DynCoT(ShardRecipe):
 
     @functools.cached_property
     def train_scan(self) -> Dict[str, Any]:
-        """Training keyphrases (for seen/unseen and overlap) and the rationale counts, read once."""
+        """Training keyphrases (for seen/unseen and overlap) and the rationale counts: collective,
+        read once, by rank 0, from the samples' metadata alone."""
+        return self.ctx.from_rank0(
+            self._scan_train, f"reading the metadata of {self.cfg.data.train}"
+        )
+
+    def _scan_train(self) -> Dict[str, Any]:
         kps, counts = [], {"samples": 0, "rationales": 0, "rationales_dropped": 0}
         for path, key, meta in iter_metas(self.cfg.data.train):
             if not meta:
@@ -431,33 +438,37 @@ class DynCoT(ShardRecipe):
             with open(Path(self.ctx.run_dir) / "dynamic_cot.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
+    # The loss table's checkpoint: the decisions and the losses they came from are the same on
+    # every rank and saved once (shared); each rank saves only its own losses of the epoch so far,
+    # so the checkpoint does not grow with the number of ranks.
     def state_dict(self) -> Dict[str, Any]:
         if self.cfg.strategy != "dynamic":
             return {}
         self._read()
-        return {"tracker": self.tracker.state_dict()}
+        return {"pending": self.tracker.pending}
+
+    def shared_state_dict(self) -> Dict[str, Any]:
+        return {"tracker": self.tracker.state_dict()} if self.cfg.strategy == "dynamic" else {}
 
     def reshard_state(self, states: List[Dict[str, Any]], rank: int, world: int) -> Dict[str, Any]:
-        """The loss table onto another number of ranks: the decisions so far are the same on every
-        rank; this epoch's per-key losses are kept whole on rank 0 (they are merged at the epoch end)."""
+        """This epoch's per-key losses onto another number of ranks: kept whole on rank 0 (they are
+        merged at the epoch end). A checkpoint before 2026-12-02 carries the shared part in every
+        rank's state, with its losses inside."""
         if not states[0]:
             return {}
-        trackers = [s["tracker"] for s in states]
-        shared = [{k: v for k, v in t.items() if k != "pending"} for t in trackers]
-        if any(x != shared[0] for x in shared[1:]):
-            raise RuntimeError(
-                "the saved ranks disagree on the dynamic CoT decisions: the checkpoint is inconsistent"
-            )
+        parts = [s["tracker"]["pending"] if "tracker" in s else s["pending"] for s in states]
         pending: Dict[str, List[float]] = {}
-        for t in trackers if rank == 0 else []:
-            for k, (total, n) in t["pending"].items():
+        for part in parts if rank == 0 else []:
+            for k, (total, n) in part.items():
                 p = pending.setdefault(k, [0.0, 0])
                 p[0], p[1] = p[0] + total, p[1] + n
-        return {"tracker": {**shared[0], "pending": pending}}
+        shared = {"tracker": states[0]["tracker"]} if "tracker" in states[0] else {}
+        return {**shared, "pending": pending}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if "tracker" in state:
-            self.tracker.load_state_dict(state["tracker"])
+            tracker = state["tracker"]
+            self.tracker.load_state_dict(tracker, state.get("pending", tracker.get("pending", {})))
 
     # -- evaluation ------------------------------------------------------------------------------
     def evaluate(self, model, split: str = "val") -> EvalResult:

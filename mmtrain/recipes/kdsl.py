@@ -175,7 +175,16 @@ class KDSL(ShardRecipe):
         self.processor = load_processor(c.model_path, c.min_pixels, c.max_pixels)
         self.prompter = Prompter(self.processor)
         self.pad_id = pad_id(self.processor.tokenizer)
-        self.labels = {t: list(c.labels.get(t) or self._labels_from_data(t)) for t in c.tasks}
+        unlisted = [t for t in c.tasks if not c.labels.get(t)]
+        found = (
+            self.ctx.from_rank0(
+                lambda: self._labels_from_data(unlisted),
+                f"reading the labels of {', '.join(unlisted)} from {c.data.train}",
+            )
+            if unlisted
+            else {}
+        )
+        self.labels = {t: list(c.labels.get(t) or found[t]) for t in c.tasks}
         self.by_slug = {t: self._slugs(t, ls) for t, ls in self.labels.items()}
         self.label_ids = {
             t: {lbl: self.prompter.encode_answer(lbl) for lbl in ls}
@@ -191,17 +200,19 @@ class KDSL(ShardRecipe):
                     )
                 seen[tuple(x)] = lbl
 
-    def _labels_from_data(self, task: str) -> List[str]:
-        """The task's labels in the training split, one per slug (`Logistics` and `logistics` are
-        one label, spelled as most samples spell it), sorted by slug."""
-        spellings: Dict[str, Counter] = {}
+    def _labels_from_data(self, tasks: List[str]) -> Dict[str, List[str]]:
+        """Each task's labels in the training split (one pass over its metadata), one per slug
+        (`Logistics` and `logistics` are one label, spelled as most samples spell it), sorted by
+        slug."""
+        spellings: Dict[str, Dict[str, Counter]] = {t: {} for t in tasks}
         for p, key, meta in iter_metas(self.cfg.data.train):
-            if task not in meta or not slug(str(meta[task])):
-                raise DataError(
-                    f"{p}: sample {key} has no '{task}' label (recipe.tasks={self.cfg.tasks})"
-                )
-            spellings.setdefault(slug(meta[task]), Counter())[meta[task]] += 1
-        return [spellings[k].most_common(1)[0][0] for k in sorted(spellings)]
+            for task in tasks:
+                if task not in meta or not slug(str(meta[task])):
+                    raise DataError(
+                        f"{p}: sample {key} has no '{task}' label (recipe.tasks={self.cfg.tasks})"
+                    )
+                spellings[task].setdefault(slug(meta[task]), Counter())[meta[task]] += 1
+        return {t: [s[k].most_common(1)[0][0] for k in sorted(s)] for t, s in spellings.items()}
 
     @staticmethod
     def _slugs(task: str, labels: List[str]) -> Dict[str, str]:

@@ -197,6 +197,9 @@ def test_dyncot_dynamic_loss_table_and_decisions(tmp_path, tiny_models):
             [d["gamma"] for d in decisions[1]], rel=1e-5
         )
     assert sum(scalars(runs[1].run, "stats/cot_frac")[s] for s in (6, 7)) > 0  # the decision acts
+    # the loss table's checkpoint does not grow with the ranks: the shared part is saved once
+    sizes = {w: loss_table_bytes(runs[w].run) for w in (2, 4)}
+    assert sizes[4] == pytest.approx(sizes[2], rel=0.10), sizes
     # preempted on 2 ranks in the middle of the first epoch, resumed on 4: the loss table of the
     # epoch so far is re-sharded, and the decision at its end is the uninterrupted run's
     run = tmp_path / "runs" / "2to4"
@@ -215,11 +218,22 @@ def test_dyncot_dynamic_loss_table_and_decisions(tmp_path, tiny_models):
 
 
 def switched_keys(run):
-    """The posts a Dynamic CoT run switched to CoT, from its last checkpoint (rank 0's recipe state)."""
-    from mmtrain.engine.checkpoint import read_rank_state
+    """The posts a Dynamic CoT run switched to CoT, from its last checkpoint (the shared state)."""
+    from mmtrain.engine.checkpoint import read_shared_state
 
     tag = (run / "checkpoints" / "latest").read_text().strip()
-    return set(read_rank_state(run / "checkpoints" / tag, 0)["recipe"]["tracker"]["switched"])
+    return set(read_shared_state(run / "checkpoints" / tag)["recipe"]["tracker"]["switched"])
+
+
+def loss_table_bytes(run):
+    """Bytes of the recipe state in a run's last checkpoint: every rank's own plus the shared."""
+    from mmtrain.engine.checkpoint import read_rank_state, read_shared_state, saved_world
+
+    root = run / "checkpoints"
+    tag = (root / "latest").read_text().strip()
+    own = [read_rank_state(root / tag, r)["recipe"] for r in range(saved_world(root, tag))]
+    shared = read_shared_state(root / tag).get("recipe", {})
+    return sum(len(json.dumps(s)) for s in own) + len(json.dumps(shared))
 
 
 @pytest.mark.heavy

@@ -613,3 +613,27 @@ def test_tars_the_manifest_does_not_list_are_named_at_start_up(tmp_path, caplog)
     assert "1 tar(s) in the directory are not in its manifest and are not read: zz-new.tar" in (
         caplog.text
     )
+
+
+def test_metadata_is_read_without_the_images(tmp_path):
+    """What a recipe derives from its training split (a vocabulary, a label set) reads the json
+    members alone: the images, most of a shard's bytes, are seeked over (issue 30)."""
+    from mmtrain.data.shards import iter_metas
+
+    image = bytes(1 << 20)  # 1 MiB a sample: never decoded, so any bytes do
+    samples = (
+        {"__key__": f"{i:09d}", "jpg": image, "json": {"label": f"l{i % 3}"}} for i in range(24)
+    )
+    write_shards(samples, tmp_path / "big", "intent", max_count=8)
+
+    def bytes_read():
+        with open("/proc/self/io") as f:
+            return int(next(line for line in f if line.startswith("rchar")).split()[1])
+
+    before = bytes_read()
+    metas = [(key, meta["label"]) for _, key, meta in iter_metas(tmp_path / "big")]
+    read = bytes_read() - before
+    assert metas == [(f"{i:09d}", f"l{i % 3}") for i in range(24)]
+    assert read < 2 << 20, (
+        f"{read / 2**20:.1f} MiB read for 24 samples' metadata"
+    )  # 24 MiB of images

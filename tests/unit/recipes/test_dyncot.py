@@ -59,9 +59,11 @@ def test_tracker_switches_samples_above_gamma_for_patience_epochs():
     t.record(["a", "b"], [1.5, 0.2])
     entry = t.end_epoch([t.pending, {"c": [0.4, 1]}], 2)
     assert t.switched == {"a"} and entry["switched_frac"] == pytest.approx(1 / 3)
+    t.record(["a"], [0.7])  # the next epoch's losses so far: this rank's own, saved apart
     restored = HardSampleTracker(t.cfg)
-    restored.load_state_dict(json.loads(json.dumps(t.state_dict())))
-    assert restored.state_dict() == t.state_dict()
+    restored.load_state_dict(json.loads(json.dumps(t.state_dict())), {"a": [0.7, 1]})
+    assert restored.state_dict() == t.state_dict() and restored.pending == t.pending
+    assert "pending" not in t.state_dict()  # the shared part holds no rank's own losses
     q = HardSampleTracker(DynamicSection(quantile=0.5, patience=1, warmup_epochs=1, detrend=False))
     q.end_epoch([{k: [float(i), 1] for i, k in enumerate("abcd")}], 1)
     assert q.switched == {"c", "d"}  # above the median 1.5
