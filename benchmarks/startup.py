@@ -48,6 +48,7 @@ def first_step(recipe: str, data: Path, models: Path, run: Path) -> dict:
         "log.progress=false",
         "eval.at_end=false",
     ]
+    run.parent.mkdir(parents=True, exist_ok=True)
     procs = []
     start = time.monotonic()
     for rank in range(2):

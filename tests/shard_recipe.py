@@ -48,9 +48,13 @@ class ShardColor(ShardRecipe):
         return ColorNet(self.cfg.image_size)
 
     def pipeline(self):
-        size = self.cfg.image_size
-        return SampleDecoder(ImageTransform(resize=size, crop=size), need_image=True), collate
+        return SampleDecoder(self.transform, need_image=True), collate
+
+    @property
+    def transform(self):
+        return ImageTransform(resize=self.cfg.image_size, crop=self.cfg.image_size)
 
     def step(self, model, batch):
-        out = model(batch["image"].to(self.ctx.device), batch["label"].to(self.ctx.device))
+        pixels = self.transform.normalize(batch["image"].to(self.ctx.device))  # uint8 -> fp32
+        out = model(pixels, batch["label"].to(self.ctx.device))
         return StepOutput(losses={"ce": out["ce"]}, samples=len(batch["label"]))

@@ -5,6 +5,11 @@
 processors) and reproduces it with PIL + numpy, matching transformers' PIL image processor
 (tested). With `fast=True` (default) JPEGs are decoded at a reduced DCT scale when they are at
 least twice the target size (PIL's `draft`), which is most of the decode time for large photos.
+
+The data workers stop at the resized, cropped uint8 image (`load`, `__call__`): a quarter of the
+bytes of fp32 pixels cross the process boundary and the host-to-device copy. `normalize` turns
+it into the encoder's input on whatever device it is on, with the same two fp32 operations (a
+subtract and a multiply) and so the same values as normalising on the host.
 """
 
 from __future__ import annotations
@@ -111,16 +116,21 @@ class ImageTransform:
             w, h = im.size
             top, left = int((h - self.crop) / 2.0), int((w - self.crop) / 2.0)
             im = im.crop((left, top, left + self.crop, top + self.crop))
-        # uint8 HWC -> CHW copy (cheap), then one subtract and one multiply in place
-        x = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous().float()
-        return x.sub_(self._offset).mul_(self._gain)
+        # uint8 HWC -> CHW (the encoder's layout); normalised later, where it is used
+        return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
     def __post_init__(self):
         mean, std = torch.tensor(self.mean).view(3, 1, 1), torch.tensor(self.std).view(3, 1, 1)
         self._offset = mean / self.rescale  # (x * rescale - mean) / std
         self._gain = self.rescale / std
 
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., 3, H, W) -> the encoder's fp32 input, on `pixels`' device."""
+        offset, gain = self._offset.to(pixels.device), self._gain.to(pixels.device)
+        return pixels.float().sub_(offset).mul_(gain)
+
     def load(self, data: bytes) -> torch.Tensor:
+        """Encoded image -> resized, cropped uint8 CHW tensor."""
         return self(self.decode(data))
 
 

@@ -155,7 +155,11 @@ class ShardStream(IterableDataset):
             raise DataError(f"data.mode must be 'exact', 'resampled' or 'eval', got {mode!r}")
         self.epoch = 0
         self.start_batch = 0
+        # (epoch, start_batch) in shared memory: persistent data workers read the next pass's
+        # plan from it when the loader starts them on it (`ShardLoader._start`)
+        self.plan = torch.zeros(2, dtype=torch.int64).share_memory_()
         self._fingerprint: Optional[Dict[str, Any]] = None
+        self._live: Optional[tuple] = None  # resampled: a worker's endless stream, its errors
 
     def unlisted_tars(self) -> List[str]:
         """Tars beside the shards that the manifest does not list (a directory spec only)."""
@@ -267,15 +271,19 @@ class ShardStream(IterableDataset):
             yield [next(stream) for _ in range(self.batch_size)]
 
     def __iter__(self) -> Iterator[Dict[str, Any]]:
+        self.epoch, self.start_batch = (int(v) for v in self.plan)
         info = get_worker_info()
         physical, workers = (info.id, info.num_workers) if info else (0, 1)
         mine = range(self.start_batch + physical, self.batches_per_epoch, workers)
         errors: List[str] = []
-        chunks = (
-            self._resampled(physical, errors)
-            if self.mode == "resampled"
-            else self._planned(mine, errors)
-        )
+        if self.mode == "resampled":
+            # one endless stream per worker, kept across epochs (by a persistent worker): its
+            # shuffle buffer is filled once, not once per epoch
+            if self._live is None:
+                self._live = (self._resampled(physical, errors), errors)
+            chunks, errors = self._live
+        else:
+            chunks = self._planned(mine, errors)
         skipped = seen = 0
         last_good: Optional[List[Any]] = None
         for _, chunk in zip(mine, chunks):
@@ -343,32 +351,37 @@ class ShardLoader:
         self._skipped: Dict[int, int] = {}
         self._seen: Dict[int, int] = {}
         self._it = None
+        self._loader: Optional[DataLoader] = None
 
     @property
     def steps_per_epoch(self) -> int:
         return self.stream.batches_per_epoch
 
     def _start(self) -> None:
-        self.stream.epoch, self.stream.start_batch = self.epoch, self.position
+        """Starts a pass at (epoch, position). The data workers are started once and kept
+        (persistent): each new pass (an epoch, a resume) tells them its plan through shared
+        memory, so an epoch costs no fork and each worker keeps its shard indexes. On CUDA,
+        batches come in pinned memory, for asynchronous (`non_blocking`) copies to the GPU."""
+        self.stream.plan[0], self.stream.plan[1] = self.epoch, self.position
         self._skipped_before += sum(self._skipped.values())
         self._seen_before += sum(self._seen.values())
         self._skipped = {}
         self._seen = {}
-        # Its own generator: a DataLoader draws its workers' base seed from the global torch RNG
-        # otherwise, and a resumed run (which opens one at its first batch) would shift the
-        # training RNG stream (dropout, sampling) against the uninterrupted run.
-        gen = torch.Generator().manual_seed(
-            hash((self.stream.seed, self.epoch, self.position)) % 2**62
-        )
-        self._it = iter(
-            DataLoader(
+        if self._loader is None:
+            # Its own generator: a DataLoader draws its workers' base seed from the global torch
+            # RNG otherwise, and a resumed run (which opens one at its first batch) would shift
+            # the training RNG stream (dropout, sampling) against the uninterrupted run.
+            gen = torch.Generator().manual_seed(hash((self.stream.seed, self.stream.rank)) % 2**62)
+            self._loader = DataLoader(
                 self.stream,
                 batch_size=None,
                 num_workers=self.workers,
                 prefetch_factor=4 if self.workers else None,
+                persistent_workers=self.workers > 0,
+                pin_memory=torch.cuda.is_available(),
                 generator=gen,
             )
-        )
+        self._it = iter(self._loader)
 
     def __iter__(self):
         return self
@@ -377,7 +390,7 @@ class ShardLoader:
         """Stop the worker processes now (the next batch starts them again where this left off).
         Left to the garbage collector, a loader in a reference cycle can lose its queues first and
         then waits 5 s per worker for one that never hears it should stop."""
-        it, self._it = self._it, None
+        it, self._it, self._loader = self._it, None, None
         shutdown = getattr(it, "_shutdown_workers", None)  # torch's iterator with workers
         if shutdown is not None:
             shutdown()

@@ -145,13 +145,22 @@ class Collate:
             "meta": [it["meta"] for it in items],
             "prompt": {},
         }
+        first: List[Dict[str, torch.Tensor]] = []
         for t in self.cfg.tasks:
-            out["prompt"][t] = [
+            prompts = [
                 self.prompter.encode_prompt(
                     f"{dialogue_text(it['meta'])}\n{self.cfg.questions[t]}", it["image"]
                 )
                 for it in items
             ]
+            # every task's prompt holds the same image: the tensors of the first task's, so that
+            # they cross from the data worker once (shared, not copied per task)
+            for p, f in zip(prompts, first):
+                for k in ("pixel_values", "image_grid_thw"):
+                    if k in p and k in f and torch.equal(p[k], f[k]):
+                        p[k] = f[k]
+            first = first or prompts
+            out["prompt"][t] = prompts
         return out
 
 

@@ -149,20 +149,34 @@ class Collate:
                 labels[i, j] = ids[i, j]
                 if rng.random() < self.cfg.mtm_replace:
                     masked_ids[i, j] = self.mask_id
-        pixels = batch["image"]
-        pix_zero = (
-            torch.stack(zeroed).repeat_interleave(self.patch, 1).repeat_interleave(self.patch, 2)
-        )
         return {
             "key": batch["key"],
-            "pixels": pixels,
-            "masked_pixels": pixels * (~pix_zero)[:, None],
+            "pixels": batch["image"],  # uint8: normalised on the device (`Pixels`)
+            "zeroed": torch.stack(zeroed),  # the TA-MIM view's zeroed patches, a bool grid
             "scored": torch.stack(scored),
             "ids": ids,
             "attn": attn,
             "masked_ids": masked_ids,
             "labels": labels,
         }
+
+
+class Pixels:
+    """A batch's uint8 images onto the device, each copied once (asynchronously from pinned memory):
+    normalised for the vision tower there, and the TA-MIM view made there from the bool patch grid,
+    instead of shipping a second fp32 image."""
+
+    def __init__(self, transform: ImageTransform, patch: int, device: torch.device):
+        self.transform, self.patch, self.device = transform, patch, device
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.transform.normalize(pixels.to(self.device, non_blocking=True))
+
+    def masked(self, pixels: torch.Tensor, zeroed: torch.Tensor) -> torch.Tensor:
+        """`pixels` (normalised, on the device) with the patches `zeroed` marks set to 0."""
+        keep = ~zeroed.to(self.device, non_blocking=True)
+        keep = keep.repeat_interleave(self.patch, 1).repeat_interleave(self.patch, 2)
+        return pixels * keep[:, None]
 
 
 def stage1_model(c: Stage1Config, iq: IQFormer, towers, vocab: int) -> Stage1Model:
@@ -207,6 +221,8 @@ class VIKDFDistill(ShardRecipe):
         self.towers = to_precision(FrozenTowers(c.vision_path, c.text_path), ctx.device, ctx.dtype)
         self.tokenizer = load_tokenizer(c.text_path)
         self.grid = self.towers.image_size // self.towers.patch_size
+        self.transform = ImageTransform.from_pretrained(c.vision_path)
+        self.pixels = Pixels(self.transform, self.towers.patch_size, ctx.device)
         self._calls = 0
 
     def build_model(self) -> torch.nn.Module:
@@ -229,32 +245,34 @@ class VIKDFDistill(ShardRecipe):
         return stage1_model(c, iq, towers, len(self.tokenizer))
 
     def pipeline(self):
-        decode = SampleDecoder(
-            ImageTransform.from_pretrained(self.cfg.vision_path), need_image=True
-        )
+        decode = SampleDecoder(self.transform, need_image=True)
         patch = self.towers.patch_size
         return decode, Collate(self.tokenizer, self.cfg, self.grid, patch, self.ctx.seed)
 
-    def _encode(self, batch) -> Dict[str, torch.Tensor]:
+    def _encode(self, batch, pixels: torch.Tensor) -> Dict[str, torch.Tensor]:
         t, dev = self.towers, self.ctx.device
-        attn = batch["attn"].to(dev)
+        attn = batch["attn"].to(dev, non_blocking=True)
         return {
-            "image_states": t.encode_image(batch["pixels"].to(dev)),
-            "text_states": t.encode_text(batch["ids"].to(dev), attn),
+            "image_states": t.encode_image(pixels),
+            "text_states": t.encode_text(batch["ids"].to(dev, non_blocking=True), attn),
             "text_mask": attn,
         }
 
     def step(self, model, batch) -> StepOutput:
         dev, t = self.ctx.device, self.towers
-        feats = self._encode(batch)
+        pixels = self.pixels(batch["pixels"])
+        masked = self.pixels.masked(pixels, batch["zeroed"])
+        feats = self._encode(batch, pixels)
         out = model(
             "losses",
             **feats,
-            masked_image_states=t.encode_image(batch["masked_pixels"].to(dev)),
-            masked_text_states=t.encode_text(batch["masked_ids"].to(dev), feats["text_mask"]),
-            pixels=batch["pixels"].to(dev),
-            scored=batch["scored"].to(dev),
-            mtm_labels=batch["labels"].to(dev),
+            masked_image_states=t.encode_image(masked),
+            masked_text_states=t.encode_text(
+                batch["masked_ids"].to(dev, non_blocking=True), feats["text_mask"]
+            ),
+            pixels=pixels,
+            scored=batch["scored"].to(dev, non_blocking=True),
+            mtm_labels=batch["labels"].to(dev, non_blocking=True),
         )
         self._calls += 1
         images = {}
@@ -263,7 +281,7 @@ class VIKDFDistill(ShardRecipe):
             and self.cfg.image_log_every
             and self._calls % self.cfg.image_log_every == 0
         ):
-            images["ta_mim"] = self._panel(batch, out["recon"])
+            images["ta_mim"] = self._panel(pixels, masked, out["recon"])
         n = batch["pixels"].shape[0]
         # TIM: the global-batch loss (kernels.contrastive); TA-MIM: a mean over equal-size samples;
         # IA-MTM: a mean over the selected tokens, which batches hold in varying numbers
@@ -279,11 +297,9 @@ class VIKDFDistill(ShardRecipe):
             images=images,
         )
 
-    def _panel(self, batch, recon) -> torch.Tensor:
+    def _panel(self, pixels, masked, recon) -> torch.Tensor:
         """original | masked input | reconstruction, for the first sample, in [0, 1]."""
-        row = torch.cat(
-            [batch["pixels"][0], batch["masked_pixels"][0], recon[0].float().cpu()], dim=2
-        )
+        row = torch.cat([pixels[0], masked[0], recon[0].float()], dim=2).cpu()
         return ((row - row.min()) / (row.max() - row.min()).clamp(min=1e-6)).clamp(0, 1)
 
     @torch.no_grad()
@@ -295,7 +311,7 @@ class VIKDFDistill(ShardRecipe):
         loader = self.eval_loader(split)
         rows = []
         for batch in self.eval_batches(loader):
-            out = model("retrieval_embeddings", **self._encode(batch))
+            out = model("retrieval_embeddings", **self._encode(batch, self.pixels(batch["pixels"])))
             pairs = zip(batch["key"], out["image"].float().cpu(), out["text"].float().cpu())
             rows += [{"key": k, "image": i, "text": t} for k, i, t in pairs]
         rows = gather_rows(self.ctx, rows)

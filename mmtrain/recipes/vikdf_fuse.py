@@ -43,7 +43,7 @@ from mmtrain.parallelize import replicate_frozen, share_module
 from mmtrain.recipes.base import EvalResult, GlobalMean, StepOutput
 from mmtrain.recipes.common import ShardRecipe, gather_rows
 from mmtrain.recipes.vikdf_distill import Collate as Stage1Collate
-from mmtrain.recipes.vikdf_distill import stage1_config_of, stage1_model
+from mmtrain.recipes.vikdf_distill import Pixels, stage1_config_of, stage1_model
 from mmtrain.schema import ConfigError, RecipeConfig, choices, path_field
 
 SENTINEL = "\u2063KNOWLEDGE\u2063"
@@ -160,7 +160,8 @@ class Collate:
             ]
             out["recon_instr"] = recon
             if self.stage1 is not None:
-                out["stage1"] = self.stage1(items)
+                # its masks and captions; the images are the batch's own, shipped once
+                out["stage1"] = {k: v for k, v in self.stage1(items).items() if k != "pixels"}
             return out
         contexts = [m["context"] for m in batch["meta"]]
         split = [self.chat_split(ctx) for ctx in contexts]
@@ -207,6 +208,8 @@ class VIKDFFuse(ShardRecipe):
         self.tokenizer = load_tokenizer(c.llm_path)
         self.text_tokenizer = load_tokenizer(c.text_path)
         self.stage1 = stage1_config_of(Path(c.stage1)) if c.stage1_losses_in_fusion else None
+        self.transform = ImageTransform.from_pretrained(c.vision_path)
+        self.pixels = Pixels(self.transform, self.towers.patch_size, ctx.device)
 
     def build_model(self) -> nn.Module:
         from transformers import AutoModelForCausalLM
@@ -249,7 +252,7 @@ class VIKDFFuse(ShardRecipe):
             need_image = c.fusion_knowledge != "text" or self.stage1 is not None
         else:
             need_image = c.knowledge == "image"
-        transform = ImageTransform.from_pretrained(c.vision_path) if need_image else None
+        transform = self.transform if need_image else None
         stage1 = None
         if self.stage1 is not None:
             grid = self.towers.image_size // self.towers.patch_size
@@ -269,10 +272,12 @@ class VIKDFFuse(ShardRecipe):
         """The frozen towers' states of the batch's pixels and (knowledge=text) context."""
         dev, t = self.ctx.device, self.towers
         if "pixels" in batch:
-            batch["image_states"] = t.encode_image(batch["pixels"].to(dev))
+            batch["pixels"] = self.pixels(batch["pixels"])  # normalised, on the device
+            batch["image_states"] = t.encode_image(batch["pixels"])
         if "text_ids" in batch:
-            batch["text_mask"] = batch["text_attn"].to(dev)
-            batch["text_states"] = t.encode_text(batch["text_ids"].to(dev), batch["text_mask"])
+            batch["text_mask"] = batch["text_attn"].to(dev, non_blocking=True)
+            ids = batch["text_ids"].to(dev, non_blocking=True)
+            batch["text_states"] = t.encode_text(ids, batch["text_mask"])
         return batch
 
     def _losses(self, model, batch, sample: bool = True) -> Dict[str, Any]:
@@ -300,17 +305,18 @@ class VIKDFFuse(ShardRecipe):
     def _stage1_losses(self, model, batch) -> Dict[str, Any]:
         """TIM, TA-MIM and IA-MTM on the batch's images and captions, as stage 1 computes them."""
         dev, t, s1 = self.ctx.device, self.towers, batch["stage1"]
-        attn = s1["attn"].to(dev)
+        attn = s1["attn"].to(dev, non_blocking=True)
+        pixels = batch["pixels"]  # the same images, already normalised on the device
         out = model(
             "stage1_losses",
             image_states=batch["image_states"],
-            text_states=t.encode_text(s1["ids"].to(dev), attn),
+            text_states=t.encode_text(s1["ids"].to(dev, non_blocking=True), attn),
             text_mask=attn,
-            masked_image_states=t.encode_image(s1["masked_pixels"].to(dev)),
-            masked_text_states=t.encode_text(s1["masked_ids"].to(dev), attn),
-            pixels=s1["pixels"].to(dev),
-            scored=s1["scored"].to(dev),
-            mtm_labels=s1["labels"].to(dev),
+            masked_image_states=t.encode_image(self.pixels.masked(pixels, s1["zeroed"])),
+            masked_text_states=t.encode_text(s1["masked_ids"].to(dev, non_blocking=True), attn),
+            pixels=pixels,
+            scored=s1["scored"].to(dev, non_blocking=True),
+            mtm_labels=s1["labels"].to(dev, non_blocking=True),
         )
         mtm = GlobalMean(out["mtm_sum"], out["mtm_count"])
         return {"tim": out["tim"], "mim": out["mim"], "mtm": mtm}

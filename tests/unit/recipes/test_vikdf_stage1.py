@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmtrain.data.images import ImageTransform
 from mmtrain.metrics.retrieval import retrieval_recalls
 from mmtrain.models.iqformer import IQFormer, IQFormerConfig, bert_key_to_qformer, init_from_bert
-from mmtrain.recipes.vikdf_distill import Collate, Stage1Config, block_mask
+from mmtrain.recipes.vikdf_distill import Collate, Pixels, Stage1Config, block_mask
 
 
 def test_block_masks():
@@ -31,7 +32,7 @@ def test_collate_masks_text_but_not_special_tokens(stage1_assets):
             "key": f"k{i}",
             "meta": {},
             "text": "two red circles on the left",
-            "image": torch.randn(3, 64, 64),
+            "image": torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8),
         }
         for i in range(6)
     ]
@@ -44,8 +45,17 @@ def test_collate_masks_text_but_not_special_tokens(stage1_assets):
     assert torch.equal(b["labels"][selected], b["ids"][selected])
     replaced = b["masked_ids"] != b["ids"]
     assert (b["masked_ids"][replaced] == tok.mask_token_id).all() and not replaced[~selected].any()
-    zero_pix = (b["masked_pixels"] == 0).all(1)  # zeroed pixels, all channels
-    assert zero_pix.any() and not torch.equal(b["masked_pixels"], b["pixels"])
+    # the images ship once, as uint8, with a bool grid of the patches the masked view zeroes
+    assert b["pixels"].dtype == torch.uint8 and "masked_pixels" not in b
+    assert b["zeroed"].shape == (6, 8, 8) and b["zeroed"].dtype == torch.bool
+    assert b["zeroed"].any() and not b["zeroed"].all()
+    # on the device: normalised, and the masked view zero on exactly the zeroed patches
+    pixels = Pixels(ImageTransform(resize=64, crop=64), 8, torch.device("cpu"))
+    x = pixels(b["pixels"])
+    masked = pixels.masked(x, b["zeroed"])
+    want = b["zeroed"].repeat_interleave(8, 1).repeat_interleave(8, 2)
+    assert torch.equal((masked == 0).all(1), want | (x == 0).all(1))
+    assert torch.equal(masked[~want[:, None].expand_as(masked)], x[~want[:, None].expand_as(x)])
 
 
 def test_iqformer_init_from_bert(stage1_assets):
