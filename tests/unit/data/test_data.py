@@ -290,6 +290,21 @@ def test_resume_sees_exactly_the_remaining_batches(tmp_path):
     assert [next(other)["key"] for _ in range(3)] != want[:3]  # the seed matters
 
 
+def test_data_workers_start_once_and_serve_every_epoch(tmp_path):
+    """Persistent workers: a new epoch (and its plan, through shared memory) costs no fork."""
+    spec = write_plain(tmp_path, "p", [13, 7, 11])
+    ld = loader(spec, batch=3, workers=2, seed=5)
+    next(ld)
+    pids = [w.pid for w in ld._it._workers]
+    epochs = []
+    for _ in range(3 * ld.steps_per_epoch):
+        epochs.append(ld.epoch)
+        next(ld)
+    assert set(epochs) == {0, 1, 2} and [w.pid for w in ld._it._workers] == pids
+    ld.close()  # stopped on request, and started again (new workers) where it left off
+    assert ld._it is None and next(ld)["key"]
+
+
 # (world, micro_batch_size, grad_accum, workers): four ways to make a global batch of 8
 LAYOUTS = [(1, 8, 1, 0), (2, 4, 1, 2), (4, 2, 1, 1), (1, 4, 2, 2), (2, 2, 2, 0)]
 
@@ -641,3 +656,49 @@ def test_metadata_is_read_without_the_images(tmp_path):
     assert read < 0.1 * n * len(image), (
         f"{read / 2**20:.2f} MiB read, images {n * len(image) / 2**20:.1f} MiB"
     )
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "gnu", "pax"])
+def test_tar_header_scan_agrees_with_tarfile(tmp_path, fmt):
+    """The shard index's own header reader finds every regular file where tarfile does: long and
+    non-ASCII names, ustar prefixes, directories and links skipped, in each format writers use."""
+    import io
+    import os
+    import tarfile
+
+    from mmtrain.data.shards import TarFormatError, tar_members
+
+    fmts = {"ustar": tarfile.USTAR_FORMAT, "gnu": tarfile.GNU_FORMAT, "pax": tarfile.PAX_FORMAT}
+    names = ["a.jpg", "d" * 90 + "/" + "k" * 60 + ".json", "caf\u00e9-\u56fe.txt", "z" * 99 + ".x"]
+    if fmt == "ustar":
+        names = [n for n in names if n.isascii() and len(n.split("/")[-1]) < 100]
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=fmts[fmt]) as tf:
+        d = tarfile.TarInfo("adir")
+        d.type = tarfile.DIRTYPE
+        tf.addfile(d)
+        for i, name in enumerate(names):
+            data = bytes([i]) * (700 * i + 3)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("alink")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.jpg"
+        tf.addfile(link)
+    with tarfile.open(path) as tf:
+        want = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert list(tar_members(fd, os.fstat(fd).st_size)) == want
+        cut = want[-1][1] + 10  # inside the last member's data
+        with pytest.raises(TarFormatError, match="cut off"):
+            list(tar_members(fd, cut))
+    finally:
+        os.close(fd)
+    path.write_bytes(b"not a tar" * 100)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(TarFormatError, match="not a tar header"):
+            list(tar_members(fd, os.fstat(fd).st_size))
+    finally:
+        os.close(fd)
