@@ -20,7 +20,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 # recipe config -> (shard kind, overrides naming the tiny models under {m})
 RECIPES = {
-    "vikdf_stage1": ("image-text", ["recipe.vision_path={m}/clip", "recipe.text_path={m}/clip"]),
+    "vikdf_stage1": (
+        "image-text",
+        ["recipe.vision_path={m}/clip", "recipe.text_path={m}/clip", "recipe.bert_init={m}/bert"],
+    ),
     "dyncot": ("keyphrase", ["recipe.model_path={m}/qwen2vl"]),
     "kdsl": ("intent", ["recipe.model_path={m}/qwen2vl"]),
 }

@@ -97,7 +97,8 @@ def main() -> int:
             return transform.normalize(x) if normalize else x
 
         while True:
-            ds = wds.WebDataset(urls, shardshuffle=False).map(decode).batched(args.batch)
+            ds = wds.WebDataset(urls, shardshuffle=False).map(decode)
+            ds = ds.batched(args.batch, collation_fn=torch.stack)
             yield from ds
 
     figures = {}
