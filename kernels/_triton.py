@@ -28,8 +28,10 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 
 def dot_in_fp32(dtype: torch.dtype) -> bool:
-    """The interpreter's bf16/fp16 `tl.dot` is wrong (triton 3.9 + numpy 2.4): cast tiles to fp32 there."""
-    return interpreting() or dtype == torch.float32
+    """fp32 tiles for fp32 inputs; half-precision tiles on the tensor cores otherwise, except
+    bf16 under the interpreter, whose bf16 `tl.dot` is wrong (triton 3.9 + numpy 2.4: numpy has
+    no bf16) and is cast to fp32 there. fp16 runs its real half-precision path in both."""
+    return dtype == torch.float32 or (interpreting() and dtype == torch.bfloat16)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -242,6 +242,7 @@ if HAS_TRITON:
         coef,
         t_diag,
         t_all,
+        g_scale,
         M,
         N,
         D,
@@ -260,7 +261,10 @@ if HAS_TRITON:
         """For this program's rows of A, with G_ij = coef * (exp(L_ij - lse_a_i) + exp(L_ij -
         lse_b_j)) - t_diag * [a_offset + i == j] - t_all: dA += s * G @ B (its own rows, fp32,
         contiguous M x D), and with ATOMIC_DB also dB += s * G.T @ A (atomics, N x D); ds_ptr[pid]
-        = sum(G * A @ B.T). Each logit tile is computed once."""
+        = sum(G * A @ B.T). Each logit tile is computed once. A half-precision G is cast from
+        G * g_scale (a power of two that brings its largest entry near 2**14): G's entries are
+        about coef / B, which fp16 would flush to zero at large B; the dot's fp32 result is
+        divided by g_scale again, exactly."""
         pid = tl.program_id(0)
         offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
@@ -282,7 +286,7 @@ if HAS_TRITON:
             if DOT_FP32:
                 g_dot = g
             else:
-                g_dot = g.to(A.dtype.element_ty)
+                g_dot = (g * g_scale).to(A.dtype.element_ty)
             for start_d in range(0, D, BLOCK_D):
                 offs_d = start_d + tl.arange(0, BLOCK_D)
                 mask_d = offs_d < D
@@ -292,13 +296,13 @@ if HAS_TRITON:
                 da_ptr = dA + offs_m[:, None] * D + offs_d[None, :]
                 da_mask = mask_m[:, None] & mask_d[None, :]
                 da = tl.load(da_ptr, mask=da_mask, other=0.0)
-                da += s * tl.dot(g_dot, b, input_precision=PRECISION)
+                da += (s / g_scale) * tl.dot(g_dot, b, input_precision=PRECISION)
                 tl.store(da_ptr, da, mask=da_mask)
                 if ATOMIC_DB:
                     a = _chunk(A, offs_m, mask_m, offs_d, mask_d, stride_am, stride_ad)
                     if DOT_FP32:
                         a = a.to(tl.float32)
-                    db = s * tl.dot(tl.trans(g_dot), a, input_precision=PRECISION)
+                    db = (s / g_scale) * tl.dot(tl.trans(g_dot), a, input_precision=PRECISION)
                     tl.atomic_add(
                         dB + offs_n[:, None] * D + offs_d[None, :],
                         db,
@@ -366,10 +370,13 @@ def _grad_triton(a, b, scale, lse_a, lse_b, coef, t_diag, t_all, a_offset: int, 
     da = torch.zeros(m, d, device=a.device, dtype=torch.float32)
     db = torch.zeros(n, d, device=a.device, dtype=torch.float32) if both else da
     ds = torch.zeros(triton.cdiv(m, MIN_BLOCK_M), device=a.device, dtype=torch.float32)
+    dot_fp32 = dot_in_fp32(a.dtype)
+    # |G| <= 2 coef + t_diag + t_all; scaled so that bound is about 2**14 (fp16's largest is 65504)
+    g_scale = 1.0 if dot_fp32 else 2.0 ** (14 - math.ceil(math.log2(2 * coef + t_diag + t_all)))
     _bwd_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
-        a, b, scale, lse_a, lse_b, da, db, ds, coef, t_diag, t_all, m, n, d, a_offset,
+        a, b, scale, lse_a, lse_b, da, db, ds, coef, t_diag, t_all, g_scale, m, n, d, a_offset,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        DOT_FP32=dot_in_fp32(a.dtype), PRECISION=dot_precision(a.dtype), ATOMIC_DB=both,
+        DOT_FP32=dot_fp32, PRECISION=dot_precision(a.dtype), ATOMIC_DB=both,
     )  # fmt: skip
     return da, (db if both else None), ds.sum()
 

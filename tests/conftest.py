@@ -1,10 +1,19 @@
-"""Shared test set-up. TRITON_INTERPRET must be set before any @triton.jit is defined."""
+"""Shared test set-up. TRITON_INTERPRET must be set before any @triton.jit is defined: on a
+machine without CUDA the kernels run under the interpreter; with CUDA they run natively (the
+kernel tests put their tensors on the GPU, tests/unit/kernels/conftest.py), and DeepSpeed uses
+the CUDA accelerator in this process. Test ranks started as processes run on the CPU with gloo
+whenever there are fewer GPUs than ranks (tests/helpers.py: rank_env)."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cuda")
+else:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

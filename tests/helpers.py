@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+import torch
+
 from mmtrain.engine import signals
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,9 +26,15 @@ def free_port() -> int:
 
 
 def rank_env(rank: int, world: int, port: str) -> Dict[str, str]:
-    """This process's environment plus what a launcher gives rank `rank` of `world` on this host."""
+    """This process's environment plus what a launcher gives rank `rank` of `world` on this host.
+    With fewer GPUs than ranks (a one-GPU machine, or none) the ranks are CPU ranks: the GPUs are
+    hidden from them, DeepSpeed uses its CPU accelerator, the process group gloo, and the kernels
+    the Triton interpreter, consistently (never two ranks sharing cuda:0 under NCCL)."""
+    cpu = torch.cuda.device_count() < world
+    hide = dict(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", TRITON_INTERPRET="1") if cpu else {}
     return dict(
         os.environ,
+        **hide,
         RANK=str(rank),
         WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),

@@ -1,6 +1,9 @@
-"""Fused kernels against their plain-torch references, under the Triton CPU interpreter
-(TRITON_INTERPRET=1, set in conftest): loss and gradients, fp32 tight and bf16 within the
-tolerances documented here, odd shapes, non-contiguous inputs, determinism, 2-rank equivalence."""
+"""Fused kernels against their plain-torch references: loss and gradients within the tolerances
+of tests/support/kernels.py (relative to each tensor's own scale, from the dtype's precision and
+the reduction length), odd shapes, non-contiguous inputs, determinism; and the comparison shown
+to reject wrong gradients at every dtype and size tested. On a CPU machine the kernels run under
+the Triton interpreter (conftest sets TRITON_INTERPRET=1 when no GPU is present); on a machine
+with CUDA they run natively, compiled and autotuned."""
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ import torch.nn.functional as F
 import kernels.contrastive as kc
 import kernels.variational as kv
 from kernels import reference
-from tests.support.kernels import close, feats
+from tests.support.kernels import close, error, feats, gen, interpreter_only, mutations, tolerance
 from tests.support.memory import PeakAllocations
 
 
@@ -32,7 +35,7 @@ def spy(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "b,d,smoothing,deterministic",
     [
@@ -57,10 +60,60 @@ def test_contrastive_matches_reference(spy, dtype, b, d, smoothing, deterministi
     ref.backward()
     # one recompute gives dX and dY; deterministic: a second pass for dY instead of atomics
     assert spy == {"lse": 1, "grad": 2 if deterministic else 1}
-    close(got[0], ref.detach(), dtype)
+    k = max(b, d)  # the longest sum: over the features (logits) or the batch (softmax)
+    cancels = (
+        float(s) if b == 1 else 0.0
+    )  # one pair: loss and gradients 0 up to the logits' rounding
+    close(got[0], ref.detach(), dtype, k, cancels)
     for g, r in zip(got[1:], (x.grad, y.grad, s.grad)):
         assert g.dtype == r.dtype
-        close(g, r, dtype)
+        close(g, r, dtype, k, cancels)
+
+
+CONTRASTIVE_SIZES = [
+    (b, d) for b, d in [(37, 24), (70, 33), (130, 64), (65, 100), (33, 1), (19, 2048)]
+]
+CONTRASTIVE_SIZES += [(4099, 512)]  # the native test's size (its reference runs on the CPU too)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,d", CONTRASTIVE_SIZES)
+def test_the_comparison_rejects_wrong_contrastive_gradients(dtype, b, d):
+    """`close` can fail: at each dtype and size the kernels are tested at, it rejects an all-zero
+    gradient, a doubled one and the other input's (the logits transposed), and accepts the
+    reference rounded to the dtype. (B = 1 is left out: its loss and gradients are 0.)"""
+    x, y = feats(b, d, dtype, 1), feats(b, d, dtype, 2)
+    s = torch.tensor(14.2857, requires_grad=True)
+    reference.contrastive_loss(x.float(), y.float(), s, 0.1).backward()
+    gx, gy = x.grad.float(), y.grad.float()
+    k = max(b, d)
+    close(gx.to(dtype), gx, dtype, k)  # the rounding alone passes
+    for name, wrong in mutations(gx, gy):
+        try:
+            close(wrong.to(dtype), gx, dtype, k)
+        except AssertionError:
+            continue
+        raise AssertionError(f"a {name} gradient passed the comparison at {dtype}, B={b}, D={d}")
+    assert all(error(w, gx) > 10 * tolerance(dtype, k) for _, w in mutations(gx, gy))
+
+
+@pytest.mark.parametrize("batch", [65536, 131072])
+def test_fp16_backward_at_a_large_batch_matches_fp32(batch):
+    """The gradient's G = coef (p_row + p_col) - targets has entries of about 1 / (2 B) x a
+    probability: at B = 65,536 they sit below fp16's smallest normal (6e-5), and a G cast to fp16
+    as it is loses them (an all-but-zero gradient). The backward casts G scaled by a power of two
+    instead. Here: the backward kernel itself on 64 rows with the coefficients of a global batch
+    of `batch` (what the interpreter can run), in fp16, against the same computation in fp32."""
+    b, d = 64, 32
+    x, y = feats(b, d, torch.float16, 1).detach(), feats(b, d, torch.float16, 2).detach()
+    s = torch.tensor(14.0)
+    lse_a, _, lse_b = kc._lse_torch(x, y, s, 0, 1.0, 0.0)
+    c = 1 / (2 * batch)
+    want = kc._grad_torch(x, y, s, lse_a, lse_b, c, 2 * c, 0.0, 0, True)
+    got = kc._grad_triton(x, y, s, lse_a, lse_b, c, 2 * c, 0.0, 0, True)
+    assert not kc.dot_in_fp32(torch.float16)  # the half-precision tiles, not an fp32 detour
+    for g, w in zip(got, want):
+        close(g, w, torch.float16, max(b, d))
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -93,6 +146,7 @@ def dot_flops(monkeypatch):
     return count
 
 
+@interpreter_only
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_contrastive_executes_8_b2_d_flops(dot_flops, deterministic):
     b, d = 64, 32  # multiples of the interpreter's tiles: no padding in the count
@@ -105,6 +159,7 @@ def test_contrastive_executes_8_b2_d_flops(dot_flops, deterministic):
     assert dot_flops[0] == (10 if deterministic else 8) * b * b * d
 
 
+@interpreter_only
 @pytest.mark.parametrize("dtype,sizes", [(torch.float32, (128, 512)), (torch.bfloat16, (160,))])
 def test_contrastive_peak_memory_follows_the_formula_and_is_linear_in_b(dtype, sizes):
     d, peaks = 8, {}
@@ -165,7 +220,7 @@ def test_contrastive_rejects_bad_input():
 
 
 def stats(shape, dtype, seed=0, transpose=False):
-    g = torch.Generator().manual_seed(seed)
+    g = gen(seed)
     out = []
     for i in range(4):
         t = torch.randn(shape, generator=g) * (2.0 if i % 2 else 1.0)
@@ -190,10 +245,10 @@ def test_variational_matches_reference(dtype, shape, direction, reduction):
     with torch.no_grad():
         ins[1][(0,) * len(shape)] = -45.0  # below LOGVAR_MIN: clamped, zero gradient
         ins[3][(-1,) * len(shape)] = 25.0  # above LOGVAR_MAX
-    eps = torch.randn(shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    eps = torch.randn(shape, generator=gen(2)).to(dtype)
     z, kl = kv.variational_fusion(*ins, eps=eps, direction=direction, reduction=reduction)
-    w = torch.randn(shape, generator=torch.Generator().manual_seed(3))
-    wk = torch.randn(kl.shape, generator=torch.Generator().manual_seed(4))
+    w = torch.randn(shape, generator=gen(3))
+    wk = torch.randn(kl.shape, generator=gen(4))
     ((z.float() * w).sum() + (kl * wk).sum()).backward()
     got = [z.detach(), kl.detach()] + [t.grad for t in ins]
     for t in ins:
@@ -204,6 +259,36 @@ def test_variational_matches_reference(dtype, shape, direction, reduction):
     for g, r in zip(got, [zr.detach(), klr.detach()] + [t.grad for t in ins]):
         close(g, r, dtype)
     assert ins[1].grad[(0,) * len(shape)] == 0 and ins[3].grad[(-1,) * len(shape)] == 0
+
+
+VARIATIONAL_SHAPES = [
+    ((5, 7, 33), "qp", "mean"),
+    ((9, 1500), "pq", "sum"),
+    ((6, 100), "qp", "none"),
+]
+VARIATIONAL_SHAPES += [((32768 // 64, 4096), "qp", "mean")]  # the bench's shape, 64x fewer rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,direction,reduction", VARIATIONAL_SHAPES)
+def test_the_comparison_rejects_wrong_variational_gradients(dtype, shape, direction, reduction):
+    """As for the contrastive loss: at each tested dtype and shape the comparison rejects a zero,
+    a doubled, and another input's gradient (mu_p's for mu_q's: the mean's two sides swapped),
+    and accepts the reference rounded to the dtype. ((1, 1) is left out: one element.)"""
+    ins = [t.detach().float().requires_grad_() for t in stats(shape, dtype, 1)]
+    eps = torch.randn(shape, generator=gen(2))
+    z, kl = reference.variational_fusion(*ins, eps, direction, reduction)
+    w = torch.randn(shape, generator=gen(3))
+    ((z * w).sum() + kl.sum()).backward()
+    k = shape[-1] if reduction != "none" else 1
+    for g, other in [(ins[0].grad, ins[2].grad), (ins[1].grad, ins[3].grad)]:
+        close(g.to(dtype), g, dtype, k)
+        for name, wrong in mutations(g, other):
+            try:
+                close(wrong.to(dtype), g, dtype, k)
+            except AssertionError:
+                continue
+            raise AssertionError(f"a {name} gradient passed at {dtype}, shape {shape}")
 
 
 def test_variational_seeded_noise_is_reproducible_and_standard_normal():
@@ -252,15 +337,15 @@ def test_native_gpu_path_matches_reference(dtype, b, d, deterministic):
     x = F.normalize(torch.randn(b, d, device="cuda"), dim=-1).to(dtype).requires_grad_()
     y = F.normalize(torch.randn(b, d, device="cuda"), dim=-1).to(dtype).requires_grad_()
     s = torch.tensor(14.0, device="cuda", requires_grad=True)
+    assert not kc.interpreting()  # compiled and autotuned, not the interpreter
     loss = kc.contrastive_loss(x, y, s, 0.1, deterministic=deterministic)
     loss.backward()
     got = (loss.detach(), x.grad, y.grad, s.grad)
     x.grad = y.grad = s.grad = None
     ref = reference.contrastive_loss(x, y, s, 0.1)
     ref.backward()
-    tol = torch.float32 if dtype == torch.float32 else torch.bfloat16
     for g, r in zip(got, (ref.detach(), x.grad, y.grad, s.grad)):
-        close(g, r, tol)
+        close(g, r, dtype, max(b, d))
 
 
 def test_kernels_package_is_standalone():
@@ -297,6 +382,7 @@ def traffic(monkeypatch):
     return moved
 
 
+@interpreter_only
 @pytest.mark.parametrize("seeded", [False, True])
 def test_variational_step_moves_the_minimal_passes(traffic, seeded):
     n, d = 6, 300
@@ -328,11 +414,11 @@ def test_variational_step_equals_autograd_forward_and_backward(
     ins = stats(shape, dtype, 7, transpose=len(shape) == 2 and shape[0] > 1)
     with torch.no_grad():
         ins[1][(0,) * len(shape)] = -45.0  # clamped: zero gradient
-    dz = torch.randn(shape, generator=torch.Generator().manual_seed(8)).to(dtype)
+    dz = torch.randn(shape, generator=gen(8)).to(dtype)
     noise = dict(seed=9) if seeded else dict(eps=torch.randn(shape).to(dtype))
     kw = dict(direction=direction, reduction=reduction)
     z, kl = kv.variational_fusion(*ins, **noise, **kw)
-    gkl = torch.rand(kl.shape, generator=torch.Generator().manual_seed(10)) + 0.5
+    gkl = torch.rand(kl.shape, generator=gen(10)) + 0.5
     torch.autograd.backward([z, kl], [dz, gkl])
     zs, kls, grads = kv.variational_fusion_step(*ins, dz, **noise, grad_kl=gkl, **kw)
     assert zs.dtype == dtype and not zs.requires_grad
