@@ -81,6 +81,17 @@ def matmul_peak(device, dtype, n: int, warmup: int, iters: int) -> dict:
     return row
 
 
+def tile_configs(deterministic: bool) -> Dict[str, Optional[str]]:
+    """The tiles the contrastive kernels ran with: the pinned configuration (deterministic), or
+    what the autotuner chose in this process."""
+    from kernels import contrastive as kc
+    from kernels._triton import chosen_config
+
+    if deterministic:
+        return {"forward": str(kc.PINNED), "backward": str(kc.PINNED)}
+    return {"forward": chosen_config(kc._fwd_kernel), "backward": chosen_config(kc._bwd_kernel)}
+
+
 def bench_contrastive(
     sizes: List[int], d: int, dtype, device, warmup: int, iters: int, peak_tflops: float
 ) -> List[dict]:
@@ -118,6 +129,7 @@ def bench_contrastive(
                     row["executed_flops"] = flops
                     row["executed_tflops"] = flops / (row["ms"] * 1e-3) / 1e12
                     row["fraction_of_matmul_peak"] = row["executed_tflops"] / peak_tflops
+                    row["configs"] = tile_configs(deterministic=name != "mmtrain")
             except torch.OutOfMemoryError:
                 row["status"] = "out of memory"
             torch.cuda.empty_cache() if device.type == "cuda" else None

@@ -55,6 +55,7 @@ The returned value is the global loss on every rank, whatever the reduction.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -62,7 +63,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kernels._triton import HAS_TRITON, dot_in_fp32, dot_precision, interpreting, use_triton
+from kernels._triton import (
+    HAS_TRITON,
+    check_tensor_cores,
+    dot_in_fp32,
+    dot_precision,
+    interpreting,
+    launch,
+    use_triton,
+)
 
 # the interpreter's one configuration: small tiles, so that the tests walk several row, column
 # and feature blocks at small shapes
@@ -78,6 +87,9 @@ FORWARD_TILES = [(128, 64, 32, 8), (64, 128, 32, 8), (64, 128, 64, 8), (64, 64, 
                  (64, 64, 32, 4), (128, 128, 32, 8)]  # fmt: skip
 BACKWARD_TILES = [(128, 64, 32, 8), (64, 128, 32, 8), (64, 64, 32, 8), (64, 64, 32, 4),
                   (64, 64, 64, 8), (128, 128, 32, 8)]  # fmt: skip
+# deterministic=True on a GPU: this one configuration (in both tile lists), never the autotuner's
+# timed pick, so that two runs, or two ranks, compute the same bits
+PINNED = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=4, num_stages=2)
 
 
 def _configs(tiles):
@@ -340,8 +352,9 @@ def executed_flops(b: int, d: int, deterministic: bool = False) -> int:
     return (10 if deterministic else 8) * b * b * d
 
 
-def _lse_triton(a, b, scale, a_offset: int, t_diag: float, t_all: float):
-    """(row lse, target term t, column lse over a's rows) of s * a @ b.T, fp32."""
+def _lse_triton(a, b, scale, a_offset: int, t_diag: float, t_all: float, pinned: bool = False):
+    """(row lse, target term t, column lse over a's rows) of s * a @ b.T, fp32; `pinned`: the
+    PINNED configuration instead of the autotuner's."""
     m, d = a.shape
     n = b.shape[0]
     programs = forward_programs(m, a.device)
@@ -349,11 +362,12 @@ def _lse_triton(a, b, scale, a_offset: int, t_diag: float, t_all: float):
     target = torch.empty(m, device=a.device, dtype=torch.float32)
     part = torch.empty(programs, n, device=a.device, dtype=torch.float32)
     bsum = b.sum(0, dtype=torch.float32)
-    _fwd_kernel[(programs,)](
+    args = (
         a, b, scale, row, target, part, bsum, m, n, d, a_offset, t_diag, t_all,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), part.stride(0),
-        DOT_FP32=dot_in_fp32(a.dtype), PRECISION=dot_precision(a.dtype),
     )  # fmt: skip
+    kwargs = dict(DOT_FP32=dot_in_fp32(a.dtype), PRECISION=dot_precision(a.dtype))
+    launch(_fwd_kernel, (programs,), args, kwargs, PINNED if pinned else None)
     col = torch.empty(n, device=a.device, dtype=torch.float32)
     block = 128
     _lse_rows_kernel[(triton.cdiv(n, block),)](
@@ -362,7 +376,9 @@ def _lse_triton(a, b, scale, a_offset: int, t_diag: float, t_all: float):
     return row, target, col
 
 
-def _grad_triton(a, b, scale, lse_a, lse_b, coef, t_diag, t_all, a_offset: int, both: bool):
+def _grad_triton(
+    a, b, scale, lse_a, lse_b, coef, t_diag, t_all, a_offset: int, both: bool, pinned: bool = False
+):
     """(dA, dB or None, ds) in fp32: dA = s * G @ b, dB = s * G.T @ a (when `both`, from the same
     logit tiles), ds = sum(G * a @ b.T)."""
     m, d = a.shape
@@ -373,11 +389,13 @@ def _grad_triton(a, b, scale, lse_a, lse_b, coef, t_diag, t_all, a_offset: int, 
     dot_fp32 = dot_in_fp32(a.dtype)
     # |G| <= 2 coef + t_diag + t_all; scaled so that bound is about 2**14 (fp16's largest is 65504)
     g_scale = 1.0 if dot_fp32 else 2.0 ** (14 - math.ceil(math.log2(2 * coef + t_diag + t_all)))
-    _bwd_kernel[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)](
+    args = (
         a, b, scale, lse_a, lse_b, da, db, ds, coef, t_diag, t_all, g_scale, m, n, d, a_offset,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        DOT_FP32=dot_fp32, PRECISION=dot_precision(a.dtype), ATOMIC_DB=both,
     )  # fmt: skip
+    kwargs = dict(DOT_FP32=dot_fp32, PRECISION=dot_precision(a.dtype), ATOMIC_DB=both)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
+    launch(_bwd_kernel, grid, args, kwargs, PINNED if pinned else None)
     return da, (db if both else None), ds.sum()
 
 
@@ -419,7 +437,11 @@ class _Contrastive(torch.autograd.Function):
         deterministic: bool,
     ):
         fused = use_triton(x, y, scale)
-        lse, grad = (_lse_triton, _grad_triton) if fused else (_lse_torch, _grad_torch)
+        if fused:  # deterministic: one pinned configuration, not each process's timed pick
+            lse = functools.partial(_lse_triton, pinned=deterministic)
+            grad = functools.partial(_grad_triton, pinned=deterministic)
+        else:
+            lse, grad = _lse_torch, _grad_torch
         ctx.scale_shape, ctx.scale_dtype = scale.shape, scale.dtype
         scale = scale.detach().float().reshape(())
         if distributed:
@@ -505,6 +527,7 @@ def contrastive_loss(
         )
     if logit_scale.numel() != 1:
         raise ValueError(f"logit_scale must hold one value, got shape {tuple(logit_scale.shape)}")
+    check_tensor_cores(image)
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if grad_reduction not in ("mean", "sum"):

@@ -440,3 +440,47 @@ def test_variational_step_torch_fallback_agrees(monkeypatch):
         close(a, b, torch.float32)
     with pytest.raises(ValueError, match="grad_z must have the shape of z"):
         kv.variational_fusion_step(*ins, dz[:, :3], eps=eps)
+
+
+def test_deterministic_runs_one_pinned_configuration_not_the_autotuners_pick(monkeypatch):
+    """On a GPU the autotuner times its configurations in each process and may pick another tile
+    in another run or rank; deterministic=True launches the one PINNED configuration instead."""
+    import kernels._triton as kt
+
+    launched = []
+
+    class Tuned:  # an autotuned kernel: indexing it runs the autotuner, .fn is the plain kernel
+        def __getitem__(self, grid):
+            return lambda *a, **k: launched.append(("autotuned", grid, k))
+
+        class fn:  # noqa: N801
+            def __class_getitem__(cls, grid):
+                return lambda *a, **k: launched.append(("pinned", grid, k))
+
+    monkeypatch.setattr(kt, "interpreting", lambda: False)  # as on a GPU
+    kt.launch(Tuned(), (4,), (1, 2), dict(DOT_FP32=True), kc.PINNED)
+    kt.launch(Tuned(), lambda meta: (100 // meta["BLOCK_M"],), (1,), {}, kc.PINNED)
+    kt.launch(Tuned(), (4,), (1, 2), dict(DOT_FP32=True), None)
+    assert launched[0] == ("pinned", (4,), dict(DOT_FP32=True, **kc.PINNED))
+    assert launched[1][:2] == ("pinned", (100 // kc.PINNED["BLOCK_M"],))
+    assert launched[2] == ("autotuned", (4,), dict(DOT_FP32=True))
+    fwd = {(bm, bn, bd, w) for bm, bn, bd, w in kc.FORWARD_TILES}
+    bwd = {(bm, bn, bd, w) for bm, bn, bd, w in kc.BACKWARD_TILES}
+    p = kc.PINNED
+    assert (p["BLOCK_M"], p["BLOCK_N"], p["BLOCK_D"], p["num_warps"]) in fwd & bwd
+
+
+def test_bf16_on_a_gpu_without_bf16_tensor_cores_is_one_clear_error(monkeypatch):
+    from types import SimpleNamespace
+
+    import kernels._triton as kt
+
+    turing = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, device="cuda:0")
+    monkeypatch.setattr(kt, "capability", lambda device: (7, 5))
+    with pytest.raises(
+        ValueError, match=r"bf16 features on a GPU of compute capability 7\.5.*fp16"
+    ):
+        kt.check_tensor_cores(turing)
+    kt.check_tensor_cores(SimpleNamespace(is_cuda=True, dtype=torch.float16, device="cuda:0"))
+    monkeypatch.setattr(kt, "capability", lambda device: (8, 0))
+    kt.check_tensor_cores(turing)  # Ampere: fine
