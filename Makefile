@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements/ci.txt setup.py | cksum | c
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test test-unit test-all chaos test-slurm test-multinode install lint bench clean
+.PHONY: demo test test-unit test-all chaos test-slurm test-multinode install lint bench clean gpu-check
 
 # One venv for every target, installed once (again only when the pins change), quietly: its log
 # is $(VENV)/install.log, shown when the install fails.
@@ -52,6 +52,15 @@ test-multinode: $(STAMP)
 	  if [ $$up -ne 0 ]; then exit $$up; fi; \
 	  eval "$$conf"; $(PY) -m pytest -q --durations=15 -m multinode tests; \
 	  rc=$$?; bash slurm/testing/cluster.sh down --nodes 2; exit $$rc
+
+# everything a GPU measures, one report (gpu-check/report.md and .json; tests/gpu_check.py). On
+# the GPU machine it runs with that machine's python3 (no venv: the wheels of
+# ../shared/gpu/make-wheels.sh on PYTHONPATH); DRY_RUN=1: every part at tiny sizes on the CPU.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_OUT ?= gpu-check
+gpu-check:
+	$(GPU_PY) tests/gpu_check.py --out $(GPU_CHECK_OUT) $(if $(DRY_RUN),--dry-run) \
+	  $(if $(BASELINE),--baseline $(BASELINE))
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q --durations=15 -m "not slurm and not multinode" tests

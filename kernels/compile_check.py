@@ -51,7 +51,7 @@ def jobs(dtype: str):
     import kernels.variational as kv
 
     dot_fp32 = dtype == "fp32"
-    floats = {"t_diag", "t_all", "coef"}
+    floats = {"t_diag", "t_all", "coef", "g_scale"}
     for cfg in kc._configs(kc.FORWARD_TILES):
         const = dict(cfg.kwargs, DOT_FP32=dot_fp32, PRECISION="tf32")
         ptrs = {n: f"*{dtype}" for n in ("A", "B")}

@@ -260,6 +260,10 @@ def _cmd_bench(args) -> int:
         from mmtrain.bench.vikdf import main as bench_stage1
 
         return bench_stage1(args.batch_size, not args.no_compile, args.baseline)
+    if args.bench_cmd == "recipe":
+        from mmtrain.bench.engine import main_recipe
+
+        return main_recipe(args.recipe, args.size, args.steps, args.batch_size)
     if args.bench_cmd == "zero":
         from mmtrain.bench.engine import main as bench_zero
 
@@ -458,6 +462,16 @@ def _add_tool_commands(sub) -> None:
     sp.add_argument("--no-compile", action="store_true", help="run the frozen towers eagerly")
     _engine_arguments(sp, "configs/vikdf/stage1.yaml", "full-depth CLIP-L/14 and bert-base")
     sp.add_argument("--baseline", help="path of hf_eager_vikdf.py, run side by side for the ratio")
+    sp.set_defaults(fn=_cmd_bench)
+    sp = bsub.add_parser(
+        "recipe",
+        help="a Dynamic CoT or KDSL step through the engine on one process, at the published "
+        "config's widths (random Qwen2-VL-2B/7B-wide weights, one layer per stack; GPU)",
+    )
+    sp.add_argument("recipe", choices=("dyncot", "kdsl"))
+    sp.add_argument("--size", choices=("published", "tiny"), default="published")
+    sp.add_argument("--steps", type=int, default=8, help="half warm up, half measured")
+    sp.add_argument("--batch-size", type=int, default=2)
     sp.set_defaults(fn=_cmd_bench)
     sp = bsub.add_parser(
         "vikdf-fusion", help="tokens/s and MFU of a BVIF fusion step, frozen 7B-shaped LLM (GPU)"

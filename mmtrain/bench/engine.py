@@ -209,6 +209,53 @@ def bench_vikdf_stage1(
     return {"kind": "stage1_mmtrain_engine", "size": size, "B": batch, "ranks": ranks, **row}
 
 
+# `bench recipe`: (config at published width, demo config, shard kind, model shape, overrides)
+RECIPES = {
+    "dyncot": ("dyncot/qwen2vl_2b.yaml", "demo/dyncot.yaml", "keyphrase", "2b", []),
+    "kdsl": ("kdsl/qwen2vl_7b.yaml", "demo/kdsl.yaml", "intent", "7b", []),
+}
+
+
+def bench_recipe(
+    name: str, size: str = "published", steps: int = 8, batch: int = 2, out_dir=None
+) -> Dict[str, object]:
+    """One recipe's training step through the engine on one process: `published`, its published
+    config (bf16, its ZeRO settings) over a random Qwen2-VL at the released checkpoint's widths
+    with one layer per stack; `tiny`, the demo config and a tiny model (CPU smoke)."""
+    from mmtrain.data.synth import synth
+    from mmtrain.testing.tiny import make_tiny_vlm
+
+    published, demo, kind, shape, extra = RECIPES[name]
+    with tempfile.TemporaryDirectory(prefix="mmtrain-bench-", dir=out_dir) as tmp:
+        root = Path(tmp)
+        model = make_tiny_vlm(str(root / "model"), shape=shape if size == "published" else None)
+        synth(kind, str(root / "data"), max(40, 8 * batch), seed=0)
+        config = CONFIGS_DIR / (published if size == "published" else demo)
+        if size != "published":
+            extra = [*extra, "deepspeed.precision=fp32"]
+        row = measure(
+            config,
+            [
+                f"recipe.model_path={model}",
+                f"recipe.data.train={root / 'data' / 'train'}",
+                f"recipe.data.val={root / 'data' / 'val'}",
+                "recipe.data.workers=1",
+                f"train.micro_batch_size={batch}",
+                *extra,
+            ],
+            root / "runs",
+            name,
+            steps,
+        )
+    return {"kind": f"{name}_mmtrain_engine", "size": size, "B": batch, **row}
+
+
+def main_recipe(name: str, size: str, steps: int, batch: int) -> int:
+    row = bench_recipe(name, size, steps, batch)
+    print(json.dumps(row))
+    return 1 if "error" in row else 0
+
+
 def main_vikdf(
     which: str, size: str, steps: int, batch: int, ranks: int, baseline: Optional[str]
 ) -> int:
