@@ -419,8 +419,26 @@ def _add_data_commands(sub) -> None:
     sp.add_argument("--n", type=int, default=3)
 
 
+def _cmd_config_reference(args) -> int:
+    from mmtrain.reference import reference
+
+    text = reference()
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(text)
+    else:
+        print(text, end="")
+    return 0
+
+
 def _add_tool_commands(sub) -> None:
-    """`mmtrain models tiny` and `mmtrain bench ...`."""
+    """`mmtrain models tiny`, `mmtrain bench ...` and `mmtrain config-reference`."""
+    sp = sub.add_parser(
+        "config-reference", help="every config key, from the code (writes docs/configs.md)"
+    )
+    sp.add_argument("--out", help="write it to this file (default: print it)")
+    sp.set_defaults(fn=_cmd_config_reference)
     models = sub.add_parser(
         "models", help="tiny random models for demos and tests (saved with save_pretrained)"
     )

@@ -1,1 +1,1 @@
-"""Throughput benchmarks (`mmtrain bench ...`), printing JSON; GPU figures go in the README."""
+"""Throughput benchmarks (`mmtrain bench ...`), printing JSON; GPU figures go in docs/measurements.md."""

@@ -1,5 +1,5 @@
 """`mmtrain bench zero` and `bench vikdf-stage1 --engine`: the benchmarks that train through the
-real engine, at their CPU smoke sizes (the GPU figures are in the README when a GPU was lent)."""
+real engine, at their CPU smoke sizes (GPU figures go in docs/measurements.md when a GPU is lent)."""
 
 from __future__ import annotations
 

@@ -110,7 +110,7 @@ def test_ranks_stop_when_torchrun_is_killed(tmp_path):
 @pytest.mark.chaos
 @pytest.mark.heavy
 def test_sigterm_to_torchrun_checkpoints_the_ranks_but_torchrun_exits_1(tmp_path):
-    """What the README says of torchrun and SIGTERM: torchrun forwards it, the ranks finish the
+    """What docs/operations.md says of torchrun and SIGTERM: torchrun forwards it, the ranks finish the
     step, checkpoint and exit 85, and torchrun itself exits 1 (its agent's SignalException)."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     port = ["--master_port", str(free_port()), "-m", "mmtrain.cli", "train"]
