@@ -153,6 +153,13 @@ class LogConfig:
     # count the host syncs (.item(), .tolist(), bool/float/int of a tensor) of each optimizer step
     # and log them (engine/syncs.py): the engine's budget is one per step outside log steps
     count_host_syncs: bool = False
+    # a torch profiler trace of these optimizer steps, first and last (e.g. [10, 12]), on the
+    # ranks of profile_ranks, to RUN_DIR/profile/ (TensorBoard's profiler plugin, or Perfetto)
+    profile_steps: List[int] = field(default_factory=list)
+    profile_ranks: List[int] = field(default_factory=lambda: [0])
+    # where the logged scalars go besides train.log, TensorBoard (log.tensorboard) and
+    # RUN_DIR/metrics.jsonl (always): wandb and/or mlflow, each when installed
+    backends: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -346,6 +353,32 @@ def check_run_dir(cfg: Config) -> None:
         )
 
 
+LOG_BACKENDS = ("wandb", "mlflow")
+
+
+def _check_log(log: LogConfig) -> None:
+    steps = list(log.profile_steps)
+    if steps and (len(steps) != 2 or not 1 <= steps[0] <= steps[1]):
+        raise ConfigError(
+            f"key 'log.profile_steps' must be [first, last] optimizer steps with 1 <= first <= "
+            f"last (e.g. [10, 12]), got {steps}"
+        )
+    unknown = [b for b in log.backends if b not in LOG_BACKENDS]
+    if unknown:
+        raise ConfigError(
+            f"key 'log.backends' names {unknown}: known are {list(LOG_BACKENDS)} (TensorBoard "
+            f"is log.tensorboard, and metrics.jsonl is always written)"
+        )
+    import importlib.util
+
+    absent = [b for b in log.backends if importlib.util.find_spec(b) is None]
+    if absent:
+        raise ConfigError(
+            f"key 'log.backends' names {absent}, not installed here: pip install "
+            f"{' '.join(absent)}, or leave it out of log.backends"
+        )
+
+
 def validate(cfg: Config, pending: Sequence[str] = ()) -> None:
     """Every rule of the schema; `pending`: absolute paths an earlier pipeline stage will write
     (a path under one of them need not exist yet)."""
@@ -390,6 +423,7 @@ def validate(cfg: Config, pending: Sequence[str] = ()) -> None:
             "key 'deepspeed.hpz_partition_size' (ZeRO++) needs deepspeed.zero_stage=3, got "
             f"{cfg.deepspeed.zero_stage!r}"
         )
+    _check_log(cfg.log)
     tr = cfg.train
     if tr.global_batch_size is not None and tr.global_batch_size % tr.micro_batch_size:
         raise ConfigError(

@@ -1,13 +1,18 @@
-"""What a user watches: TensorBoard scalars, a plain log file, a progress bar with ETA (rank 0)."""
+"""What a user watches (rank 0): a plain log file, a progress bar with ETA, and the logged scalars
+in TensorBoard, in RUN_DIR/metrics.jsonl (always) and in Weights & Biases or MLflow when
+`log.backends` asks for them, all through one interface (`MetricsSink`)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import resource
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional, Protocol, Sequence
 
 import torch
 
@@ -84,6 +89,103 @@ def setup_logging(run_dir: Path, rank: int, console: bool = True) -> logging.Log
     return log
 
 
+class MetricsSink(Protocol):
+    """Where logged scalars go besides TensorBoard: one call per log step, one at the end."""
+
+    def scalars(self, step: int, values: Dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlMetrics:
+    """RUN_DIR/metrics.jsonl: one line per logged step, `{"step", "time", tag: value, ...}`, for
+    pandas or a spreadsheet (`pd.read_json(path, lines=True)`). A resumed run first drops the
+    lines past its checkpoint, as TensorBoard's purge does, so no step appears twice."""
+
+    def __init__(self, path: Path, start_step: int):
+        if start_step and path.is_file():
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= start_step
+            ]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self.file = open(path, "a")
+
+    def scalars(self, step: int, values: Dict[str, float]) -> None:
+        row = {"step": step, "time": round(time.time(), 3), **values}
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _stable_id(run_dir: Path) -> str:
+    """One id per run directory: a resumed run continues the same W&B / MLflow run."""
+    return hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+
+
+class WandbMetrics:
+    """Weights & Biases (`log.backends: [wandb]`): project from WANDB_PROJECT (default mmtrain),
+    the run named as the run directory, resumed across requeues; offline with WANDB_MODE=offline."""
+
+    def __init__(self, run_dir: Path, name: str, config: Dict[str, Any]):
+        import wandb
+
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "mmtrain"),
+            name=name,
+            id=_stable_id(run_dir),
+            resume="allow",
+            dir=str(run_dir),
+            config=config,
+        )
+
+    def scalars(self, step: int, values: Dict[str, float]) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MlflowMetrics:
+    """MLflow (`log.backends: [mlflow]`): MLFLOW_TRACKING_URI (default RUN_DIR/mlruns, a local
+    store), experiment MLFLOW_EXPERIMENT_NAME (default mmtrain), the config as parameters."""
+
+    def __init__(self, run_dir: Path, name: str, config: Dict[str, Any]):
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(
+            os.environ.get("MLFLOW_TRACKING_URI", (run_dir / "mlruns").resolve().as_uri())
+        )
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", "mmtrain"))
+        mlflow.start_run(run_name=name, tags={"mmtrain.run_id": _stable_id(run_dir)})
+        mlflow.log_params({k: str(v)[:250] for k, v in _flat(config).items()})
+
+    def scalars(self, step: int, values: Dict[str, float]) -> None:
+        self.mlflow.log_metrics(values, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+def _flat(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+BACKENDS = {"wandb": WandbMetrics, "mlflow": MlflowMetrics}
+
+
 class Monitor:
     """Rank 0 writes; other ranks make the same calls and nothing happens."""
 
@@ -95,12 +197,18 @@ class Monitor:
         start_step: int,
         tensorboard: bool,
         progress: bool,
+        backends: Sequence[str] = (),
+        config: Optional[Dict[str, Any]] = None,
     ):
         self.active = rank == 0
         self.writer = None
         self.bar = None
+        self.sinks: List[MetricsSink] = []
         if not self.active:
             return
+        self.sinks.append(JsonlMetrics(run_dir / "metrics.jsonl", start_step))
+        for name in backends:
+            self.sinks.append(BACKENDS[name](run_dir, run_dir.name, config or {}))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -126,6 +234,8 @@ class Monitor:
         if self.writer:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
+        for sink in self.sinks:
+            sink.scalars(step, values)
 
     def image(self, tag: str, img: torch.Tensor, step: int) -> None:
         if self.writer:
@@ -138,6 +248,9 @@ class Monitor:
                 self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
 
     def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
         if self.bar:
             self.bar.close()
         if self.writer:

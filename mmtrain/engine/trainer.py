@@ -15,6 +15,7 @@ import warnings
 from typing import Any, Dict
 
 import torch
+import yaml
 
 from mmtrain.config import Config, plan_global_batch, save_config, to_yaml
 from mmtrain.engine import checkpoint, dist, signals
@@ -42,6 +43,7 @@ from mmtrain.engine.optim import (
     scheduler_factory,
     widest_hidden_size,
 )
+from mmtrain.engine.profiler import StepProfiler
 from mmtrain.engine.runlock import RunDirBusy, RunLock
 from mmtrain.engine.syncs import SyncCounter
 from mmtrain.parallelize import (
@@ -98,7 +100,9 @@ class Trainer:
             if self.eval_pending and self.step < cfg.train.steps and not self._evaluate():
                 return self._requeue()  # the evaluation a stop interrupted, stopped again
             while self.step < cfg.train.steps:
+                self.profiler.before_step(self.step + 1)
                 grad_norm, lr = self._optimizer_step()
+                self.profiler.after_step(self.step)
                 if self.metrics.due(self.step):
                     self._log(grad_norm, lr)
                 elif self.syncs is not None:
@@ -132,6 +136,7 @@ class Trainer:
         finally:
             if self.syncs is not None:
                 self.syncs.uninstall()
+            self.profiler.close()
             self.monitor.close()
             self.data.close()  # its workers now: left to the garbage collector, each costs 5 s
 
@@ -366,6 +371,11 @@ class Trainer:
             self.step,
             self.cfg.log.tensorboard,
             self.cfg.log.progress,
+            self.cfg.log.backends,
+            yaml.safe_load(to_yaml(self.cfg)),  # the resolved config, for W&B / MLflow
+        )
+        self.profiler = StepProfiler(
+            self.cfg.log.profile_steps, self.cfg.log.profile_ranks, env.rank, self.run_dir
         )
         self.engine.train()
         if self.cfg.log.count_host_syncs:
