@@ -4,7 +4,7 @@ One kernel, `_vf_kernel`, one program per row (all leading dimensions flattened)
 in BLOCK_D chunks; two switches say what a launch does with what it reads:
 - FORWARD: write z and the per-row KL;
 - BACKWARD: read dz (the incoming gradient of z) and the per-row dKL, write the four gradients.
-Log-variances are clamped to [LOGVAR_MIN, LOGVAR_MAX] (see kernels.reference), with zero
+Log-variances are clamped to [LOGVAR_MIN, LOGVAR_MAX] (see kernels.gaussian), with zero
 gradient outside. With `seed=` instead of `eps=`, the noise is drawn by Philox in the kernel
 from (seed, element index), drawn again identically wherever it is needed, so it is never
 stored or read: the saving that matters in a bandwidth-bound kernel.
@@ -24,8 +24,9 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from kernels import gaussian
 from kernels._triton import HAS_TRITON, use_triton
-from kernels.reference import LOGVAR_MAX, LOGVAR_MIN
+from kernels.gaussian import LOGVAR_MAX, LOGVAR_MIN
 
 if HAS_TRITON:
     import triton
@@ -242,10 +243,8 @@ def variational_fusion(
         return _VariationalFusion.apply(
             mu_q, logvar_q, mu_p, logvar_p, eps, int(seed or 0), direction == "pq", reduction
         )
-    from kernels import reference
-
     eps = _torch_noise(mu_q, eps, seed)
-    return reference.variational_fusion(mu_q, logvar_q, mu_p, logvar_p, eps, direction, reduction)
+    return gaussian.variational_fusion(mu_q, logvar_q, mu_p, logvar_p, eps, direction, reduction)
 
 
 def variational_fusion_step(
@@ -284,11 +283,9 @@ def variational_fusion_step(
         )
         kl = _reduce(kl.reshape(shape[:-1]), reduction)
         return z.reshape(shape), kl, tuple(g.reshape(shape) for g in grads)
-    from kernels import reference
-
     ins = [t.detach().requires_grad_() for t in (mu_q, logvar_q, mu_p, logvar_p)]
     with torch.enable_grad():
-        z, kl = reference.variational_fusion(
+        z, kl = gaussian.variational_fusion(
             *ins, _torch_noise(mu_q, eps, seed), direction, reduction
         )
         grad_kl = torch.as_tensor(grad_kl, dtype=kl.dtype, device=kl.device).expand_as(kl)

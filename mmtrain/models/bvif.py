@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.reference import gaussian_kl_elements, gaussian_nll, reparameterize
+from kernels.gaussian import gaussian_kl_elements, gaussian_nll, reparameterize
 from kernels.variational import variational_fusion
 from mmtrain.models.iqformer import IQFormer
 from mmtrain.schema import choices

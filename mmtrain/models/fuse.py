@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import nn
 
-from kernels.reference import reparameterize
+from kernels.gaussian import reparameterize
 from mmtrain.models.base import EntryPoints
 from mmtrain.models.bvif import BVIF, embed_segments, labels_for, noise
 

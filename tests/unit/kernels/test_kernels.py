@@ -5,6 +5,8 @@ to reject wrong gradients at every dtype and size tested. On a CPU machine the k
 the Triton interpreter (conftest sets TRITON_INTERPRET=1 when no GPU is present); on a machine
 with CUDA they run natively, compiled and autotuned."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -356,6 +358,27 @@ def test_kernels_package_is_standalone():
             assert not line.lstrip().startswith(("import mmtrain", "from mmtrain")), (
                 f"{f.name}: {line}"
             )
+
+
+ORACLE = re.compile(
+    r"^\s*(from kernels\.reference|import kernels\.reference|from kernels import .*\breference\b)",
+    re.M,
+)
+
+
+def test_the_library_never_imports_the_test_oracle():
+    """kernels/reference.py is what the kernels are tested against; models compute with
+    kernels.gaussian, and each kernel has its one torch path of its own."""
+    import pathlib
+
+    root = pathlib.Path(kc.__file__).parents[1]
+    users = [
+        str(f.relative_to(root))
+        for folder in ("mmtrain", "kernels")
+        for f in (root / folder).rglob("*.py")
+        if f.name not in ("reference.py", "bench.py") and ORACLE.search(f.read_text())
+    ]
+    assert not users, users
 
 
 @pytest.fixture
