@@ -351,28 +351,8 @@ def _add_run_commands(sub) -> None:
     sp.set_defaults(fn=_cmd_eval)
 
 
-def _add_data_commands(sub) -> None:
-    """`mmtrain data synth|convert|index|fewshot|inspect`."""
-    data = sub.add_parser("data", help="write, convert and inspect WebDataset shards")
-    data.set_defaults(fn=_cmd_data)
-    dsub = data.add_subparsers(dest="data_cmd", required=True)
-    sp = dsub.add_parser(
-        "synth", help="procedurally drawn data for the demo and tests (train/val/test)"
-    )
-    sp.add_argument(
-        "--kind", required=True, choices=["image-text", "dialogue", "keyphrase", "intent"]
-    )
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--n", type=int, default=1000)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--max-count", type=int, default=1000, help="samples per shard")
-    sp.add_argument(
-        "--lang",
-        default="en",
-        choices=["en", "zh"],
-        help="zh: Chinese posts, keyphrases, rationales and dialogues (keyphrase and intent kinds), "
-        "with labels spelled as real data spells them ('Payment page')",
-    )
+def _add_convert_command(dsub) -> None:
+    """`mmtrain data convert --from FORMAT ...`."""
     sp = dsub.add_parser("convert", help="shards from a public dataset format")
     sp.add_argument(
         "--from",
@@ -400,6 +380,31 @@ def _add_data_commands(sub) -> None:
     )
     sp.add_argument("--max-count", type=int, default=1000, help="samples per shard")
     sp.add_argument("--max-size", type=float, default=1e9, help="bytes per shard")
+
+
+def _add_data_commands(sub) -> None:
+    """`mmtrain data synth|convert|index|fewshot|inspect`."""
+    data = sub.add_parser("data", help="write, convert and inspect WebDataset shards")
+    data.set_defaults(fn=_cmd_data)
+    dsub = data.add_subparsers(dest="data_cmd", required=True)
+    sp = dsub.add_parser(
+        "synth", help="procedurally drawn data for the demo and tests (train/val/test)"
+    )
+    sp.add_argument(
+        "--kind", required=True, choices=["image-text", "dialogue", "keyphrase", "intent"]
+    )
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--n", type=int, default=1000)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--max-count", type=int, default=1000, help="samples per shard")
+    sp.add_argument(
+        "--lang",
+        default="en",
+        choices=["en", "zh"],
+        help="zh: Chinese posts, keyphrases, rationales and dialogues (keyphrase and intent kinds), "
+        "with labels spelled as real data spells them ('Payment page')",
+    )
+    _add_convert_command(dsub)
     sp = dsub.add_parser("index", help="write manifest.json for shards made elsewhere")
     sp.add_argument("dir")
     sp.add_argument(
@@ -449,6 +454,11 @@ def _add_tool_commands(sub) -> None:
     sp.add_argument("--width", type=int, default=64)
     sp.set_defaults(fn=_cmd_models)
 
+    _add_bench_commands(sub)
+
+
+def _add_bench_commands(sub) -> None:
+    """`mmtrain bench data|zero|recipe|vikdf-stage1|vikdf-fusion`."""
     bench = sub.add_parser("bench", help="throughput benchmarks")
     bsub = bench.add_subparsers(dest="bench_cmd", required=True)
     sp = bsub.add_parser("data", help="samples/s of read + decode + transform + collate")

@@ -383,57 +383,65 @@ def validate(cfg: Config, pending: Sequence[str] = ()) -> None:
     """Every rule of the schema; `pending`: absolute paths an earlier pipeline stage will write
     (a path under one of them need not exist yet)."""
     _absolute_paths(cfg)
-
-    def missing(value) -> bool:
-        later = any(os.path.abspath(str(value)).startswith(os.path.abspath(p)) for p in pending)
-        return not later and not Path(str(value)).exists()
-
     for key, f, value in _walk(cfg):
-        allowed = f.metadata.get("choices")
-        if allowed and value not in allowed:
-            raise ConfigError(f"key '{key}' must be one of {list(allowed)}, got {value!r}")
-        if f.metadata.get("required") and value in (None, ""):
-            raise ConfigError(f"key '{key}' is required (a path)")
-        if (
-            f.metadata.get("shards")
-            and value
-            and "{" not in str(value)
-            and not Path(str(value)).is_dir()
-        ):
+        _check_field(key, f, value, pending)
+    _check_deepspeed(cfg.deepspeed)
+    _check_log(cfg.log)
+    _check_train_and_run(cfg)
+    check = getattr(cfg.recipe, "check", None)
+    if check is not None:  # a recipe's own cross-field rules
+        check()
+    _check_shards(cfg)  # reads the manifests: after the cheaper checks
+
+
+def _check_field(key: str, f, value, pending: Sequence[str]) -> None:
+    """The rules a field declares in the schema: choices, required, shards, path, range."""
+    allowed = f.metadata.get("choices")
+    if allowed and value not in allowed:
+        raise ConfigError(f"key '{key}' must be one of {list(allowed)}, got {value!r}")
+    if f.metadata.get("required") and value in (None, ""):
+        raise ConfigError(f"key '{key}' is required (a path)")
+    if f.metadata.get("shards") and value and "{" not in str(value):
+        if not Path(str(value)).is_dir():
             raise ConfigError(f"key '{key}': shard directory does not exist: {value}")
-        if f.metadata.get("path") and value not in (None, "") and missing(value):
+    if f.metadata.get("path") and value not in (None, ""):
+        where = os.path.abspath(str(value))
+        later = any(where.startswith(os.path.abspath(p)) for p in pending)
+        if not later and not Path(str(value)).exists():
             raise ConfigError(f"key '{key}': path does not exist: {value}")
-        broken = out_of_range(value, f.metadata["range"]) if "range" in f.metadata else None
-        if broken:
-            note = f" ({f.metadata['note']})" if f.metadata.get("note") else ""
-            raise ConfigError(f"key '{key}' must be {broken}{note}, got {value!r}")
-    if str(cfg.deepspeed.zero_stage) not in ("0", "1", "2", "3", "auto"):
+    broken = out_of_range(value, f.metadata["range"]) if "range" in f.metadata else None
+    if broken:
+        note = f" ({f.metadata['note']})" if f.metadata.get("note") else ""
+        raise ConfigError(f"key '{key}' must be {broken}{note}, got {value!r}")
+
+
+def _check_deepspeed(ds: DeepSpeedSection) -> None:
+    if str(ds.zero_stage) not in ("0", "1", "2", "3", "auto"):
         raise ConfigError(
-            "key 'deepspeed.zero_stage' must be 0, 1, 2, 3 or auto, got "
-            f"{cfg.deepspeed.zero_stage!r}"
+            f"key 'deepspeed.zero_stage' must be 0, 1, 2, 3 or auto, got {ds.zero_stage!r}"
         )
     for key in ("reduce_bucket_size", "prefetch_bucket_size", "param_persistence_threshold"):
-        value = str(getattr(cfg.deepspeed, key))
+        value = str(getattr(ds, key))
         if value != "auto" and not value.isdigit():
             raise ConfigError(
                 f"key 'deepspeed.{key}' must be auto or a whole number of elements, got {value!r}"
             )
-    if cfg.deepspeed.hpz_partition_size > 1 and str(cfg.deepspeed.zero_stage) not in ("3", "auto"):
+    if ds.hpz_partition_size > 1 and str(ds.zero_stage) not in ("3", "auto"):
         raise ConfigError(
             "key 'deepspeed.hpz_partition_size' (ZeRO++) needs deepspeed.zero_stage=3, got "
-            f"{cfg.deepspeed.zero_stage!r}"
+            f"{ds.zero_stage!r}"
         )
-    _check_log(cfg.log)
+
+
+def _check_train_and_run(cfg: Config) -> None:
     tr = cfg.train
     if tr.global_batch_size is not None and tr.global_batch_size % tr.micro_batch_size:
         raise ConfigError(
             f"key 'train.global_batch_size'={tr.global_batch_size} is not a multiple of "
             f"train.micro_batch_size={tr.micro_batch_size}"
         )
-    if len(cfg.train.betas) != 2 or not all(0 <= b < 1 for b in cfg.train.betas):
-        raise ConfigError(
-            f"key 'train.betas' must hold two numbers in [0, 1), got {cfg.train.betas}"
-        )
+    if len(tr.betas) != 2 or not all(0 <= b < 1 for b in tr.betas):
+        raise ConfigError(f"key 'train.betas' must hold two numbers in [0, 1), got {tr.betas}")
     if (
         cfg.run.resume not in ("auto", "never")
         and not Path(cfg.run.resume).is_dir()
@@ -443,10 +451,6 @@ def validate(cfg: Config, pending: Sequence[str] = ()) -> None:
             f"key 'run.resume': expected 'auto', 'never', a checkpoint directory or a tag in "
             f"{cfg.run_dir / 'checkpoints'}; path does not exist: {cfg.run.resume}"
         )
-    check = getattr(cfg.recipe, "check", None)
-    if check is not None:  # a recipe's own cross-field rules
-        check()
-    _check_shards(cfg)  # reads the manifests: after the cheaper checks
 
 
 def _check_shards(cfg: Config) -> None:

@@ -267,6 +267,43 @@ def main_vikdf(
     return side_by_side(bench_vikdf_fusion(size, steps, batch, ranks), baseline, "stage2", 1.3)
 
 
+def _fusion_models(size: str, root: Path):
+    """(towers dir, LLM dir, IQ-Former config, run config, overrides) of the fusion bench."""
+    import torch
+
+    from mmtrain.testing.tiny import (
+        iqformer_config,
+        make_llama_at_published_width,
+        make_tiny_llama,
+        make_tiny_vikdf_towers,
+        make_vikdf_towers_at_published_widths,
+    )
+
+    if size != "published":
+        towers = make_tiny_vikdf_towers(str(root / "towers"))
+        llm = make_tiny_llama(str(root / "llama"))
+        extra = ["recipe.data.workers=1", "deepspeed.precision=fp32"]
+        return (
+            towers,
+            llm,
+            iqformer_config("tiny"),
+            CONFIGS_DIR / "demo" / "vikdf_fusion.yaml",
+            extra,
+        )
+    towers = make_vikdf_towers_at_published_widths(
+        str(root / "towers"), full_depth=True, vocab_size=49408
+    )
+    llm = make_llama_at_published_width(
+        str(root / "llama"),
+        layers=32,
+        vocab_size=32000,
+        dtype=torch.bfloat16,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
+    config = CONFIGS_DIR / "vikdf" / "stage2_fusion.yaml"
+    return towers, llm, iqformer_config("published"), config, ["recipe.data.workers=8"]
+
+
 def bench_vikdf_fusion(
     size: str = "published",
     steps: int = 8,
@@ -280,41 +317,12 @@ def bench_vikdf_fusion(
     published-shape IQ-Former and CLIP ViT-L/14 towers. `tiny`: the demo config's sizes (CPU).
     Samples/s is the comparable figure: the step reads every caption twice (knowledge -> text and
     text -> knowledge), the peer's once."""
-    import torch
-
     from mmtrain.data.synth import synth
     from mmtrain.models.iqformer import IQFormer
-    from mmtrain.testing.tiny import (
-        iqformer_config,
-        make_llama_at_published_width,
-        make_tiny_llama,
-        make_tiny_vikdf_towers,
-        make_vikdf_towers_at_published_widths,
-    )
 
     with tempfile.TemporaryDirectory(prefix="mmtrain-bench-", dir=out_dir) as tmp:
         root = Path(tmp)
-        if size == "published":
-            towers = make_vikdf_towers_at_published_widths(
-                str(root / "towers"), full_depth=True, vocab_size=49408
-            )
-            cuda = torch.cuda.is_available()
-            llm = make_llama_at_published_width(
-                str(root / "llama"),
-                layers=32,
-                vocab_size=32000,
-                dtype=torch.bfloat16,
-                device="cuda" if cuda else "cpu",
-            )
-            iq = iqformer_config("published")
-            config = CONFIGS_DIR / "vikdf" / "stage2_fusion.yaml"
-            extra = ["recipe.data.workers=8"]
-        else:
-            towers = make_tiny_vikdf_towers(str(root / "towers"))
-            llm = make_tiny_llama(str(root / "llama"))
-            iq = iqformer_config("tiny")
-            config = CONFIGS_DIR / "demo" / "vikdf_fusion.yaml"
-            extra = ["recipe.data.workers=1", "deepspeed.precision=fp32"]
+        towers, llm, iq, config, extra = _fusion_models(size, root)
         IQFormer(iq).save_pretrained(root / "stage1" / "iqformer")
         synth("image-text", str(root / "data"), max(64, 2 * batch), seed=0)
         row = measure(

@@ -159,6 +159,33 @@ def deepspeed_config(
                 "deepspeed.zero_stage=auto: choose the stage first (choose_zero_stage)"
             )
         stage = int(ds.zero_stage)
+    reduce, accum = reduction_dtypes(ds.precision, stage, ds.grad_reduce_dtype, ds.grad_accum_dtype)
+    conf: Dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
+        "gradient_accumulation_steps": tr.grad_accum * parts,
+        # the trainer owns the boundary: one engine.step() per optimizer step, after it has read
+        # which micro-batches were finite (a non-finite one is replaced before the update)
+        "managed_gradient_accumulation": False,
+        "train_batch_size": tr.micro_batch_size * tr.grad_accum * parts * world_size,
+        "gradient_clipping": tr.grad_clip,
+        "zero_optimization": _zero_section(cfg, world_size, on_cuda, stage, hidden, built),
+        "communication_data_type": reduce,
+        "data_types": {"grad_accum_dtype": accum},
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
+        "optimizer": _optimizer_section(cfg, on_cuda),
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,  # mmtrain logs; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(conf, ds.extra)
+
+
+def _zero_section(
+    cfg: Config, world_size: int, on_cuda: bool, stage: int, hidden: Optional[int], built: bool
+) -> Dict[str, Any]:
+    """DeepSpeed's `zero_optimization`: the stage, its buckets and thresholds, ZeRO++, offload."""
+    ds = cfg.deepspeed
     sizes = zero_sizes(cfg, hidden, built)
     zero: Dict[str, Any] = {
         "stage": stage,
@@ -188,38 +215,25 @@ def deepspeed_config(
             f"key 'deepspeed.hpz_partition_size' (ZeRO++) needs ZeRO stage 3; stage {stage} "
             "was chosen"
         )
-    reduce, accum = reduction_dtypes(ds.precision, stage, ds.grad_reduce_dtype, ds.grad_accum_dtype)
-    optimizer = ds.optimizer if ds.optimizer != "auto" else "torch_fused" if on_cuda else "torch"
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_cuda}
     if ds.offload_params and stage == 3:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_cuda}
-    conf: Dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
-        "gradient_accumulation_steps": tr.grad_accum * parts,
-        # the trainer owns the boundary: one engine.step() per optimizer step, after it has read
-        # which micro-batches were finite (a non-finite one is replaced before the update)
-        "managed_gradient_accumulation": False,
-        "train_batch_size": tr.micro_batch_size * tr.grad_accum * parts * world_size,
-        "gradient_clipping": tr.grad_clip,
-        "zero_optimization": zero,
-        "communication_data_type": reduce,
-        "data_types": {"grad_accum_dtype": accum},
-        "bf16": {"enabled": ds.precision == "bf16"},
-        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": tr.lr,
-                "betas": list(tr.betas),
-                "eps": tr.eps,
-                "weight_decay": tr.weight_decay,
-                "torch_adam": optimizer != "fused",
-                **({"fused": True} if optimizer == "torch_fused" else {}),
-            },
+    return zero
+
+
+def _optimizer_section(cfg: Config, on_cuda: bool) -> Dict[str, Any]:
+    """AdamW as `deepspeed.optimizer` asks: torch's fused kernel, DeepSpeed's FusedAdam, or foreach."""
+    ds, tr = cfg.deepspeed, cfg.train
+    optimizer = ds.optimizer if ds.optimizer != "auto" else "torch_fused" if on_cuda else "torch"
+    return {
+        "type": "AdamW",
+        "params": {
+            "lr": tr.lr,
+            "betas": list(tr.betas),
+            "eps": tr.eps,
+            "weight_decay": tr.weight_decay,
+            "torch_adam": optimizer != "fused",
+            **({"fused": True} if optimizer == "torch_fused" else {}),
         },
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 1 << 30,  # mmtrain logs; DeepSpeed stays quiet
-        "wall_clock_breakdown": False,
     }
-    return _deep_merge(conf, ds.extra)

@@ -452,18 +452,7 @@ class Trainer:
         model = build_model(self.recipe, cfg.run.seed)
         if cfg.train.activation_checkpointing:
             self._checkpoint_activations(model)
-        n_train = sum(numel(p) for p in model.parameters() if p.requires_grad)
-        built = partition_summary(model)
-        n_all = built["elements"]
-        self.log.info(
-            "model: %.2fM parameters, %.2fM trainable, %.2fM frozen; built with %.2fM (%.0f%%) "
-            "on this rank",
-            n_all / 1e6,
-            n_train / 1e6,
-            (n_all - n_train) / 1e6,
-            built["held"] / 1e6,
-            100 * built["held"] / max(1, n_all),
-        )
+        n_all, n_train = self._log_model_size(model)
         stage = self._auto_stage(n_all, n_train) if auto else None
         ds_conf = deepspeed_config(
             cfg,
@@ -485,23 +474,42 @@ class Trainer:
         )
         self.gate = GradientGate(model.parameters())
         if ds_conf["zero_optimization"]["stage"] == 3:
-            sharded = partition_summary(model)
-            self.log.info(
-                "ZeRO-3: %d of %d parameter tensors partitioned (persistence threshold %d); this "
-                "rank holds %.2fM of %.2fM parameters (%.0f%%)",
-                sharded["partitioned_tensors"],
-                sharded["tensors"],
-                ds_conf["zero_optimization"]["stage3_param_persistence_threshold"],
-                sharded["held"] / 1e6,
-                sharded["elements"] / 1e6,
-                100 * sharded["held"] / max(1, sharded["elements"]),
-            )
+            self._log_partitions(model, ds_conf)
         self.data = self.recipe.build_data()
         if not isinstance(self.data, DataStream):
             raise TypeError(
                 f"{type(self.recipe).__name__}.build_data returned a {type(self.data).__name__}, "
                 f"which lacks what mmtrain.recipes.base.DataStream declares"
             )
+
+    def _log_model_size(self, model) -> tuple:
+        """(parameters, trainable parameters), full sizes; logged with what this rank holds."""
+        n_train = sum(numel(p) for p in model.parameters() if p.requires_grad)
+        built = partition_summary(model)
+        n_all = built["elements"]
+        self.log.info(
+            "model: %.2fM parameters, %.2fM trainable, %.2fM frozen; built with %.2fM (%.0f%%) "
+            "on this rank",
+            n_all / 1e6,
+            n_train / 1e6,
+            (n_all - n_train) / 1e6,
+            built["held"] / 1e6,
+            100 * built["held"] / max(1, n_all),
+        )
+        return n_all, n_train
+
+    def _log_partitions(self, model, ds_conf) -> None:
+        sharded = partition_summary(model)
+        self.log.info(
+            "ZeRO-3: %d of %d parameter tensors partitioned (persistence threshold %d); this "
+            "rank holds %.2fM of %.2fM parameters (%.0f%%)",
+            sharded["partitioned_tensors"],
+            sharded["tensors"],
+            ds_conf["zero_optimization"]["stage3_param_persistence_threshold"],
+            sharded["held"] / 1e6,
+            sharded["elements"] / 1e6,
+            100 * sharded["held"] / max(1, sharded["elements"]),
+        )
 
     def _auto_stage(self, n_all: int, n_train: int) -> int:
         env, precision = self.env, self.cfg.deepspeed.precision

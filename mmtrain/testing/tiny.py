@@ -379,6 +379,31 @@ QWEN2_VL_SHAPES = {
 }
 
 
+def _qwen2_vl_stacks(tok, width: int, shape: Optional[str]):
+    """(text config, vision config) of the tiny Qwen2-VL: tiny, or a released `shape`'s widths."""
+    if shape is None:
+        text = _decoder(
+            tok,
+            width,
+            positions=512,
+            num_key_value_heads=2,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]},
+        )
+        return text, dict(depth=2, embed_dim=32, hidden_size=width, num_heads=2, mlp_ratio=2)
+    text = _decoder(
+        tok,
+        QWEN2_VL_SHAPES[shape]["hidden_size"],
+        positions=4096,
+        num_hidden_layers=1,
+        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},  # head dim 128
+        **QWEN2_VL_SHAPES[shape],
+    )
+    vision = dict(
+        depth=1, embed_dim=1280, hidden_size=text["hidden_size"], num_heads=16, mlp_ratio=4
+    )
+    return text, vision
+
+
 def _tiny_qwen2_vl(words, width: int, shape: Optional[str] = None):
     """(tokenizer, model, image processor, image placeholder, processor class, extra settings);
     `shape`: a released model's widths (QWEN2_VL_SHAPES) with one layer per stack."""
@@ -399,27 +424,7 @@ def _tiny_qwen2_vl(words, width: int, shape: Optional[str] = None):
         t: tok.convert_tokens_to_ids(t)
         for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
     }
-    if shape is None:
-        text = _decoder(
-            tok,
-            width,
-            positions=512,
-            num_key_value_heads=2,
-            rope_scaling={"type": "mrope", "mrope_section": [2, 2, 4]},
-        )
-        vision = dict(depth=2, embed_dim=32, hidden_size=width, num_heads=2, mlp_ratio=2)
-    else:
-        text = _decoder(
-            tok,
-            QWEN2_VL_SHAPES[shape]["hidden_size"],
-            positions=4096,
-            num_hidden_layers=1,
-            rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},  # head dim 128
-            **QWEN2_VL_SHAPES[shape],
-        )
-        vision = dict(
-            depth=1, embed_dim=1280, hidden_size=text["hidden_size"], num_heads=16, mlp_ratio=4
-        )
+    text, vision = _qwen2_vl_stacks(tok, width, shape)
     cfg = Qwen2VLConfig(
         text_config=text,
         vision_config=dict(
