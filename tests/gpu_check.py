@@ -71,20 +71,16 @@ def parts(dry: bool, baseline: Optional[Path]) -> Dict[str, dict]:
             + (tiny + ["--configs", "stage0", "stage3_mmtrain"] if dry else ["--steps", "12"]),
             timeout=150,
         ),
-        "vikdf_stage1": dict(
-            cmd=MM
-            + ["bench", "vikdf-stage1", "--engine"]
-            + (tiny + ["--batch-size", "8"] if dry else ["--steps", "8"])
-            + peer,
-            timeout=150,
-        ),
-        "vikdf_fusion": dict(
-            cmd=MM
-            + ["bench", "vikdf-fusion", "--engine"]
-            + (tiny + ["--batch-size", "4"] if dry else ["--steps", "8"])
-            + peer,
-            timeout=150,
-        ),
+        **{
+            f"vikdf_{part}": dict(
+                cmd=MM
+                + ["bench", f"vikdf-{part}", "--engine"]
+                + (tiny + ["--batch-size", str(batch)] if dry else ["--steps", "8"])
+                + peer,
+                timeout=150,
+            )
+            for part, batch in (("stage1", 8), ("fusion", 4))
+        },
         "dyncot": dict(cmd=MM + ["bench", "recipe", "dyncot"] + (tiny if dry else []), timeout=120),
         "kdsl": dict(cmd=MM + ["bench", "recipe", "kdsl"] + (tiny if dry else []), timeout=120),
     }

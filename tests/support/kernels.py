@@ -73,6 +73,17 @@ def mutations(g: torch.Tensor, other: torch.Tensor):
     return [("zero", torch.zeros_like(g)), ("doubled", 2 * g), ("transposed", other)]
 
 
+def assert_rejects_mutations(g, other, dtype, reduction: int, where: str) -> None:
+    """`close` accepts `g` rounded to `dtype` and rejects each of its mutations."""
+    close(g.to(dtype), g, dtype, reduction)  # the rounding alone passes
+    for name, wrong in mutations(g, other):
+        try:
+            close(wrong.to(dtype), g, dtype, reduction)
+        except AssertionError:
+            continue
+        raise AssertionError(f"a {name} gradient passed the comparison at {dtype}, {where}")
+
+
 def feats(b, d, dtype, seed=0, transpose=False):
     x = F.normalize(torch.randn(b, d, generator=gen(seed), device=DEVICE), dim=-1)
     if transpose:  # the same values through a non-contiguous (column-major) view
