@@ -26,6 +26,7 @@ class StepProfiler:
         self.active = bool(steps) and rank in ranks
         self.rank, self.out = rank, Path(run_dir) / "profile"
         self.prof: Optional[torch.profiler.profile] = None
+        self._from = 0  # the step the running trace started at
 
     def before_step(self, step: int) -> None:
         """`step`: the optimizer step about to run (1-based, as the log counts)."""

@@ -10,9 +10,10 @@ engine/components.py; `Trainer.train` only says in which order they are asked.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import warnings
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import yaml
@@ -52,7 +53,7 @@ from mmtrain.parallelize import (
     numel,
     partition_summary,
 )
-from mmtrain.recipes.base import DataStream, EvalResult, EvaluationStopped, StepOutput
+from mmtrain.recipes.base import DataStream, EvalResult, EvaluationStopped, Recipe, StepOutput
 
 REQUEUE_EXIT_CODE = 85  # slurm/train.sbatch turns this into `scontrol requeue`
 
@@ -77,6 +78,23 @@ class Trainer:
         self.syncs_per_step: list = []  # each non-log step's count since the last log line
         self.shown_loss = float("nan")  # on the progress bar: the last logged loss/total
         self.steady = False  # this process's first step done (dist.step_timeout_s applies)
+        # The run's parts, made once by _start (in this order) and never replaced after:
+        self.found: Optional[tuple] = None  # (checkpoint root, tag) to resume from
+        self.passed_over: List[str] = []  # damaged checkpoints resume=auto skipped (logged)
+        self.env: Optional[dist.DistEnv] = None  # rank, world size, device
+        self.log: Optional[logging.Logger] = None  # train.log (rank 0) and the terminal
+        self.recipe: Optional[Recipe] = None
+        self.engine = None  # DeepSpeed's engine around the recipe's model
+        self.reshard = False  # the checkpoint was written by another number of ranks
+        self.gate: Optional[GradientGate] = None  # zeroes a non-finite micro-batch's gradients
+        self.data: Optional[DataStream] = None
+        self.guard: Optional[BadStepGuard] = None
+        self.metrics: Optional[MetricsAccumulator] = None
+        self.checkpointer: Optional[Checkpointer] = None
+        self.stop: Optional[StopPolicy] = None
+        self.epoch = 0  # the data's epoch the recipe last heard of (on_epoch_end)
+        self.monitor: Optional[Monitor] = None
+        self.profiler: Optional[StepProfiler] = None
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> int:
@@ -348,7 +366,8 @@ class Trainer:
     # -- start-up ----------------------------------------------------------------------------
     def _start(self) -> None:
         """Process group, run directory, recipe, model under DeepSpeed, data, components, resume."""
-        self.found = found = self._find_resume()
+        self.found, self.passed_over = self._find_resume()
+        found = self.found
         d = self.cfg.dist
         self.env = env = dist.init(d.backend, d.timeout_s, d.socket_ifname, d.solo_timeout_s)
         # the global batch decided once, for this number of ranks (train.global_batch_size)
@@ -381,18 +400,19 @@ class Trainer:
         if self.cfg.log.count_host_syncs:
             self.syncs = SyncCounter().install()
 
-    def _find_resume(self):
+    def _find_resume(self) -> Tuple[Optional[tuple], List[str]]:
+        """(checkpoint root and tag to resume from, or None; the damaged checkpoints passed over)."""
         cfg = self.cfg
         if cfg.run.resume == "never" and checkpoint.step_dirs(self.ckpt_root):
             raise FileExistsError(
                 f"{self.run_dir} already holds checkpoints and run.resume=never would write over "
                 f"them: choose a new run.name, or run.resume=auto to continue"
             )
-        self.passed_over: list = []  # damaged checkpoints resume=auto skipped, logged later
-        found = checkpoint.find_resume(cfg.run.resume, self.ckpt_root, self.passed_over)
+        passed_over: List[str] = []
+        found = checkpoint.find_resume(cfg.run.resume, self.ckpt_root, passed_over)
         if found:
             checkpoint.check_recipe(*found, cfg.recipe.name)
-        return found
+        return found, passed_over
 
     def _prepare_run_dir(self) -> None:
         env = self.env
