@@ -9,6 +9,8 @@ global batch must still mix many shards, and two epochs must pair the samples di
 import json
 import statistics
 
+import pytest
+
 from mmtrain.data.reader import DataSection, SampleDecoder, build_loader, default_collate
 from mmtrain.data.shards import write_shards
 
@@ -59,6 +61,7 @@ def global_batches(spec, epochs):
     return out
 
 
+@pytest.mark.heavy  # make test-all (9 s: 64,000 samples read)
 def test_global_batches_mix_many_shards_and_change_between_epochs(tmp_path):
     spec = source_ordered(tmp_path / "sorted")
     first, second = global_batches(spec, epochs=2)

@@ -46,7 +46,11 @@ def spy(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# fp16 at every shape in make test-all (its large-batch case is in make test, below)
+FP16_HEAVY = pytest.param(torch.float16, marks=pytest.mark.heavy, id="float16")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, FP16_HEAVY])
 @pytest.mark.parametrize(
     "b,d,smoothing,deterministic",
     [
