@@ -101,6 +101,7 @@ def test_contrastive_parameter_gradients_after_data_parallel_mean_equal_one_proc
     mp.spawn(_data_parallel_worker, args=(2, _free_port()), nprocs=2, join=True)
 
 
+@pytest.mark.heavy  # make test-all (25 s); make gpu-check DRY_RUN=1 runs the bench too
 def test_bench_smoke_prints_json_lines():
     import json
     import subprocess

@@ -169,7 +169,13 @@ def test_contrastive_executes_8_b2_d_flops(dot_flops, deterministic):
 
 
 @interpreter_only
-@pytest.mark.parametrize("dtype,sizes", [(torch.float32, (128, 512)), (torch.bfloat16, (160,))])
+@pytest.mark.parametrize(
+    "dtype,sizes",
+    [
+        pytest.param(torch.float32, (128, 512), marks=pytest.mark.heavy),  # 25 s: make test-all
+        (torch.bfloat16, (160,)),
+    ],
+)
 def test_contrastive_peak_memory_follows_the_formula_and_is_linear_in_b(dtype, sizes):
     d, peaks = 8, {}
     for b in sizes:
