@@ -391,7 +391,8 @@ class Trainer:
             self.cfg.log.tensorboard,
             self.cfg.log.progress,
             self.cfg.log.backends,
-            yaml.safe_load(to_yaml(self.cfg)),  # the resolved config, for W&B / MLflow
+            # the resolved config, for W&B / MLflow: made only where one of them will read it
+            yaml.safe_load(to_yaml(self.cfg)) if self.cfg.log.backends and env.rank == 0 else None,
         )
         self.profiler = StepProfiler(
             self.cfg.log.profile_steps, self.cfg.log.profile_ranks, env.rank, self.run_dir
