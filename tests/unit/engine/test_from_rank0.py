@@ -40,9 +40,15 @@ def run_two_ranks(tmp_path, fail):
     ]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    try:
+        for p in procs:
+            p.join(60)
+            assert p.exitcode == 0
+    finally:  # a rank left hanging by a failure is not left behind
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
     results = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(WORLD)]
     return log.read_text().split(), results
 
