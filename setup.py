@@ -5,7 +5,9 @@ setup(
     version="0.1.0",
     description="Distributed multi-GPU training for multimodal LLM research (VIKDF, Dynamic CoT, KDSL)",
     python_requires=">=3.10",
-    packages=find_packages(include=["mmtrain", "mmtrain.*", "kernels", "kernels.*"]),
+    packages=find_packages(
+        include=["mmtrain", "mmtrain.*", "kernels", "kernels.*", "mmtrain_testing"]
+    ),
     # Ranges admit both the CI stack (torch 2.13 / transformers 5.23 / triton 3.9) and the GPU
     # image (torch 2.11 / transformers 5.17 / triton 3.6); exact pins live in requirements/ci.txt.
     install_requires=[

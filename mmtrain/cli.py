@@ -23,7 +23,7 @@ if __name__ == "__main__" and sys.argv[1:2] in (["train"], ["pipeline"]):
 import argparse  # noqa: E402
 import logging  # noqa: E402
 
-from mmtrain import recipes  # noqa: E402
+from mmtrain import tools  # noqa: E402
 from mmtrain.config import ConfigError, check_run_dir, load_config, to_yaml  # noqa: E402
 from mmtrain.data.shards import DataError  # noqa: E402
 from mmtrain.engine.checkpoint import CheckpointError, CheckpointWriteError  # noqa: E402
@@ -241,7 +241,7 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_models(args) -> int:
-    from mmtrain.testing.tiny import make_tiny
+    from mmtrain_testing.tiny import make_tiny
 
     out = make_tiny(args.out, image_size=args.image_size, width=args.width)
     print(f"tiny models in {out}: clip/ (towers, processor, tokenizer), bert/, llama/, qwen2vl/")
@@ -547,8 +547,7 @@ def main(argv=None) -> int:
     _add_run_commands(sub)
     _add_data_commands(sub)
     _add_tool_commands(sub)
-    for target in recipes.COMMANDS.values():  # a recipe's own tools (e.g. `mmtrain kdsl`)
-        recipes.load(target)(sub)
+    tools.add_commands(sub)  # a recipe's own tools (e.g. `mmtrain kdsl`)
 
     args = p.parse_args(argv)
     try:

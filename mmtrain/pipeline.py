@@ -18,7 +18,7 @@ pipeline; any other `key=value` is added to every train stage's overrides (after
 
 A stage is one of `train` (a run config, relative to this file, with `set` overrides; `export:
 true` writes its HF/peft export), `eval` (`mmtrain eval` of an earlier train stage: `split`,
-`tag` such as best, `set`), or a kind a recipe adds (`mine`, `seesaw`: mmtrain.recipes.STAGES).
+`tag` such as best, `set`), or a kind a recipe adds (`mine`, `seesaw`: mmtrain/tools/).
 `${stages.NAME.run}` and `${stages.NAME.export}` name an earlier stage's run directory and
 export. Every rank runs the whole chain in one process group, so imports and start-up are paid
 once. Every train stage's config is validated before the first stage starts. A finished stage
@@ -39,13 +39,13 @@ from typing import Any, Callable, Dict, List, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mmtrain import recipes
+from mmtrain import tools
 from mmtrain.config import load_config
 from mmtrain.engine import dist
 from mmtrain.schema import ConfigError
 
 TOP_KEYS = ("name", "out_dir", "set", "stages")
-KINDS = ("train", "eval")  # and the kinds of mmtrain.recipes.STAGES
+KINDS = ("train", "eval")  # and the kinds of mmtrain/tools/
 COMMON_KEYS = ("set", "show")
 KEYS = {"train": ("export",), "eval": ("split", "tag")}
 
@@ -260,14 +260,15 @@ def _kind(name: str, spec: Any) -> str:
         raise ConfigError(
             f"stage {name}: expected a mapping such as {{train: CONFIG}}, got {spec!r}"
         )
-    kinds = [k for k in (*KINDS, *recipes.STAGES) if k in spec]
+    extra = tools.stage_kinds()
+    kinds = [k for k in (*KINDS, *extra) if k in spec]
     if len(kinds) != 1:
-        known = ", ".join((*KINDS, *recipes.STAGES))
+        known = ", ".join((*KINDS, *extra))
         raise ConfigError(f"stage {name}: name exactly one kind ({known}), got {kinds or 'none'}")
     kind = kinds[0]
     allowed = {kind, *COMMON_KEYS, *KEYS.get(kind, ())}
-    if kind in recipes.STAGES:
-        allowed |= set(_stage_kind(kind).keys)
+    if kind in extra:
+        allowed |= set(extra[kind].keys)
     unknown = set(spec.keys()) - allowed
     if unknown:
         raise ConfigError(
@@ -291,7 +292,7 @@ def _resolve(spec: DictConfig, outputs: Dict[str, Dict[str, str]], earlier: List
 
 
 def _stage_kind(kind: str):
-    return recipes.load(recipes.STAGES[kind])
+    return tools.stage_kinds()[kind]
 
 
 def _figures(figures: Dict[str, Any], show: Sequence[str]) -> str:

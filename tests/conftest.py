@@ -33,7 +33,7 @@ TINY_SOURCES = [
 def tiny_models(tmp_path_factory):
     """Tiny CLIP/BERT/Llama/Qwen2-VL checkpoints (`mmtrain models tiny`), made once per version of
     the code that makes them (tests/support/cache.py), copied for this session."""
-    from mmtrain.testing.tiny import make_tiny
+    from mmtrain_testing.tiny import make_tiny
     from tests.support.cache import built_once
 
     dest = tmp_path_factory.mktemp("models") / "tiny"
@@ -46,7 +46,7 @@ def pytest_collection_finish(session):
     if any("tiny_models" in getattr(item, "fixturenames", ()) for item in session.items):
         from tests.support.cache import build_in_background
 
-        build_in_background("tiny", "mmtrain.testing.tiny:make_tiny", TINY_SOURCES)
+        build_in_background("tiny", "mmtrain_testing.tiny:make_tiny", TINY_SOURCES)
 
 
 @pytest.fixture(scope="session")

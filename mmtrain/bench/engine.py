@@ -172,7 +172,7 @@ def bench_vikdf_stage1(
     and augmenting synthetic 224-px JPEGs), over random CLIP ViT-L/14 and bert-base weights at
     full depth with CLIP's vocabulary size. `tiny`: the demo config and models (CPU smoke)."""
     from mmtrain.data.synth import synth
-    from mmtrain.testing.tiny import make_tiny_vikdf_towers, make_vikdf_towers_at_published_widths
+    from mmtrain_testing.tiny import make_tiny_vikdf_towers, make_vikdf_towers_at_published_widths
 
     with tempfile.TemporaryDirectory(prefix="mmtrain-bench-", dir=out_dir) as tmp:
         root = Path(tmp)
@@ -223,7 +223,7 @@ def bench_recipe(
     config (bf16, its ZeRO settings) over a random Qwen2-VL at the released checkpoint's widths
     with one layer per stack; `tiny`, the demo config and a tiny model (CPU smoke)."""
     from mmtrain.data.synth import synth
-    from mmtrain.testing.tiny import make_tiny_vlm
+    from mmtrain_testing.tiny import make_tiny_vlm
 
     published, demo, kind, shape, extra = RECIPES[name]
     with tempfile.TemporaryDirectory(prefix="mmtrain-bench-", dir=out_dir) as tmp:
@@ -271,7 +271,7 @@ def _fusion_models(size: str, root: Path):
     """(towers dir, LLM dir, IQ-Former config, run config, overrides) of the fusion bench."""
     import torch
 
-    from mmtrain.testing.tiny import (
+    from mmtrain_testing.tiny import (
         iqformer_config,
         make_llama_at_published_width,
         make_tiny_llama,

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -441,3 +441,24 @@ def clean_partials(root: Path) -> None:
     if root.is_dir():
         for p in root.glob("*.partial"):
             shutil.rmtree(p, ignore_errors=True)
+
+
+def find_checkpoint(run_dir: Path, tag: Optional[str], overrides: Sequence[str] = ()):
+    """(resolved config, checkpoint root, tag) of a run: `tag` or a pointer (best, latest), else latest.
+    `overrides` (key=value) change the saved config for this use only (e.g. recipe.rules=...)."""
+    from mmtrain.config import ConfigError, load_config, load_run_config
+
+    if overrides:
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(
+                f"{run_dir} is not an mmtrain run directory: {run_dir / 'config.yaml'} is missing"
+            )
+        cfg = load_config(run_dir / "config.yaml", overrides)
+    else:
+        cfg = load_run_config(run_dir)
+    root = run_dir / "checkpoints"
+    found = find_resume(str(root / tag) if tag else "auto", root)
+    if not found:
+        raise FileNotFoundError(f"no complete checkpoint in {root}")
+    check_recipe(*found, cfg.recipe.name)
+    return (cfg, *found)

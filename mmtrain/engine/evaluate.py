@@ -19,7 +19,6 @@ from typing import Optional, Sequence
 
 from mmtrain.engine import checkpoint, dist, weights
 from mmtrain.engine.build import DTYPES, build_model, build_recipe, zero3_loading
-from mmtrain.engine.export import find_checkpoint
 from mmtrain.engine.optim import deepspeed_config, widest_hidden_size
 from mmtrain.models.base import to_precision
 from mmtrain.parallelize import partition_summary
@@ -42,7 +41,7 @@ def load_run(run_dir: str, tag: Optional[str] = None, overrides: Sequence[str] =
     process's device: whole on every rank, or partitioned over the ranks under ZeRO-3 (then the
     model is the DeepSpeed engine, and every forward is collective)."""
     run = Path(run_dir)
-    cfg, root, tag = find_checkpoint(run, tag, overrides)
+    cfg, root, tag = checkpoint.find_checkpoint(run, tag, overrides)
     d = cfg.dist
     env = dist.init(d.backend, d.timeout_s, d.socket_ifname, d.solo_timeout_s)
     # the run's precision on GPUs; fp32 on CPUs, where bf16 matmuls are slow and inexact

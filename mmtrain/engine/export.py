@@ -12,69 +12,18 @@ un-gathered parameters is.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import shutil
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Optional
 
 import torch
 
-from mmtrain.config import load_run_config, save_config
-from mmtrain.engine import checkpoint
-from mmtrain.engine.build import TIED_HEADS, build_model, build_recipe
+from mmtrain.config import save_config
+from mmtrain.engine.build import build_model, build_recipe
+from mmtrain.engine.checkpoint import find_checkpoint
 from mmtrain.engine.dist import DistEnv
-
-
-def consolidated_state_dict(root: Path, tag: str) -> Dict[str, torch.Tensor]:
-    tag_dir = root / tag
-    if list(tag_dir.glob("*optim_states.pt")) and list(tag_dir.glob("zero_pp_rank_*")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        # DeepSpeed's converter prints what it reads, a few lines per checkpoint, to stdout
-        with contextlib.redirect_stdout(io.StringIO()) as said:
-            state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-        logging.getLogger("mmtrain").info("%s", said.getvalue().strip())
-        return state
-    # ZeRO stage 0: rank 0's model-states file holds the whole module
-    return torch.load(
-        tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-    )["module"]
-
-
-def find_checkpoint(run_dir: Path, tag: Optional[str], overrides: Sequence[str] = ()):
-    """(resolved config, checkpoint root, tag) of a run: `tag` or a pointer (best, latest), else latest.
-    `overrides` (key=value) change the saved config for this use only (e.g. recipe.rules=...)."""
-    if overrides:
-        from mmtrain.config import ConfigError, load_config
-
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(
-                f"{run_dir} is not an mmtrain run directory: {run_dir / 'config.yaml'} is missing"
-            )
-        cfg = load_config(run_dir / "config.yaml", overrides)
-    else:
-        cfg = load_run_config(run_dir)
-    root = run_dir / "checkpoints"
-    found = checkpoint.find_resume(str(root / tag) if tag else "auto", root)
-    if not found:
-        raise FileNotFoundError(f"no complete checkpoint in {root}")
-    checkpoint.check_recipe(*found, cfg.recipe.name)
-    return (cfg, *found)
-
-
-def load_trained(model: torch.nn.Module, root: Path, tag: str) -> None:
-    """Consolidated checkpoint weights into the recipe's model (tied weights may be stored once)."""
-    missing, unexpected = model.load_state_dict(consolidated_state_dict(root, tag), strict=False)
-
-    tied = {k for k in missing if k.endswith(TIED_HEADS)}
-    if set(missing) - tied or unexpected:
-        raise RuntimeError(
-            f"checkpoint {root / tag} does not match the recipe's model: "
-            f"missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        )
+from mmtrain.engine.weights import load_trained
 
 
 def export(

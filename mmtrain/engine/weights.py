@@ -10,6 +10,9 @@ a group of parameters gathered at a time, so no rank ever holds the whole model.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 from pathlib import Path
 from typing import Dict, Iterator, List, Set, Tuple
@@ -28,6 +31,34 @@ class WeightsError(RuntimeError):
     """A consolidated file that does not fit the model it is loaded into."""
 
 
+def consolidated_state_dict(root: Path, tag: str) -> Dict[str, torch.Tensor]:
+    tag_dir = root / tag
+    if list(tag_dir.glob("*optim_states.pt")) and list(tag_dir.glob("zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # DeepSpeed's converter prints what it reads, a few lines per checkpoint, to stdout
+        with contextlib.redirect_stdout(io.StringIO()) as said:
+            state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        logging.getLogger("mmtrain").info("%s", said.getvalue().strip())
+        return state
+    # ZeRO stage 0: rank 0's model-states file holds the whole module
+    return torch.load(
+        tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )["module"]
+
+
+def load_trained(model: torch.nn.Module, root: Path, tag: str) -> None:
+    """Consolidated checkpoint weights into the recipe's model (tied weights may be stored once)."""
+    missing, unexpected = model.load_state_dict(consolidated_state_dict(root, tag), strict=False)
+
+    tied = {k for k in missing if k.endswith(TIED_HEADS)}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(
+            f"checkpoint {root / tag} does not match the recipe's model: "
+            f"missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+
+
 def buffer_names(tag_dir: Path) -> Set[str]:
     """The module's buffers, as DeepSpeed lists them in every model-states file it writes."""
     files = sorted(tag_dir.glob("*model_states.pt"), key=lambda f: f.stat().st_size)
@@ -39,8 +70,6 @@ def buffer_names(tag_dir: Path) -> Set[str]:
 
 def _write(root: Path, tag: str, precision: str, path: Path) -> None:
     from safetensors.torch import save_file
-
-    from mmtrain.engine.export import consolidated_state_dict
 
     keep = buffer_names(root / tag)
     dtype = DTYPES[precision]

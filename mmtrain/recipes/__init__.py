@@ -2,9 +2,8 @@
 
 A recipe outside mmtrain is named by its import path, `recipe.name=my_pkg.my_recipe:MyRecipe`.
 Recipes are imported lazily so that `mmtrain config` on one recipe never imports another's
-dependencies. A recipe with tools of its own adds them to the command line through `COMMANDS`
-(`module:function`, called with the CLI's sub-parsers) and to pipelines through `STAGES`
-(`module:StageKind`, see mmtrain/pipeline.py).
+dependencies. A recipe's own commands and pipeline stage kinds live a layer up, in
+mmtrain/tools/ (which this module never names).
 """
 
 from __future__ import annotations
@@ -20,16 +19,6 @@ RECIPES = {
     "vikdf_fuse": "mmtrain.recipes.vikdf_fuse:VIKDFFuse",
     "dyncot": "mmtrain.recipes.dyncot:DynCoT",
     "kdsl": "mmtrain.recipes.kdsl:KDSL",
-}
-
-COMMANDS = {
-    "kdsl": "mmtrain.tools.kdsl:add_commands",
-}
-
-# Pipeline stage kinds a recipe adds (mmtrain/pipeline.py): `module:StageKind`.
-STAGES = {
-    "mine": "mmtrain.tools.kdsl:MINE",
-    "seesaw": "mmtrain.tools.kdsl:SEESAW",
 }
 
 

@@ -260,14 +260,3 @@ class Recipe:
                 f"it onto {world} ranks: resume on {len(states)} ranks"
             )
         return states[0]
-
-
-@dataclass
-class StageKind:
-    """A pipeline stage kind a recipe adds (mmtrain.recipes.STAGES; mmtrain/pipeline.py runs it):
-    `run(stage, pipeline, check)` checks the stage's references
-    (`check=True`, before anything runs) or runs it and returns its figures (a "text" figure is
-    printed whole, e.g. a table); `keys`: the stage's own YAML keys besides the kind's."""
-
-    run: Callable[..., Dict[str, Any]]
-    keys: Sequence[str] = ()

@@ -1,6 +1,6 @@
 """KDSL's tools beside training: `mmtrain kdsl mine` (the small model's rules) and `mmtrain kdsl
 seesaw` (the weighted-F1 table of several evaluated runs). `add_commands` registers both with
-the command line (mmtrain.recipes.COMMANDS names it; cli.py names no recipe)."""
+the command line and `STAGES` with pipelines (mmtrain/tools/__init__.py lists this module)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from mmtrain.data.shards import iter_metas
 from mmtrain.engine import dist
 from mmtrain.engine.evaluate import load_run
 from mmtrain.models.rules import RuleBase, dialogue_conditions, image_condition, mine_rules
-from mmtrain.recipes.base import StageKind
 from mmtrain.schema import ConfigError
+from mmtrain.tools.base import StageKind
 
 Conditions = Dict[str, Dict[str, List[str]]]  # split -> sample key -> conditions
 
@@ -248,5 +248,7 @@ def _seesaw_stage(stage, pipeline, check: bool) -> Dict[str, Any]:
     return {"text": table}
 
 
-MINE = StageKind(_mine_stage, keys=("tasks", "image_task", "data"))
-SEESAW = StageKind(_seesaw_stage, keys=("split",))
+STAGES = {
+    "mine": StageKind(_mine_stage, keys=("tasks", "image_task", "data")),
+    "seesaw": StageKind(_seesaw_stage, keys=("split",)),
+}

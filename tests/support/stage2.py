@@ -4,7 +4,7 @@ from pathlib import Path
 
 from mmtrain.data.synth import synth
 from mmtrain.models.iqformer import IQFormer
-from mmtrain.testing.tiny import iqformer_config
+from mmtrain_testing.tiny import iqformer_config
 
 
 def stage2_assets(root: Path, samples: int, **iqformer) -> Path:

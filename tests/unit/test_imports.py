@@ -3,12 +3,13 @@ imports on its own, first, in a fresh interpreter."""
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("mmtrain", "kernels")
+PACKAGES = ("mmtrain", "kernels", "mmtrain_testing")
 
 
 def modules():
@@ -155,6 +156,59 @@ def test_layers_import_only_downwards():
     assert not layer_breaches(import_graph(modules()))
 
 
+DOTTED = re.compile(r"^(mmtrain(?:\.\w+)+)(?::\w+)?$")
+
+
+def string_references(mods):
+    """Module -> the modules its string constants name (`mmtrain.a.b` or `mmtrain.a.b:attr`, as a
+    registry names what it loads later)."""
+    graph = {}
+    for name, path in mods.items():
+        named = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                m = DOTTED.match(node.value)
+                if m and m.group(1) in mods:
+                    named.add(m.group(1))
+        graph[name] = named - {name}
+    return graph
+
+
+def test_no_layer_names_a_higher_one_by_string():
+    """A registry string is an import made later: it obeys the layers too."""
+    assert not layer_breaches(string_references(modules()))
+
+
+def test_the_string_check_sees_a_registry_naming_a_tool(tmp_path):
+    (tmp_path / "reg.py").write_text('COMMANDS = {"kdsl": "mmtrain.tools.kdsl:add_commands"}\n')
+    mods = {"mmtrain.recipes": tmp_path / "reg.py", "mmtrain.tools.kdsl": tmp_path / "reg.py"}
+    assert layer_breaches(string_references(mods)) == ["mmtrain.recipes -> mmtrain.tools.kdsl"]
+
+
 def test_the_layer_check_sees_a_model_importing_the_engine(tmp_path):
     graph = {"mmtrain.models.x": {"mmtrain.engine.trainer"}, "mmtrain.engine.trainer": set()}
     assert layer_breaches(graph) == ["mmtrain.models.x -> mmtrain.engine.trainer"]
+
+
+# Stand-ins and benchmarks beside the library: only the commands that run them import them.
+OUTSIDE_THE_LIBRARY = ("mmtrain.bench", "mmtrain_testing")
+MAY_IMPORT_THEM = ("mmtrain.cli", *OUTSIDE_THE_LIBRARY)
+
+
+def library_imports_of_fixtures(graph):
+    return [
+        f"{name} -> {t}"
+        for name, targets in sorted(graph.items())
+        if name.startswith("mmtrain.") and not name.startswith(MAY_IMPORT_THEM)
+        for t in sorted(targets)
+        if t.startswith(OUTSIDE_THE_LIBRARY)
+    ]
+
+
+def test_the_library_never_imports_the_stand_ins_or_the_benchmarks():
+    assert not library_imports_of_fixtures(import_graph(modules()))
+
+
+def test_the_fixture_check_sees_an_engine_module_importing_the_stand_ins():
+    graph = {"mmtrain.engine.x": {"mmtrain_testing.tiny"}, "mmtrain.cli": {"mmtrain.bench.data"}}
+    assert library_imports_of_fixtures(graph) == ["mmtrain.engine.x -> mmtrain_testing.tiny"]

@@ -25,7 +25,7 @@ SMOKE = [
 
 @pytest.fixture(scope="module")
 def clip_l14_and_bert_base(tmp_path_factory):
-    from mmtrain.testing.tiny import make_vikdf_towers_at_published_widths
+    from mmtrain_testing.tiny import make_vikdf_towers_at_published_widths
 
     return make_vikdf_towers_at_published_widths(str(tmp_path_factory.mktemp("published")))
 
@@ -80,7 +80,7 @@ def test_vikdf_fusion_and_dialogue_at_llama_2_7b_width(tmp_path, clip_l14_and_be
     from mmtrain.cli import main
     from mmtrain.data.synth import synth
     from mmtrain.models.iqformer import IQFormer
-    from mmtrain.testing.tiny import iqformer_config, make_llama_at_published_width
+    from mmtrain_testing.tiny import iqformer_config, make_llama_at_published_width
 
     m = clip_l14_and_bert_base
     llama = make_llama_at_published_width(str(tmp_path / "llama"))
@@ -144,7 +144,7 @@ def test_vikdf_fusion_and_dialogue_at_llama_2_7b_width(tmp_path, clip_l14_and_be
 
 def _qwen2_vl_run(tmp_path, shape, config, kind, overrides):
     from mmtrain.data.synth import synth
-    from mmtrain.testing.tiny import make_tiny_vlm
+    from mmtrain_testing.tiny import make_tiny_vlm
 
     model = make_tiny_vlm(str(tmp_path / f"qwen2vl_{shape}"), shape=shape)
     synth(kind, str(tmp_path / kind), 40, seed=0)

@@ -85,7 +85,7 @@ def test_mllm_loads_trains_answer_tokens_only_and_runs_vision_on_text_only_batch
     from mmtrain.models.lora import LoraSection
     from mmtrain.models.mllm import MLLM, Prompter, collate_sequences, load_model, load_processor
     from mmtrain.parallelize import keep_vision_in_graph
-    from mmtrain.testing.tiny import make_tiny_vlm
+    from mmtrain_testing.tiny import make_tiny_vlm
 
     d = make_tiny_vlm(str(tmp_path / kind), kind)
     proc = load_processor(str(d))
@@ -125,7 +125,7 @@ def test_the_vocabulary_head_sees_only_the_answer_positions_and_the_losses_are_u
 
     from mmtrain.models.lora import LoraSection
     from mmtrain.models.mllm import MLLM, Prompter, collate_sequences, load_model, load_processor
-    from mmtrain.testing.tiny import make_tiny_vlm
+    from mmtrain_testing.tiny import make_tiny_vlm
 
     d = make_tiny_vlm(str(tmp_path / kind), kind)
     proc = load_processor(str(d))
@@ -212,7 +212,7 @@ def test_chinese_posts_overlap_rationales_and_full_width_answers():
 @pytest.fixture(scope="module")
 def tiny_prompter(tmp_path_factory):
     from mmtrain.models.mllm import Prompter, load_processor
-    from mmtrain.testing.tiny import make_tiny_vlm
+    from mmtrain_testing.tiny import make_tiny_vlm
 
     return Prompter(load_processor(str(make_tiny_vlm(str(tmp_path_factory.mktemp("vlm"))))))
 
@@ -280,7 +280,7 @@ def test_hardness_is_the_loss_on_the_keyphrase_tokens_alone(tiny_prompter, tmp_p
     from mmtrain.models.lora import LoraSection
     from mmtrain.models.mllm import MLLM, collate_sequences, load_model
     from mmtrain.recipes.dyncot import DynCoTConfig, Targets
-    from mmtrain.testing.tiny import make_tiny_vlm
+    from mmtrain_testing.tiny import make_tiny_vlm
 
     t = Targets(DynCoTConfig(model_path="x"), tiny_prompter)(
         {"keyphrases": ["circle", "red", "art"]}
@@ -320,7 +320,7 @@ def test_max_pixels_bounds_the_image_tokens_of_a_qwen2_vl_processor(tmp_path):
     from PIL import Image
 
     from mmtrain.models.mllm import load_processor
-    from mmtrain.testing.tiny import make_tiny_vlm
+    from mmtrain_testing.tiny import make_tiny_vlm
 
     qwen = str(make_tiny_vlm(str(tmp_path / "qwen")))
     image = Image.new("RGB", (400, 300))
