@@ -207,12 +207,11 @@ class Pipeline:
 
     def _train(self, stage: Stage):
         from mmtrain.engine.export import export
-        from mmtrain.engine.trainer import Trainer
+        from mmtrain.engine.trainer import train_run
 
         cfg = load_config(self.config_path(stage), self.train_overrides(stage))
-        trainer = Trainer(cfg)
-        code = trainer.train()
-        if code != 0 or not trainer.finished:  # a signal, or run.stop_after_steps
+        code, finished = train_run(cfg)
+        if code != 0 or not finished:  # a signal, or run.stop_after_steps
             return code, None
         if stage.spec.get("export"):  # rank 0, however long it takes
             dist.solo(

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from mmtrain.engine import checkpoint
+from mmtrain.engine.monitor import peak_tflops
 from mmtrain.recipes.base import StepOutput
 
 log = logging.getLogger("mmtrain")
@@ -41,6 +42,11 @@ class BadStepGuard:
         self.lr = lr
         self.consecutive = 0  # bad in a row, reset by an applied optimizer step
         self.total = 0  # over the whole run (kept in the checkpoint)
+
+    @classmethod
+    def of(cls, train) -> BadStepGuard:
+        """From the `train` section (max_bad_steps; lr, named when gradients overflow)."""
+        return cls(train.max_bad_steps, train.lr)
 
     def bad_micro_batch(
         self, step: int, losses: Dict[str, torch.Tensor], what: str = "micro-batch skipped"
@@ -120,6 +126,18 @@ class MetricsAccumulator:
         self.sums = _Sums()
         self.steps = 0  # optimizer steps since the last log line
         self.t0 = time.perf_counter()
+
+    @classmethod
+    def of(cls, log_section, total_steps: int, world_size: int, all_reduce_sum, recipe):
+        """From the `log` section (every, peak_tflops) and the recipe's FLOPs per sample."""
+        return cls(
+            log_section.every,
+            total_steps,
+            world_size,
+            all_reduce_sum,
+            recipe.flops_per_sample(),
+            peak_tflops(log_section.peak_tflops),
+        )
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.total_steps
@@ -201,6 +219,14 @@ class Checkpointer:
         self.signal_lead_s = signal_lead_s
         self.last_save = -1
         self.best: Optional[float] = None
+
+    @classmethod
+    def of(cls, section, root: Path, total_steps: int, is_main: bool, write, signal_lead_s: float):
+        """From the `checkpoint` section (every, best_metric, best_mode)."""
+        c = section
+        return cls(
+            root, c.every, total_steps, c.best_metric, c.best_mode, is_main, write, signal_lead_s
+        )
 
     def resumed(self, step: int) -> None:
         """Resumed from the checkpoint of `step`: it exists; the best so far is in best.json."""

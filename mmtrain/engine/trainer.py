@@ -10,107 +10,91 @@ engine/components.py; `Trainer.train` only says in which order they are asked.
 from __future__ import annotations
 
 import json
-import logging
 import time
-import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
-import yaml
 
-from mmtrain.config import Config, plan_global_batch, save_config, to_yaml
+from mmtrain.config import Config
 from mmtrain.engine import checkpoint, dist, signals
-from mmtrain.engine.build import (
-    DTYPES,
-    build_model,
-    build_recipe,
-    partitioned_loading,
-    seed_all,
-)
-from mmtrain.engine.components import (
-    BadStepGuard,
-    Checkpointer,
-    MetricsAccumulator,
-    StopPolicy,
-    TooManyBadSteps,
-)
-from mmtrain.engine.heartbeat import Heartbeat, PeerLost, is_comm_error
-from mmtrain.engine.losses import GradientGate, Part, combine, settle
-from mmtrain.engine.monitor import Monitor, peak_memory_gib, peak_tflops, setup_logging
-from mmtrain.engine.optim import (
-    choose_zero_stage,
-    deepspeed_config,
-    param_groups,
-    scheduler_factory,
-    widest_hidden_size,
-)
-from mmtrain.engine.profiler import StepProfiler
-from mmtrain.engine.runlock import RunDirBusy, RunLock
+from mmtrain.engine.components import Checkpointer, TooManyBadSteps
+from mmtrain.engine.losses import Part, combine, settle
+from mmtrain.engine.monitor import Monitor, peak_memory_gib
+from mmtrain.engine.run import Lifeline, Run, build_run, resolved_config
 from mmtrain.engine.syncs import SyncCounter
-from mmtrain.parallelize import (
-    checkpoint_activations,
-    clear_zero3_gradients,
-    numel,
-    partition_summary,
-)
-from mmtrain.recipes.base import DataStream, EvalResult, EvaluationStopped, Recipe, StepOutput
+from mmtrain.parallelize import clear_zero3_gradients
+from mmtrain.recipes.base import EvalResult, EvaluationStopped, StepOutput
 
 REQUEUE_EXIT_CODE = 85  # slurm/train.sbatch turns this into `scontrol requeue`
 
-__all__ = ["REQUEUE_EXIT_CODE", "TooManyBadSteps", "Trainer", "train"]
+__all__ = ["REQUEUE_EXIT_CODE", "TooManyBadSteps", "Trainer", "train", "train_run"]
 
 
 def train(cfg: Config) -> int:
-    return Trainer(cfg).train()
+    return train_run(cfg)[0]
+
+
+def train_run(cfg: Config) -> Tuple[int, bool]:
+    """Build the run and train it: (exit code, whether every step trained). The run directory's
+    lock and the heartbeat are let go however it ends (`Lifeline`)."""
+    with Lifeline(cfg.run_dir) as lifeline:
+        trainer = Trainer(build_run(cfg, lifeline))
+        return trainer.train(), trainer.finished
 
 
 class Trainer:
-    def __init__(self, cfg: Config):
+    """Trains a built `Run`: its state is what __init__ declares, its parts are the run's."""
+
+    def __init__(self, run: Run):
+        cfg, env = run.cfg, run.env
         self.cfg = cfg
+        self.env = env
+        self.log = run.log
         self.run_dir = cfg.run_dir
         self.ckpt_root = self.run_dir / "checkpoints"
+        self.recipe = run.recipe
+        self.engine = run.engine
+        self.gate = run.gate
+        self.data = run.data
+        self.heartbeat = run.heartbeat
+        self.stop = run.stop
+        self.guard = run.guard
+        self.metrics = run.metrics
+        self.profiler = run.profiler
+        self.reshard = run.reshard  # the checkpoint was written by another number of ranks
+        self.checkpointer = Checkpointer.of(
+            cfg.checkpoint,
+            self.ckpt_root,
+            cfg.train.steps,
+            env.is_main,
+            self._write_checkpoint,
+            cfg.run.signal_lead_s,
+        )
         self.step = 0
         self.finished = False  # every step trained (not stopped early by a signal or a split)
         self.eval_pending = False  # an evaluation at self.step that a stop signal interrupted
-        self.heartbeat = None  # started once the process group is (_start)
-        self.lock = RunLock(self.run_dir)  # held by rank 0 while the run lives
-        self.syncs = None  # a SyncCounter with log.count_host_syncs
-        self.syncs_per_step: list = []  # each non-log step's count since the last log line
-        self.shown_loss = float("nan")  # on the progress bar: the last logged loss/total
         self.steady = False  # this process's first step done (dist.step_timeout_s applies)
-        # The run's parts, made once by _start (in this order) and never replaced after:
-        self.found: Optional[tuple] = None  # (checkpoint root, tag) to resume from
-        self.passed_over: List[str] = []  # damaged checkpoints resume=auto skipped (logged)
-        self.env: Optional[dist.DistEnv] = None  # rank, world size, device
-        self.log: Optional[logging.Logger] = None  # train.log (rank 0) and the terminal
-        self.recipe: Optional[Recipe] = None
-        self.engine = None  # DeepSpeed's engine around the recipe's model
-        self.reshard = False  # the checkpoint was written by another number of ranks
-        self.gate: Optional[GradientGate] = None  # zeroes a non-finite micro-batch's gradients
-        self.data: Optional[DataStream] = None
-        self.guard: Optional[BadStepGuard] = None
-        self.metrics: Optional[MetricsAccumulator] = None
-        self.checkpointer: Optional[Checkpointer] = None
-        self.stop: Optional[StopPolicy] = None
-        self.epoch = 0  # the data's epoch the recipe last heard of (on_epoch_end)
-        self.monitor: Optional[Monitor] = None
-        self.profiler: Optional[StepProfiler] = None
+        self.shown_loss = float("nan")  # on the progress bar: the last logged loss/total
+        self.syncs_per_step: list = []  # each non-log step's count since the last log line
+        if run.found:
+            self._resume(*run.found)
+        self.epoch = self.data.epoch  # the data's epoch the recipe last heard of (on_epoch_end)
+        self.monitor = Monitor(
+            self.run_dir,
+            env.rank,
+            cfg.train.steps,
+            self.step,
+            cfg.log.tensorboard,
+            cfg.log.progress,
+            cfg.log.backends,
+            resolved_config(cfg, env),
+        )
+        self.engine.train()
+        # with log.count_host_syncs: each step's host syncs, counted
+        self.syncs = SyncCounter().install() if cfg.log.count_host_syncs else None
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self) -> int:
-        try:
-            self._start()
-            return self._loop()
-        except BaseException as e:
-            if self.heartbeat is not None and is_comm_error(e):
-                raise PeerLost(self.heartbeat.explain(e)) from e
-            raise
-        finally:
-            if self.heartbeat is not None:
-                self.heartbeat.stop()
-            self.lock.release()
-
-    def _loop(self) -> int:
         cfg, stop = self.cfg, self.stop
         try:
             if stop.signal():  # a signal while starting up
@@ -363,231 +347,7 @@ class Trainer:
             {"recipe": self.recipe.shared_state_dict()},
         )
 
-    # -- start-up ----------------------------------------------------------------------------
-    def _start(self) -> None:
-        """Process group, run directory, recipe, model under DeepSpeed, data, components, resume."""
-        self.found, self.passed_over = self._find_resume()
-        found = self.found
-        d = self.cfg.dist
-        self.env = env = dist.init(d.backend, d.timeout_s, d.socket_ifname, d.solo_timeout_s)
-        # the global batch decided once, for this number of ranks (train.global_batch_size)
-        self.cfg.train.grad_accum = plan_global_batch(self.cfg.train, env.world_size)
-        self._prepare_run_dir()
-        self.heartbeat = Heartbeat(
-            env.rank, env.world_size, d.heartbeat_s, d.late_after_s, d.timeout_s
-        )
-        self.heartbeat.start(dist.gather_objects)
-        self._build()
-        seed_all(self.cfg.run.seed + 1 + env.rank)  # per-rank streams for dropout, masking, ...
-        self._components()
-        if found:
-            self._resume(*found)
-        self.epoch = self.data.epoch
-        self.monitor = Monitor(
-            self.run_dir,
-            env.rank,
-            self.cfg.train.steps,
-            self.step,
-            self.cfg.log.tensorboard,
-            self.cfg.log.progress,
-            self.cfg.log.backends,
-            # the resolved config, for W&B / MLflow: made only where one of them will read it
-            yaml.safe_load(to_yaml(self.cfg)) if self.cfg.log.backends and env.rank == 0 else None,
-        )
-        self.profiler = StepProfiler(
-            self.cfg.log.profile_steps, self.cfg.log.profile_ranks, env.rank, self.run_dir
-        )
-        self.engine.train()
-        if self.cfg.log.count_host_syncs:
-            self.syncs = SyncCounter().install()
-
-    def _find_resume(self) -> Tuple[Optional[tuple], List[str]]:
-        """(checkpoint root and tag to resume from, or None; the damaged checkpoints passed over)."""
-        cfg = self.cfg
-        if cfg.run.resume == "never" and checkpoint.step_dirs(self.ckpt_root):
-            raise FileExistsError(
-                f"{self.run_dir} already holds checkpoints and run.resume=never would write over "
-                f"them: choose a new run.name, or run.resume=auto to continue"
-            )
-        passed_over: List[str] = []
-        found = checkpoint.find_resume(cfg.run.resume, self.ckpt_root, passed_over)
-        if found:
-            checkpoint.check_recipe(*found, cfg.recipe.name)
-        return found, passed_over
-
-    def _prepare_run_dir(self) -> None:
-        env = self.env
-        # one live run per directory: taken before anything is written (a live run's partial
-        # save is not this run's to clean up)
-        busy = dist.gather_objects(self.lock.acquire() if env.is_main else None)[0]
-        if busy:
-            raise RunDirBusy(
-                f"{self.run_dir} belongs to a run that is still going ({busy}): wait for it to "
-                f"end, stop it, or choose another run.name"
-            )
-        if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, self.run_dir / "config.yaml")
-            checkpoint.clean_partials(self.ckpt_root)
-        dist.barrier()
-        self.log = setup_logging(self.run_dir, env.rank, self.cfg.log.console)
-        tr = self.cfg.train
-        self.log.info(
-            "run directory: %s (world size %d, device %s; global batch %d = micro-batch %d x "
-            "grad_accum %d x %d ranks)\nresolved config:\n%s",
-            self.run_dir.resolve(),
-            env.world_size,
-            env.device,
-            tr.micro_batch_size * tr.grad_accum * env.world_size,
-            tr.micro_batch_size,
-            tr.grad_accum,
-            env.world_size,
-            to_yaml(self.cfg),
-        )
-        for note in self.passed_over:
-            self.log.warning(note)
-
-    def _build(self) -> None:
-        import deepspeed
-
-        # torch warns on every ZeRO-3 collective that DeepSpeed still calls by its old name
-        warnings.filterwarnings(
-            "ignore",
-            message=r".*is deprecated. Please use `torch.distributed",
-            category=FutureWarning,
-        )
-        cfg, env = self.cfg, self.env
-        on_cuda = env.device.type == "cuda"
-        # A DeepSpeed config comes first: under ZeRO-3 the recipe loads its large models into
-        # it. With zero_stage auto the model is built whole and counted, then the stage chosen.
-        # The final config follows the model (auto sizes read its hidden size).
-        auto = str(cfg.deepspeed.zero_stage) == "auto"
-        loading = None if auto else deepspeed_config(cfg, env.world_size, on_cuda, built=False)
-        self.recipe = build_recipe(
-            cfg,
-            env,
-            DTYPES[cfg.deepspeed.precision],
-            partitioned=partitioned_loading(cfg, loading),
-            stop_requested=lambda: self.stop.signal(),  # (the StopPolicy is made below)
-        )
-        model = build_model(self.recipe, cfg.run.seed)
-        if cfg.train.activation_checkpointing:
-            self._checkpoint_activations(model)
-        n_all, n_train = self._log_model_size(model)
-        stage = self._auto_stage(n_all, n_train) if auto else None
-        ds_conf = deepspeed_config(
-            cfg,
-            env.world_size,
-            on_cuda,
-            stage,
-            widest_hidden_size(model),
-            parts=self.recipe.backward_parts,
-        )
-        found = self.found
-        self.reshard = bool(found) and checkpoint.saved_world(*found) != env.world_size
-        if self.reshard:  # written by another number of ranks: its universal form
-            ds_conf["checkpoint"] = {**ds_conf.get("checkpoint", {}), "load_universal": True}
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            config=ds_conf,
-            model_parameters=param_groups(model, cfg.train.weight_decay),
-            lr_scheduler=scheduler_factory(cfg),
-        )
-        self.gate = GradientGate(model.parameters())
-        if ds_conf["zero_optimization"]["stage"] == 3:
-            self._log_partitions(model, ds_conf)
-        self.data = self.recipe.build_data()
-        if not isinstance(self.data, DataStream):
-            raise TypeError(
-                f"{type(self.recipe).__name__}.build_data returned a {type(self.data).__name__}, "
-                f"which lacks what mmtrain.recipes.base.DataStream declares"
-            )
-
-    def _log_model_size(self, model) -> tuple:
-        """(parameters, trainable parameters), full sizes; logged with what this rank holds."""
-        n_train = sum(numel(p) for p in model.parameters() if p.requires_grad)
-        built = partition_summary(model)
-        n_all = built["elements"]
-        self.log.info(
-            "model: %.2fM parameters, %.2fM trainable, %.2fM frozen; built with %.2fM (%.0f%%) "
-            "on this rank",
-            n_all / 1e6,
-            n_train / 1e6,
-            (n_all - n_train) / 1e6,
-            built["held"] / 1e6,
-            100 * built["held"] / max(1, n_all),
-        )
-        return n_all, n_train
-
-    def _log_partitions(self, model, ds_conf) -> None:
-        sharded = partition_summary(model)
-        self.log.info(
-            "ZeRO-3: %d of %d parameter tensors partitioned (persistence threshold %d); this "
-            "rank holds %.2fM of %.2fM parameters (%.0f%%)",
-            sharded["partitioned_tensors"],
-            sharded["tensors"],
-            ds_conf["zero_optimization"]["stage3_param_persistence_threshold"],
-            sharded["held"] / 1e6,
-            sharded["elements"] / 1e6,
-            100 * sharded["held"] / max(1, sharded["elements"]),
-        )
-
-    def _auto_stage(self, n_all: int, n_train: int) -> int:
-        env, precision = self.env, self.cfg.deepspeed.precision
-        device_bytes = dist.device_memory(env)
-        stage, est = choose_zero_stage(n_all, n_train, env.world_size, device_bytes, precision)
-        self.log.info(
-            "deepspeed.zero_stage=auto: stage %d (model states %.2f GiB per device at stage 2, "
-            "%.2f GiB at stage 3; %.1f GiB on the device, half of it kept for activations)",
-            stage,
-            est["stage2"] / 2**30,
-            est["stage3"] / 2**30,
-            device_bytes / 2**30,
-        )
-        return stage
-
-    def _checkpoint_activations(self, model) -> None:
-        names = checkpoint_activations(model)
-        if not names:
-            self.log.warning(
-                "train.activation_checkpointing: no transformers model in %s supports it; "
-                "activations are kept",
-                type(model).__name__,
-            )
-            return
-        self.log.info(
-            "activation checkpointing on in: %s", ", ".join(n or "(the model)" for n in names)
-        )
-
-    def _components(self) -> None:
-        cfg, env = self.cfg, self.env
-        self.guard = BadStepGuard(cfg.train.max_bad_steps, cfg.train.lr)
-        self.metrics = MetricsAccumulator(
-            cfg.log.every,
-            cfg.train.steps,
-            env.world_size,
-            dist.all_reduce_sum,
-            self.recipe.flops_per_sample(),
-            peak_tflops(cfg.log.peak_tflops),
-        )
-        c = cfg.checkpoint
-        self.checkpointer = Checkpointer(
-            self.ckpt_root,
-            c.every,
-            cfg.train.steps,
-            c.best_metric,
-            c.best_mode,
-            env.is_main,
-            self._write_checkpoint,
-            cfg.run.signal_lead_s,
-        )
-        self.stop = StopPolicy(
-            lambda: signals.current().signum is not None,
-            cfg.run.stop_after_steps,
-            cfg.train.steps,
-            lambda flag: dist.any_rank(flag, env.device),
-        )
-
+    # -- resume ------------------------------------------------------------------------------
     def _resume(self, root, tag: str) -> None:
         env = self.env
         states = checkpoint.load(self.engine, root, tag, env.rank, env.world_size)
