@@ -49,7 +49,7 @@ def tensor_bytes(batch) -> int:
 
 def per_sample(recipe_name: str, data: Path, models: Path, batch: int) -> dict:
     from mmtrain.config import load_config
-    from mmtrain.data.reader import DataSection, build_loader
+    from mmtrain.data.reader import DataSection, Deal, build_loader
     from mmtrain.engine import dist
     from mmtrain.engine.build import build_recipe
 
@@ -68,7 +68,7 @@ def per_sample(recipe_name: str, data: Path, models: Path, batch: int) -> dict:
     recipe.setup()
     decode, collate = recipe.pipeline()
     section = DataSection(workers=0)
-    loader = build_loader(section, str(data / "train"), batch, decode, collate, 0, 1, 0)
+    loader = build_loader(section, str(data / "train"), decode, collate, Deal(batch))
     got = next(loader)
     n = len(got["key"])
     return {

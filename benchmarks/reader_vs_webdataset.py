@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from mmtrain.data.images import ImageTransform
-from mmtrain.data.reader import DataSection, SampleDecoder, build_loader, default_collate
+from mmtrain.data.reader import DataSection, Deal, SampleDecoder, build_loader, default_collate
 from mmtrain.data.shards import write_shards
 
 
@@ -77,12 +77,9 @@ def main() -> int:
         loader = build_loader(
             DataSection(workers=0, max_image_pixels=0),
             str(shards),
-            args.batch,
             SampleDecoder(transform, need_image=True),
             default_collate,
-            rank=0,
-            world=1,
-            seed=0,
+            Deal(args.batch),
         )
         while True:
             yield next(loader)["image"]

@@ -7,7 +7,7 @@ import time
 from typing import Any, Dict
 
 from mmtrain.data.images import ImageTransform
-from mmtrain.data.reader import DataSection, SampleDecoder, build_loader, default_collate
+from mmtrain.data.reader import DataSection, Deal, SampleDecoder, build_loader, default_collate
 
 
 def bench_data(
@@ -22,9 +22,7 @@ def bench_data(
         mode="resampled", workers=workers, shuffle_buffer=256, steps_per_epoch=10**9
     )
     decode = SampleDecoder(ImageTransform(resize=size, crop=size, fast=fast), need_image=True)
-    loader = build_loader(
-        section, spec, batch_size, decode, default_collate, rank=0, world=1, seed=0
-    )
+    loader = build_loader(section, spec, decode, default_collate, Deal(batch_size))
     for _ in range(max(2, workers)):  # warm-up: worker start and first shards
         next(loader)
     t = time.perf_counter()

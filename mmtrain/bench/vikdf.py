@@ -252,6 +252,7 @@ def fusion(
     device: str = "cuda",
     compile_llm: bool = False,
 ) -> dict:
+    from mmtrain.models.fuse import Knowledge
 
     cuda = device == "cuda"
     dev, dt = torch.device(device), torch.bfloat16 if cuda else torch.float32
@@ -267,16 +268,10 @@ def fusion(
     image_states = torch.randn(
         batch, 257 if size == "published" else 17, iq.config.vision_width, device=dev, dtype=dt
     )
-    inputs = {
-        "image_states": image_states,
-        "instr": instr,
-        "recon_instr": instr,
-        "text": text,
-        "target": [t + [2] for t in text],
-    }
+    seen, target = Knowledge(image_states=image_states), [t + [2] for t in text]
 
-    def step():
-        out = model("fusion_losses", inputs, "image")  # the image's knowledge, as the peer
+    def step():  # the image's knowledge, as the peer
+        out = model("fusion_losses", seen, text, instr, target, instr, "image")
         (out["ce"] + 0.5 * out["recon"] + 0.1 * out["kl"]).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -319,14 +319,9 @@ class ShardStream(IterableDataset):
                 items = last_good
             items = items + [items[k % len(items)] for k in range(self.batch_size - len(items))]
             last_good = items
-            batch = self.collate(items)
-            batch["_data"] = {
-                "worker": physical,
-                "skipped": skipped,
-                "seen": seen,
-                "errors": errors[:3],
-            }
-            yield batch
+            # the batch (whatever the collate makes: a dict, a typed batch) and what was read for it
+            info = {"worker": physical, "skipped": skipped, "seen": seen, "errors": errors[:3]}
+            yield self.collate(items), info
 
 
 class ShardLoader:
@@ -395,16 +390,15 @@ class ShardLoader:
         if shutdown is not None:
             shutdown()
 
-    def __next__(self) -> Dict[str, Any]:
+    def __next__(self) -> Any:
         if self._it is None:
             self._start()
         try:
-            batch = next(self._it)
+            batch, info = next(self._it)
         except StopIteration:
             self.epoch, self.position = self.epoch + 1, 0
             self._start()
-            batch = next(self._it)
-        info = batch.pop("_data")
+            batch, info = next(self._it)
         self._skipped[info["worker"]], self._seen[info["worker"]] = info["skipped"], info["seen"]
         self.position += 1
         skipped, seen = self.skipped, self.seen
@@ -504,34 +498,39 @@ class ShardLoader:
         return state
 
 
-def build_loader(
-    section: DataSection,
-    spec: str,
-    batch_size: int,
-    decode,
-    collate,
-    rank: int,
-    world: int,
-    seed: int,
-    grad_accum: int = 1,
-) -> ShardLoader:
+@dataclass(frozen=True)
+class Deal:
+    """How a run deals its global batches to this rank: the micro-batch size, this rank of
+    `world_size`, the seed of the shuffles, and the micro-batches of one optimizer step (a run's
+    `RunContext.deal`)."""
+
+    micro_batch_size: int
+    rank: int = 0
+    world_size: int = 1
+    seed: int = 0
+    grad_accum: int = 1
+
+
+def build_loader(section: DataSection, spec: str, decode, collate, deal: Deal) -> ShardLoader:
+    """This rank's resumable loader over the shards `spec`: `decode` (raw tar sample -> item) and
+    `collate` (items -> micro-batch) run in the data workers `section` sets."""
     from mmtrain.data.images import PixelLimit
 
     stream = ShardStream(
         spec,
-        batch_size,
+        deal.micro_batch_size,
         PixelLimit(decode, section.max_image_pixels) if section.max_image_pixels else decode,
         collate,
-        rank,
-        world,
-        seed,
+        deal.rank,
+        deal.world_size,
+        deal.seed,
         section.mode,
         section.shuffle_buffer,
         section.steps_per_epoch,
-        grad_accum,
+        deal.grad_accum,
         section.shuffle_shards,
     )
-    if rank == 0:
+    if deal.rank == 0:
         unlisted = stream.unlisted_tars()
         if unlisted:
             log.warning(

@@ -1,17 +1,24 @@
 """`FuseModel`: BVIF (mmtrain.models.bvif) around an LLM, the module VIKDF stage 2 trains.
 
-Entry points (called as `model("fusion_losses", batch)`, see mmtrain.models.base):
-- `fusion_losses(batch, knowledge, sample)`: image-text pairs; contextual inference (CE on the
-  caption from soft prompts of K_T, K_I or both), knowledge reconstruction and KL(q || p);
-- `dialogue_losses(batch, knowledge, sample)`: CE on the response, the soft prompts (from
-  `knowledge`: prior, text, image or none) right after the chat template's opening;
-- `generate(batch, knowledge, **generation kwargs)`: the response's new tokens.
-`sample=False` takes the latent's mean instead of a draw (evaluation).
+Entry points (called as `model("fusion_losses", seen, ...)`, see mmtrain.models.base), each given
+`seen` (a `Knowledge`: the frozen towers' states on the device) and the token ids of the
+segments it lays out:
+- `fusion_losses(seen, text, instr, target, recon_instr, source, sample)`: image-text pairs;
+  contextual inference (CE on the caption from soft prompts of K_T, K_I or both), knowledge
+  reconstruction and KL(q || p);
+- `dialogue_losses(seen, prefix, middle, target, context, recon_instr, source, sample)`: CE on
+  the response, the soft prompts (from `source`: prior, text, image or none) right after the chat
+  template's opening;
+- `generate(seen, prefix, middle, context, recon_instr, source, **generation kwargs)`: the
+  response's new tokens.
+`sample=False` takes the latent's mean instead of a draw (evaluation). Token ids are lists of
+lists (one per sample, unpadded): the LLM's inputs are laid out here (`embed_segments`).
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -20,6 +27,26 @@ from torch import nn
 from kernels.gaussian import reparameterize
 from mmtrain.models.base import EntryPoints
 from mmtrain.models.bvif import BVIF, embed_segments, labels_for, noise
+
+Ids = List[List[int]]  # token ids, one unpadded list per sample
+
+
+@dataclass
+class Knowledge:
+    """What BVIF reads its knowledge from, on the device; a field is None when its source is not
+    used: the frozen vision tower's states, the text tower's states and mask, and the latent's
+    noise (None: drawn here)."""
+
+    image_states: Optional[torch.Tensor] = None
+    text_states: Optional[torch.Tensor] = None
+    text_mask: Optional[torch.Tensor] = None
+    eps: Optional[torch.Tensor] = None
+
+    def read(self, iqformer, source: str) -> torch.Tensor:
+        """The IQ-Former's knowledge vectors of `source` ("image" or "text")."""
+        if source == "image":
+            return iqformer.read_image(self.image_states)
+        return iqformer.read_text(self.text_states, self.text_mask)
 
 
 class FuseModel(EntryPoints):
@@ -73,27 +100,35 @@ class FuseModel(EntryPoints):
         }
 
     def fusion_losses(
-        self, batch: Dict[str, Any], knowledge: str = "text", sample: bool = True
+        self,
+        seen: Knowledge,
+        text: Ids,
+        instr: Ids,
+        target: Ids,
+        recon_instr: Ids,
+        source: str = "text",
+        sample: bool = True,
     ) -> Dict[str, Any]:
-        """Fusion's terms for knowledge K_T ("text": the caption read by the text tower and the
-        IQ-Former, as released), K_I ("image"), or "both" (each term the mean of the two)."""
-        if knowledge == "both":
-            text, image = (self.fusion_losses(batch, k, sample) for k in ("text", "image"))
-            out = {k: (v + image[k]) / 2 for k, v in text.items() if k not in ("nll", "ce_count")}
-            out["ce_sum"] = text["ce_sum"] + image["ce_sum"]
-            out["ce_count"] = text["ce_count"] + image["ce_count"]
-            out["nll"] = (text["nll"] + image["nll"]) / 2
+        """Fusion's terms for knowledge K_T (`source` "text": the caption read by the text tower
+        and the IQ-Former, as released), K_I ("image"), or "both" (each term the mean of the two).
+        `text`: the caption (the prior reads it after `recon_instr`); `target`: the caption and
+        the end token, predicted after `instr` and the soft prompts."""
+        if source == "both":
+            text_, image = (
+                self.fusion_losses(seen, text, instr, target, recon_instr, k, sample)
+                for k in ("text", "image")
+            )
+            out = {k: (v + image[k]) / 2 for k, v in text_.items() if k not in ("nll", "ce_count")}
+            out["ce_sum"] = text_["ce_sum"] + image["ce_sum"]
+            out["ce_count"] = text_["ce_count"] + image["ce_count"]
+            out["nll"] = (text_["nll"] + image["nll"]) / 2
             return out
         b = self.bvif
-        if knowledge == "text":
-            k = b.iqformer.read_text(batch["text_states"], batch["text_mask"])
-        else:
-            k = b.iqformer.read_image(batch["image_states"])
-        prior_states = self._prior_states(batch["recon_instr"], batch["text"])
-        z, kl, mu_p, lv_p = b.latent(k, prior_states, sample=sample, eps=batch.get("eps"))
+        k = seen.read(b.iqformer, source)
+        prior_states = self._prior_states(recon_instr, text)
+        z, kl, mu_p, lv_p = b.latent(k, prior_states, sample=sample, eps=seen.eps)
         soft = b.to_llm(z)
-        parts = [[i, s, t] for i, s, t in zip(batch["instr"], soft, batch["target"])]
-        out = self._lm_loss(parts, 2, batch["target"])
+        out = self._lm_loss([[i, s, t] for i, s, t in zip(instr, soft, target)], 2, target)
         out["recon"] = b.reconstruction_loss(k, mu_p, lv_p)
         if kl is not None:
             out["kl"] = kl
@@ -101,32 +136,49 @@ class FuseModel(EntryPoints):
             out["prior_logvar"] = lv_p.detach().float().mean()
         return out
 
-    def soft_prompts(self, batch: Dict[str, Any], knowledge: str, sample: bool) -> torch.Tensor:
-        """The soft prompts of a dialogue batch, from the knowledge source `knowledge`."""
-        b, eps = self.bvif, batch.get("eps")
-        if knowledge == "none":  # input-independent soft prompts (no knowledge)
-            return b.to_llm(b.iqformer.queries[0]).expand(len(batch["key"]), -1, -1)
-        if knowledge == "prior":
-            prior_states = self._prior_states(batch["recon_instr"], batch["context"])
-            mu_p, lv_p = b.prior_stats(prior_states)
+    def soft_prompts(
+        self, seen: Knowledge, source: str, context: Ids, recon_instr: Ids, sample: bool
+    ) -> torch.Tensor:
+        """The soft prompts of a dialogue batch, from the knowledge source `source`: "prior" (the
+        LLM's own reading of `context` after `recon_instr`), "text", "image", or "none"."""
+        b = self.bvif
+        if source == "none":  # input-independent soft prompts (no knowledge)
+            return b.to_llm(b.iqformer.queries[0]).expand(len(context), -1, -1)
+        if source == "prior":
+            mu_p, lv_p = b.prior_stats(self._prior_states(recon_instr, context))
             sampled = sample and b.variational
-            return b.to_llm(reparameterize(mu_p, lv_p, noise(mu_p, eps)) if sampled else mu_p)
-        if knowledge == "image":
-            k = b.iqformer.read_image(batch["image_states"])
-        else:
-            k = b.iqformer.read_text(batch["text_states"], batch["text_mask"])
-        return b.to_llm(b.latent(k, None, sample=sample, eps=eps)[0])
+            return b.to_llm(reparameterize(mu_p, lv_p, noise(mu_p, seen.eps)) if sampled else mu_p)
+        return b.to_llm(b.latent(seen.read(b.iqformer, source), None, sample, eps=seen.eps)[0])
 
     def dialogue_losses(
-        self, batch: Dict[str, Any], knowledge: str, sample: bool = True
+        self,
+        seen: Knowledge,
+        prefix: Ids,
+        middle: Ids,
+        target: Ids,
+        context: Ids,
+        recon_instr: Ids,
+        source: str,
+        sample: bool = True,
     ) -> Dict[str, Any]:
-        soft = self.soft_prompts(batch, knowledge, sample)
-        segments = zip(batch["prefix"], soft, batch["middle"], batch["target"])
-        return self._lm_loss([list(s) for s in segments], 3, batch["target"])
+        """CE on `target` after `prefix` (the chat template's opening), the soft prompts and
+        `middle` (the context and the generation prompt)."""
+        soft = self.soft_prompts(seen, source, context, recon_instr, sample)
+        segments = zip(prefix, soft, middle, target)
+        return self._lm_loss([list(s) for s in segments], 3, target)
 
-    def generate(self, batch: Dict[str, Any], knowledge: str, **generation: Any) -> torch.Tensor:
-        soft = self.soft_prompts(batch, knowledge, sample=False)
-        parts = [[p, s, m] for p, s, m in zip(batch["prefix"], soft, batch["middle"])]
+    def generate(
+        self,
+        seen: Knowledge,
+        prefix: Ids,
+        middle: Ids,
+        context: Ids,
+        recon_instr: Ids,
+        source: str,
+        **generation: Any,
+    ) -> torch.Tensor:
+        soft = self.soft_prompts(seen, source, context, recon_instr, sample=False)
+        parts = [[p, s, m] for p, s, m in zip(prefix, soft, middle)]
         embeds, mask, _ = embed_segments(self._embed(), parts, self.pad_id, left_pad=True)
         with warnings.catch_warnings():
             # transformers notes that from embeddings alone, no_repeat_ngram_size can only see

@@ -15,8 +15,8 @@ from mmtrain.schema import ConfigError
 
 RECIPES = {
     "toy_lm": "mmtrain.recipes.toy_lm:ToyLM",
-    "vikdf_distill": "mmtrain.recipes.vikdf_distill:VIKDFDistill",
-    "vikdf_fuse": "mmtrain.recipes.vikdf_fuse:VIKDFFuse",
+    "vikdf_distill": "mmtrain.recipes.vikdf:VIKDFDistill",
+    "vikdf_fuse": "mmtrain.recipes.vikdf:VIKDFFuse",
     "dyncot": "mmtrain.recipes.dyncot:DynCoT",
     "kdsl": "mmtrain.recipes.kdsl:KDSL",
 }

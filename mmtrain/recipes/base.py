@@ -20,6 +20,7 @@ The hooks are collective: every rank calls them at the same point, so they may a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import (
@@ -39,6 +40,7 @@ from typing import (
 import torch
 from torch import nn
 
+from mmtrain.data.reader import Deal
 from mmtrain.schema import RecipeConfig
 
 
@@ -76,6 +78,11 @@ class RunContext:
     # vocabulary, a label set), read once rather than once per rank.
     from_rank0: Callable[[Callable[[], Any], str], Any] = lambda work, what: work()
 
+    @property
+    def deal(self) -> Deal:
+        """How the run deals its global batches to this rank (for `data.reader.build_loader`)."""
+        return Deal(self.micro_batch_size, self.rank, self.world_size, self.seed, self.grad_accum)
+
 
 class EvaluationStopped(Exception):
     """A stop signal arrived during an evaluation: the trainer checkpoints, exits for requeue and
@@ -98,6 +105,22 @@ class GlobalMean:
 
     total: torch.Tensor
     count: Union[int, torch.Tensor]  # a tensor stays on the device (no host sync)
+
+
+class Batch:
+    """Base of a recipe's typed micro-batch (a dataclass its collate returns in the data workers).
+    The loader pins what it hands over when batches go to a GPU: `pin_memory` pins every tensor
+    field, and those of nested batches, so the recipe's copies to the device can be asynchronous."""
+
+    def pin_memory(self):
+        def pinned(v):
+            if isinstance(v, (torch.Tensor, Batch)):
+                return v.pin_memory()
+            return v
+
+        return dataclasses.replace(
+            self, **{f.name: pinned(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        )
 
 
 @dataclass

@@ -36,19 +36,8 @@ class ShardRecipe(Recipe):
 
     def loader(self, section: DataSection, spec: str) -> ShardLoader:
         """This rank's resumable loader over the shards `spec`, sized and dealt for this run."""
-        c = self.ctx
         decode, collate = self.pipeline()
-        return build_loader(
-            section,
-            spec,
-            c.micro_batch_size,
-            decode,
-            collate,
-            c.rank,
-            c.world_size,
-            c.seed,
-            c.grad_accum,
-        )
+        return build_loader(section, spec, decode, collate, self.ctx.deal)
 
     def build_data(self) -> ShardLoader:
         self.train_data = self.loader(self.cfg.data, self.cfg.data.train)

@@ -5,7 +5,7 @@ import json
 import tarfile
 
 from mmtrain.data.images import ImageTransform
-from mmtrain.data.reader import DataSection, SampleDecoder, build_loader, default_collate
+from mmtrain.data.reader import DataSection, Deal, SampleDecoder, build_loader, default_collate
 from mmtrain.data.shards import write_shards
 
 
@@ -13,13 +13,9 @@ def loader(spec, batch=4, rank=0, world=1, workers=0, seed=0, shuffle_buffer=8, 
     return build_loader(
         DataSection(workers=workers, shuffle_buffer=shuffle_buffer, **kw),
         str(spec),
-        batch,
         SampleDecoder(ImageTransform(resize=32, crop=32), need_image=False),
         default_collate,
-        rank=rank,
-        world=world,
-        seed=seed,
-        grad_accum=grad_accum,
+        Deal(batch, rank=rank, world_size=world, seed=seed, grad_accum=grad_accum),
     )
 
 

@@ -1,5 +1,6 @@
 """VIKDF stage 2 (BVIF fusion, dialogue fine-tuning, generation + metrics) on 2 CPU ranks under ZeRO-3."""
 
+import dataclasses
 import json
 import re
 
@@ -181,7 +182,7 @@ def _train_in_process(config, overrides, steps: int, lr: float = 3e-3):
     from mmtrain.config import load_config
     from mmtrain.engine.losses import combine
     from mmtrain.recipes.base import GlobalMean
-    from mmtrain.recipes.vikdf_fuse import VIKDFFuse
+    from mmtrain.recipes.vikdf import VIKDFFuse
 
     cfg = load_config(str(config), ["recipe.data.workers=0", *overrides])
     recipe = VIKDFFuse(cfg.recipe, _cpu_context(16))
@@ -264,12 +265,12 @@ def test_fusion_terms_keep_the_language_loss_scale_and_the_prompts_carry_knowled
     ce = {"knowledge": [0.0, 0], "zero": [0.0, 0]}
     with torch.no_grad():
         for _ in range(loader.steps_per_epoch):
-            batch = recipe._inputs(next(loader))
-            k = b.iqformer.read_image(batch["image_states"])
+            batch = next(loader)
+            k = recipe.seen(batch).read(b.iqformer, "image")
             prompts = b.to_llm(b.latent(k, None, sample=False)[0])
             for name, soft in (("knowledge", prompts), ("zero", torch.zeros_like(prompts))):
-                parts = [[i, s, tg] for i, s, tg in zip(batch["instr"], soft, batch["target"])]
-                out = model._lm_loss(parts, 2, batch["target"])
+                parts = [[i, s, tg] for i, s, tg in zip(batch.instr, soft, batch.target)]
+                out = model._lm_loss(parts, 2, batch.target)
                 ce[name][0] += float(out["ce_sum"])
                 ce[name][1] += int(out["ce_count"])
     with_knowledge, zero = (ce[n][0] / ce[n][1] for n in ("knowledge", "zero"))
@@ -279,7 +280,8 @@ def test_fusion_terms_keep_the_language_loss_scale_and_the_prompts_carry_knowled
 def test_a_long_context_keeps_its_most_recent_turns_in_prompt_prior_and_text_tower(tiny_models):
     """Issue 19, item 6: the prior read the first tokens of a long context, the prompt its last."""
     from mmtrain.models.encoders import load_tokenizer
-    from mmtrain.recipes.vikdf_fuse import Collate, FuseConfig
+    from mmtrain.recipes.vikdf.collate import DialogueCollate
+    from mmtrain.recipes.vikdf.fuse import FuseConfig
 
     t = tiny_models
     cfg = FuseConfig(
@@ -287,15 +289,15 @@ def test_a_long_context_keeps_its_most_recent_turns_in_prompt_prior_and_text_tow
         text_path="x", max_text_len=8,
     )  # fmt: skip
     tok, text_tok = load_tokenizer(str(t / "llama")), load_tokenizer(str(t / "clip"))
-    collate = Collate(cfg, tok, text_tok, seed=0)
+    collate = DialogueCollate(cfg, tok, text_tok, seed=0)
     turns = ["a red circle on the left ."] * 6 + ["where is the blue square ?"]
     meta = {"context": turns, "response": "on the right ."}
     out = collate([{"key": "k", "meta": meta}])
     last = tok("where is the blue square ?", add_special_tokens=False)["input_ids"]
-    assert out["context"][0][-len(last) :] == last  # the prior reads the latest turn
-    middle = out["middle"][0]  # the prompt: context, then the template's generation prompt
+    assert out.context[0][-len(last) :] == last  # the prior reads the latest turn
+    middle = out.middle[0]  # the prompt: context, then the template's generation prompt
     assert any(middle[i : i + len(last)] == last for i in range(len(middle)))
-    words = text_tok.convert_ids_to_tokens(out["text_ids"][0].tolist())
+    words = text_tok.convert_ids_to_tokens(out.text_ids[0].tolist())
     assert any("square" in w for w in words)  # the text tower too
 
 
@@ -307,16 +309,17 @@ def test_fusion_fuses_the_caption_knowledge_as_released_or_the_image_or_both(ass
 
     args = common(assets, *data(assets, "fusion"), f"recipe.fusion_knowledge={knowledge}")
     recipe, model, _ = _train_in_process(FUSION, args, 0)
-    batch = recipe._inputs(next(recipe.train_data))
-    assert ("pixels" in batch) == (knowledge != "text")  # text alone: no image is decoded
-    assert ("text_states" in batch) == (knowledge != "image")
+    batch = next(recipe.train_data)
+    seen = recipe.seen(batch)
+    assert (batch.pixels is not None) == (knowledge != "text")  # text alone: no image is decoded
+    assert (seen.text_states is not None) == (knowledge != "image")
     with torch.no_grad():
-        own = model("fusion_losses", batch, knowledge, sample=False)
-        moved = dict(batch)
+        own = recipe.losses(model, batch, seen, sample=False)
+        moved = dataclasses.replace(seen)
         for name in ("text_states", "text_mask", "image_states"):
-            if name in batch:  # the knowledge of the next pair in the batch
-                moved[name] = batch[name].roll(1, 0)
-        other = model("fusion_losses", moved, knowledge, sample=False)
+            if getattr(seen, name) is not None:  # the knowledge of the next pair in the batch
+                setattr(moved, name, getattr(seen, name).roll(1, 0))
+        other = recipe.losses(model, batch, moved, sample=False)
     assert float(own["kl"]) != pytest.approx(float(other["kl"]))  # the knowledge drives the terms
 
 
@@ -355,7 +358,7 @@ def test_generation_on_several_ranks_is_synced(assets):
     model.generate = spy
     for world in (1, 2):
         recipe.ctx = dataclasses.replace(recipe.ctx, world_size=world)
-        recipe._generate(model, "val")
+        recipe.generate(model, "val")
         assert seen and set(seen) == {world > 1}, (world, seen)
         seen.clear()
 
@@ -406,7 +409,7 @@ def test_stage1_losses_in_fusion_keep_the_stage1_alignment(
 
 def _stage1_probe(export, shards):
     """A stage-1 recipe from the export's config, and its model with the exported weights."""
-    from mmtrain.recipes.vikdf_distill import VIKDFDistill, stage1_config_of
+    from mmtrain.recipes.vikdf.stage1 import VIKDFDistill, stage1_config_of
 
     cfg = stage1_config_of(export)
     cfg.data.train, cfg.data.val, cfg.data.workers = str(shards / "train"), None, 0

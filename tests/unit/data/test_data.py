@@ -9,7 +9,7 @@ from PIL import Image
 from mmtrain.cli import main
 from mmtrain.data.convert import convert
 from mmtrain.data.images import ImageTransform
-from mmtrain.data.reader import DataSection, SampleDecoder, build_loader, default_collate
+from mmtrain.data.reader import DataSection, Deal, SampleDecoder, build_loader, default_collate
 from mmtrain.data.shards import DataError, read_manifest, write_shards
 from mmtrain.data.synth import COLORS, synth
 from tests.support.shards import corrupt_one_image, loader, write_plain
@@ -26,12 +26,9 @@ def test_synth_round_trip_and_truthful_text(tmp_path, kind):
     ld = build_loader(
         DataSection(workers=0),
         str(tmp_path / kind / "train"),
-        8,
         SampleDecoder(ImageTransform(), need_image=True),
         default_collate,
-        0,
-        1,
-        0,
+        Deal(8),
     )
     keys, batch = [], None
     for _ in range(ld.steps_per_epoch):
@@ -400,7 +397,7 @@ def test_corrupt_sample_and_truncated_shard_are_counted_then_stop_the_run(tmp_pa
     kw = dict(workers=2, shuffle_buffer=4)
     dec = SampleDecoder(ImageTransform(resize=32, crop=32), need_image=True)
     ld = build_loader(
-        DataSection(max_skip_fraction=0.5, **kw), str(train), 8, dec, default_collate, 0, 1, 0
+        DataSection(max_skip_fraction=0.5, **kw), str(train), dec, default_collate, Deal(8)
     )
     sizes = [next(ld)["image"].shape[0] for _ in range(ld.steps_per_epoch)]
     assert sizes == [8] * 10  # fixed shapes, fixed steps
@@ -408,12 +405,9 @@ def test_corrupt_sample_and_truncated_shard_are_counted_then_stop_the_run(tmp_pa
     strict = build_loader(
         DataSection(max_skip_fraction=0.01, skip_window=8, **kw),
         str(train),
-        8,
         dec,
         default_collate,
-        0,
-        1,
-        0,
+        Deal(8),
     )
     with pytest.raises(
         DataError, match=r"samples unreadable in .*train \(> data.max_skip_fraction=0.01\)"
@@ -443,12 +437,9 @@ def test_a_realistic_corrupt_rate_does_not_stop_the_run_and_a_high_one_does_with
     ld = build_loader(
         DataSection(workers=0, shuffle_buffer=64),
         str(spec),
-        64,
         FailOn(first),
         default_collate,
-        0,
-        1,
-        0,
+        Deal(64),
     )
     for _ in range(ld.steps_per_epoch):  # one in the first batch already
         next(ld)
@@ -457,12 +448,9 @@ def test_a_realistic_corrupt_rate_does_not_stop_the_run_and_a_high_one_does_with
     ld = build_loader(
         DataSection(workers=0, shuffle_buffer=64),
         str(spec),
-        64,
         FailOn(bad),
         default_collate,
-        0,
-        1,
-        0,
+        Deal(64),
     )
     with pytest.raises(
         DataError,

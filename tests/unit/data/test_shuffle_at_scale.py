@@ -11,7 +11,7 @@ import statistics
 
 import pytest
 
-from mmtrain.data.reader import DataSection, SampleDecoder, build_loader, default_collate
+from mmtrain.data.reader import DataSection, Deal, SampleDecoder, build_loader, default_collate
 from mmtrain.data.shards import write_shards
 
 SHARDS, PER_SHARD = 32, 1000
@@ -33,13 +33,9 @@ def global_batches(spec, epochs):
         build_loader(
             DataSection(workers=0),  # the defaults, but read in this process
             str(spec),
-            MICRO,
             SampleDecoder(),
             default_collate,
-            rank=r,
-            world=WORLD,
-            seed=0,
-            grad_accum=ACCUM,
+            Deal(MICRO, rank=r, world_size=WORLD, seed=0, grad_accum=ACCUM),
         )
         for r in range(WORLD)
     ]

@@ -9,7 +9,8 @@ import torch
 from mmtrain.data.images import ImageTransform
 from mmtrain.metrics.retrieval import retrieval_recalls
 from mmtrain.models.iqformer import IQFormer, IQFormerConfig, bert_key_to_qformer, init_from_bert
-from mmtrain.recipes.vikdf_distill import Collate, Pixels, Stage1Config, block_mask
+from mmtrain.recipes.vikdf.collate import Pixels, Stage1Collate, block_mask
+from mmtrain.recipes.vikdf.stage1 import Stage1Config
 
 
 def test_block_masks():
@@ -26,7 +27,7 @@ def test_collate_masks_text_but_not_special_tokens(stage1_assets):
 
     tok = AutoTokenizer.from_pretrained(stage1_assets / "tiny" / "clip")
     cfg = Stage1Config(max_text_len=12, mtm_prob=0.5)
-    collate = Collate(tok, cfg, grid=8, patch=8, seed=0)
+    collate = Stage1Collate(tok, cfg, grid=8, patch=8, seed=0)
     items = [
         {
             "key": f"k{i}",
@@ -37,23 +38,23 @@ def test_collate_masks_text_but_not_special_tokens(stage1_assets):
         for i in range(6)
     ]
     b = collate(items)
-    selected = b["labels"] != -100
+    selected = b.labels != -100
     assert selected.any(1).all()  # every caption has a target
-    assert not selected[b["attn"] == 0].any()  # no padding selected
-    specials = torch.isin(b["ids"], torch.tensor(tok.all_special_ids))
+    assert not selected[b.attn == 0].any()  # no padding selected
+    specials = torch.isin(b.ids, torch.tensor(tok.all_special_ids))
     assert not selected[specials].any()  # no special token selected
-    assert torch.equal(b["labels"][selected], b["ids"][selected])
-    replaced = b["masked_ids"] != b["ids"]
-    assert (b["masked_ids"][replaced] == tok.mask_token_id).all() and not replaced[~selected].any()
+    assert torch.equal(b.labels[selected], b.ids[selected])
+    replaced = b.masked_ids != b.ids
+    assert (b.masked_ids[replaced] == tok.mask_token_id).all() and not replaced[~selected].any()
     # the images ship once, as uint8, with a bool grid of the patches the masked view zeroes
-    assert b["pixels"].dtype == torch.uint8 and "masked_pixels" not in b
-    assert b["zeroed"].shape == (6, 8, 8) and b["zeroed"].dtype == torch.bool
-    assert b["zeroed"].any() and not b["zeroed"].all()
+    assert b.pixels.dtype == torch.uint8 and not hasattr(b, "masked_pixels")
+    assert b.zeroed.shape == (6, 8, 8) and b.zeroed.dtype == torch.bool
+    assert b.zeroed.any() and not b.zeroed.all()
     # on the device: normalised, and the masked view zero on exactly the zeroed patches
     pixels = Pixels(ImageTransform(resize=64, crop=64), 8, torch.device("cpu"))
-    x = pixels(b["pixels"])
-    masked = pixels.masked(x, b["zeroed"])
-    want = b["zeroed"].repeat_interleave(8, 1).repeat_interleave(8, 2)
+    x = pixels(b.pixels)
+    masked = pixels.masked(x, b.zeroed)
+    want = b.zeroed.repeat_interleave(8, 1).repeat_interleave(8, 2)
     assert torch.equal((masked == 0).all(1), want | (x == 0).all(1))
     assert torch.equal(masked[~want[:, None].expand_as(masked)], x[~want[:, None].expand_as(x)])
 

@@ -1,6 +1,10 @@
 """VIKDF stage 2 without ranks: the fusion bench step, and the scales of BVIF's loss terms."""
 
+from pathlib import Path
+
 import pytest
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def test_fusion_bench_step_runs_and_counts_flops():
@@ -79,7 +83,7 @@ def test_free_bits_keep_each_kl_element_at_least_that_many_nats():
 def test_the_kl_weight_warms_up_over_the_optimizer_steps_and_resumes():
     from types import SimpleNamespace
 
-    from mmtrain.recipes.vikdf_fuse import VIKDFFuse
+    from mmtrain.recipes.vikdf.fuse import VIKDFFuse
 
     recipe = VIKDFFuse.__new__(VIKDFFuse)
     recipe.cfg = SimpleNamespace(loss_weights={"ce": 1.0, "kl": 0.1}, kl_warmup_steps=10)
@@ -95,3 +99,26 @@ def test_the_kl_weight_warms_up_over_the_optimizer_steps_and_resumes():
     for _ in range(20):
         resumed.on_step_end()
     assert resumed.loss_weight("kl") == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").rglob("*.yaml")
+           if ("vikdf" in p.name or p.parent.name == "vikdf") and "pipelines" not in p.parts),
+)  # fmt: skip
+def test_todays_vikdf_configs_load_and_name_one_recipe_per_stage(path, monkeypatch):
+    """Each published and demo VIKDF config loads as before (recipe.name and recipe.phase
+    unchanged) and gives the stage's own recipe class, chosen once from the phase."""
+    from mmtrain import config
+    from mmtrain.recipes import recipe_class
+    from mmtrain.recipes.vikdf import VIKDFDialogue, VIKDFDistill, VIKDFFusion
+
+    monkeypatch.setattr(config, "validate", lambda cfg, pending=(): None)  # paths elsewhere
+    cfg = config.load_config(REPO / path)
+    recipe = recipe_class(cfg.recipe.name)(cfg.recipe, ctx=None)
+    want = {
+        ("vikdf_distill", None): VIKDFDistill,
+        ("vikdf_fuse", "fusion"): VIKDFFusion,
+        ("vikdf_fuse", "dialogue"): VIKDFDialogue,
+    }[cfg.recipe.name, getattr(cfg.recipe, "phase", None)]
+    assert type(recipe) is want
