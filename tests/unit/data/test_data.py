@@ -469,12 +469,9 @@ def test_a_sample_missing_a_part_is_skipped_and_counted_not_a_crash(tmp_path):
     ld = build_loader(
         DataSection(workers=0, shuffle_buffer=1, max_skip_fraction=0.5),
         str(tmp_path / "cut"),
-        8,
         SampleDecoder(),
         default_collate,
-        0,
-        1,
-        0,
+        Deal(8),
     )
     batches = [next(ld) for _ in range(ld.steps_per_epoch)]
     assert [len(b["text"]) for b in batches] == [8, 8] and ld.skipped == 1
