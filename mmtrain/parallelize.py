@@ -157,43 +157,57 @@ class _VisionTouch:
         self.mllm = mllm
         self.blank = blank
         self.pending = False
-        self.out = None
         self.ran_blank = False  # whether the last forward ran the tower on the blank image
 
     def before_forward(self, module, args, kwargs):
         batch = args[1] if len(args) > 1 else kwargs.get("batch", {})
         self.pending = "pixel_values" not in batch
-        self.out = None
         self.ran_blank = False
 
-    def after_embedding(self, module, args, output):
+    def before_language_model(self, module, args, kwargs):
         if not self.pending:
             return
         self.pending = False
         base = self.mllm.base_model()
+        embeds = kwargs.get("inputs_embeds")
+        device = embeds.device if embeds is not None else base.get_input_embeddings().weight.device
         vision_dtype = next(p.dtype for n, p in base.named_parameters() if "vis" in n)
         blank = {
-            k: (v.to(output.device, vision_dtype) if v.is_floating_point() else v.to(output.device))
+            k: (v.to(device, vision_dtype) if v.is_floating_point() else v.to(device))
             for k, v in self.blank.items()
         }
-        self.out = _tensor_sum(base.get_image_features(**blank))
+        # what the model itself uses of the tower (the projected features, `pooler_output`), so
+        # that the backward runs through the same modules in the same order; the tower's hidden
+        # states (returned too) would reach it around the merger or projector
+        features = base.get_image_features(**blank, return_dict=True)
+        out = _tensor_sum(getattr(features, "pooler_output", features))
         self.ran_blank = True
-
-    def after_forward(self, module, args, kwargs, output: Any):
-        if self.out is not None and isinstance(output, dict) and "loss_sum" in output:
-            output["loss_sum"] = output["loss_sum"] + 0.0 * self.out
-            output["loss"] = output["loss"] + 0.0 * self.out
-        self.out = None
-        return output
+        if embeds is None:
+            raise ValueError("keep_vision_in_graph: the language model was not given inputs_embeds")
+        return args, {**kwargs, "inputs_embeds": embeds + 0.0 * out.to(embeds.dtype)}
 
 
 def keep_vision_in_graph(mllm: nn.Module, processor) -> nn.Module:
-    """Hooks on an `MLLM` that run its vision tower on text-only batches; returns `mllm`."""
+    """Hooks on an `MLLM` that run its vision tower on text-only batches; returns `mllm`.
+
+    The tower runs, and joins the graph, where a batch with images runs it: after the input
+    embeddings, into the language model's input (a pre-hook of `language_model` adds 0 x its
+    output to `inputs_embeds`). Under ZeRO-3 every rank must gather the same parameters in the same
+    order in every step, backward included, or DeepSpeed's trace of them breaks on one rank and
+    not on the other, and the two then wait on each other's collectives for good. Before, a
+    text-only batch added the tower's output to the loss: its backward then ran first, not last,
+    out of step with a rank reading images (hidden while the tiny test models kept every tensor
+    whole)."""
     touch = _VisionTouch(mllm, blank_image_inputs(processor))
     mllm.vision_touch = touch  # not a module: what the last forward did, for tests and debugging
     mllm.register_forward_pre_hook(touch.before_forward, with_kwargs=True)
-    mllm.model.get_input_embeddings().register_forward_hook(touch.after_embedding)
-    mllm.register_forward_hook(touch.after_forward, with_kwargs=True)
+    language = getattr(getattr(mllm.base_model(), "model", None), "language_model", None)
+    if language is None:
+        raise ValueError(
+            f"keep_vision_in_graph: {type(mllm.base_model()).__name__} has no model.language_model "
+            f"(the layout of transformers' image-text-to-text models) to run the vision tower before"
+        )
+    language.register_forward_pre_hook(touch.before_language_model, with_kwargs=True)
     return mllm
 
 

@@ -104,6 +104,44 @@ def test_sft_beats_zero_shot_and_cot_trains_on_filtered_rationales(kp, tiny_mode
     assert len({r["key"] for r in rows}) == 60 and all("generated" in r for r in rows)
 
 
+def test_ranks_switching_between_text_only_and_image_batches_do_not_hang(kp, tiny_models, tmp_path):
+    """Every second post without its image, 4 a micro-batch per rank, every tensor partitioned: a
+    rank's micro-batch is now and then text-only while the other's has images. The vision tower
+    ran for a text-only batch, but its backward came first instead of last; DeepSpeed's trace of
+    the gathers then broke on one rank only, and at step 4 the ranks waited on each other's
+    collectives until the timeout. Now it runs into the language model's input, as images do."""
+    import random
+
+    from mmtrain.data.synth import keyphrase
+
+    samples = []
+    for i in range(64):
+        s = keyphrase(random.Random(i), "train")
+        if i % 2:
+            s.pop("jpg")
+        samples.append({"__key__": f"s{i:04d}", **s})
+    write_shards(iter(samples), tmp_path / "mixed", "keyphrase", max_count=16)
+    run = tmp_path / "runs" / "switching"
+    train(
+        run,
+        common(
+            kp,
+            tiny_models,
+            f"recipe.data.train={tmp_path / 'mixed'}",
+            "recipe.strategy=sft",
+            "train.micro_batch_size=4",
+            "train.steps=6",
+            "log.every=1",
+            "eval.at_end=false",
+            "deepspeed.param_persistence_threshold=0",
+            "deepspeed.precision=fp32",
+        ),
+        config=CONFIG,
+        timeout=150,
+    )
+    assert sorted(scalars(run, "loss/sft")) == [1, 2, 3, 4, 5, 6]
+
+
 def test_text_only_rank_does_not_hang_zero3_and_lora_exports(kp, tiny_models, tmp_path):
     """Rank 0 reads only posts with images, rank 1 only text-only posts (2 equal shards, exact mode)."""
     import random
