@@ -36,6 +36,7 @@ from torch import nn
 from kernels.gaussian import gaussian_kl_elements, gaussian_nll, reparameterize
 from kernels.variational import variational_fusion
 from mmtrain.models.iqformer import IQFormer
+from mmtrain.models.packing import plan_rows
 from mmtrain.schema import choices
 
 INFERENCE_TEMPLATES = [
@@ -184,9 +185,40 @@ def embed_segments(
     return out, mask, spans
 
 
+def pack_segments(embed: nn.Module, segments: List[List[object]], pad_id: int, budget: int):
+    """`embed_segments`, the sequences packed into rows of at most `budget` positions
+    (`packing.plan_rows`) -> (inputs_embeds, sample_index: each position's sequence, -1 on
+    padding, spans: (row, offset) of each sequence and its segments' positions from there)."""
+    embeds, mask, spans = embed_segments(embed, segments, pad_id)
+    lengths = mask.sum(1).tolist()
+    plan = plan_rows(lengths, budget)
+    width = max(sum(lengths[i] for i in members) for members in plan)
+    pad = embed(torch.tensor([pad_id], device=embeds.device))[0].to(embeds.dtype)
+    out = pad.expand(len(plan), width, -1).clone()
+    index = torch.full((len(plan), width), -1, dtype=torch.long, device=embeds.device)
+    placed = [None] * len(segments)
+    for r, members in enumerate(plan):
+        at = 0
+        for i in members:
+            out[r, at : at + lengths[i]] = embeds[i, : lengths[i]]
+            index[r, at : at + lengths[i]] = i
+            placed[i] = (r, [(a + at, b + at) for a, b in spans[i]])
+            at += lengths[i]
+    return out, index, placed
+
+
 def labels_for(spans, mask: torch.Tensor, ids: List[List[int]], segment: int) -> torch.Tensor:
     """Labels for a causal LM: the token ids of `segment` at their positions, -100 elsewhere."""
     labels = torch.full(mask.shape, -100, dtype=torch.long, device=mask.device)
     for i, (a, b) in enumerate(s[segment] for s in spans):
         labels[i, a:b] = torch.tensor(ids[i], device=mask.device)
+    return labels
+
+
+def packed_labels(placed, index: torch.Tensor, ids: List[List[int]], segment: int) -> torch.Tensor:
+    """`labels_for` a packed batch (`pack_segments`' spans)."""
+    labels = torch.full(index.shape, -100, dtype=torch.long, device=index.device)
+    for i, (row, spans) in enumerate(placed):
+        a, b = spans[segment]
+        labels[row, a:b] = torch.tensor(ids[i], device=index.device)
     return labels

@@ -26,7 +26,15 @@ from torch import nn
 
 from kernels.gaussian import reparameterize
 from mmtrain.models.base import EntryPoints
-from mmtrain.models.bvif import BVIF, embed_segments, labels_for, noise
+from mmtrain.models.bvif import (
+    BVIF,
+    embed_segments,
+    labels_for,
+    noise,
+    pack_segments,
+    packed_labels,
+)
+from mmtrain.models.packing import per_sample_sums, restarting_positions
 
 Ids = List[List[int]]  # token ids, one unpadded list per sample
 
@@ -54,12 +62,14 @@ class FuseModel(EntryPoints):
 
     entry_points = ("fusion_losses", "dialogue_losses", "generate", "stage1_losses")
 
-    def __init__(self, bvif: BVIF, llm: nn.Module, pad_id: int, eos_id: int):
+    def __init__(self, bvif: BVIF, llm: nn.Module, pad_id: int, eos_id: int, pack_tokens: int = 0):
         super().__init__()
         self.bvif = bvif
         self.llm = llm
         self.pad_id = pad_id
         self.eos_id = eos_id
+        # > 0: the language-model losses' sequences packed into rows of this many positions
+        self.pack_tokens = pack_tokens
 
     def stage1_losses(self, **inputs) -> Dict[str, Any]:
         """Stage 1's losses through its heads (`self.stage1`, set when the recipe keeps them in
@@ -84,19 +94,33 @@ class FuseModel(EntryPoints):
         self, parts: List[List[Any]], target_segment: int, targets: List[List[int]]
     ) -> Dict[str, Any]:
         """Cross-entropy of the target segment: summed ("ce_sum") over its "ce_count" tokens, their
-        mean ("ce"), and each sample's summed NLL ("nll", detached)."""
-        embeds, mask, spans = embed_segments(self._embed(), parts, self.pad_id)
-        labels = labels_for(spans, mask, targets, target_segment)[:, 1:]
-        logits = self.llm(inputs_embeds=embeds, attention_mask=mask).logits[:, :-1].float()
+        mean ("ce"), and each sample's summed NLL ("nll", detached). With `pack_tokens` the
+        sequences are packed (`pack_segments`), attention kept within each by positions that
+        restart at every sequence."""
+        if self.pack_tokens:
+            embeds, index, placed = pack_segments(
+                self._embed(), parts, self.pad_id, self.pack_tokens
+            )
+            labels = packed_labels(placed, index, targets, target_segment)[:, 1:]
+            inputs = {"position_ids": restarting_positions(index), "use_cache": False}
+        else:
+            embeds, mask, spans = embed_segments(self._embed(), parts, self.pad_id)
+            labels = labels_for(spans, mask, targets, target_segment)[:, 1:]
+            inputs = {"attention_mask": mask}
+        logits = self.llm(inputs_embeds=embeds, **inputs).logits[:, :-1].float()
         tok = torch.nn.functional.cross_entropy(
             logits.transpose(1, 2), labels, ignore_index=-100, reduction="none"
         )
         count = (labels != -100).sum()  # on the device: no host read in the step
+        if self.pack_tokens:
+            nll = per_sample_sums(tok, index[:, 1:], len(parts), torch.ones_like(tok))
+        else:
+            nll = tok.sum(1)
         return {
             "ce": tok.sum() / count.clamp(min=1),
             "ce_sum": tok.sum(),
             "ce_count": count,
-            "nll": tok.sum(1).detach(),
+            "nll": nll.detach(),
         }
 
     def fusion_losses(

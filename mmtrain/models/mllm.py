@@ -25,6 +25,7 @@ from torch import nn
 
 from mmtrain.models.base import EntryPoints
 from mmtrain.models.lora import LoraSection, apply_lora, use_adapter
+from mmtrain.models.packing import per_sample_sums, plan_rows, restarting_positions
 from mmtrain.parallelize import numel
 from mmtrain.schema import ConfigError
 
@@ -166,44 +167,121 @@ def collate_sequences(
     pad_id: int,
     left_pad: bool = False,
     scored: Optional[Sequence[List[int]]] = None,
+    pack_tokens: int = 0,
 ) -> Dict[str, torch.Tensor]:
-    """Per-sample prompts (+ answer ids) -> one padded batch. Token-aligned inputs (ids, mask, token
+    """Per-sample prompts (+ answer ids) -> one batch. Token-aligned inputs (ids, mask, token
     types) are extended with the answer and padded; the rest (pixels, grids) concatenated.
     `scored` (0/1 per answer token) marks the tokens `MLLM.losses` reports per sample apart
-    ("per_sample_scored"), e.g. the answer without its chat-template tokens."""
-    seqs, extras = [], {}
+    ("per_sample_scored"), e.g. the answer without its chat-template tokens.
+
+    `pack_tokens` > 0: the samples are packed into rows of at most that many tokens
+    (`models/packing.py`) instead of each padded to the longest; the batch then has no attention
+    mask but `sample_index` (the sample of each token, -1 on padding) and `image_counts` (each
+    sample's images), from which `MLLM.losses` confines attention to each sample."""
+    seqs, extras = [], []
     for i, p in enumerate(prompts):
-        n = p["input_ids"].shape[-1]
         ans = list(answers[i]) if answers is not None else []
-        row = {
-            "input_ids": torch.cat([p["input_ids"][0], torch.tensor(ans, dtype=torch.long)]),
-            "attention_mask": torch.ones(n + len(ans), dtype=torch.long),
-            "labels": torch.tensor([-100] * n + ans, dtype=torch.long),
-        }
-        if scored is not None:
-            row["scored"] = torch.tensor([0] * n + list(scored[i]), dtype=torch.long)
-        for k, v in p.items():
-            if k in ("input_ids", "attention_mask"):
-                continue
-            # token-aligned (mm_token_type_ids)
-            if v.dim() == 2 and v.shape == p["input_ids"].shape:
-                row[k] = torch.cat([v[0], torch.zeros(len(ans), dtype=v.dtype)])
-            else:
-                extras.setdefault(k, []).append(v)
+        row, extra = _sequence(p, ans, scored[i] if scored is not None else None)
         seqs.append(row)
+        extras.append(extra)
+    if pack_tokens:
+        return _packed(seqs, extras, pad_id, pack_tokens, answers is not None)
     width = max(len(r["input_ids"]) for r in seqs)
-    fill = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
-    out = {}
-    for k in seqs[0]:
-        rows = []
-        for r in seqs:
-            pad = torch.full((width - len(r[k]),), fill.get(k, 0), dtype=r[k].dtype)
-            rows.append(torch.cat([pad, r[k]]) if left_pad else torch.cat([r[k], pad]))
-        out[k] = torch.stack(rows)
-    out.update({k: torch.cat(v) for k, v in extras.items()})
+    out = {k: torch.stack([_pad(r[k], width, k, pad_id, left_pad) for r in seqs]) for k in seqs[0]}
+    out.update(_joined(extras, range(len(extras))))
     if answers is None:
         out.pop("labels")
     return out
+
+
+def _sequence(p: Dict[str, torch.Tensor], ans: List[int], scored: Optional[List[int]]):
+    """One sample's token-aligned rows (prompt and answer) and its other inputs (pixels, grids)."""
+    n = p["input_ids"].shape[-1]
+    row = {
+        "input_ids": torch.cat([p["input_ids"][0], torch.tensor(ans, dtype=torch.long)]),
+        "attention_mask": torch.ones(n + len(ans), dtype=torch.long),
+        "labels": torch.tensor([-100] * n + ans, dtype=torch.long),
+    }
+    if scored is not None:
+        row["scored"] = torch.tensor([0] * n + list(scored), dtype=torch.long)
+    extra = {}
+    for k, v in p.items():
+        if k in ("input_ids", "attention_mask"):
+            continue
+        if v.dim() == 2 and v.shape == p["input_ids"].shape:  # token-aligned (mm_token_type_ids)
+            row[k] = torch.cat([v[0], torch.zeros(len(ans), dtype=v.dtype)])
+        else:
+            extra[k] = v
+    return row, extra
+
+
+def _joined(extras: List[Dict[str, torch.Tensor]], order) -> Dict[str, torch.Tensor]:
+    """The samples' other inputs (pixels, grids; a text-only sample has none), concatenated in
+    `order`."""
+    keys = list(dict.fromkeys(k for e in extras for k in e))
+    return {k: torch.cat([extras[i][k] for i in order if k in extras[i]]) for k in keys}
+
+
+FILL = {"input_ids": None, "attention_mask": 0, "labels": -100, "sample_index": -1}
+
+
+def _pad(t: torch.Tensor, width: int, key: str, pad_id: int, left: bool = False) -> torch.Tensor:
+    fill = FILL.get(key, 0)
+    pad = torch.full((width - len(t),), pad_id if fill is None else fill, dtype=t.dtype)
+    return torch.cat([pad, t]) if left else torch.cat([t, pad])
+
+
+def _packed(seqs, extras, pad_id: int, budget: int, with_labels: bool) -> Dict[str, torch.Tensor]:
+    """The samples packed into rows (`packing.plan_rows`); the other inputs (pixels, grids) in
+    the order their samples now come, row after row."""
+    plan = plan_rows([len(r["input_ids"]) for r in seqs], budget)
+    keys = [k for k in seqs[0] if k != "attention_mask"]
+    rows = []
+    for members in plan:
+        row = {k: torch.cat([seqs[i][k] for i in members]) for k in keys}
+        row["sample_index"] = torch.cat(
+            [torch.full((len(seqs[i]["input_ids"]),), i, dtype=torch.long) for i in members]
+        )
+        rows.append(row)
+    width = max(len(r["input_ids"]) for r in rows)
+    out = {k: torch.stack([_pad(r[k], width, k, pad_id) for r in rows]) for k in rows[0]}
+    out.update(_joined(extras, [i for members in plan for i in members]))
+    if "image_grid_thw" in out:
+        out["image_counts"] = torch.tensor([len(e.get("image_grid_thw", ())) for e in extras])
+    if not with_labels:
+        out.pop("labels")
+    return out
+
+
+HOST_ONLY = ("labels", "scored", "sample_index", "image_counts")  # read here, not by the model
+
+
+def _segments(index: torch.Tensor):
+    """(row, start, end, sample) of every sample in a packed batch's `sample_index`."""
+    for r, row in enumerate(index.tolist()):
+        start = 0
+        for j in range(1, len(row) + 1):
+            if j == len(row) or row[j] != row[start]:
+                if row[start] >= 0:
+                    yield r, start, j, row[start]
+                start = j
+
+
+class _PerSample:
+    """Per-sample sums of per-token values (labels' positions from `first` on): over each row of a
+    padded batch, over each sample's tokens of a packed one (`sample_index`)."""
+
+    def __init__(self, batch: Dict[str, torch.Tensor], first: int, device: torch.device):
+        index = batch.get("sample_index")
+        self.index = None if index is None else index[:, 1 + first :].to(device)
+        self.n = 0 if index is None else int(index.max()) + 1
+        real = batch["attention_mask"] if index is None else (index >= 0)
+        self.positions = int(real.numpy().sum())  # the tokens the model reads (host tensors)
+
+    def sums(self, values: torch.Tensor) -> torch.Tensor:
+        if self.index is None:
+            return values.sum(1)
+        return per_sample_sums(values, self.index, self.n, torch.ones_like(values))
 
 
 class MLLM(EntryPoints):
@@ -231,11 +309,38 @@ class MLLM(EntryPoints):
     def _inputs(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         dev = self.model.get_input_embeddings().weight.device
         dtype = next(p.dtype for p in self.parameters() if p.is_floating_point())
-        return {
+        inputs = {
             k: (v.to(dev, dtype) if v.is_floating_point() else v.to(dev))
             for k, v in batch.items()
-            if isinstance(v, torch.Tensor) and k not in ("labels", "scored")
+            if isinstance(v, torch.Tensor) and k not in HOST_ONLY
         }
+        if "sample_index" in batch:  # packed: attention confined to each sample by its positions
+            inputs["position_ids"] = self.packed_positions(batch).to(dev)
+            inputs["use_cache"] = False  # (transformers reads packing only without a cache)
+        return inputs
+
+    def packed_positions(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Positions that restart at every sample of a packed batch: (rows, positions), or for a
+        multimodal-rotary model (Qwen2-VL) (4, rows, positions), the text positions first, then
+        each sample's own M-RoPE positions, computed as for the sample alone."""
+        index = batch["sample_index"]
+        text = restarting_positions(index)
+        rope_index = getattr(getattr(self.base_model(), "model", None), "get_rope_index", None)
+        if rope_index is None:
+            return text
+        rope = text[None].repeat(3, 1, 1)
+        grids, counts = batch.get("image_grid_thw"), batch.get("image_counts")
+        taken = 0
+        for r, a, b, sample in _segments(index):
+            n = int(counts[sample]) if counts is not None else 0
+            if n:  # text-only samples keep their text positions in all three
+                rope[:, r, a:b] = rope_index(
+                    batch["input_ids"][r : r + 1, a:b],
+                    mm_token_type_ids=batch["mm_token_type_ids"][r : r + 1, a:b],
+                    image_grid_thw=grids[taken : taken + n],
+                )[0][:, 0]
+                taken += n
+        return torch.cat([text[None], rope])
 
     def losses(
         self, batch: Dict[str, torch.Tensor], adapter: Optional[str] = None
@@ -264,21 +369,22 @@ class MLLM(EntryPoints):
         per_token = torch.zeros(labels.shape, dtype=ce.dtype, device=ce.device).masked_scatter(
             pick, ce
         )
-        counts = pick.sum(1).clamp(min=1)
         loss_sum = ce.sum()
         tokens = pick.sum()  # on the device, like the losses
+        per_sample = _PerSample(batch, first, per_token.device)
+        nll = per_sample.sums(per_token)
         out = {
             "loss": loss_sum / tokens.clamp(min=1),
             "loss_sum": loss_sum,
-            "per_sample": (per_token.sum(1) / counts).detach(),
-            "nll_sum": per_token.sum(1).detach(),
+            "per_sample": (nll / per_sample.sums(pick.to(ce.dtype)).clamp(min=1)).detach(),
+            "nll_sum": nll.detach(),
             "tokens": tokens,
-            "flops": self.train_flops(int(batch["attention_mask"].numpy().sum())),
+            "flops": self.train_flops(per_sample.positions),
         }
         if "scored" in batch:
             scored = batch["scored"].to(per_token.device)[:, 1 + first :].to(per_token.dtype)
             out["per_sample_scored"] = (
-                (per_token * scored).sum(1) / scored.sum(1).clamp(min=1)
+                per_sample.sums(per_token * scored) / per_sample.sums(scored).clamp(min=1)
             ).detach()
         return out
 

@@ -42,10 +42,11 @@ from mmtrain.metrics.keyphrase import (
 from mmtrain.models.generation import GenerationSection, pad_id
 from mmtrain.models.lora import LoraSection
 from mmtrain.models.mllm import MLLM, Prompter, collate_sequences, load_model, load_processor
+from mmtrain.models.packing import padding_share
 from mmtrain.parallelize import keep_vision_in_graph
 from mmtrain.recipes.base import EvalResult, GlobalMean, StepOutput
 from mmtrain.recipes.common import ShardRecipe, gather_rows
-from mmtrain.schema import ConfigError, RecipeConfig, choices, path_field
+from mmtrain.schema import ConfigError, RecipeConfig, bounded, choices, path_field
 
 log = logging.getLogger("mmtrain")
 
@@ -79,6 +80,9 @@ class DynCoTConfig(RecipeConfig):
         default_factory=lambda: GenerationSection(max_new_tokens=256)
     )
     max_answer_tokens: int = 256  # a longer CoT target loses the end of its reasoning
+    # > 0: each micro-batch's sequences packed into rows of at most this many tokens (a longer one
+    # alone in its row), attention kept within each sample; 0: each padded to the longest
+    pack_tokens: int = bounded(0, ge=0)
     # bounds on an image's pixels after resizing (Qwen2-VL-style processors; null: the model
     # directory's own, for Qwen2-VL up to ~16k image tokens; 802816 = 1024 tokens)
     min_pixels: Optional[int] = None
@@ -374,9 +378,10 @@ class DynCoT(ShardRecipe):
         use = [self._use_cot(k, cot) for k, cot in zip(batch["key"], batch["cot"])]
         answers = [cot if u else d for u, cot, d in zip(use, batch["cot"], batch["direct"])]
         scored = [[0] * len(a) if u else m for u, a, m in zip(use, answers, batch["scored"])]
-        out = model(
-            "losses", collate_sequences(batch["prompt"], answers, self.pad_id, scored=scored)
+        sequences = collate_sequences(
+            batch["prompt"], answers, self.pad_id, scored=scored, pack_tokens=c.pack_tokens
         )
+        out = model("losses", sequences)
         if c.strategy == "dynamic":  # hardness: the loss on the keyphrase tokens alone
             direct = [i for i, u in enumerate(use) if not u]
             self._step_keys += [batch["key"][i] for i in direct]
@@ -390,6 +395,7 @@ class DynCoT(ShardRecipe):
             "cot_truncated_frac": sum(u and t for u, t in zip(use, batch["truncated"])) / n,
             "rationale_too_long_frac": sum(s == "too_long" for s in batch["rationale"]) / n,
             "answer_over_cap_frac": sum(batch["over_cap"]) / n,
+            "padding_frac": padding_share(sequences),  # positions without a token
         }
         if c.strategy == "dynamic":
             stats["switched_frac"] = len(self.tracker.switched) / max(1, len(self.tracker.latest))

@@ -35,6 +35,7 @@ from mmtrain.metrics.figures import confusion_figure, figure_image
 from mmtrain.models.generation import pad_id
 from mmtrain.models.lora import LoraSection
 from mmtrain.models.mllm import MLLM, Prompter, collate_sequences, load_model, load_processor
+from mmtrain.models.packing import padding_share
 from mmtrain.models.rules import (
     Rule,
     RuleBase,
@@ -46,7 +47,7 @@ from mmtrain.models.rules import (
 from mmtrain.parallelize import keep_vision_in_graph
 from mmtrain.recipes.base import EvalResult, GlobalMean, StepOutput
 from mmtrain.recipes.common import ShardRecipe, gather_rows
-from mmtrain.schema import ConfigError, RecipeConfig, choices, path_field
+from mmtrain.schema import ConfigError, RecipeConfig, bounded, choices, path_field
 from mmtrain.text import slug
 
 log = logging.getLogger("mmtrain")
@@ -97,6 +98,9 @@ class KDSLConfig(RecipeConfig):
     # task -> labels; empty: read from the shards
     labels: Dict[str, List[str]] = field(default_factory=dict)
     lora: LoraSection = field(default_factory=LoraSection)
+    # > 0: each micro-batch's sequences packed into rows of at most this many tokens (a longer one
+    # alone in its row), attention kept within each sample; 0: each padded to the longest
+    pack_tokens: int = bounded(0, ge=0)
     # adapters of an earlier run's export (few-shot adaptation)
     init_from: Optional[str] = path_field(None)
     # rules.json for collaborative prediction in `mmtrain eval`
@@ -282,10 +286,13 @@ class KDSL(ShardRecipe):
             self.label_ids[task][self._train_label(task, k, m)]
             for k, m in zip(batch["key"], batch["meta"])
         ]
-        batch_t = collate_sequences(batch["prompt"][task], answers, self.pad_id)
+        batch_t = collate_sequences(
+            batch["prompt"][task], answers, self.pad_id, pack_tokens=self.cfg.pack_tokens
+        )
         out = model("losses", batch_t, adapter=self._adapter(task))
         return StepOutput(
             losses={task: GlobalMean(out["loss_sum"], out["tokens"])},  # mean over answer tokens
+            stats={f"padding_frac_{task}": padding_share(batch_t)},  # positions without a token
             samples=samples,
             tokens=out["tokens"],
             flops=out["flops"],

@@ -37,7 +37,7 @@ from mmtrain.parallelize import replicate_frozen
 from mmtrain.recipes.base import EvalResult, GlobalMean, StepOutput
 from mmtrain.recipes.common import ShardRecipe, gather_rows
 from mmtrain.recipes.vikdf.collate import DialogueBatch, FusionBatch, Pixels
-from mmtrain.schema import ConfigError, RecipeConfig, choices, path_field
+from mmtrain.schema import ConfigError, RecipeConfig, bounded, choices, path_field
 
 
 @dataclass
@@ -69,6 +69,9 @@ class FuseConfig(RecipeConfig):
         default_factory=lambda: list(RECONSTRUCTION_TEMPLATES)
     )
     max_text_len: int = 64
+    # > 0: each micro-batch's LLM sequences packed into rows of at most this many positions (a
+    # longer one alone in its row), attention kept within each sequence; 0: padded to the longest
+    pack_tokens: int = bounded(0, ge=0)
     lora: LoraSection = field(default_factory=LoraSection)
     generation: GenerationSection = field(
         default_factory=lambda: GenerationSection(
@@ -150,7 +153,7 @@ class VIKDFFuse(ShardRecipe):
         if c.init_from:
             load_bvif_state(bvif, c.init_from)
         model = self.extend(
-            FuseModel(bvif, llm, pad_id(self.tokenizer), self.tokenizer.eos_token_id)
+            FuseModel(bvif, llm, pad_id(self.tokenizer), self.tokenizer.eos_token_id, c.pack_tokens)
         )
         return model if c.lora.enabled else replicate_frozen(model, "llm")
 
