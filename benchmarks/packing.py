@@ -27,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from ranks import REPO, start_ranks
+
 FILLER = "the post shows a small drawing and some words about it".split()
 
 
@@ -104,8 +105,6 @@ def write_posts(out: Path, n: int) -> None:
 
 
 def train(run: Path, data: Path, models: Path, steps: int, pack: int) -> dict:
-    run.parent.mkdir(parents=True, exist_ok=True)
-    port = 29500 + (os.getpid() + pack) % 1000
     overrides = [
         f"recipe.model_path={models / 'qwen2vl'}",
         f"recipe.data.train={data / 'train'}",
@@ -115,33 +114,13 @@ def train(run: Path, data: Path, models: Path, steps: int, pack: int) -> dict:
         "recipe.generation.max_new_tokens=1024",
         f"recipe.pack_tokens={pack}",
         "deepspeed.zero_stage=3",
-        f"run.out_dir={run.parent}",
-        f"run.name={run.name}",
         f"train.steps={steps}",
         "log.every=1",
-        "log.progress=false",
         "eval.at_end=false",
         "checkpoint.every=0",
     ]
-    procs = []
-    for rank in range(2):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-        )
-        args = ["train", str(REPO / "configs" / "demo" / "dyncot.yaml"), *overrides]
-        log = open(run.parent / f"{run.name}.rank{rank}.log", "wb")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "mmtrain.cli", *args], env=env, cwd=REPO, stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )  # fmt: skip
+    port = 29500 + (os.getpid() + pack) % 1000
+    procs = start_ranks(REPO / "configs" / "demo" / "dyncot.yaml", overrides, run, port=port)
     started = time.monotonic()
     if any(p.wait(1800) for p in procs):
         raise RuntimeError(f"a rank failed; logs beside {run}")

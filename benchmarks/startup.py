@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from ranks import REPO, start_ranks
+
 RECIPES = {"dyncot": "keyphrase", "kdsl": "intent"}
 
 
@@ -36,42 +36,16 @@ def bytes_read(pid: int) -> int:
 
 def first_step(recipe: str, data: Path, models: Path, run: Path) -> dict:
     """Launch 2 ranks, wait for `step 1/` in the run's log, stop them."""
-    port = 29500 + os.getpid() % 1000
     overrides = [
         f"recipe.model_path={models / 'qwen2vl'}",
         f"recipe.data.train={data / 'train'}",
         f"recipe.data.val={data / 'val'}",
-        f"run.out_dir={run.parent}",
-        f"run.name={run.name}",
         "train.steps=1",
         "log.every=1",
-        "log.progress=false",
         "eval.at_end=false",
     ]
-    run.parent.mkdir(parents=True, exist_ok=True)
-    procs = []
     start = time.monotonic()
-    for rank in range(2):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-        )
-        args = ["train", str(REPO / "configs" / "demo" / f"{recipe}.yaml"), *overrides]
-        log = open(run.parent / f"{run.name}.rank{rank}.log", "wb")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "mmtrain.cli", *args],
-                env=env,
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        )
+    procs = start_ranks(REPO / "configs" / "demo" / f"{recipe}.yaml", overrides, run)
     log_file = run / "train.log"
     read = None
     while time.monotonic() - start < 900:

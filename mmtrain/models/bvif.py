@@ -189,8 +189,8 @@ def pack_segments(embed: nn.Module, segments: List[List[object]], pad_id: int, b
     """`embed_segments`, the sequences packed into rows of at most `budget` positions
     (`packing.plan_rows`) -> (inputs_embeds, sample_index: each position's sequence, -1 on
     padding, spans: (row, offset) of each sequence and its segments' positions from there)."""
-    embeds, mask, spans = embed_segments(embed, segments, pad_id)
-    lengths = mask.sum(1).tolist()
+    embeds, _, spans = embed_segments(embed, segments, pad_id)
+    lengths = [s[-1][1] for s in spans]  # from the segments' sizes: no read of the device
     plan = plan_rows(lengths, budget)
     width = max(sum(lengths[i] for i in members) for members in plan)
     pad = embed(torch.tensor([pad_id], device=embeds.device))[0].to(embeds.dtype)

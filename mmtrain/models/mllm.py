@@ -258,7 +258,7 @@ HOST_ONLY = ("labels", "scored", "sample_index", "image_counts")  # read here, n
 
 def _segments(index: torch.Tensor):
     """(row, start, end, sample) of every sample in a packed batch's `sample_index`."""
-    for r, row in enumerate(index.tolist()):
+    for r, row in enumerate(index.numpy().tolist()):  # a host tensor (numpy: no device read)
         start = 0
         for j in range(1, len(row) + 1):
             if j == len(row) or row[j] != row[start]:
@@ -274,7 +274,7 @@ class _PerSample:
     def __init__(self, batch: Dict[str, torch.Tensor], first: int, device: torch.device):
         index = batch.get("sample_index")
         self.index = None if index is None else index[:, 1 + first :].to(device)
-        self.n = 0 if index is None else int(index.max()) + 1
+        self.n = 0 if index is None else int(index.numpy().max()) + 1  # host tensors
         real = batch["attention_mask"] if index is None else (index >= 0)
         self.positions = int(real.numpy().sum())  # the tokens the model reads (host tensors)
 
@@ -330,9 +330,10 @@ class MLLM(EntryPoints):
             return text
         rope = text[None].repeat(3, 1, 1)
         grids, counts = batch.get("image_grid_thw"), batch.get("image_counts")
+        counts = counts.numpy().tolist() if counts is not None else None  # host tensors
         taken = 0
         for r, a, b, sample in _segments(index):
-            n = int(counts[sample]) if counts is not None else 0
+            n = counts[sample] if counts is not None else 0
             if n:  # text-only samples keep their text positions in all three
                 rope[:, r, a:b] = rope_index(
                     batch["input_ids"][r : r + 1, a:b],

@@ -56,8 +56,9 @@ def per_sample_sums(
 
 
 def padding_share(batch) -> float:
-    """The share of a collated batch's positions that hold no token: padding, packed or not (host
-    tensors: no device read)."""
+    """The share of a collated batch's positions that hold no token: padding, packed or not. The
+    batch's tensors are host tensors, read through numpy (which refuses a device tensor), so that
+    no read here waits for the device."""
     index = batch.get("sample_index")
-    real = batch["attention_mask"] > 0 if index is None else index >= 0
-    return 1.0 - float(real.sum()) / max(1, real.numel())
+    real = (batch["attention_mask"] > 0 if index is None else index >= 0).numpy()
+    return 1.0 - float(real.sum()) / max(1, real.size)

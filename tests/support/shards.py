@@ -59,3 +59,19 @@ def corrupt_one_image(shard):
                 data = b"\xff\xd8garbage"
             m.size = len(data)
             tf.addfile(m, io.BytesIO(data))
+
+
+def keyphrase_posts(out, n: int, without_image) -> None:
+    """`n` synthetic keyphrase posts as shards of 16 in `out`; those whose index `without_image(i)`
+    picks have no image."""
+    import random
+
+    from mmtrain.data.synth import keyphrase
+
+    samples = []
+    for i in range(n):
+        s = keyphrase(random.Random(i), "train")
+        if without_image(i):
+            s.pop("jpg")
+        samples.append({"__key__": f"s{i:04d}", **s})
+    write_shards(iter(samples), out, "keyphrase", max_count=16)

@@ -66,7 +66,7 @@ def test_toy_lm_reads_the_device_once_per_step_and_a_bad_micro_batch_costs_only_
 def test_every_recipe_reads_the_device_once_per_step(tmp_path, tiny_models, image_text_shards):
     """Stage 1 (global contrastive loss), fusion and dialogue (BVIF, LoRA), Dynamic CoT (per-sample
     hardness) and KDSL (one backward per task: two parts a micro-batch), 6 steps of 2 micro-batches
-    each on 2 ranks."""
+    each on 2 ranks; Dynamic CoT and dialogue packed too (`recipe.pack_tokens`)."""
     t = tiny_models
     synth("keyphrase", str(tmp_path / "kp"), 100, seed=0)
     synth("intent", str(tmp_path / "intent"), 100, seed=0)
@@ -108,12 +108,14 @@ def test_every_recipe_reads_the_device_once_per_step(tmp_path, tiny_models, imag
             f"recipe.data.val={tmp_path / 'intent' / 'val'}",
         ],
     }
+    cases["dyncot_packed"] = [*cases["dyncot"], "recipe.pack_tokens=256"]
+    cases["vikdf_dialogue_packed"] = [*cases["vikdf_dialogue"], "recipe.pack_tokens=192"]
     for name, overrides in cases.items():
         run = tmp_path / "runs" / name
         train(
             run,
             [*overrides, *COUNT, "train.steps=6", "train.micro_batch_size=4"],
-            config=REPO / "configs" / "demo" / f"{name}.yaml",
+            config=REPO / "configs" / "demo" / f"{name.removesuffix('_packed')}.yaml",
             timeout=600,
         )
         assert_one_per_step(run, 6)

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from mmtrain.data.shards import write_shards
 from mmtrain.data.synth import synth
 from tests.helpers import REPO, eval_ranks, scalars, train
+from tests.support.shards import keyphrase_posts
 
 CONFIG = REPO / "configs" / "demo" / "dyncot.yaml"
 
@@ -110,17 +110,7 @@ def test_ranks_switching_between_text_only_and_image_batches_do_not_hang(kp, tin
     ran for a text-only batch, but its backward came first instead of last; DeepSpeed's trace of
     the gathers then broke on one rank only, and at step 4 the ranks waited on each other's
     collectives until the timeout. Now it runs into the language model's input, as images do."""
-    import random
-
-    from mmtrain.data.synth import keyphrase
-
-    samples = []
-    for i in range(64):
-        s = keyphrase(random.Random(i), "train")
-        if i % 2:
-            s.pop("jpg")
-        samples.append({"__key__": f"s{i:04d}", **s})
-    write_shards(iter(samples), tmp_path / "mixed", "keyphrase", max_count=16)
+    keyphrase_posts(tmp_path / "mixed", 64, without_image=lambda i: i % 2)
     run = tmp_path / "runs" / "switching"
     train(
         run,
@@ -144,17 +134,7 @@ def test_ranks_switching_between_text_only_and_image_batches_do_not_hang(kp, tin
 
 def test_text_only_rank_does_not_hang_zero3_and_lora_exports(kp, tiny_models, tmp_path):
     """Rank 0 reads only posts with images, rank 1 only text-only posts (2 equal shards, exact mode)."""
-    import random
-
-    from mmtrain.data.synth import keyphrase
-
-    samples = []
-    for i in range(32):
-        s = keyphrase(random.Random(i), "train")
-        if i >= 16:
-            s.pop("jpg")
-        samples.append({"__key__": f"s{i:04d}", **s})
-    write_shards(iter(samples), tmp_path / "mixed", "keyphrase", max_count=16)
+    keyphrase_posts(tmp_path / "mixed", 32, without_image=lambda i: i >= 16)
     lora = "recipe.lora={enabled: true, r: 4, alpha: 8, target_modules: [q_proj, v_proj]}"
     run = tmp_path / "runs" / "mixed"
     train(

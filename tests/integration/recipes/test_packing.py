@@ -6,14 +6,13 @@ dialogue. Tolerances: those of the world-size harness (the same sums in another 
 
 from __future__ import annotations
 
-import random
 import re
 
 import pytest
 
-from mmtrain.data.shards import write_shards
-from mmtrain.data.synth import keyphrase, synth
+from mmtrain.data.synth import synth
 from tests.helpers import REPO
+from tests.support.shards import keyphrase_posts
 from tests.support.stage2 import stage2_assets
 from tests.world_size import Case, assert_invariant, run_layout
 
@@ -42,13 +41,7 @@ def padded_packed(case, root, pack, worlds=(2,)):
 def mixed_posts(tmp_path_factory):
     """64 keyphrase posts, every second one without its image."""
     root = tmp_path_factory.mktemp("mixed")
-    samples = []
-    for i in range(64):
-        s = keyphrase(random.Random(i), "train")
-        if i % 2:
-            s.pop("jpg")
-        samples.append({"__key__": f"s{i:04d}", **s})
-    write_shards(iter(samples), root / "train", "keyphrase", max_count=16)
+    keyphrase_posts(root / "train", 64, without_image=lambda i: i % 2)
     return root
 
 
