@@ -10,6 +10,7 @@ wrapped in a peft LoRA adapter.
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -42,6 +43,9 @@ class ToyLMConfig(RecipeConfig):
     )
     # for fault tests: NaN loss at these micro-steps
     inject_nan_at_calls: List[int] = field(default_factory=list)
+    # for timing tests: each micro-batch also waits this long (a model slow enough that a run
+    # spans a signal however fast the machine)
+    step_delay_s: float = 0.0
 
 
 class TokenStream:
@@ -166,6 +170,8 @@ class ToyLM(Recipe):
         ids = batch["input_ids"].to(self.ctx.device)
         out = model(ids)
         self._calls += 1
+        if self.cfg.step_delay_s:
+            time.sleep(self.cfg.step_delay_s)
         loss = out["lm"]
         if self._calls in self.cfg.inject_nan_at_calls:
             loss = loss * float("nan")

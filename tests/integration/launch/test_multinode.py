@@ -249,11 +249,11 @@ def test_the_deepspeed_launcher_across_two_hosts(one_node, tmp_path):
 
 def test_the_time_limit_signal_requeues_and_resumes_on_two_nodes(tmp_path):
     # a 2-minute limit signalled 75 s ahead (Slurm here checks limits within seconds): each run
-    # trains ~30 s after its start-up, so 300 steps take more than one; the losses are the
-    # uninterrupted ones
+    # trains ~30 s after its start-up, so 300 steps take more than one (each step waits 0.2 s, so
+    # that they do however fast the machine); the losses are the uninterrupted ones
     steps = 300
     args = [*NET, f"train.steps={steps}", "checkpoint.every=0", "train.micro_batch_size=8"]
-    args += ["log.every=1"]
+    args += ["log.every=1", "recipe.step_delay_s=0.2"]
     jid = sbatch(tmp_path, "limit", DEMO, ["--nodes=2", "--ntasks-per-node=1"], args,
                  sbatch_args=["--time=2", "--signal=USR1@75"])  # fmt: skip
     run = tmp_path / "runs" / "limit"

@@ -54,9 +54,11 @@ def test_the_time_limit_signal_requeues_and_the_run_resumes_to_the_same_losses(t
     # a 2-minute limit signalled 75 s ahead: the ranks train ~30 s (after ~15 s of start-up) before
     # each signal, which cuts 600 steps into several runs and leaves a minute for the checkpoint.
     # (With the signal less than a start-up before the limit, every run would checkpoint at its
-    # first step and requeue again: Slurm here checks time limits within seconds.)
+    # first step and requeue again: Slurm here checks time limits within seconds.) Each step waits
+    # 0.1 s, so that the 600 steps take a minute at least: on a fast machine they had ended in 40 s,
+    # before the first signal.
     steps = 600
-    args = [f"train.steps={steps}", "checkpoint.every=0", "log.every=1"]
+    args = [f"train.steps={steps}", "checkpoint.every=0", "log.every=1", "recipe.step_delay_s=0.1"]
     jid = submit(tmp_path, "limit", ["--time=2", "--signal=USR1@75"], args)
     try:
         state = wait_for(
