@@ -168,9 +168,10 @@ class _VisionTouch:
         if not self.pending:
             return
         self.pending = False
-        base = self.mllm.base_model()
         embeds = kwargs.get("inputs_embeds")
-        device = embeds.device if embeds is not None else base.get_input_embeddings().weight.device
+        if embeds is None:
+            raise ValueError("keep_vision_in_graph: the language model was not given inputs_embeds")
+        base, device = self.mllm.base_model(), embeds.device
         vision_dtype = next(p.dtype for n, p in base.named_parameters() if "vis" in n)
         blank = {
             k: (v.to(device, vision_dtype) if v.is_floating_point() else v.to(device))
@@ -182,8 +183,6 @@ class _VisionTouch:
         features = base.get_image_features(**blank, return_dict=True)
         out = _tensor_sum(getattr(features, "pooler_output", features))
         self.ran_blank = True
-        if embeds is None:
-            raise ValueError("keep_vision_in_graph: the language model was not given inputs_embeds")
         return args, {**kwargs, "inputs_embeds": embeds + 0.0 * out.to(embeds.dtype)}
 
 

@@ -66,7 +66,6 @@ class Run:
 
     cfg: Config
     env: dist.DistEnv
-    plan: BatchPlan
     log: logging.Logger  # train.log (rank 0) and the terminal
     recipe: Recipe
     engine: Any  # DeepSpeed's engine around the recipe's model
@@ -79,10 +78,6 @@ class Run:
     profiler: StepProfiler
     found: Found  # the checkpoint to resume from
     reshard: bool  # it was written by another number of ranks
-
-    @property
-    def run_dir(self) -> Path:
-        return self.cfg.run_dir
 
 
 class Lifeline:
@@ -144,7 +139,6 @@ def build_run(cfg: Config, lifeline: Lifeline) -> Run:
     return Run(
         cfg=cfg,
         env=env,
-        plan=plan,
         log=log,
         recipe=recipe,
         engine=engine,

@@ -154,11 +154,9 @@ class BVIF(nn.Module):
         return self._per_dim(gaussian_nll(target, mu_p, lv_p))
 
 
-def embed_segments(
-    embed: nn.Module, segments: List[List[object]], pad_id: int, left_pad: bool = False
-):
-    """Batch of sequences made of token-id lists and embedding tensors -> (inputs_embeds, attention mask,
-    positions of each segment). Right-padded for training, left-padded for generation."""
+def _embedded(embed: nn.Module, segments: List[List[object]]):
+    """Each sequence's embeddings (its token-id lists embedded, its tensors as they are, all
+    concatenated) and the positions of its segments within it."""
     rows, spans = [], []
     for parts in segments:
         pieces, pos, cur = [], [], 0
@@ -173,9 +171,23 @@ def embed_segments(
             cur += t.shape[0]
         rows.append(torch.cat(pieces))
         spans.append(pos)
-    n = max(r.shape[0] for r in rows)
+    return rows, spans
+
+
+def _padding(embed: nn.Module, pad_id: int, rows: int, width: int) -> torch.Tensor:
+    """A (rows, width, hidden) block of the pad token's embedding, to lay sequences into."""
     pad = embed(torch.tensor([pad_id], device=embed.weight.device))[0].to(embed.weight.dtype)
-    out = pad.expand(len(rows), n, -1).clone()
+    return pad.expand(rows, width, -1).clone()
+
+
+def embed_segments(
+    embed: nn.Module, segments: List[List[object]], pad_id: int, left_pad: bool = False
+):
+    """Batch of sequences made of token-id lists and embedding tensors -> (inputs_embeds, attention mask,
+    positions of each segment). Right-padded for training, left-padded for generation."""
+    rows, spans = _embedded(embed, segments)
+    n = max(r.shape[0] for r in rows)
+    out = _padding(embed, pad_id, len(rows), n)
     mask = torch.zeros(len(rows), n, dtype=torch.long, device=out.device)
     for i, r in enumerate(rows):
         off = n - r.shape[0] if left_pad else 0
@@ -188,37 +200,30 @@ def embed_segments(
 def pack_segments(embed: nn.Module, segments: List[List[object]], pad_id: int, budget: int):
     """`embed_segments`, the sequences packed into rows of at most `budget` positions
     (`packing.plan_rows`) -> (inputs_embeds, sample_index: each position's sequence, -1 on
-    padding, spans: (row, offset) of each sequence and its segments' positions from there)."""
-    embeds, _, spans = embed_segments(embed, segments, pad_id)
-    lengths = [s[-1][1] for s in spans]  # from the segments' sizes: no read of the device
+    padding, placed: each sequence's row and its segments' positions in that row)."""
+    rows, spans = _embedded(embed, segments)
+    lengths = [r.shape[0] for r in rows]  # shapes: no read of the device
     plan = plan_rows(lengths, budget)
     width = max(sum(lengths[i] for i in members) for members in plan)
-    pad = embed(torch.tensor([pad_id], device=embeds.device))[0].to(embeds.dtype)
-    out = pad.expand(len(plan), width, -1).clone()
-    index = torch.full((len(plan), width), -1, dtype=torch.long, device=embeds.device)
+    out = _padding(embed, pad_id, len(plan), width)
+    index = torch.full((len(plan), width), -1, dtype=torch.long, device=out.device)
     placed = [None] * len(segments)
     for r, members in enumerate(plan):
         at = 0
         for i in members:
-            out[r, at : at + lengths[i]] = embeds[i, : lengths[i]]
+            out[r, at : at + lengths[i]] = rows[i]
             index[r, at : at + lengths[i]] = i
             placed[i] = (r, [(a + at, b + at) for a, b in spans[i]])
             at += lengths[i]
     return out, index, placed
 
 
-def labels_for(spans, mask: torch.Tensor, ids: List[List[int]], segment: int) -> torch.Tensor:
-    """Labels for a causal LM: the token ids of `segment` at their positions, -100 elsewhere."""
-    labels = torch.full(mask.shape, -100, dtype=torch.long, device=mask.device)
-    for i, (a, b) in enumerate(s[segment] for s in spans):
-        labels[i, a:b] = torch.tensor(ids[i], device=mask.device)
-    return labels
-
-
-def packed_labels(placed, index: torch.Tensor, ids: List[List[int]], segment: int) -> torch.Tensor:
-    """`labels_for` a packed batch (`pack_segments`' spans)."""
-    labels = torch.full(index.shape, -100, dtype=torch.long, device=index.device)
+def labels_for(placed, like: torch.Tensor, ids: List[List[int]], segment: int) -> torch.Tensor:
+    """Labels for a causal LM, shaped as `like`: the token ids of each sequence's `segment` at
+    their positions, -100 elsewhere. `placed`: each sequence's (row, positions of its segments),
+    as `pack_segments` gives it, or `enumerate(spans)` of `embed_segments`."""
+    labels = torch.full(like.shape, -100, dtype=torch.long, device=like.device)
     for i, (row, spans) in enumerate(placed):
         a, b = spans[segment]
-        labels[row, a:b] = torch.tensor(ids[i], device=index.device)
+        labels[row, a:b] = torch.tensor(ids[i], device=like.device)
     return labels

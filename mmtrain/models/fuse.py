@@ -32,7 +32,6 @@ from mmtrain.models.bvif import (
     labels_for,
     noise,
     pack_segments,
-    packed_labels,
 )
 from mmtrain.models.packing import per_sample_sums, restarting_positions
 
@@ -101,11 +100,11 @@ class FuseModel(EntryPoints):
             embeds, index, placed = pack_segments(
                 self._embed(), parts, self.pad_id, self.pack_tokens
             )
-            labels = packed_labels(placed, index, targets, target_segment)[:, 1:]
+            labels = labels_for(placed, index, targets, target_segment)[:, 1:]
             inputs = {"position_ids": restarting_positions(index), "use_cache": False}
         else:
             embeds, mask, spans = embed_segments(self._embed(), parts, self.pad_id)
-            labels = labels_for(spans, mask, targets, target_segment)[:, 1:]
+            labels = labels_for(enumerate(spans), mask, targets, target_segment)[:, 1:]
             inputs = {"attention_mask": mask}
         logits = self.llm(inputs_embeds=embeds, **inputs).logits[:, :-1].float()
         tok = torch.nn.functional.cross_entropy(
@@ -113,7 +112,7 @@ class FuseModel(EntryPoints):
         )
         count = (labels != -100).sum()  # on the device: no host read in the step
         if self.pack_tokens:
-            nll = per_sample_sums(tok, index[:, 1:], len(parts), torch.ones_like(tok))
+            nll = per_sample_sums(tok, index[:, 1:], len(parts))
         else:
             nll = tok.sum(1)
         return {

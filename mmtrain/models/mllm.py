@@ -281,7 +281,7 @@ class _PerSample:
     def sums(self, values: torch.Tensor) -> torch.Tensor:
         if self.index is None:
             return values.sum(1)
-        return per_sample_sums(values, self.index, self.n, torch.ones_like(values))
+        return per_sample_sums(values, self.index, self.n)
 
 
 class MLLM(EntryPoints):

@@ -45,14 +45,12 @@ def restarting_positions(sample_index: torch.Tensor) -> torch.Tensor:
     return arange - first
 
 
-def per_sample_sums(
-    values: torch.Tensor, sample_index: torch.Tensor, n: int, weights: torch.Tensor
-) -> torch.Tensor:
-    """The sum of `values * weights` over each sample's tokens: a tensor of `n` (samples absent
-    from `sample_index` sum to 0; padding, index -1, to none)."""
+def per_sample_sums(values: torch.Tensor, sample_index: torch.Tensor, n: int) -> torch.Tensor:
+    """The sum of `values` over each sample's tokens: a tensor of `n` (samples absent from
+    `sample_index` sum to 0; padding, index -1, to none)."""
     keep = sample_index >= 0
     out = torch.zeros(n, dtype=values.dtype, device=values.device)
-    return out.index_add(0, sample_index[keep], (values * weights)[keep])
+    return out.index_add(0, sample_index[keep], values[keep])
 
 
 def padding_share(batch) -> float:
